@@ -1,0 +1,242 @@
+// Bindings of every kernel: raw buffers in, GIL released, the C++ kernel called.
+// Not a second argument checker: shapes and dtypes are validated in pyllm/kernels.py; the
+// checks here only guarantee that no call can read or write outside the arrays it was given.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <string>
+
+#include "common.h"
+#include "kernels/kernels.h"
+
+namespace py = pybind11;
+using pyllm::check;
+using pyllm::kernels;
+
+namespace {
+
+template <class T>
+void check_buffer(const py::array& a, int64_t n, const char* name, const char* dtype) {
+  check(py::dtype::of<T>().is(a.dtype()), std::string(name) + " must be a " + dtype + " array");
+  check(a.flags() & py::array::c_style, std::string(name) + " must be C-contiguous");
+  check(a.size() >= n, std::string(name) + " has " + std::to_string(a.size()) +
+                           " elements, the kernel needs " + std::to_string(n));
+}
+
+const float* in(const py::array& a, int64_t n, const char* name) {
+  check_buffer<float>(a, n, name, "float32");
+  return static_cast<const float*>(a.data());
+}
+
+float* out(py::array& a, int64_t n, const char* name) {
+  check_buffer<float>(a, n, name, "float32");
+  check(a.writeable(), std::string(name) + " must be writeable");
+  return static_cast<float*>(a.mutable_data());
+}
+
+// A gradient output that may be None (not wanted).
+float* maybe_out(py::object o, int64_t n, const char* name) {
+  if (o.is_none()) return nullptr;
+  py::array a = o.cast<py::array>();
+  return out(a, n, name);
+}
+
+const int64_t* ids(const py::array& a, int64_t n, const char* name) {
+  check_buffer<int64_t>(a, n, name, "int64");
+  return static_cast<const int64_t*>(a.data());
+}
+
+}  // namespace
+
+void bind_kernels(py::module_& m) {
+  using py::arg;
+  m.def("matmul_forward", [](py::array o, py::array a, py::array b, py::object bias, int64_t M,
+                             int64_t K, int64_t N, bool trans_b) {
+    float* po = out(o, M * N, "out");
+    const float *pa = in(a, M * K, "a"), *pb = in(b, K * N, "b");
+    const float* pbias = bias.is_none() ? nullptr : in(bias.cast<py::array>(), N, "bias");
+    py::gil_scoped_release release;
+    kernels().matmul_forward(po, pa, pb, pbias, M, K, N, trans_b);
+  });
+  m.def("matmul_backward", [](py::object da, py::object db, py::object dbias, py::array dout,
+                              py::array a, py::array b, int64_t M, int64_t K, int64_t N,
+                              bool trans_b) {
+    float *pda = maybe_out(da, M * K, "da"), *pdb = maybe_out(db, K * N, "db");
+    float* pdbias = maybe_out(dbias, N, "dbias");
+    const float *pdout = in(dout, M * N, "dout"), *pa = in(a, M * K, "a"), *pb = in(b, K * N, "b");
+    py::gil_scoped_release release;
+    kernels().matmul_backward(pda, pdb, pdbias, pdout, pa, pb, M, K, N, trans_b);
+  });
+  m.def("softmax_forward", [](py::array o, py::array x, int64_t N, int64_t C) {
+    float* po = out(o, N * C, "out");
+    const float* px = in(x, N * C, "x");
+    py::gil_scoped_release release;
+    kernels().softmax_forward(po, px, N, C);
+  });
+  m.def("softmax_backward", [](py::array dx, py::array dout, py::array y, int64_t N, int64_t C) {
+    float* pdx = out(dx, N * C, "dx");
+    const float *pdout = in(dout, N * C, "dout"), *py_ = in(y, N * C, "y");
+    py::gil_scoped_release release;
+    kernels().softmax_backward(pdx, pdout, py_, N, C);
+  });
+  m.def("cross_entropy_forward", [](py::array losses, py::array lse, py::array logits,
+                                    py::array targets, int64_t N, int64_t V, int64_t ignore_index) {
+    float *pl = out(losses, N, "losses"), *plse = out(lse, N, "lse");
+    const float* px = in(logits, N * V, "logits");
+    const int64_t* pt = ids(targets, N, "targets");
+    py::gil_scoped_release release;
+    kernels().cross_entropy_forward(pl, plse, px, pt, N, V, ignore_index);
+  });
+  m.def("cross_entropy_backward", [](py::array dlogits, py::array logits, py::array lse,
+                                     py::array targets, float scale, int64_t N, int64_t V,
+                                     int64_t ignore_index) {
+    float* pd = out(dlogits, N * V, "dlogits");
+    const float *px = in(logits, N * V, "logits"), *plse = in(lse, N, "lse");
+    const int64_t* pt = ids(targets, N, "targets");
+    py::gil_scoped_release release;
+    kernels().cross_entropy_backward(pd, px, plse, pt, scale, N, V, ignore_index);
+  });
+  m.def("layernorm_forward", [](py::array o, py::array mean, py::array rstd, py::array x,
+                                py::array w, py::array b, int64_t N, int64_t C, float eps) {
+    float *po = out(o, N * C, "out"), *pm = out(mean, N, "mean"), *pr = out(rstd, N, "rstd");
+    const float *px = in(x, N * C, "x"), *pw = in(w, C, "w"), *pb = in(b, C, "b");
+    py::gil_scoped_release release;
+    kernels().layernorm_forward(po, pm, pr, px, pw, pb, N, C, eps);
+  });
+  m.def("layernorm_backward", [](py::object dx, py::object dw, py::object db, py::array dout,
+                                 py::array x, py::array w, py::array mean, py::array rstd,
+                                 int64_t N, int64_t C) {
+    float *pdx = maybe_out(dx, N * C, "dx"), *pdw = maybe_out(dw, C, "dw"), *pdb = maybe_out(db, C, "db");
+    const float *pdout = in(dout, N * C, "dout"), *px = in(x, N * C, "x"), *pw = in(w, C, "w");
+    const float *pm = in(mean, N, "mean"), *pr = in(rstd, N, "rstd");
+    py::gil_scoped_release release;
+    kernels().layernorm_backward(pdx, pdw, pdb, pdout, px, pw, pm, pr, N, C);
+  });
+  m.def("rmsnorm_forward", [](py::array o, py::array rstd, py::array x, py::array w, int64_t N,
+                              int64_t C, float eps) {
+    float *po = out(o, N * C, "out"), *pr = out(rstd, N, "rstd");
+    const float *px = in(x, N * C, "x"), *pw = in(w, C, "w");
+    py::gil_scoped_release release;
+    kernels().rmsnorm_forward(po, pr, px, pw, N, C, eps);
+  });
+  m.def("rmsnorm_backward", [](py::object dx, py::object dw, py::array dout, py::array x,
+                               py::array w, py::array rstd, int64_t N, int64_t C) {
+    float *pdx = maybe_out(dx, N * C, "dx"), *pdw = maybe_out(dw, C, "dw");
+    const float *pdout = in(dout, N * C, "dout"), *px = in(x, N * C, "x"), *pw = in(w, C, "w");
+    const float* pr = in(rstd, N, "rstd");
+    py::gil_scoped_release release;
+    kernels().rmsnorm_backward(pdx, pdw, pdout, px, pw, pr, N, C);
+  });
+
+  // Pointwise kernels share one shape: n elements in, n out.
+  using Unary = void (*)(float*, const float*, int64_t);
+  using UnaryBackward = void (*)(float*, const float*, const float*, int64_t);
+  auto bind_unary = [&m](const char* name, Unary pyllm::KernelTable::*fn) {
+    m.def(name, [fn](py::array o, py::array x) {
+      const int64_t n = x.size();
+      float* po = out(o, n, "out");
+      const float* px = in(x, n, "x");
+      py::gil_scoped_release release;
+      (kernels().*fn)(po, px, n);
+    });
+  };
+  auto bind_unary_backward = [&m](const char* name, UnaryBackward pyllm::KernelTable::*fn) {
+    m.def(name, [fn](py::array dx, py::array dout, py::array x) {
+      const int64_t n = x.size();
+      float* pdx = out(dx, n, "dx");
+      const float *pdout = in(dout, n, "dout"), *px = in(x, n, "x");
+      py::gil_scoped_release release;
+      (kernels().*fn)(pdx, pdout, px, n);
+    });
+  };
+  bind_unary("gelu_forward", &pyllm::KernelTable::gelu_forward);
+  bind_unary("silu_forward", &pyllm::KernelTable::silu_forward);
+  bind_unary_backward("gelu_backward", &pyllm::KernelTable::gelu_backward);
+  bind_unary_backward("silu_backward", &pyllm::KernelTable::silu_backward);
+  m.def("swiglu_forward", [](py::array o, py::array gate, py::array up) {
+    const int64_t n = gate.size();
+    float* po = out(o, n, "out");
+    const float *pg = in(gate, n, "gate"), *pu = in(up, n, "up");
+    py::gil_scoped_release release;
+    kernels().swiglu_forward(po, pg, pu, n);
+  });
+  m.def("swiglu_backward", [](py::array dgate, py::array dup, py::array dout, py::array gate,
+                              py::array up) {
+    const int64_t n = gate.size();
+    float *pdg = out(dgate, n, "dgate"), *pdu = out(dup, n, "dup");
+    const float *pdout = in(dout, n, "dout"), *pg = in(gate, n, "gate"), *pu = in(up, n, "up");
+    py::gil_scoped_release release;
+    kernels().swiglu_backward(pdg, pdu, pdout, pg, pu, n);
+  });
+  m.def("rope_forward", [](py::array o, py::array x, py::array cos, py::array sin, int64_t BH,
+                           int64_t T, int64_t HS) {
+    check(HS % 2 == 0, "rope needs an even head size");
+    float* po = out(o, BH * T * HS, "out");
+    const float *px = in(x, BH * T * HS, "x"), *pc = in(cos, T * HS / 2, "cos"), *ps = in(sin, T * HS / 2, "sin");
+    py::gil_scoped_release release;
+    kernels().rope_forward(po, px, pc, ps, BH, T, HS);
+  });
+  m.def("rope_backward", [](py::array dx, py::array dout, py::array cos, py::array sin,
+                            int64_t BH, int64_t T, int64_t HS) {
+    check(HS % 2 == 0, "rope needs an even head size");
+    float* pdx = out(dx, BH * T * HS, "dx");
+    const float *pd = in(dout, BH * T * HS, "dout"), *pc = in(cos, T * HS / 2, "cos"), *ps = in(sin, T * HS / 2, "sin");
+    py::gil_scoped_release release;
+    kernels().rope_backward(pdx, pd, pc, ps, BH, T, HS);
+  });
+  m.def("attention_forward", [](py::array o, py::array lse, py::array q, py::array k, py::array v,
+                                int64_t B, int64_t NH, int64_t NKV, int64_t Tq, int64_t Tk,
+                                int64_t HS, bool causal) {
+    check(NKV >= 1 && NH % NKV == 0 && (!causal || Tk >= Tq), "inconsistent attention shape");
+    float *po = out(o, B * NH * Tq * HS, "out"), *pl = out(lse, B * NH * Tq, "lse");
+    const float* pq = in(q, B * NH * Tq * HS, "q");
+    const float *pk = in(k, B * NKV * Tk * HS, "k"), *pv = in(v, B * NKV * Tk * HS, "v");
+    py::gil_scoped_release release;
+    kernels().attention_forward(po, pl, pq, pk, pv, B, NH, NKV, Tq, Tk, HS, causal);
+  });
+  m.def("attention_backward", [](py::object dq, py::object dk, py::object dv, py::array dout,
+                                 py::array q, py::array k, py::array v, py::array o, py::array lse,
+                                 int64_t B, int64_t NH, int64_t NKV, int64_t Tq, int64_t Tk,
+                                 int64_t HS, bool causal) {
+    check(NKV >= 1 && NH % NKV == 0 && (!causal || Tk >= Tq), "inconsistent attention shape");
+    const int64_t nq = B * NH * Tq * HS, nkv = B * NKV * Tk * HS;
+    float *pdq = maybe_out(dq, nq, "dq"), *pdk = maybe_out(dk, nkv, "dk"), *pdv = maybe_out(dv, nkv, "dv");
+    const float *pdout = in(dout, nq, "dout"), *pq = in(q, nq, "q"), *po = in(o, nq, "out");
+    const float *pk = in(k, nkv, "k"), *pv = in(v, nkv, "v"), *pl = in(lse, B * NH * Tq, "lse");
+    py::gil_scoped_release release;
+    kernels().attention_backward(pdq, pdk, pdv, pdout, pq, pk, pv, po, pl, B, NH, NKV, Tq, Tk, HS, causal);
+  });
+  m.def("embedding_forward", [](py::array o, py::array idx, py::array w, int64_t N, int64_t V,
+                                int64_t C) {
+    float* po = out(o, N * C, "out");
+    const int64_t* pi = ids(idx, N, "ids");
+    const float* pw = in(w, V * C, "weight");
+    for (int64_t r = 0; r < N; ++r) check(pi[r] >= 0 && pi[r] < V, "id out of range");
+    py::gil_scoped_release release;
+    kernels().embedding_forward(po, pi, pw, N, V, C);
+  });
+  m.def("embedding_backward", [](py::array dw, py::array dout, py::array idx, int64_t N,
+                                 int64_t V, int64_t C) {
+    float* pdw = out(dw, V * C, "dweight");
+    const float* pd = in(dout, N * C, "dout");
+    const int64_t* pi = ids(idx, N, "ids");
+    for (int64_t r = 0; r < N; ++r) check(pi[r] >= 0 && pi[r] < V, "id out of range");
+    py::gil_scoped_release release;
+    kernels().embedding_backward(pdw, pd, pi, N, V, C);
+  });
+  m.def("adamw_update", [](py::array param, py::array mom, py::array var, py::array grad,
+                           float lr, float beta1, float beta2, float eps, float weight_decay,
+                           float grad_scale, int64_t step) {
+    const int64_t n = param.size();
+    check(step >= 1, "step counts from 1");
+    float *pp = out(param, n, "param"), *pm = out(mom, n, "m"), *pv = out(var, n, "v");
+    const float* pg = in(grad, n, "grad");
+    py::gil_scoped_release release;
+    kernels().adamw_update(pp, pm, pv, pg, n, lr, beta1, beta2, eps, weight_decay, grad_scale, step);
+  });
+  m.def("fma_peak_gflops", [](double seconds) {
+    py::gil_scoped_release release;
+    return kernels().fma_peak_gflops(seconds);
+  }, arg("seconds") = 0.5);
+}

@@ -1,0 +1,30 @@
+// The pyllm._C extension module: thread and ISA controls here, kernels in bind_kernels.cpp.
+// Not where arguments are shaped or converted: pyllm/kernels.py does that before calling in.
+#include <pybind11/pybind11.h>
+
+#include <string>
+
+#include "kernels/kernels.h"
+#include "threads.h"
+
+namespace py = pybind11;
+
+void bind_kernels(py::module_& m);
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "pyllm's C++ kernels (use them through pyllm.kernels, which checks arguments)";
+  m.def("num_threads", &pyllm::num_threads, "Threads the kernels run on.");
+  m.def("set_num_threads", &pyllm::set_num_threads, py::arg("n"),
+        "Sets the number of threads the kernels run on (>= 1).");
+  m.def("isa", [] { return std::string(pyllm::kernels().isa); }, "The SIMD level in use.");
+  m.def("available_isas", [] {
+    int count = 0;
+    const char* const* names = pyllm::available_isas(&count);
+    py::list out;
+    for (int i = 0; i < count; ++i) out.append(names[i]);
+    return out;
+  }, "SIMD levels compiled in and supported by this CPU, worst to best.");
+  m.def("select_isa", [](const std::string& name) { pyllm::select_isa(name.c_str()); },
+        py::arg("name"), "Switches the SIMD level in use.");
+  bind_kernels(m);
+}

@@ -1,0 +1,95 @@
+// The kernel table: every C++ kernel's signature, once. Each ISA's copy of the kernels
+// fills one table (kernels/table.cpp); csrc/dispatch.cpp hands out the best one the CPU runs.
+// Not where kernels are written (kernels/<family>.cpp) nor checked (pyllm/kernels.py, bindings).
+//
+// Conventions (llm.c's): arguments are outputs, saved values, inputs, weights, then dims;
+// forward kernels overwrite their outputs; backward kernels ACCUMULATE (+=) into every
+// gradient they are given, so the caller zeroes once; a null gradient pointer means "not needed".
+// Exception: cross_entropy_backward overwrites dlogits and may be given dlogits == logits.
+// All arrays are C-contiguous float32 (ids and targets int64); dims are int64_t.
+#pragma once
+
+#include <cstdint>
+
+namespace pyllm {
+
+struct KernelTable {
+  const char* isa;
+
+  // out (M, N) = a (M, K) @ b (K, N) + bias (N) [bias may be null]; trans_b: b is (N, K).
+  void (*matmul_forward)(float* out, const float* a, const float* b, const float* bias,
+                         int64_t M, int64_t K, int64_t N, bool trans_b);
+  // da (M, K) += dout @ b^T; db (K, N) [(N, K) if trans_b] += a^T @ dout; dbias (N) += sum of rows.
+  void (*matmul_backward)(float* da, float* db, float* dbias, const float* dout, const float* a,
+                          const float* b, int64_t M, int64_t K, int64_t N, bool trans_b);
+
+  void (*softmax_forward)(float* out, const float* inp, int64_t N, int64_t C);
+  void (*softmax_backward)(float* dinp, const float* dout, const float* out, int64_t N, int64_t C);
+  // losses (N), lse (N) from logits (N, V); rows whose target is ignore_index get loss 0.
+  void (*cross_entropy_forward)(float* losses, float* lse, const float* logits,
+                                const int64_t* targets, int64_t N, int64_t V, int64_t ignore_index);
+  // dlogits = (softmax(logits) - onehot(target)) * scale for kept rows, 0 for ignored rows.
+  void (*cross_entropy_backward)(float* dlogits, const float* logits, const float* lse,
+                                 const int64_t* targets, float scale, int64_t N, int64_t V,
+                                 int64_t ignore_index);
+
+  void (*layernorm_forward)(float* out, float* mean, float* rstd, const float* inp, const float* w,
+                            const float* b, int64_t N, int64_t C, float eps);
+  void (*layernorm_backward)(float* dinp, float* dw, float* db, const float* dout, const float* inp,
+                             const float* w, const float* mean, const float* rstd, int64_t N,
+                             int64_t C);
+  void (*rmsnorm_forward)(float* out, float* rstd, const float* inp, const float* w, int64_t N,
+                          int64_t C, float eps);
+  void (*rmsnorm_backward)(float* dinp, float* dw, const float* dout, const float* inp,
+                           const float* w, const float* rstd, int64_t N, int64_t C);
+
+  void (*gelu_forward)(float* out, const float* inp, int64_t n);
+  void (*gelu_backward)(float* dinp, const float* dout, const float* inp, int64_t n);
+  void (*silu_forward)(float* out, const float* inp, int64_t n);
+  void (*silu_backward)(float* dinp, const float* dout, const float* inp, int64_t n);
+  void (*swiglu_forward)(float* out, const float* gate, const float* up, int64_t n);
+  void (*swiglu_backward)(float* dgate, float* dup, const float* dout, const float* gate,
+                          const float* up, int64_t n);
+
+  // inp, out (BH, T, HS) with HS even; cos, sin (T, HS/2). out may be inp (in place).
+  void (*rope_forward)(float* out, const float* inp, const float* cos, const float* sin,
+                       int64_t BH, int64_t T, int64_t HS);
+  void (*rope_backward)(float* dinp, const float* dout, const float* cos, const float* sin,
+                        int64_t BH, int64_t T, int64_t HS);
+
+  // q, out (B, NH, Tq, HS); k, v (B, NKV, Tk, HS); lse (B, NH, Tq). Causal aligns the last
+  // query with the last key: query i sees keys j <= i + Tk - Tq.
+  void (*attention_forward)(float* out, float* lse, const float* q, const float* k, const float* v,
+                            int64_t B, int64_t NH, int64_t NKV, int64_t Tq, int64_t Tk, int64_t HS,
+                            bool causal);
+  void (*attention_backward)(float* dq, float* dk, float* dv, const float* dout, const float* q,
+                             const float* k, const float* v, const float* out, const float* lse,
+                             int64_t B, int64_t NH, int64_t NKV, int64_t Tq, int64_t Tk, int64_t HS,
+                             bool causal);
+
+  void (*embedding_forward)(float* out, const int64_t* ids, const float* weight, int64_t N,
+                            int64_t V, int64_t C);
+  void (*embedding_backward)(float* dweight, const float* dout, const int64_t* ids, int64_t N,
+                             int64_t V, int64_t C);
+
+  void (*adamw_update)(float* param, float* m, float* v, const float* grad, int64_t n, float lr,
+                       float beta1, float beta2, float eps, float weight_decay, float grad_scale,
+                       int64_t step);
+
+  // GFLOP/s of a register-only FMA loop on every pool thread: the machine's measured fp32 peak.
+  double (*fma_peak_gflops)(double seconds);
+};
+
+// Each ISA's copy provides its table (declared here, defined in kernels/table.cpp).
+namespace avx512 { KernelTable table(); }
+namespace avx2 { KernelTable table(); }
+namespace generic { KernelTable table(); }
+
+// The table in use (the best the CPU supports, or the one chosen with select_isa).
+const KernelTable& kernels();
+// Names of the compiled ISAs this CPU can run, worst to best.
+const char* const* available_isas(int* count);
+// Switches the table in use; throws std::invalid_argument for an unknown or unsupported name.
+void select_isa(const char* name);
+
+}  // namespace pyllm

@@ -1,0 +1,264 @@
+// GEMM in the BLIS style: operands packed into cache-sized panels, a register-blocked
+// micro-kernel of MR x NR outputs, threads over tiles of C; and matmul's forward/backward on it.
+// Not a call into an outside BLAS, and no transposed copies: transposes are strides (MatView).
+#include <cstring>
+
+#include "kernels/isa.h"
+#include "threads.h"
+
+namespace pyllm {
+namespace PYLLM_ISA {
+namespace {
+
+// Micro-tile: MR rows x NR = NV vectors of columns, all accumulators in registers
+// (AVX2: 6 x 16 = 12 ymm of 16; AVX-512: 14 x 32 = 28 zmm of 32; SSE: 4 x 8 = 8 xmm).
+constexpr int NV = 2;
+constexpr int NR = NV * W;
+constexpr int MR = W == 16 ? 14 : (W == 8 ? 6 : 4);
+// Cache blocking: a KC x NR panel of B stays in L1 while MR x KC panels of A stream from an
+// MC x KC block kept in L2; the KC x NC block of B sits in L2/L3.
+// (Measured on Zen 3 for AVX2; AVX-512's KC keeps its 32-column B panel within a 32 KB L1.)
+constexpr int64_t KC = W == 16 ? 256 : 384;
+constexpr int64_t MC = MR * (W == 16 ? 8 : 16);
+constexpr int64_t NC = NR * (W == 16 ? 64 : 96);
+
+thread_local ThreadBuffer pack_a_buffer, pack_b_buffer;
+
+// A (mc x kc block at i0, k0) -> MR-row panels, each stored k-major (kc x MR), zero padded.
+void pack_a(float* dst, MatView A, int64_t i0, int64_t k0, int64_t mc, int64_t kc) {
+  for (int64_t ir = 0; ir < mc; ir += MR) {
+    const int64_t rows = imin(MR, mc - ir);
+    const float* src = A.p + (i0 + ir) * A.rs + k0 * A.cs;
+    if (rows < MR) std::memset(dst, 0, sizeof(float) * kc * MR);
+    if (A.rs == 1) {  // transposed operand: the MR rows of one k are contiguous
+      for (int64_t k = 0; k < kc; ++k) std::memcpy(dst + k * MR, src + k * A.cs, sizeof(float) * rows);
+    } else {
+      for (int64_t r = 0; r < rows; ++r) {
+        const float* row = src + r * A.rs;
+        for (int64_t k = 0; k < kc; ++k) dst[k * MR + r] = row[k * A.cs];
+      }
+    }
+    dst += kc * MR;
+  }
+}
+
+// B (kc x nc block at k0, j0) -> NR-column panels, each stored k-major (kc x NR), zero padded.
+void pack_b(float* dst, MatView B, int64_t k0, int64_t j0, int64_t kc, int64_t nc) {
+  for (int64_t jr = 0; jr < nc; jr += NR) {
+    const int64_t cols = imin(NR, nc - jr);
+    const float* src = B.p + k0 * B.rs + (j0 + jr) * B.cs;
+    if (cols < NR) std::memset(dst, 0, sizeof(float) * kc * NR);
+    if (B.cs == 1) {  // row-major B: the NR columns of one k are contiguous
+      for (int64_t k = 0; k < kc; ++k) std::memcpy(dst + k * NR, src + k * B.rs, sizeof(float) * cols);
+    } else {
+      for (int64_t j = 0; j < cols; ++j) {
+        const float* col = src + j * B.cs;
+        for (int64_t k = 0; k < kc; ++k) dst[k * NR + j] = col[k * B.rs];
+      }
+    }
+    dst += kc * NR;
+  }
+}
+
+// c (MR x NR, row stride ldc) = or += a (kc x MR panel) . b (kc x NR panel).
+inline void micro_kernel(int64_t kc, const float* __restrict a, const float* __restrict b,
+                         float* __restrict c, int64_t ldc, bool accumulate) {
+  // C is usually far out of cache; start fetching its tile now, it is needed after the k loop.
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) __builtin_prefetch(c + r * ldc, 1, 3);
+  vf acc[MR][NV];
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[r][v] = splat(0.f);
+  for (int64_t k = 0; k < kc; ++k) {
+    vf bv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) bv[v] = load(b + v * W);
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      const vf ar = splat(a[r]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] += ar * bv[v];
+    }
+    a += MR;
+    b += NR;
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      float* p = c + r * ldc + v * W;
+      store(p, accumulate ? load(p) + acc[r][v] : acc[r][v]);
+    }
+}
+
+// C block (mc x nc) from packed A (mc x kc) and packed B (kc x nc); edge tiles go through a
+// full-size temporary so the micro-kernel never reads or writes outside C.
+void macro_kernel(int64_t mc, int64_t nc, int64_t kc, const float* ap, const float* bp, float* C,
+                  int64_t ldc, bool accumulate) {
+  for (int64_t jr = 0; jr < nc; jr += NR) {
+    const int64_t cols = imin(NR, nc - jr);
+    for (int64_t ir = 0; ir < mc; ir += MR) {
+      const int64_t rows = imin(MR, mc - ir);
+      float* c = C + ir * ldc + jr;
+      if (rows == MR && cols == NR) {
+        micro_kernel(kc, ap + ir * kc, bp + jr * kc, c, ldc, accumulate);
+      } else {
+        alignas(64) float tmp[MR * NR];
+        micro_kernel(kc, ap + ir * kc, bp + jr * kc, tmp, NR, false);
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t j = 0; j < cols; ++j)
+            c[r * ldc + j] = accumulate ? c[r * ldc + j] + tmp[r * NR + j] : tmp[r * NR + j];
+      }
+    }
+  }
+}
+
+// One thread's share of C: rows [m0, m1), columns [n0, n1), all of K.
+void gemm_tile(int64_t m0, int64_t m1, int64_t n0, int64_t n1, int64_t K, MatView A, MatView B,
+               float* C, int64_t ldc, bool accumulate) {
+  float* bufb = pack_b_buffer.get(KC * imin(NC, n1 - n0 + NR));
+  float* bufa = pack_a_buffer.get(KC * imin(MC, m1 - m0 + MR));
+  for (int64_t jc = n0; jc < n1; jc += NC) {
+    const int64_t nc = imin(NC, n1 - jc);
+    for (int64_t pc = 0; pc < K; pc += KC) {
+      const int64_t kc = imin(KC, K - pc);
+      pack_b(bufb, B, pc, jc, kc, nc);
+      for (int64_t ic = m0; ic < m1; ic += MC) {
+        const int64_t mc = imin(MC, m1 - ic);
+        pack_a(bufa, A, ic, pc, mc, kc);
+        macro_kernel(mc, nc, kc, bufa, bufb, C + ic * ldc + jc, ldc, accumulate || pc > 0);
+      }
+    }
+  }
+}
+
+void zero_or_keep(int64_t M, int64_t N, float* C, int64_t ldc, bool accumulate) {
+  if (accumulate) return;
+  for (int64_t i = 0; i < M; ++i) std::memset(C + i * ldc, 0, sizeof(float) * N);
+}
+
+}  // namespace
+
+void gemm_serial(int64_t M, int64_t N, int64_t K, MatView A, MatView B, float* C, int64_t ldc,
+                 bool accumulate) {
+  if (M <= 0 || N <= 0) return;
+  if (K <= 0) return zero_or_keep(M, N, C, ldc, accumulate);
+  gemm_tile(0, M, 0, N, K, A, B, C, ldc, accumulate);
+}
+
+void gemm(int64_t M, int64_t N, int64_t K, MatView A, MatView B, float* C, int64_t ldc,
+          bool accumulate) {
+  if (M <= 0 || N <= 0) return;
+  if (K <= 0) return zero_or_keep(M, N, C, ldc, accumulate);
+  // Split C into a tm x tn grid, one tile per thread. Each tile packs all of A's rows and B's
+  // columns it needs, so the grid that minimises repacking, K * (N * tm + M * tn), is chosen.
+  const int64_t row_panels = (M + MR - 1) / MR, col_panels = (N + NR - 1) / NR;
+  int64_t threads = num_threads();
+  if (2.0 * M * N * K < 2e6) threads = 1;  // too small to pay for waking the pool
+  int64_t tm = 1, tn = 1;
+  double best = -1;
+  for (int64_t a = 1; a <= threads; ++a) {
+    if (threads % a) continue;
+    const int64_t b = threads / a;
+    if (a > row_panels || b > col_panels) continue;
+    const double cost = double(N) * a + double(M) * b;
+    if (best < 0 || cost < best) best = cost, tm = a, tn = b;
+  }
+  const int64_t rows_per = (row_panels + tm - 1) / tm * MR, cols_per = (col_panels + tn - 1) / tn * NR;
+  parallel_for(tm * tn, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t m0 = (t / tn) * rows_per, n0 = (t % tn) * cols_per;
+      if (m0 >= M || n0 >= N) continue;
+      gemm_tile(m0, imin(M, m0 + rows_per), n0, imin(N, n0 + cols_per), K, A, B, C, ldc, accumulate);
+    }
+  });
+}
+
+namespace {
+
+// out (M, N) = a (M, K) @ B for a few rows (decode-sized M): B streams once straight from
+// memory instead of being packed, which would cost as much as the product itself.
+void matmul_few_rows(float* out, const float* a, const float* b, int64_t M, int64_t K, int64_t N,
+                     bool trans_b) {
+  if (!trans_b) {
+    // Each chunk of W-aligned columns is owned by one work item: out[i, j..] = sum_k a[i,k] b[k, j..].
+    const int64_t chunks = (N + W - 1) / W;
+    parallel_for(chunks, imax(1, 4096 / imax(1, K)), [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t j = c * W, n = imin(W, N - j);
+        for (int64_t i = 0; i < M; ++i) {
+          vf acc = splat(0.f);
+          for (int64_t k = 0; k < K; ++k) {
+            const vf bv = n == W ? load(b + k * N + j) : load_partial(b + k * N + j, n);
+            acc += splat(a[i * K + k]) * bv;
+          }
+          store_partial(out + i * N + j, acc, n);
+        }
+      }
+    });
+  } else {
+    // out[i, j] = dot(a[i, :], b[j, :]), one output column per item.
+    parallel_for(N, imax(1, 16384 / imax(1, K)), [&](int64_t j0, int64_t j1) {
+      for (int64_t j = j0; j < j1; ++j)
+        for (int64_t i = 0; i < M; ++i) {
+          const float* x = a + i * K;
+          const float* y = b + j * K;
+          vf acc = splat(0.f);
+          int64_t k = 0;
+          for (; k + W <= K; k += W) acc += load(x + k) * load(y + k);
+          if (k < K) acc += load_partial(x + k, K - k) * load_partial(y + k, K - k);
+          out[i * N + j] = hsum(acc);
+        }
+    });
+  }
+}
+
+}  // namespace
+
+void matmul_forward(float* out, const float* a, const float* b, const float* bias, int64_t M,
+                    int64_t K, int64_t N, bool trans_b) {
+  constexpr int64_t kFewRows = 4;
+  if (M <= kFewRows && K > 0) {
+    matmul_few_rows(out, a, b, M, K, N, trans_b);
+  } else {
+    const MatView A{a, K, 1};
+    const MatView B = trans_b ? MatView{b, 1, K} : MatView{b, N, 1};
+    gemm(M, N, K, A, B, out, N, false);
+  }
+  if (bias) {
+    for (int64_t i = 0; i < M; ++i)
+      for (int64_t j = 0; j < N; ++j) out[i * N + j] += bias[j];
+  }
+}
+
+void matmul_backward(float* da, float* db, float* dbias, const float* dout, const float* a,
+                     const float* b, int64_t M, int64_t K, int64_t N, bool trans_b) {
+  const MatView dC{dout, N, 1}, dCt{dout, 1, N}, At{a, 1, K};
+  if (da) {  // da (M, K) += dout (M, N) @ B^T, where B^T (N, K) is b read with swapped strides
+    const MatView Bt = trans_b ? MatView{b, K, 1} : MatView{b, 1, N};
+    gemm(M, K, N, dC, Bt, da, K, true);
+  }
+  if (db) {
+    if (trans_b)
+      gemm(N, K, M, dCt, MatView{a, K, 1}, db, K, true);  // db (N, K) += dout^T @ a
+    else
+      gemm(K, N, M, At, dC, db, N, true);                  // db (K, N) += a^T @ dout
+  }
+  if (dbias) {
+    // Column sums; each item owns W-aligned columns and sums rows in order: thread-count free.
+    const int64_t chunks = (N + W - 1) / W;
+    parallel_for(chunks, 8, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t j = c * W, n = imin(W, N - j);
+        vf acc = load_partial(dbias + j, n);
+        for (int64_t i = 0; i < M; ++i) acc += load_partial(dout + i * N + j, n);
+        store_partial(dbias + j, acc, n);
+      }
+    });
+  }
+}
+
+}  // namespace PYLLM_ISA
+}  // namespace pyllm

@@ -1,0 +1,558 @@
+"""The one door to pyllm's C++ kernels: same names and signatures as `pyllm.reference`.
+
+Not where arithmetic happens: this module checks and converts arguments (dtype, shape,
+contiguity, id ranges), allocates the outputs, and calls `pyllm._C` with the GIL released.
+
+Conventions: floating inputs of any float dtype or memory layout are converted to
+C-contiguous float32; anything else (ints, bools, objects) where floats are expected is a
+TypeError; shapes that do not fit together are a ValueError naming the argument and shapes.
+Shape legend: B batch, T time, C channels, V vocabulary, NH query heads, NKV key/value heads,
+HS head size, N rows.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import numpy as np
+
+try:
+    from pyllm import _C
+except ImportError as exc:  # pragma: no cover - only without a built extension
+    raise ImportError(
+        "pyllm's C++ extension (pyllm._C) is not built or not importable. Install the package "
+        "with `pip install .` from the source tree (it compiles the kernels), and import pyllm "
+        "from outside the source folder."
+    ) from exc
+
+from pyllm.reference import rope_tables  # noqa: F401  (numpy set-up, not a kernel)
+
+__all__ = [
+    "matmul", "matmul_backward", "softmax", "softmax_backward",
+    "layernorm", "layernorm_forward", "layernorm_backward",
+    "rmsnorm", "rmsnorm_forward", "rmsnorm_backward",
+    "gelu", "gelu_backward", "silu", "silu_backward", "swiglu", "swiglu_backward",
+    "rope_tables", "rope", "rope_backward",
+    "attention", "attention_forward", "attention_backward",
+    "cross_entropy", "cross_entropy_forward", "cross_entropy_backward",
+    "embedding", "embedding_backward", "adamw",
+    "set_num_threads", "get_num_threads", "available_isas", "get_isa", "set_isa",
+    "measure_fma_peak",
+]
+
+
+# ----------------------------------------------------------------------------- argument checks
+
+def _floats(x, name: str, ndim: Optional[int] = None, min_ndim: int = 0) -> np.ndarray:
+    """x as a C-contiguous float32 array; other float dtypes are converted, non-floats refused."""
+    arr = np.asarray(x)
+    if arr.dtype.kind != "f":
+        raise TypeError(f"{name} must be a floating-point array, got dtype {arr.dtype}")
+    if ndim is not None and arr.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {arr.shape}")
+    if arr.ndim < min_ndim:
+        raise ValueError(f"{name} must have at least {min_ndim} dimension(s), got shape {arr.shape}")
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def _ints(x, name: str, upper: int, ignore: Optional[int] = None) -> np.ndarray:
+    """x as a C-contiguous int64 array whose values lie in [0, upper) (or equal `ignore`)."""
+    arr = np.asarray(x)
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"{name} must be an integer array, got dtype {arr.dtype}")
+    arr = np.ascontiguousarray(arr, dtype=np.int64)
+    if arr.size:
+        bad = (arr < 0) | (arr >= upper)
+        if ignore is not None:
+            bad &= arr != ignore
+        if bad.any():
+            pos = int(np.flatnonzero(bad)[0])
+            raise ValueError(f"{name} holds {int(arr.reshape(-1)[pos])} at flat index {pos}, "
+                             f"outside [0, {upper})")
+    return arr
+
+
+def _same_shape(name: str, arr: np.ndarray, shape: tuple) -> None:
+    if arr.shape != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {arr.shape}")
+
+
+def _rows(x: np.ndarray) -> tuple[int, int]:
+    """(N, C) of an array viewed as rows over its last axis."""
+    C = x.shape[-1]
+    return (x.size // C if C else 0), C
+
+
+# ----------------------------------------------------------------------------- matmul
+
+def matmul(a, b, bias=None, *, trans_b: bool = False) -> np.ndarray:
+    """a (..., K) @ b (K, N) (+ bias (N,)); with trans_b, b is (N, K) and a @ b.T is taken.
+
+    >>> matmul(np.ones((2, 3), np.float32), np.ones((3, 4), np.float32))[0]
+    array([3., 3., 3., 3.], dtype=float32)
+    """
+    a = _floats(a, "a", min_ndim=1)
+    b = _floats(b, "b", ndim=2)
+    K = a.shape[-1]
+    N, Kb = (b.shape[0], b.shape[1]) if trans_b else (b.shape[1], b.shape[0])
+    if Kb != K:
+        raise ValueError(f"matmul: a is {a.shape} (K={K}) but b is {b.shape} "
+                         f"({'(N, K)' if trans_b else '(K, N)'} needs K={K})")
+    if bias is not None:
+        bias = _floats(bias, "bias")
+        _same_shape("bias", bias, (N,))
+    M = a.size // K if K else int(np.prod(a.shape[:-1]))
+    out = np.empty(a.shape[:-1] + (N,), np.float32)
+    if out.size:
+        _C.matmul_forward(out, a, b, bias, M, K, N, trans_b)
+    return out
+
+
+def matmul_backward(dout, a, b, *, trans_b: bool = False, bias: bool = False):
+    """Gradients of matmul: (da, db, dbias), dbias None unless bias=True.
+
+    da = dout @ b.T is shaped like a; db = a.T @ dout is shaped like b (dout.T @ a with trans_b).
+    """
+    a = _floats(a, "a", min_ndim=1)
+    b = _floats(b, "b", ndim=2)
+    K = a.shape[-1]
+    N = b.shape[0] if trans_b else b.shape[1]
+    if (b.shape[1] if trans_b else b.shape[0]) != K:
+        raise ValueError(f"matmul_backward: a is {a.shape} but b is {b.shape}")
+    dout = _floats(dout, "dout")
+    _same_shape("dout", dout, a.shape[:-1] + (N,))
+    M = int(np.prod(a.shape[:-1]))
+    da = np.zeros(a.shape, np.float32)
+    db = np.zeros(b.shape, np.float32)
+    dbias = np.zeros(N, np.float32) if bias else None
+    if da.size or db.size:
+        _C.matmul_backward(da, db, dbias, dout, a, b, M, K, N, trans_b)
+    return da, db, dbias
+
+
+# ----------------------------------------------------------------------------- softmax
+
+def softmax(x) -> np.ndarray:
+    """Softmax over the last axis (the row max is subtracted first, so any finite input is safe).
+
+    >>> softmax(np.zeros((1, 4), np.float32))
+    array([[0.25, 0.25, 0.25, 0.25]], dtype=float32)
+    """
+    x = _floats(x, "x", min_ndim=1)
+    out = np.empty_like(x)
+    N, C = _rows(x)
+    if x.size:
+        _C.softmax_forward(out, x, N, C)
+    return out
+
+
+def softmax_backward(dout, y) -> np.ndarray:
+    """dx for y = softmax(x)."""
+    y = _floats(y, "y", min_ndim=1)
+    dout = _floats(dout, "dout")
+    _same_shape("dout", dout, y.shape)
+    dx = np.zeros_like(y)
+    N, C = _rows(y)
+    if y.size:
+        _C.softmax_backward(dx, dout, y, N, C)
+    return dx
+
+
+# ----------------------------------------------------------------------------- norms
+
+def _norm_params(x, w, b=None):
+    x = _floats(x, "x", min_ndim=1)
+    C = x.shape[-1]
+    w = _floats(w, "w")
+    _same_shape("w", w, (C,))
+    if b is not None:
+        b = _floats(b, "b")
+        _same_shape("b", b, (C,))
+    return x, w, b
+
+
+def layernorm_forward(x, w, b, eps: float = 1e-5):
+    """LayerNorm over the last axis C; returns (out, mean, rstd), mean/rstd shaped x.shape[:-1]."""
+    x, w, b = _norm_params(x, w, b)
+    N, C = _rows(x)
+    out = np.empty_like(x)
+    mean = np.empty(x.shape[:-1], np.float32)
+    rstd = np.empty(x.shape[:-1], np.float32)
+    if x.size:
+        _C.layernorm_forward(out, mean, rstd, x, w, b, N, C, float(eps))
+    return out, mean, rstd
+
+
+def layernorm(x, w, b, eps: float = 1e-5) -> np.ndarray:
+    """LayerNorm over the last axis: (x - mean) / sqrt(var + eps) * w + b.
+
+    >>> layernorm(np.array([[1.0, 3.0]], np.float32), np.ones(2, np.float32), np.zeros(2, np.float32))
+    array([[-0.999995,  0.999995]], dtype=float32)
+    """
+    return layernorm_forward(x, w, b, eps)[0]
+
+
+def layernorm_backward(dout, x, w, mean, rstd):
+    """Gradients of layernorm: (dx, dw, db), dw and db summed over all rows."""
+    x, w, _ = _norm_params(x, w)
+    dout = _floats(dout, "dout")
+    _same_shape("dout", dout, x.shape)
+    mean, rstd = _floats(mean, "mean"), _floats(rstd, "rstd")
+    _same_shape("mean", mean, x.shape[:-1])
+    _same_shape("rstd", rstd, x.shape[:-1])
+    N, C = _rows(x)
+    dx, dw, db = np.zeros_like(x), np.zeros(C, np.float32), np.zeros(C, np.float32)
+    if x.size:
+        _C.layernorm_backward(dx, dw, db, dout, x, w, mean, rstd, N, C)
+    return dx, dw, db
+
+
+def rmsnorm_forward(x, w, eps: float = 1e-6):
+    """RMSNorm over the last axis; returns (out, rstd), rstd shaped x.shape[:-1]."""
+    x, w, _ = _norm_params(x, w)
+    N, C = _rows(x)
+    out = np.empty_like(x)
+    rstd = np.empty(x.shape[:-1], np.float32)
+    if x.size:
+        _C.rmsnorm_forward(out, rstd, x, w, N, C, float(eps))
+    return out, rstd
+
+
+def rmsnorm(x, w, eps: float = 1e-6) -> np.ndarray:
+    """RMSNorm over the last axis: x / sqrt(mean(x^2) + eps) * w (Llama's norm).
+
+    >>> rmsnorm(np.array([[2.0, 2.0]], np.float32), np.ones(2, np.float32))
+    array([[0.99999976, 0.99999976]], dtype=float32)
+    """
+    return rmsnorm_forward(x, w, eps)[0]
+
+
+def rmsnorm_backward(dout, x, w, rstd):
+    """Gradients of rmsnorm: (dx, dw), dw summed over all rows."""
+    x, w, _ = _norm_params(x, w)
+    dout = _floats(dout, "dout")
+    _same_shape("dout", dout, x.shape)
+    rstd = _floats(rstd, "rstd")
+    _same_shape("rstd", rstd, x.shape[:-1])
+    N, C = _rows(x)
+    dx, dw = np.zeros_like(x), np.zeros(C, np.float32)
+    if x.size:
+        _C.rmsnorm_backward(dx, dw, dout, x, w, rstd, N, C)
+    return dx, dw
+
+
+# ----------------------------------------------------------------------------- activations
+
+def _unary(kernel, x) -> np.ndarray:
+    x = _floats(x, "x")
+    out = np.empty_like(x)
+    if x.size:
+        kernel(out, x)
+    return out
+
+
+def _unary_backward(kernel, dout, x) -> np.ndarray:
+    x = _floats(x, "x")
+    dout = _floats(dout, "dout")
+    _same_shape("dout", dout, x.shape)
+    dx = np.zeros_like(x)
+    if x.size:
+        kernel(dx, dout, x)
+    return dx
+
+
+def gelu(x) -> np.ndarray:
+    """GELU, tanh approximation (GPT-2's).
+
+    >>> gelu(np.array([0.0, 1.0], np.float32))
+    array([0.       , 0.8411919], dtype=float32)
+    """
+    return _unary(_C.gelu_forward, x)
+
+
+def gelu_backward(dout, x) -> np.ndarray:
+    """dx for gelu."""
+    return _unary_backward(_C.gelu_backward, dout, x)
+
+
+def silu(x) -> np.ndarray:
+    """SiLU (swish): x * sigmoid(x).
+
+    >>> silu(np.array([0.0], np.float32))
+    array([0.], dtype=float32)
+    """
+    return _unary(_C.silu_forward, x)
+
+
+def silu_backward(dout, x) -> np.ndarray:
+    """dx for silu."""
+    return _unary_backward(_C.silu_backward, dout, x)
+
+
+def swiglu(gate, up) -> np.ndarray:
+    """silu(gate) * up, Llama's feed-forward gate.
+
+    >>> swiglu(np.zeros(2, np.float32), np.ones(2, np.float32))
+    array([0., 0.], dtype=float32)
+    """
+    gate, up = _floats(gate, "gate"), _floats(up, "up")
+    _same_shape("up", up, gate.shape)
+    out = np.empty_like(gate)
+    if gate.size:
+        _C.swiglu_forward(out, gate, up)
+    return out
+
+
+def swiglu_backward(dout, gate, up):
+    """Gradients of swiglu: (dgate, dup)."""
+    gate, up, dout = _floats(gate, "gate"), _floats(up, "up"), _floats(dout, "dout")
+    _same_shape("up", up, gate.shape)
+    _same_shape("dout", dout, gate.shape)
+    dgate, dup = np.zeros_like(gate), np.zeros_like(gate)
+    if gate.size:
+        _C.swiglu_backward(dgate, dup, dout, gate, up)
+    return dgate, dup
+
+
+# ----------------------------------------------------------------------------- rotary embedding
+
+def _rope_args(x, cos, sin, xname):
+    x = _floats(x, xname, min_ndim=2)
+    T, HS = x.shape[-2], x.shape[-1]
+    if HS % 2:
+        raise ValueError(f"rope needs an even head size HS, {xname} has shape {x.shape}")
+    cos, sin = _floats(cos, "cos"), _floats(sin, "sin")
+    _same_shape("cos", cos, (T, HS // 2))
+    _same_shape("sin", sin, (T, HS // 2))
+    BH = x.size // (T * HS) if x.size else 0
+    return x, cos, sin, BH, T, HS
+
+
+def rope(x, cos, sin) -> np.ndarray:
+    """Rotary position embedding ("rotate half" layout) on x (..., T, HS) with cos/sin (T, HS/2).
+
+    >>> cos, sin = rope_tables(1, 2)
+    >>> rope(np.ones((1, 1, 1, 2), np.float32), cos, sin)
+    array([[[[1., 1.]]]], dtype=float32)
+    """
+    x, cos, sin, BH, T, HS = _rope_args(x, cos, sin, "x")
+    out = np.empty_like(x)
+    if x.size:
+        _C.rope_forward(out, x, cos, sin, BH, T, HS)
+    return out
+
+
+def rope_backward(dout, cos, sin) -> np.ndarray:
+    """dx for rope: the rotation by the negative angle."""
+    dout, cos, sin, BH, T, HS = _rope_args(dout, cos, sin, "dout")
+    dx = np.zeros_like(dout)
+    if dout.size:
+        _C.rope_backward(dx, dout, cos, sin, BH, T, HS)
+    return dx
+
+
+# ----------------------------------------------------------------------------- attention
+
+def _attention_args(q, k, v, causal):
+    q = _floats(q, "q", ndim=4)
+    k = _floats(k, "k", ndim=4)
+    v = _floats(v, "v", ndim=4)
+    B, NH, Tq, HS = q.shape
+    _, NKV, Tk, _ = k.shape
+    if k.shape[0] != B or k.shape[3] != HS:
+        raise ValueError(f"k must be (B={B}, NKV, Tk, HS={HS}), got {k.shape} (q is {q.shape})")
+    _same_shape("v", v, k.shape)
+    if NKV == 0 or NH % NKV:
+        raise ValueError(f"the number of query heads NH={NH} must be a multiple of the number "
+                         f"of key/value heads NKV={NKV}")
+    if causal and Tk < Tq:
+        raise ValueError(f"causal attention needs at least as many keys as queries, got "
+                         f"Tk={Tk} < Tq={Tq}")
+    return q, k, v, (B, NH, NKV, Tq, Tk, HS)
+
+
+def attention_forward(q, k, v, causal: bool = True):
+    """Scaled dot-product attention; returns (out (B, NH, Tq, HS), lse (B, NH, Tq)).
+
+    k and v are (B, NKV, Tk, HS) with NH a multiple of NKV; with causal, query i (of Tq) sees
+    keys up to i + Tk - Tq, so a short query block can continue a longer cached sequence.
+    """
+    q, k, v, dims = _attention_args(q, k, v, causal)
+    B, NH, NKV, Tq, Tk, HS = dims
+    out = np.empty_like(q)
+    lse = np.empty((B, NH, Tq), np.float32)
+    if q.size and Tk and HS:
+        _C.attention_forward(out, lse, q, k, v, *dims, bool(causal))
+    elif q.size:  # no keys or no width: nothing to attend to
+        out.fill(0.0)
+        lse.fill(-np.inf if Tk == 0 else math.log(Tk))
+    return out, lse
+
+
+def attention(q, k, v, causal: bool = True) -> np.ndarray:
+    """softmax(q k^T / sqrt(HS), causal mask) v for q (B, NH, Tq, HS) and k, v (B, NKV, Tk, HS).
+
+    >>> q = np.zeros((1, 1, 2, 4), np.float32); v = np.arange(8, dtype=np.float32).reshape(1, 1, 2, 4)
+    >>> attention(q, q, v)[0, 0, 1]
+    array([2., 3., 4., 5.], dtype=float32)
+    """
+    return attention_forward(q, k, v, causal)[0]
+
+
+def attention_backward(dout, q, k, v, out, lse, causal: bool = True):
+    """Gradients of attention: (dq, dk, dv), from the saved out and lse of attention_forward."""
+    q, k, v, dims = _attention_args(q, k, v, causal)
+    B, NH, NKV, Tq, Tk, HS = dims
+    dout, out = _floats(dout, "dout"), _floats(out, "out")
+    _same_shape("dout", dout, q.shape)
+    _same_shape("out", out, q.shape)
+    lse = _floats(lse, "lse")
+    _same_shape("lse", lse, (B, NH, Tq))
+    dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
+    if q.size and Tk and HS:
+        _C.attention_backward(dq, dk, dv, dout, q, k, v, out, lse, *dims, bool(causal))
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------- cross-entropy
+
+def _ce_args(logits, targets, ignore_index):
+    logits = _floats(logits, "logits", min_ndim=1)
+    V = logits.shape[-1]
+    targets = _ints(targets, "targets", V, ignore=ignore_index)
+    _same_shape("targets", targets, logits.shape[:-1])
+    return logits, targets, V, targets.size
+
+
+def cross_entropy_forward(logits, targets, ignore_index: int = -100):
+    """Per-row (losses, lse) of logits (..., V) against targets (...); ignored rows get loss 0."""
+    logits, targets, V, N = _ce_args(logits, targets, ignore_index)
+    losses = np.zeros(targets.shape, np.float32)
+    lse = np.zeros(targets.shape, np.float32)
+    if N and V:
+        _C.cross_entropy_forward(losses, lse, logits, targets, N, V, int(ignore_index))
+    return losses, lse
+
+
+def cross_entropy(logits, targets, ignore_index: int = -100) -> np.float32:
+    """Mean of -log softmax(logits)[target] over rows whose target is not ignore_index (0.0 if none).
+
+    >>> float(cross_entropy(np.zeros((1, 4), np.float32), np.array([2])))  # log(4)
+    1.3862943649291992
+    """
+    losses, _ = cross_entropy_forward(logits, targets, ignore_index)
+    count = max(int(np.count_nonzero(np.asarray(targets) != ignore_index)), 1)
+    return np.float32(losses.sum(dtype=np.float64) / count)
+
+
+def cross_entropy_backward(logits, targets, lse, dloss: float = 1.0, ignore_index: int = -100):
+    """dlogits of the mean loss times dloss: (softmax(logits) - onehot(target)) * dloss / count."""
+    logits, targets, V, N = _ce_args(logits, targets, ignore_index)
+    lse = _floats(lse, "lse")
+    _same_shape("lse", lse, targets.shape)
+    count = max(int(np.count_nonzero(targets != ignore_index)), 1)
+    dlogits = np.empty_like(logits)
+    if N and V:
+        _C.cross_entropy_backward(dlogits, logits, lse, targets, float(dloss) / count, N, V,
+                                  int(ignore_index))
+    return dlogits
+
+
+# ----------------------------------------------------------------------------- embedding
+
+def embedding(ids, weight) -> np.ndarray:
+    """Rows of weight (V, C) picked by integer ids (...): returns (..., C).
+
+    >>> embedding(np.array([1]), np.eye(2, dtype=np.float32))
+    array([[0., 1.]], dtype=float32)
+    """
+    weight = _floats(weight, "weight", ndim=2)
+    V, C = weight.shape
+    ids = _ints(ids, "ids", V)
+    out = np.empty(ids.shape + (C,), np.float32)
+    if out.size:
+        _C.embedding_forward(out, ids, weight, ids.size, V, C)
+    return out
+
+
+def embedding_backward(dout, ids, vocab_size: int) -> np.ndarray:
+    """dweight (V, C): each row of dout (..., C) scatter-added into the row of its id."""
+    if int(vocab_size) != vocab_size or vocab_size < 0:
+        raise ValueError(f"vocab_size must be a non-negative integer, got {vocab_size!r}")
+    vocab_size = int(vocab_size)
+    ids = _ints(ids, "ids", vocab_size)
+    dout = _floats(dout, "dout", min_ndim=1)
+    C = dout.shape[-1]
+    _same_shape("dout", dout, ids.shape + (C,))
+    dw = np.zeros((vocab_size, C), np.float32)
+    if dw.size and ids.size:
+        _C.embedding_backward(dw, dout, ids, ids.size, vocab_size, C)
+    return dw
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+def adamw(param, grad, m, v, *, lr: float, step: int, beta1: float = 0.9, beta2: float = 0.95,
+          eps: float = 1e-8, weight_decay: float = 0.0, grad_scale: float = 1.0) -> None:
+    """One AdamW update in place on param, m and v (float32, C-contiguous, writeable, same shape).
+
+    grad is multiplied by grad_scale first (for clipping); step counts from 1.
+    >>> p = np.ones(3, np.float32); m = np.zeros(3, np.float32); v = np.zeros(3, np.float32)
+    >>> adamw(p, np.ones(3, np.float32), m, v, lr=0.1, step=1); p
+    array([0.9, 0.9, 0.9], dtype=float32)
+    """
+    for name, arr in (("param", param), ("m", m), ("v", v)):
+        if not isinstance(arr, np.ndarray) or arr.dtype != np.float32:
+            raise TypeError(f"adamw updates {name} in place, so it must be a float32 numpy array, "
+                            f"got {getattr(arr, 'dtype', type(arr).__name__)}")
+        if not arr.flags.c_contiguous or not arr.flags.writeable:
+            raise ValueError(f"adamw updates {name} in place, so it must be C-contiguous and "
+                             f"writeable")
+    grad = _floats(grad, "grad")
+    for name, arr in (("grad", grad), ("m", m), ("v", v)):
+        _same_shape(name, arr, param.shape)
+    if int(step) != step or step < 1:
+        raise ValueError(f"step counts from 1, got {step!r}")
+    if param.size:
+        _C.adamw_update(param, m, v, grad, float(lr), float(beta1), float(beta2), float(eps),
+                        float(weight_decay), float(grad_scale), int(step))
+
+
+# ----------------------------------------------------------------------------- runtime controls
+
+def set_num_threads(n: int) -> None:
+    """Sets how many threads every kernel uses (default: all cores, or $PYLLM_NUM_THREADS).
+
+    >>> set_num_threads(get_num_threads())
+    """
+    if isinstance(n, bool) or int(n) != n or n < 1:
+        raise ValueError(f"the number of threads must be an integer >= 1, got {n!r}")
+    _C.set_num_threads(int(n))
+
+
+def get_num_threads() -> int:
+    """The number of threads the kernels use."""
+    return _C.num_threads()
+
+
+def available_isas() -> list[str]:
+    """SIMD levels compiled in that this CPU runs, worst to best (e.g. ['generic', 'avx2'])."""
+    return list(_C.available_isas())
+
+
+def get_isa() -> str:
+    """The SIMD level in use (the best available unless set_isa or $PYLLM_ISA chose another)."""
+    return _C.isa()
+
+
+def set_isa(name: str) -> None:
+    """Switches every kernel to another compiled SIMD level (for testing and comparisons)."""
+    if name not in available_isas():
+        raise ValueError(f"ISA {name!r} is not available here; choose one of {available_isas()}")
+    _C.select_isa(name)
+
+
+def measure_fma_peak(seconds: float = 0.5) -> float:
+    """GFLOP/s of a register-only FMA loop on all kernel threads: the measured fp32 peak."""
+    return float(_C.fma_peak_gflops(float(seconds)))

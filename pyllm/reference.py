@@ -1,0 +1,380 @@
+"""Pure-numpy twin of every C++ kernel: the readable spec, the test oracle, the benchmark baseline.
+
+Not fast and not for production use: `pyllm.kernels` has the same names and signatures, in C++.
+
+Shape legend used everywhere: B batch, T time (sequence), C channels, V vocabulary,
+NH query heads, NKV key/value heads, HS head size, N = any number of rows (e.g. B*T).
+Every function takes and returns float32 arrays (ids and targets are integers).
+Backward functions return fresh gradient arrays; the C++ kernels accumulate into theirs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+_GELU_SCALE = math.sqrt(2.0 / math.pi)
+
+
+def _f32(x) -> np.ndarray:
+    return np.asarray(x, dtype=np.float32)
+
+
+# ----------------------------------------------------------------------------- matmul
+
+def matmul(a, b, bias=None, *, trans_b=False):
+    """a (..., K) @ b (K, N) (+ bias (N,)); with trans_b, b is (N, K) and a @ b.T is taken.
+
+    >>> matmul(np.ones((2, 3), np.float32), np.ones((3, 4), np.float32)).shape
+    (2, 4)
+    """
+    a, b = _f32(a), _f32(b)
+    out = a @ (b.T if trans_b else b)
+    if bias is not None:
+        out = out + _f32(bias)
+    return out.astype(np.float32)
+
+
+def matmul_backward(dout, a, b, *, trans_b=False, bias=False):
+    """Gradients of matmul: (da, db, dbias) with da = dout @ b.T, db = a.T @ dout (same layout as b).
+
+    dbias is None unless bias=True.
+    >>> da, db, dbias = matmul_backward(np.ones((2, 4), np.float32), np.ones((2, 3), np.float32),
+    ...                                 np.ones((3, 4), np.float32), bias=True)
+    >>> da.shape, db.shape, dbias.shape
+    ((2, 3), (3, 4), (4,))
+    """
+    dout, a, b = _f32(dout), _f32(a), _f32(b)
+    K = a.shape[-1]
+    N = dout.shape[-1]
+    d2, a2 = dout.reshape(-1, N), a.reshape(-1, K)
+    if trans_b:                    # out = a @ b.T, b is (N, K)
+        da = d2 @ b
+        db = d2.T @ a2
+    else:                          # out = a @ b, b is (K, N)
+        da = d2 @ b.T
+        db = a2.T @ d2
+    dbias = d2.sum(axis=0) if bias else None
+    return da.reshape(a.shape).astype(np.float32), db.astype(np.float32), dbias
+
+
+# ----------------------------------------------------------------------------- softmax
+
+def softmax(x):
+    """Softmax over the last axis; the row max is subtracted so large logits do not overflow.
+
+    >>> softmax(np.array([[0.0, 0.0]], np.float32))
+    array([[0.5, 0.5]], dtype=float32)
+    """
+    x = _f32(x)
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
+
+
+def softmax_backward(dout, y):
+    """dx for y = softmax(x): y * (dout - sum(dout * y)) along the last axis."""
+    dout, y = _f32(dout), _f32(y)
+    return (y * (dout - (dout * y).sum(axis=-1, keepdims=True))).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- norms
+
+def layernorm_forward(x, w, b, eps=1e-5):
+    """LayerNorm over the last axis C; returns (out, mean, rstd), mean/rstd shaped x.shape[:-1]."""
+    x, w, b = _f32(x), _f32(w), _f32(b)
+    mean = x.mean(axis=-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(axis=-1, keepdims=True)
+    rstd = 1.0 / np.sqrt(var + eps)
+    out = (x - mean) * rstd * w + b
+    return out.astype(np.float32), mean[..., 0].astype(np.float32), rstd[..., 0].astype(np.float32)
+
+
+def layernorm(x, w, b, eps=1e-5):
+    """LayerNorm over the last axis: (x - mean) / sqrt(var + eps) * w + b.
+
+    >>> layernorm(np.array([[1.0, 3.0]], np.float32), np.ones(2, np.float32), np.zeros(2, np.float32))
+    array([[-0.999995,  0.999995]], dtype=float32)
+    """
+    return layernorm_forward(x, w, b, eps)[0]
+
+
+def layernorm_backward(dout, x, w, mean, rstd):
+    """Gradients of layernorm: (dx, dw, db); dw and db are summed over all rows."""
+    dout, x, w = _f32(dout), _f32(x), _f32(w)
+    mean, rstd = _f32(mean)[..., None], _f32(rstd)[..., None]
+    norm = (x - mean) * rstd
+    dnorm = dout * w
+    dx = rstd * (dnorm - dnorm.mean(axis=-1, keepdims=True)
+                 - norm * (dnorm * norm).mean(axis=-1, keepdims=True))
+    C = x.shape[-1]
+    dw = (dout * norm).reshape(-1, C).sum(axis=0)
+    db = dout.reshape(-1, C).sum(axis=0)
+    return dx.astype(np.float32), dw.astype(np.float32), db.astype(np.float32)
+
+
+def rmsnorm_forward(x, w, eps=1e-6):
+    """RMSNorm over the last axis; returns (out, rstd), rstd shaped x.shape[:-1]."""
+    x, w = _f32(x), _f32(w)
+    rstd = 1.0 / np.sqrt((x * x).mean(axis=-1, keepdims=True) + eps)
+    return (x * rstd * w).astype(np.float32), rstd[..., 0].astype(np.float32)
+
+
+def rmsnorm(x, w, eps=1e-6):
+    """RMSNorm over the last axis: x / sqrt(mean(x^2) + eps) * w (Llama's norm).
+
+    >>> rmsnorm(np.array([[2.0, 2.0]], np.float32), np.ones(2, np.float32))
+    array([[0.99999976, 0.99999976]], dtype=float32)
+    """
+    return rmsnorm_forward(x, w, eps)[0]
+
+
+def rmsnorm_backward(dout, x, w, rstd):
+    """Gradients of rmsnorm: (dx, dw); dw is summed over all rows."""
+    dout, x, w = _f32(dout), _f32(x), _f32(w)
+    rstd = _f32(rstd)[..., None]
+    norm = x * rstd
+    dnorm = dout * w
+    dx = rstd * (dnorm - norm * (dnorm * norm).mean(axis=-1, keepdims=True))
+    dw = (dout * norm).reshape(-1, x.shape[-1]).sum(axis=0)
+    return dx.astype(np.float32), dw.astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- activations
+
+def _sigmoid(x):
+    return 0.5 * (1.0 + np.tanh(0.5 * x))   # tanh form: no overflow warning for large |x|
+
+
+def gelu(x):
+    """GELU, tanh approximation (GPT-2's): 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
+
+    >>> gelu(np.array([0.0, 1.0], np.float32))
+    array([0.       , 0.8411919], dtype=float32)
+    """
+    x = _f32(x)
+    return (0.5 * x * (1.0 + np.tanh(_GELU_SCALE * (x + 0.044715 * x ** 3)))).astype(np.float32)
+
+
+def gelu_backward(dout, x):
+    """dx for gelu."""
+    dout, x = _f32(dout), _f32(x)
+    u = _GELU_SCALE * (x + 0.044715 * x ** 3)
+    t = np.tanh(u)
+    du = _GELU_SCALE * (1.0 + 3.0 * 0.044715 * x * x)
+    return (dout * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du)).astype(np.float32)
+
+
+def silu(x):
+    """SiLU (swish): x * sigmoid(x).
+
+    >>> silu(np.array([0.0], np.float32))
+    array([0.], dtype=float32)
+    """
+    x = _f32(x)
+    return (x * _sigmoid(x)).astype(np.float32)
+
+
+def silu_backward(dout, x):
+    """dx for silu: sigmoid(x) * (1 + x * (1 - sigmoid(x)))."""
+    dout, x = _f32(dout), _f32(x)
+    s = _sigmoid(x)
+    return (dout * s * (1.0 + x * (1.0 - s))).astype(np.float32)
+
+
+def swiglu(gate, up):
+    """SwiGLU feed-forward gate: silu(gate) * up (Llama's MLP).
+
+    >>> swiglu(np.zeros(2, np.float32), np.ones(2, np.float32))
+    array([0., 0.], dtype=float32)
+    """
+    gate, up = _f32(gate), _f32(up)
+    return (silu(gate) * up).astype(np.float32)
+
+
+def swiglu_backward(dout, gate, up):
+    """Gradients of swiglu: (dgate, dup)."""
+    dout, gate, up = _f32(dout), _f32(gate), _f32(up)
+    return silu_backward(dout * up, gate), (dout * silu(gate)).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- rotary embedding
+
+def rope_tables(positions, head_size, theta=10000.0):
+    """cos and sin tables for rotary embeddings, each (T, HS/2), for the given positions.
+
+    `positions` is an int (meaning 0..T-1) or a 1-D array of positions.
+    >>> cos, sin = rope_tables(4, 8)
+    >>> cos.shape
+    (4, 4)
+    """
+    if head_size % 2:
+        raise ValueError(f"rope needs an even head size, got {head_size}")
+    pos = np.arange(positions) if np.ndim(positions) == 0 else np.asarray(positions)
+    inv_freq = 1.0 / theta ** (np.arange(0, head_size, 2, dtype=np.float64) / head_size)
+    angles = pos.astype(np.float64)[:, None] * inv_freq[None, :]
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def rope(x, cos, sin):
+    """Rotary position embedding, Hugging Face "rotate half" layout, on x (B, NH, T, HS).
+
+    Pairs are (x[..., i], x[..., i + HS/2]), rotated by the angle in cos/sin (T, HS/2).
+    >>> cos, sin = rope_tables(1, 2)
+    >>> rope(np.ones((1, 1, 1, 2), np.float32), cos, sin)
+    array([[[[1., 1.]]]], dtype=float32)
+    """
+    x, cos, sin = _f32(x), _f32(cos), _f32(sin)
+    h = x.shape[-1] // 2
+    x1, x2 = x[..., :h], x[..., h:]
+    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(np.float32)
+
+
+def rope_backward(dout, cos, sin):
+    """dx for rope: the same rotation by the negative angle."""
+    return rope(dout, cos, -_f32(sin))
+
+
+# ----------------------------------------------------------------------------- attention
+
+def _causal_mask(Tq, Tk):
+    # Query i sits at absolute position i + (Tk - Tq): the last Tq of Tk positions (KV cache).
+    return np.arange(Tk)[None, :] > (np.arange(Tq)[:, None] + (Tk - Tq))
+
+
+def attention_forward(q, k, v, causal=True):
+    """Scaled dot-product attention; returns (out (B, NH, Tq, HS), lse (B, NH, Tq)).
+
+    q is (B, NH, Tq, HS); k and v are (B, NKV, Tk, HS) with NH a multiple of NKV (grouped-query
+    attention). lse is the log-sum-exp of each row of scaled scores, what backward needs.
+    """
+    q, k, v = _f32(q), _f32(k), _f32(v)
+    B, NH, Tq, HS = q.shape
+    group = NH // k.shape[1]
+    k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
+    scores = (q @ k.transpose(0, 1, 3, 2)) * (1.0 / math.sqrt(HS))
+    if causal:
+        scores = np.where(_causal_mask(Tq, k.shape[2]), -np.inf, scores)
+    m = scores.max(axis=-1, keepdims=True)
+    e = np.exp(scores - m)
+    s = e.sum(axis=-1, keepdims=True)
+    out = (e / s) @ v
+    lse = (m + np.log(s))[..., 0]
+    return out.astype(np.float32), lse.astype(np.float32)
+
+
+def attention(q, k, v, causal=True):
+    """softmax(q k^T / sqrt(HS), causal mask) v for q (B, NH, Tq, HS), k, v (B, NKV, Tk, HS).
+
+    >>> q = np.zeros((1, 1, 2, 4), np.float32); v = np.arange(8, dtype=np.float32).reshape(1, 1, 2, 4)
+    >>> attention(q, q, v)[0, 0, 1]
+    array([2., 3., 4., 5.], dtype=float32)
+    """
+    return attention_forward(q, k, v, causal)[0]
+
+
+def attention_backward(dout, q, k, v, out, lse, causal=True):
+    """Gradients of attention: (dq, dk, dv), from the saved out and lse of attention_forward."""
+    dout, q, k, v, out, lse = (_f32(t) for t in (dout, q, k, v, out, lse))
+    B, NH, Tq, HS = q.shape
+    NKV, Tk = k.shape[1], k.shape[2]
+    group = NH // NKV
+    kr, vr = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
+    scale = 1.0 / math.sqrt(HS)
+    scores = (q @ kr.transpose(0, 1, 3, 2)) * scale
+    if causal:
+        scores = np.where(_causal_mask(Tq, Tk), -np.inf, scores)
+    p = np.exp(scores - lse[..., None])
+    dv = p.transpose(0, 1, 3, 2) @ dout
+    dp = dout @ vr.transpose(0, 1, 3, 2)
+    ds = p * (dp - (dout * out).sum(axis=-1, keepdims=True))
+    dq = (ds @ kr) * scale
+    dk = (ds.transpose(0, 1, 3, 2) @ q) * scale
+    dk = dk.reshape(B, NKV, group, Tk, HS).sum(axis=2)
+    dv = dv.reshape(B, NKV, group, Tk, HS).sum(axis=2)
+    return dq.astype(np.float32), dk.astype(np.float32), dv.astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- cross-entropy
+
+def cross_entropy_forward(logits, targets, ignore_index=-100):
+    """Per-row loss and log-sum-exp of logits (..., V) against integer targets (...).
+
+    Returns (losses, lse), both shaped targets.shape; rows whose target is ignore_index get loss 0.
+    """
+    logits = _f32(logits)
+    V = logits.shape[-1]
+    x = logits.reshape(-1, V)
+    t = np.asarray(targets).reshape(-1)
+    m = x.max(axis=-1)
+    lse = m + np.log(np.exp(x - m[:, None]).sum(axis=-1))
+    keep = t != ignore_index
+    picked = x[np.arange(len(t)), np.where(keep, t, 0)]
+    losses = np.where(keep, lse - picked, 0.0)
+    shape = np.shape(targets)
+    return losses.reshape(shape).astype(np.float32), lse.reshape(shape).astype(np.float32)
+
+
+def cross_entropy(logits, targets, ignore_index=-100):
+    """Mean next-token loss -log softmax(logits)[target] over rows whose target is not ignored.
+
+    Returns 0.0 when every row is ignored.
+    >>> cross_entropy(np.zeros((1, 4), np.float32), np.array([2]))
+    1.3862944
+    """
+    losses, _ = cross_entropy_forward(logits, targets, ignore_index)
+    count = max(int((np.asarray(targets) != ignore_index).sum()), 1)
+    return np.float32(losses.sum(dtype=np.float64) / count)
+
+
+def cross_entropy_backward(logits, targets, lse, dloss=1.0, ignore_index=-100):
+    """dlogits of the mean loss, scaled by dloss: (softmax(logits) - onehot(target)) * dloss / count."""
+    logits = _f32(logits)
+    V = logits.shape[-1]
+    x = logits.reshape(-1, V)
+    t = np.asarray(targets).reshape(-1)
+    keep = t != ignore_index
+    count = max(int(keep.sum()), 1)
+    d = np.exp(x - _f32(lse).reshape(-1, 1))
+    d[np.arange(len(t))[keep], t[keep]] -= 1.0
+    d *= np.where(keep, dloss / count, 0.0)[:, None]
+    return d.reshape(logits.shape).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- embedding
+
+def embedding(ids, weight):
+    """Rows of weight (V, C) picked by integer ids (...): returns (..., C).
+
+    >>> embedding(np.array([1]), np.eye(2, dtype=np.float32))
+    array([[0., 1.]], dtype=float32)
+    """
+    return _f32(weight)[np.asarray(ids)]
+
+
+def embedding_backward(dout, ids, vocab_size):
+    """dweight (V, C): each row of dout (..., C) scatter-added into the row of its id."""
+    dout = _f32(dout)
+    C = dout.shape[-1]
+    dw = np.zeros((vocab_size, C), np.float32)
+    np.add.at(dw, np.asarray(ids).reshape(-1), dout.reshape(-1, C))
+    return dw
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+def adamw(param, grad, m, v, *, lr, step, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.0,
+          grad_scale=1.0):
+    """One AdamW update, in place on param, m and v (all float32, same shape); returns None.
+
+    grad is multiplied by grad_scale first (gradient clipping); step counts from 1 and drives
+    the bias correction; weight decay is decoupled (param *= 1 - lr * weight_decay).
+    """
+    g = grad.astype(np.float32) * np.float32(grad_scale)
+    m *= beta1
+    m += (1.0 - beta1) * g
+    v *= beta2
+    v += (1.0 - beta2) * g * g
+    m_hat = m / (1.0 - beta1 ** step)
+    v_hat = v / (1.0 - beta2 ** step)
+    param -= (lr * (m_hat / (np.sqrt(v_hat) + eps) + weight_decay * param)).astype(np.float32)
