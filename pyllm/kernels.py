@@ -73,6 +73,16 @@ def _ints(x, name: str, upper: int, ignore: Optional[int] = None) -> np.ndarray:
     return arr
 
 
+def _inplace(arr, name: str) -> np.ndarray:
+    """arr itself, if a kernel can update it in place: float32, C-contiguous, writeable."""
+    if not isinstance(arr, np.ndarray) or arr.dtype != np.float32:
+        raise TypeError(f"{name} is updated in place, so it must be a float32 numpy array, "
+                        f"got {getattr(arr, 'dtype', type(arr).__name__)}")
+    if not arr.flags.c_contiguous or not arr.flags.writeable:
+        raise ValueError(f"{name} is updated in place, so it must be C-contiguous and writeable")
+    return arr
+
+
 def _same_shape(name: str, arr: np.ndarray, shape: tuple) -> None:
     if arr.shape != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {arr.shape}")
@@ -123,7 +133,7 @@ def matmul_backward(dout, a, b, *, trans_b: bool = False, bias: bool = False):
     dout = _floats(dout, "dout")
     _same_shape("dout", dout, a.shape[:-1] + (N,))
     M = int(np.prod(a.shape[:-1]))
-    da = np.zeros(a.shape, np.float32)
+    da = np.empty(a.shape, np.float32)
     db = np.zeros(b.shape, np.float32)
     dbias = np.zeros(N, np.float32) if bias else None
     if da.size or db.size:
@@ -152,7 +162,7 @@ def softmax_backward(dout, y) -> np.ndarray:
     y = _floats(y, "y", min_ndim=1)
     dout = _floats(dout, "dout")
     _same_shape("dout", dout, y.shape)
-    dx = np.zeros_like(y)
+    dx = np.empty_like(y)
     N, C = _rows(y)
     if y.size:
         _C.softmax_backward(dx, dout, y, N, C)
@@ -202,7 +212,7 @@ def layernorm_backward(dout, x, w, mean, rstd):
     _same_shape("mean", mean, x.shape[:-1])
     _same_shape("rstd", rstd, x.shape[:-1])
     N, C = _rows(x)
-    dx, dw, db = np.zeros_like(x), np.zeros(C, np.float32), np.zeros(C, np.float32)
+    dx, dw, db = np.empty_like(x), np.zeros(C, np.float32), np.zeros(C, np.float32)
     if x.size:
         _C.layernorm_backward(dx, dw, db, dout, x, w, mean, rstd, N, C)
     return dx, dw, db
@@ -236,7 +246,7 @@ def rmsnorm_backward(dout, x, w, rstd):
     rstd = _floats(rstd, "rstd")
     _same_shape("rstd", rstd, x.shape[:-1])
     N, C = _rows(x)
-    dx, dw = np.zeros_like(x), np.zeros(C, np.float32)
+    dx, dw = np.empty_like(x), np.zeros(C, np.float32)
     if x.size:
         _C.rmsnorm_backward(dx, dw, dout, x, w, rstd, N, C)
     return dx, dw
@@ -256,7 +266,7 @@ def _unary_backward(kernel, dout, x) -> np.ndarray:
     x = _floats(x, "x")
     dout = _floats(dout, "dout")
     _same_shape("dout", dout, x.shape)
-    dx = np.zeros_like(x)
+    dx = np.empty_like(x)
     if x.size:
         kernel(dx, dout, x)
     return dx
@@ -309,7 +319,7 @@ def swiglu_backward(dout, gate, up):
     gate, up, dout = _floats(gate, "gate"), _floats(up, "up"), _floats(dout, "dout")
     _same_shape("up", up, gate.shape)
     _same_shape("dout", dout, gate.shape)
-    dgate, dup = np.zeros_like(gate), np.zeros_like(gate)
+    dgate, dup = np.empty_like(gate), np.empty_like(gate)
     if gate.size:
         _C.swiglu_backward(dgate, dup, dout, gate, up)
     return dgate, dup
@@ -346,7 +356,7 @@ def rope(x, cos, sin) -> np.ndarray:
 def rope_backward(dout, cos, sin) -> np.ndarray:
     """dx for rope: the rotation by the negative angle."""
     dout, cos, sin, BH, T, HS = _rope_args(dout, cos, sin, "dout")
-    dx = np.zeros_like(dout)
+    dx = np.empty_like(dout)
     if dout.size:
         _C.rope_backward(dx, dout, cos, sin, BH, T, HS)
     return dx
@@ -409,9 +419,10 @@ def attention_backward(dout, q, k, v, out, lse, causal: bool = True):
     _same_shape("out", out, q.shape)
     lse = _floats(lse, "lse")
     _same_shape("lse", lse, (B, NH, Tq))
-    dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
-    if q.size and Tk and HS:
-        _C.attention_backward(dq, dk, dv, dout, q, k, v, out, lse, *dims, bool(causal))
+    if not (q.size and Tk and HS):
+        return np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
+    dq, dk, dv = np.empty_like(q), np.empty_like(k), np.empty_like(v)
+    _C.attention_backward(dq, dk, dv, dout, q, k, v, out, lse, *dims, bool(causal))
     return dq, dk, dv
 
 
@@ -476,8 +487,12 @@ def embedding(ids, weight) -> np.ndarray:
     return out
 
 
-def embedding_backward(dout, ids, vocab_size: int) -> np.ndarray:
-    """dweight (V, C): each row of dout (..., C) scatter-added into the row of its id."""
+def embedding_backward(dout, ids, vocab_size: int, *, dweight=None) -> np.ndarray:
+    """dweight (V, C): each row of dout (..., C) scatter-added into the row of its id.
+
+    With dweight given (a float32, C-contiguous (V, C) array), the rows are added into it in
+    place and it is returned: how training accumulates into its gradient buffer.
+    """
     if int(vocab_size) != vocab_size or vocab_size < 0:
         raise ValueError(f"vocab_size must be a non-negative integer, got {vocab_size!r}")
     vocab_size = int(vocab_size)
@@ -485,7 +500,11 @@ def embedding_backward(dout, ids, vocab_size: int) -> np.ndarray:
     dout = _floats(dout, "dout", min_ndim=1)
     C = dout.shape[-1]
     _same_shape("dout", dout, ids.shape + (C,))
-    dw = np.zeros((vocab_size, C), np.float32)
+    if dweight is None:
+        dw = np.zeros((vocab_size, C), np.float32)
+    else:
+        dw = _inplace(dweight, "dweight")
+        _same_shape("dweight", dw, (vocab_size, C))
     if dw.size and ids.size:
         _C.embedding_backward(dw, dout, ids, ids.size, vocab_size, C)
     return dw
@@ -503,12 +522,7 @@ def adamw(param, grad, m, v, *, lr: float, step: int, beta1: float = 0.9, beta2:
     array([0.9, 0.9, 0.9], dtype=float32)
     """
     for name, arr in (("param", param), ("m", m), ("v", v)):
-        if not isinstance(arr, np.ndarray) or arr.dtype != np.float32:
-            raise TypeError(f"adamw updates {name} in place, so it must be a float32 numpy array, "
-                            f"got {getattr(arr, 'dtype', type(arr).__name__)}")
-        if not arr.flags.c_contiguous or not arr.flags.writeable:
-            raise ValueError(f"adamw updates {name} in place, so it must be C-contiguous and "
-                             f"writeable")
+        _inplace(arr, name)
     grad = _floats(grad, "grad")
     for name, arr in (("grad", grad), ("m", m), ("v", v)):
         _same_shape(name, arr, param.shape)

@@ -5,7 +5,8 @@ Not fast and not for production use: `pyllm.kernels` has the same names and sign
 Shape legend used everywhere: B batch, T time (sequence), C channels, V vocabulary,
 NH query heads, NKV key/value heads, HS head size, N = any number of rows (e.g. B*T).
 Every function takes and returns float32 arrays (ids and targets are integers).
-Backward functions return fresh gradient arrays; the C++ kernels accumulate into theirs.
+Backward functions return fresh gradient arrays. (In C++, input gradients are written and
+parameter gradients accumulated; see csrc/kernels/kernels.h.)
 """
 
 from __future__ import annotations
@@ -352,11 +353,14 @@ def embedding(ids, weight):
     return _f32(weight)[np.asarray(ids)]
 
 
-def embedding_backward(dout, ids, vocab_size):
-    """dweight (V, C): each row of dout (..., C) scatter-added into the row of its id."""
+def embedding_backward(dout, ids, vocab_size, *, dweight=None):
+    """dweight (V, C): each row of dout (..., C) scatter-added into the row of its id.
+
+    With dweight given, the rows are added into it in place and it is returned.
+    """
     dout = _f32(dout)
     C = dout.shape[-1]
-    dw = np.zeros((vocab_size, C), np.float32)
+    dw = np.zeros((vocab_size, C), np.float32) if dweight is None else dweight
     np.add.at(dw, np.asarray(ids).reshape(-1), dout.reshape(-1, C))
     return dw
 

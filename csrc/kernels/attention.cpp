@@ -162,6 +162,7 @@ void attention_backward(float* dq, float* dk, float* dv, const float* dout, cons
         const int64_t row = bh * Tq + i0;
         const float *kh = k + bkv * Tk * HS, *vh = v + bkv * Tk * HS;
         const int64_t key_end = s.key_end(i0 + nq);
+        std::memset(dq + row * HS, 0, sizeof(float) * nq * HS);
         for (int64_t j0 = 0; j0 < key_end; j0 += BK) {
           const int64_t nk = imin(BK, key_end - j0);
           gemm_serial(nq, nk, HS, MatView{q + row * HS, HS, 1}, MatView{kh + j0 * HS, 1, HS}, P, BK, false);
@@ -185,6 +186,8 @@ void attention_backward(float* dq, float* dk, float* dv, const float* dout, cons
         const int64_t nk = imin(BK, Tk - j0);
         const float *kb = k + (bkv * Tk + j0) * HS, *vb = v + (bkv * Tk + j0) * HS;
         const int64_t first_row = causal ? imax(0, j0 - s.offset()) : 0;
+        if (dk) std::memset(dk + (bkv * Tk + j0) * HS, 0, sizeof(float) * nk * HS);
+        if (dv) std::memset(dv + (bkv * Tk + j0) * HS, 0, sizeof(float) * nk * HS);
         for (int64_t hg = 0; hg < s.group(); ++hg) {
           const int64_t bh = (bkv / NKV) * NH + (bkv % NKV) * s.group() + hg;
           for (int64_t i0 = (first_row / BQ) * BQ; i0 < Tq; i0 += BQ) {

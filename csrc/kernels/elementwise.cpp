@@ -40,7 +40,7 @@ void gelu_backward(float* dinp, const float* dout, const float* inp, int64_t n) 
     const vf s = gelu_gate(x);  // s = 0.5 (1 + tanh u), so 1 - tanh^2 u = 4 s (1 - s)
     const vf du = kGeluScale * (1.0f + 3.0f * kGeluCubic * x * x);
     const vf grad = s + x * (2.0f * s * (1.0f - s)) * du;
-    store_partial(dinp + i, load_partial(dinp + i, k) + load_partial(dout + i, k) * grad, k);
+    store_partial(dinp + i, load_partial(dout + i, k) * grad, k);
   });
 }
 
@@ -56,7 +56,7 @@ void silu_backward(float* dinp, const float* dout, const float* inp, int64_t n) 
     const vf x = load_partial(inp + i, k);
     const vf s = vsigmoid(x);
     const vf grad = s * (1.0f + x * (1.0f - s));
-    store_partial(dinp + i, load_partial(dinp + i, k) + load_partial(dout + i, k) * grad, k);
+    store_partial(dinp + i, load_partial(dout + i, k) * grad, k);
   });
 }
 
@@ -73,8 +73,8 @@ void swiglu_backward(float* dgate, float* dup, const float* dout, const float* g
     const vf g = load_partial(gate + i, k), u = load_partial(up + i, k);
     const vf dy = load_partial(dout + i, k);
     const vf s = vsigmoid(g);
-    store_partial(dgate + i, load_partial(dgate + i, k) + dy * u * s * (1.0f + g * (1.0f - s)), k);
-    store_partial(dup + i, load_partial(dup + i, k) + dy * g * s, k);
+    store_partial(dgate + i, dy * u * s * (1.0f + g * (1.0f - s)), k);
+    store_partial(dup + i, dy * g * s, k);
   });
 }
 

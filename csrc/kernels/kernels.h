@@ -3,9 +3,11 @@
 // Not where kernels are written (kernels/<family>.cpp) nor checked (pyllm/kernels.py, bindings).
 //
 // Conventions (llm.c's): arguments are outputs, saved values, inputs, weights, then dims;
-// forward kernels overwrite their outputs; backward kernels ACCUMULATE (+=) into every
-// gradient they are given, so the caller zeroes once; a null gradient pointer means "not needed".
-// Exception: cross_entropy_backward overwrites dlogits and may be given dlogits == logits.
+// forward kernels overwrite their outputs; backward kernels OVERWRITE the gradients of their
+// inputs (dinp, da, dq, dk, dv, dlogits, ...) and ACCUMULATE (+=) into the gradients of
+// parameters (dw, db, dbias, matmul's db, dweight), so micro-batches add up in one buffer
+// that the caller zeroes once per step. A null gradient pointer means "not needed".
+// cross_entropy_backward may be given dlogits == logits (in place).
 // All arrays are C-contiguous float32 (ids and targets int64); dims are int64_t.
 #pragma once
 
@@ -19,7 +21,7 @@ struct KernelTable {
   // out (M, N) = a (M, K) @ b (K, N) + bias (N) [bias may be null]; trans_b: b is (N, K).
   void (*matmul_forward)(float* out, const float* a, const float* b, const float* bias,
                          int64_t M, int64_t K, int64_t N, bool trans_b);
-  // da (M, K) += dout @ b^T; db (K, N) [(N, K) if trans_b] += a^T @ dout; dbias (N) += sum of rows.
+  // da (M, K) = dout @ b^T; db (K, N) [(N, K) if trans_b] += a^T @ dout; dbias (N) += sum of rows.
   void (*matmul_backward)(float* da, float* db, float* dbias, const float* dout, const float* a,
                           const float* b, int64_t M, int64_t K, int64_t N, bool trans_b);
 

@@ -236,9 +236,9 @@ void matmul_forward(float* out, const float* a, const float* b, const float* bia
 void matmul_backward(float* da, float* db, float* dbias, const float* dout, const float* a,
                      const float* b, int64_t M, int64_t K, int64_t N, bool trans_b) {
   const MatView dC{dout, N, 1}, dCt{dout, 1, N}, At{a, 1, K};
-  if (da) {  // da (M, K) += dout (M, N) @ B^T, where B^T (N, K) is b read with swapped strides
+  if (da) {  // da (M, K) = dout (M, N) @ B^T, where B^T (N, K) is b read with swapped strides
     const MatView Bt = trans_b ? MatView{b, K, 1} : MatView{b, 1, N};
-    gemm(M, K, N, dC, Bt, da, K, true);
+    gemm(M, K, N, dC, Bt, da, K, false);
   }
   if (db) {
     if (trans_b)

@@ -118,7 +118,7 @@ void layernorm_backward(float* dinp, float* dw, float* db, const float* dout, co
         const int64_t n = imin(W, C - j);
         const vf norm = (load_partial(x + j, n) - mu) * sv;
         const vf dn = load_partial(dy + j, n) * load_partial(w + j, n);
-        store_partial(dx + j, load_partial(dx + j, n) + sv * (dn - mean_dn - norm * mean_dn_n), n);
+        store_partial(dx + j, sv * (dn - mean_dn - norm * mean_dn_n), n);
       }
     }
   });
@@ -163,7 +163,7 @@ void rmsnorm_backward(float* dinp, float* dw, const float* dout, const float* in
         const int64_t n = imin(W, C - j);
         const vf norm = load_partial(x + j, n) * sv;
         const vf dn = load_partial(dy + j, n) * load_partial(w + j, n);
-        store_partial(dx + j, load_partial(dx + j, n) + sv * (dn - norm * mean_dn_n), n);
+        store_partial(dx + j, sv * (dn - norm * mean_dn_n), n);
       }
     }
   });

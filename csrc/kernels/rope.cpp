@@ -7,8 +7,7 @@ namespace pyllm {
 namespace PYLLM_ISA {
 namespace {
 
-// out = R(sign * angle) inp, or out += when accumulate. inp (BH, T, HS), cos/sin (T, HS/2).
-template <bool kAccumulate>
+// out = R(sign * angle) inp for inp (BH, T, HS), cos/sin (T, HS/2); out may be inp.
 void rotate(float* out, const float* inp, const float* cos, const float* sin, int64_t BH,
             int64_t T, int64_t HS, float sign) {
   const int64_t half = HS / 2;
@@ -21,28 +20,23 @@ void rotate(float* out, const float* inp, const float* cos, const float* sin, in
         const int64_t n = imin(W, half - i);
         const vf x1 = load_partial(x + i, n), x2 = load_partial(x + half + i, n);
         const vf cv = load_partial(c + i, n), sv = sign * load_partial(s + i, n);
-        vf y1 = x1 * cv - x2 * sv, y2 = x2 * cv + x1 * sv;  // both read before either store:
-        if (kAccumulate) {                                   // out may be inp
-          y1 += load_partial(y + i, n);
-          y2 += load_partial(y + half + i, n);
-        }
-        store_partial(y + i, y1, n);
-        store_partial(y + half + i, y2, n);
+        // Both halves are read before either is stored, so out may be inp.
+        store_partial(y + i, x1 * cv - x2 * sv, n);
+        store_partial(y + half + i, x2 * cv + x1 * sv, n);
       }
     }
   });
 }
-
 }  // namespace
 
 void rope_forward(float* out, const float* inp, const float* cos, const float* sin, int64_t BH,
                   int64_t T, int64_t HS) {
-  rotate<false>(out, inp, cos, sin, BH, T, HS, 1.0f);
+  rotate(out, inp, cos, sin, BH, T, HS, 1.0f);
 }
 
 void rope_backward(float* dinp, const float* dout, const float* cos, const float* sin, int64_t BH,
                    int64_t T, int64_t HS) {
-  rotate<true>(dinp, dout, cos, sin, BH, T, HS, -1.0f);  // the inverse rotation
+  rotate(dinp, dout, cos, sin, BH, T, HS, -1.0f);  // the inverse rotation
 }
 
 }  // namespace PYLLM_ISA

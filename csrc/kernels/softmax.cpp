@@ -72,10 +72,10 @@ void softmax_backward(float* dinp, const float* dout, const float* out, int64_t 
       if (j < C) acc += load_partial(dy + j, C - j) * load_partial(y + j, C - j);
       const vf dot = splat(hsum(acc));
       for (j = 0; j + W <= C; j += W)
-        store(dx + j, load(dx + j) + load(y + j) * (load(dy + j) - dot));
+        store(dx + j, load(y + j) * (load(dy + j) - dot));
       if (j < C) {
         const int64_t n = C - j;
-        store_partial(dx + j, load_partial(dx + j, n) + load_partial(y + j, n) * (load_partial(dy + j, n) - dot), n);
+        store_partial(dx + j, load_partial(y + j, n) * (load_partial(dy + j, n) - dot), n);
       }
     }
   });
