@@ -21,6 +21,17 @@ namespace {
 
 thread_local bool in_parallel_region = false;
 
+// Waiting threads spin this many pauses (about 0.1 ms) before sleeping: back-to-back kernels
+// (a model step) then start without a wake-up, which on a virtual machine can take milliseconds,
+// and an idle pool still gives the cores back quickly.
+constexpr int kSpinPauses = 4096;
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#endif
+}
+
 class Pool {
  public:
   explicit Pool(int threads) {
@@ -30,7 +41,7 @@ class Pool {
     {
       std::lock_guard<std::mutex> lock(mu_);
       stopping_ = true;
-      ++generation_;
+      generation_.fetch_add(1);
     }
     start_.notify_all();
     for (auto& w : workers_) w.join();
@@ -45,13 +56,14 @@ class Pool {
       n_ = n;
       grain_ = grain;
       next_.store(0);
-      active_ = static_cast<int>(workers_.size());
-      ++generation_;
+      active_.store(static_cast<int>(workers_.size()));
+      generation_.fetch_add(1);
     }
     start_.notify_all();
     work();
+    for (int i = 0; i < kSpinPauses && active_.load() != 0; ++i) cpu_relax();
     std::unique_lock<std::mutex> lock(mu_);
-    done_.wait(lock, [this] { return active_ == 0; });
+    done_.wait(lock, [this] { return active_.load() == 0; });
     if (error_) std::rethrow_exception(std::exchange(error_, nullptr));
   }
 
@@ -74,24 +86,25 @@ class Pool {
   void worker_loop() {
     uint64_t seen = 0;
     for (;;) {
+      for (int i = 0; i < kSpinPauses && generation_.load() == seen; ++i) cpu_relax();
       {
         std::unique_lock<std::mutex> lock(mu_);
-        start_.wait(lock, [&] { return generation_ != seen; });
-        seen = generation_;
+        start_.wait(lock, [&] { return generation_.load() != seen; });
+        seen = generation_.load();
         if (stopping_) return;
       }
       work();
       std::lock_guard<std::mutex> lock(mu_);
-      if (--active_ == 0) done_.notify_one();
+      if (active_.fetch_sub(1) == 1) done_.notify_one();
     }
   }
 
   std::vector<std::thread> workers_;
   std::mutex mu_;
   std::condition_variable start_, done_;
-  uint64_t generation_ = 0;
+  std::atomic<uint64_t> generation_{0};  // bumped (under mu_) for every job
   bool stopping_ = false;
-  int active_ = 0;
+  std::atomic<int> active_{0};           // workers still inside the current job
   RangeFn fn_ = nullptr;
   void* ctx_ = nullptr;
   int64_t n_ = 0, grain_ = 1;

@@ -15,8 +15,12 @@ namespace pyllm {
 namespace PYLLM_ISA {
 namespace {
 
-constexpr int64_t BQ = 64;   // query rows per tile
-constexpr int64_t BK = 64;   // keys per tile
+// Tile sizes are multiples of the GEMM micro-kernel's rows (6 AVX2, 14 AVX-512, 4 SSE), so the
+// tile products (query rows for S and dq, key rows for dk and dv) have no partial micro-tiles;
+// BK (64) is a multiple of every W, since score rows are processed in whole vectors; 48 (a
+// multiple of 6 as well) measured slower than the partial micro-tile it saves.
+constexpr int64_t BQ = W == 16 ? 56 : (W == 8 ? 60 : 64);
+constexpr int64_t BK = 64;
 
 thread_local ThreadBuffer scores_buffer, dscores_buffer, rowstat_buffer;
 
@@ -85,45 +89,57 @@ void attention_forward(float* out, float* lse, const float* q, const float* k, c
         // S = Q K^T: K^T is K's rows read as columns.
         gemm_serial(nq, nk, HS, MatView{qb, HS, 1}, MatView{kh + j0 * HS, 1, HS}, S, BK, false);
         // Online softmax: fold this block into the running max m and sum l of each row,
-        // rescaling what O already holds by exp(m_old - m_new).
+        // rescaling what O already holds by exp(m_old - m_new). Rows are BK floats wide, so
+        // whole vectors are read; lanes past the n visible keys are masked to -inf.
+        const vf sc = splat(scale), neg_inf = splat(-INFINITY);
         for (int64_t r = 0; r < nq; ++r) {
           float* p = S + r * BK;
           const int64_t n = s.visible(i0 + r, j0, nk);
-          float block_max = -INFINITY;
-          for (int64_t j = 0; j < n; ++j) block_max = std::fmax(block_max, p[j] * scale);
-          const float m_new = std::fmax(m[r], block_max);
+          vf vmax_ = neg_inf;
+          for (int64_t j = 0; j < n; j += W) {
+            vf x = load(p + j) * sc;
+            if (j + W > n)
+              for (int64_t t = n - j; t < W; ++t) x[t] = -INFINITY;
+            store(p + j, x);
+            vmax_ = vmax(vmax_, x);
+          }
+          const float m_new = std::fmax(m[r], hmax(vmax_));
           if (n == 0 || m_new == -INFINITY) {
-            for (int64_t j = 0; j < nk; ++j) p[j] = 0.f;
+            for (int64_t j = 0; j < BK; j += W) store(p + j, splat(0.f));
             continue;
           }
           const float alpha = std::exp(m[r] - m_new);
-          const vf sc = splat(scale), sh = splat(m_new);
+          const vf sh = splat(m_new);
           vf sum = splat(0.f);
           int64_t j = 0;
-          for (; j + W <= n; j += W) {
-            const vf e = vexp(load(p + j) * sc - sh);
+          for (; j < n; j += W) {  // exp(-inf) = 0 in the masked lanes
+            const vf e = vexp(load(p + j) - sh);
             store(p + j, e);
             sum += e;
           }
-          if (j < n) {
-            vf e = vexp(load(p + j) * sc - sh);
-            for (int64_t t = n - j; t < W; ++t) e[t] = 0.f;
-            store(p + j, e);
-            sum += e;
-          }
-          for (j = n; j < nk; ++j) p[j] = 0.f;
+          for (; j < BK; j += W) store(p + j, splat(0.f));
           l[r] = l[r] * alpha + hsum(sum);
           m[r] = m_new;
-          if (alpha != 1.0f)
-            for (int64_t d = 0; d < HS; ++d) O[r * HS + d] *= alpha;
+          if (alpha != 1.0f) {
+            const vf a = splat(alpha);
+            float* o = O + r * HS;
+            for (int64_t d = 0; d < HS; d += W) {
+              const int64_t w = imin(W, HS - d);
+              store_partial(o + d, load_partial(o + d, w) * a, w);
+            }
+          }
         }
         // O += P V
         gemm_serial(nq, HS, nk, MatView{S, BK, 1}, MatView{vh + j0 * HS, HS, 1}, O, HS, true);
       }
       float* lse_b = lse + bh * Tq + i0;
       for (int64_t r = 0; r < nq; ++r) {
-        const float inv = 1.0f / l[r];
-        for (int64_t d = 0; d < HS; ++d) O[r * HS + d] *= inv;
+        const vf inv = splat(1.0f / l[r]);
+        float* o = O + r * HS;
+        for (int64_t d = 0; d < HS; d += W) {
+          const int64_t w = imin(W, HS - d);
+          store_partial(o + d, load_partial(o + d, w) * inv, w);
+        }
         lse_b[r] = m[r] + std::log(l[r]);
       }
     }
@@ -150,59 +166,79 @@ void attention_backward(float* dq, float* dk, float* dv, const float* dout, cons
     }
   });
 
-  // Pass 1, dq: each work item owns a block of query rows of one head.
+  // One tile pair (query block i0 of head bh, key block j0 of kv head bkv): recompute P, then
+  // dv += P^T dout, dS = P * (dout v^T - D) * scale, dk += dS^T q and/or dq += dS k.
+  auto tile_backward = [&](float* P, float* dP, int64_t bh, int64_t bkv, int64_t i0, int64_t j0,
+                           bool want_dq, bool want_dkv) {
+    const int64_t nq = imin(BQ, Tq - i0), nk = imin(BK, Tk - j0), row = bh * Tq + i0;
+    const float *kb = k + (bkv * Tk + j0) * HS, *vb = v + (bkv * Tk + j0) * HS;
+    gemm_serial(nq, nk, HS, MatView{q + row * HS, HS, 1}, MatView{kb, 1, HS}, P, BK, false);
+    probabilities(P, lse + row, s, i0, nq, j0, nk, scale);
+    if (want_dkv && dv)
+      gemm_serial(nk, HS, nq, MatView{P, 1, BK}, MatView{dout + row * HS, HS, 1}, dv + (bkv * Tk + j0) * HS, HS, true);
+    gemm_serial(nq, nk, HS, MatView{dout + row * HS, HS, 1}, MatView{vb, 1, HS}, dP, BK, false);
+    score_gradients(dP, P, D + row, nq, nk, scale);
+    if (want_dkv && dk)
+      gemm_serial(nk, HS, nq, MatView{dP, 1, BK}, MatView{q + row * HS, HS, 1}, dk + (bkv * Tk + j0) * HS, HS, true);
+    if (want_dq && dq)
+      gemm_serial(nq, HS, nk, MatView{dP, BK, 1}, MatView{kb, HS, 1}, dq + row * HS, HS, true);
+  };
+  auto head_of = [&](int64_t bkv, int64_t hg) { return (bkv / NKV) * NH + (bkv % NKV) * s.group() + hg; };
+  // Query blocks that see key block j0: with causal, those ending after row j0 - offset.
+  auto first_query_block = [&](int64_t j0) { return causal ? imax(0, j0 - s.offset()) / BQ * BQ : 0; };
+
+  // Every path visits, for each output block, the same tiles in the same order (key blocks
+  // ascending for dq; query heads then query blocks ascending for dk, dv), so the result is
+  // bit-identical whichever path runs and however many threads run it.
+  const int64_t kv_heads = B * NKV;
+  if (kv_heads >= 2 * num_threads()) {
+    // One pass: a work item owns a whole kv head, hence its dk, dv and the dq of every query
+    // head of its group. Each tile pair is visited once (5 small GEMMs).
+    parallel_for(kv_heads, 1, [&](int64_t u0, int64_t u1) {
+      float* P = scores_buffer.get(BQ * BK);
+      float* dP = dscores_buffer.get(BQ * BK);
+      for (int64_t bkv = u0; bkv < u1; ++bkv) {
+        if (dq)
+          for (int64_t hg = 0; hg < s.group(); ++hg)
+            std::memset(dq + head_of(bkv, hg) * Tq * HS, 0, sizeof(float) * Tq * HS);
+        if (dk) std::memset(dk + bkv * Tk * HS, 0, sizeof(float) * Tk * HS);
+        if (dv) std::memset(dv + bkv * Tk * HS, 0, sizeof(float) * Tk * HS);
+        for (int64_t j0 = 0; j0 < Tk; j0 += BK)
+          for (int64_t hg = 0; hg < s.group(); ++hg)
+            for (int64_t i0 = first_query_block(j0); i0 < Tq; i0 += BQ)
+              tile_backward(P, dP, head_of(bkv, hg), bkv, i0, j0, true, true);
+      }
+    });
+    return;
+  }
+
+  // Two passes, for few kv heads (more, smaller work items): dq by query block, then dk and dv
+  // by key block; the scores are recomputed in each (7 small GEMMs per tile pair instead of 5).
   if (dq) {
     parallel_for(B * NH * s.q_blocks(), 1, [&](int64_t u0, int64_t u1) {
       float* P = scores_buffer.get(BQ * BK);
       float* dP = dscores_buffer.get(BQ * BK);
       for (int64_t u = u0; u < u1; ++u) {
         const int64_t bh = u / s.q_blocks(), i0 = (u % s.q_blocks()) * BQ;
-        const int64_t nq = imin(BQ, Tq - i0);
         const int64_t bkv = (bh / NH) * NKV + (bh % NH) / s.group();
-        const int64_t row = bh * Tq + i0;
-        const float *kh = k + bkv * Tk * HS, *vh = v + bkv * Tk * HS;
-        const int64_t key_end = s.key_end(i0 + nq);
-        std::memset(dq + row * HS, 0, sizeof(float) * nq * HS);
-        for (int64_t j0 = 0; j0 < key_end; j0 += BK) {
-          const int64_t nk = imin(BK, key_end - j0);
-          gemm_serial(nq, nk, HS, MatView{q + row * HS, HS, 1}, MatView{kh + j0 * HS, 1, HS}, P, BK, false);
-          probabilities(P, lse + row, s, i0, nq, j0, nk, scale);
-          gemm_serial(nq, nk, HS, MatView{dout + row * HS, HS, 1}, MatView{vh + j0 * HS, 1, HS}, dP, BK, false);
-          score_gradients(dP, P, D + row, nq, nk, scale);
-          gemm_serial(nq, HS, nk, MatView{dP, BK, 1}, MatView{kh + j0 * HS, HS, 1}, dq + row * HS, HS, true);
-        }
+        std::memset(dq + (bh * Tq + i0) * HS, 0, sizeof(float) * imin(BQ, Tq - i0) * HS);
+        const int64_t key_end = s.key_end(imin(Tq, i0 + BQ));
+        for (int64_t j0 = 0; j0 < key_end; j0 += BK) tile_backward(P, dP, bh, bkv, i0, j0, true, false);
       }
     });
   }
-
-  // Pass 2, dk and dv: each work item owns a block of keys of one key/value head and sums over
-  // every query head of its group and every query block that sees it, in a fixed order.
   if (dk || dv) {
-    parallel_for(B * NKV * s.k_blocks(), 1, [&](int64_t u0, int64_t u1) {
+    parallel_for(kv_heads * s.k_blocks(), 1, [&](int64_t u0, int64_t u1) {
       float* P = scores_buffer.get(BQ * BK);
       float* dP = dscores_buffer.get(BQ * BK);
       for (int64_t u = u0; u < u1; ++u) {
         const int64_t bkv = u / s.k_blocks(), j0 = (u % s.k_blocks()) * BK;
         const int64_t nk = imin(BK, Tk - j0);
-        const float *kb = k + (bkv * Tk + j0) * HS, *vb = v + (bkv * Tk + j0) * HS;
-        const int64_t first_row = causal ? imax(0, j0 - s.offset()) : 0;
         if (dk) std::memset(dk + (bkv * Tk + j0) * HS, 0, sizeof(float) * nk * HS);
         if (dv) std::memset(dv + (bkv * Tk + j0) * HS, 0, sizeof(float) * nk * HS);
-        for (int64_t hg = 0; hg < s.group(); ++hg) {
-          const int64_t bh = (bkv / NKV) * NH + (bkv % NKV) * s.group() + hg;
-          for (int64_t i0 = (first_row / BQ) * BQ; i0 < Tq; i0 += BQ) {
-            const int64_t nq = imin(BQ, Tq - i0), row = bh * Tq + i0;
-            gemm_serial(nq, nk, HS, MatView{q + row * HS, HS, 1}, MatView{kb, 1, HS}, P, BK, false);
-            probabilities(P, lse + row, s, i0, nq, j0, nk, scale);
-            if (dv)  // dv += P^T dout
-              gemm_serial(nk, HS, nq, MatView{P, 1, BK}, MatView{dout + row * HS, HS, 1}, dv + (bkv * Tk + j0) * HS, HS, true);
-            if (!dk) continue;
-            gemm_serial(nq, nk, HS, MatView{dout + row * HS, HS, 1}, MatView{vb, 1, HS}, dP, BK, false);
-            score_gradients(dP, P, D + row, nq, nk, scale);
-            // dk += dS^T q
-            gemm_serial(nk, HS, nq, MatView{dP, 1, BK}, MatView{q + row * HS, HS, 1}, dk + (bkv * Tk + j0) * HS, HS, true);
-          }
-        }
+        for (int64_t hg = 0; hg < s.group(); ++hg)
+          for (int64_t i0 = first_query_block(j0); i0 < Tq; i0 += BQ)
+            tile_backward(P, dP, head_of(bkv, hg), bkv, i0, j0, false, true);
       }
     });
   }

@@ -10,13 +10,16 @@ namespace PYLLM_ISA {
 
 double fma_peak_gflops(double seconds) {
   constexpr int kChains = 12;  // enough independent chains to cover FMA latency x throughput
-  constexpr int64_t kIters = 1 << 20;
-  const int64_t threads = num_threads();
+  constexpr int64_t kIters = 1 << 16;
+  // Many short items rather than one per thread, so a thread that starts late does not leave
+  // the measurement to the others.
+  const int64_t items = 64 * num_threads();
   double total_flops = 0;
   auto start = std::chrono::steady_clock::now();
   double elapsed = 0;
   do {
-    parallel_for(threads, 1, [&](int64_t, int64_t) {
+    parallel_for(items, 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t item = i0; item < i1; ++item) {
       vf acc[kChains];
       for (int c = 0; c < kChains; ++c) acc[c] = splat(0.001f * c);
       const vf x = splat(0.999999f), y = splat(1e-7f);
@@ -27,8 +30,9 @@ double fma_peak_gflops(double seconds) {
       for (int c = 0; c < kChains; ++c) sum += acc[c];
       volatile float sink = hsum(sum);  // keeps the loop from being optimised away
       (void)sink;
+      }
     });
-    total_flops += 2.0 * W * kChains * kIters * threads;
+    total_flops += 2.0 * W * kChains * kIters * items;
     elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   } while (elapsed < seconds);
   return total_flops / elapsed / 1e9;
