@@ -3,8 +3,16 @@
 Not a PyTorch wrapper: nothing here imports torch at run time.
 """
 
-from pyllm import kernels, reference
-from pyllm.kernels import get_num_threads, set_num_threads
+import importlib
 
 __version__ = "0.1.0"
 __all__ = ["kernels", "reference", "get_num_threads", "set_num_threads", "__version__"]
+
+
+def __getattr__(name: str):
+    # Imported on first use, so `pyllm.reference` (pure numpy) works without the built extension.
+    if name in ("kernels", "reference", "bench"):
+        return importlib.import_module(f"pyllm.{name}")
+    if name in ("get_num_threads", "set_num_threads"):
+        return getattr(importlib.import_module("pyllm.kernels"), name)
+    raise AttributeError(f"module 'pyllm' has no attribute {name!r}")

@@ -226,8 +226,8 @@ void bind_kernels(py::module_& m) {
     kernels().embedding_backward(pdw, pd, pi, N, V, C);
   });
   m.def("adamw_update", [](py::array param, py::array mom, py::array var, py::array grad,
-                           float lr, float beta1, float beta2, float eps, float weight_decay,
-                           float grad_scale, int64_t step) {
+                           double lr, double beta1, double beta2, double eps,
+                           double weight_decay, double grad_scale, int64_t step) {
     const int64_t n = param.size();
     check(step >= 1, "step counts from 1");
     float *pp = out(param, n, "param"), *pm = out(mom, n, "m"), *pv = out(var, n, "v");

@@ -66,8 +66,8 @@ void embedding_forward(float* out, const int64_t* ids, const float* weight, int6
                        int64_t C);
 void embedding_backward(float* dweight, const float* dout, const int64_t* ids, int64_t N,
                         int64_t V, int64_t C);
-void adamw_update(float* param, float* m, float* v, const float* grad, int64_t n, float lr,
-                  float beta1, float beta2, float eps, float weight_decay, float grad_scale,
+void adamw_update(float* param, float* m, float* v, const float* grad, int64_t n, double lr,
+                  double beta1, double beta2, double eps, double weight_decay, double grad_scale,
                   int64_t step);
 double fma_peak_gflops(double seconds);
 
