@@ -18,7 +18,10 @@ constexpr int MR = W == 16 ? 14 : (W == 8 ? 6 : 4);
 // Cache blocking: a KC x NR panel of B stays in L1 while MR x KC panels of A stream from an
 // MC x KC block kept in L2; the KC x NC block of B sits in L2/L3.
 // (Measured on Zen 3 for AVX2; AVX-512's KC keeps its 32-column B panel within a 32 KB L1.)
-constexpr int64_t KC = W == 16 ? 256 : 384;
+#ifndef PYLLM_GEMM_KC
+#define PYLLM_GEMM_KC (W == 16 ? 256 : 384)
+#endif
+constexpr int64_t KC = PYLLM_GEMM_KC;
 constexpr int64_t MC = MR * (W == 16 ? 8 : 16);
 constexpr int64_t NC = NR * (W == 16 ? 64 : 96);
 
@@ -30,7 +33,11 @@ void pack_a(float* dst, MatView A, int64_t i0, int64_t k0, int64_t mc, int64_t k
     const int64_t rows = imin(MR, mc - ir);
     const float* src = A.p + (i0 + ir) * A.rs + k0 * A.cs;
     if (rows < MR) std::memset(dst, 0, sizeof(float) * kc * MR);
-    if (A.rs == 1) {  // transposed operand: the MR rows of one k are contiguous
+    if (A.rs == 1 && rows == MR) {  // transposed operand: the MR rows of one k are contiguous
+      for (int64_t k = 0; k < kc; ++k)
+#pragma GCC unroll 16
+        for (int r = 0; r < MR; ++r) dst[k * MR + r] = src[k * A.cs + r];
+    } else if (A.rs == 1) {
       for (int64_t k = 0; k < kc; ++k) std::memcpy(dst + k * MR, src + k * A.cs, sizeof(float) * rows);
     } else {
       for (int64_t r = 0; r < rows; ++r) {
@@ -48,7 +55,11 @@ void pack_b(float* dst, MatView B, int64_t k0, int64_t j0, int64_t kc, int64_t n
     const int64_t cols = imin(NR, nc - jr);
     const float* src = B.p + k0 * B.rs + (j0 + jr) * B.cs;
     if (cols < NR) std::memset(dst, 0, sizeof(float) * kc * NR);
-    if (B.cs == 1) {  // row-major B: the NR columns of one k are contiguous
+    if (B.cs == 1 && cols == NR) {  // row-major B: the NR columns of one k are contiguous
+      for (int64_t k = 0; k < kc; ++k)
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) store(dst + k * NR + v * W, load(src + k * B.rs + v * W));
+    } else if (B.cs == 1) {
       for (int64_t k = 0; k < kc; ++k) std::memcpy(dst + k * NR, src + k * B.rs, sizeof(float) * cols);
     } else {
       for (int64_t j = 0; j < cols; ++j) {
@@ -247,14 +258,26 @@ void matmul_backward(float* da, float* db, float* dbias, const float* dout, cons
       gemm(K, N, M, At, dC, db, N, true);                  // db (K, N) += a^T @ dout
   }
   if (dbias) {
-    // Column sums; each item owns W-aligned columns and sums rows in order: thread-count free.
-    const int64_t chunks = (N + W - 1) / W;
-    parallel_for(chunks, 8, [&](int64_t c0, int64_t c1) {
+    // Column sums. Each item owns a block of 8 vectors of columns, summed in registers over the
+    // rows in order: contiguous reads, and a result that does not depend on the thread count.
+    constexpr int kVecs = 8;
+    constexpr int64_t kCols = kVecs * W;
+    parallel_for((N + kCols - 1) / kCols, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
-        const int64_t j = c * W, n = imin(W, N - j);
-        vf acc = load_partial(dbias + j, n);
-        for (int64_t i = 0; i < M; ++i) acc += load_partial(dout + i * N + j, n);
-        store_partial(dbias + j, acc, n);
+        const int64_t j0 = c * kCols, n = imin(kCols, N - j0);
+        vf acc[kVecs];
+#pragma GCC unroll 8
+        for (int v = 0; v < kVecs; ++v) acc[v] = load_partial(dbias + j0 + v * W, imax(0, n - v * W));
+        if (n == kCols) {
+          for (int64_t i = 0; i < M; ++i)
+#pragma GCC unroll 8
+            for (int v = 0; v < kVecs; ++v) acc[v] += load(dout + i * N + j0 + v * W);
+        } else {
+          for (int64_t i = 0; i < M; ++i)
+            for (int v = 0; v < kVecs; ++v)
+              acc[v] += load_partial(dout + i * N + j0 + v * W, imax(0, n - v * W));
+        }
+        for (int v = 0; v < kVecs; ++v) store_partial(dbias + j0 + v * W, acc[v], imax(0, n - v * W));
       }
     });
   }
