@@ -64,11 +64,22 @@ def _openblas_symbol():
     return None
 
 
+_BLAS = None  # numpy's OpenBLAS symbol lookup, found once by `machine`
+
+
+def set_numpy_blas_threads(n: int) -> None:
+    """Sets numpy's OpenBLAS thread count for what follows (no-op for another BLAS)."""
+    if _BLAS is not None:
+        _BLAS("set_num_threads")(ctypes.c_int(n))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def machine():
     """Sets pyllm's and numpy's thread counts once, measures the FMA peak once; returns FACTS."""
+    global _BLAS
     kernels.set_num_threads(THREADS)
     blas, blas_name, blas_threads = _openblas_symbol(), "unknown", None
+    _BLAS = blas
     if blas is not None:
         blas("set_num_threads")(ctypes.c_int(THREADS))
         blas("get_num_threads").restype = ctypes.c_int

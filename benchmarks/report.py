@@ -34,6 +34,8 @@ def load_rows(benchmarks: list[dict]) -> list[dict]:
         row = groups.setdefault(b["group"], {"group": b["group"], "target": info.get("target")})
         row[info["impl"]] = {"median": b["stats"]["median"], "gflops": info.get("gflops"),
                              "pct_peak": info.get("pct_peak")}
+        if info.get("numpy_blas_threads"):
+            row["note"] = f"numpy on {info['numpy_blas_threads']} BLAS thread(s), its faster setting"
     for row in groups.values():
         ours, theirs = row.get("pyllm"), row.get("numpy")
         row["speedup"] = theirs["median"] / ours["median"] if ours and theirs else None
@@ -64,13 +66,14 @@ def table(rows: list[dict]) -> list[str]:
              "| % peak (pyllm / numpy) | target | met |",
              "|---|---:|---:|---:|---:|---:|---:|---:|:---:|"]
     for r in rows:
+        name = r["group"] + (f" ({r['note']})" if r.get("note") else "")
         ours, theirs = r.get("pyllm") or {}, r.get("numpy") or {}
         ms = lambda side: num(side["median"] * 1e3 if side else None)  # noqa: E731
         peak = (f"{fmt(ours.get('pct_peak'), '.0f')}% / {fmt(theirs.get('pct_peak'), '.0f')}%"
                 if ours.get("pct_peak") is not None or theirs.get("pct_peak") is not None else "–")
         met = {True: "yes", False: "**no**", None: "n/a"}[r["met"]]
         lines.append(
-            f"| {r['group']} | {ms(ours)} | {ms(theirs)} | {fmt(r['speedup'], '.2f')}x "
+            f"| {name} | {ms(ours)} | {ms(theirs)} | {fmt(r['speedup'], '.2f')}x "
             f"| {num(ours.get('gflops'))} | {num(theirs.get('gflops'))} | {peak} "
             f"| {fmt(r['target'], 'g')}x | {met} |")
     return lines

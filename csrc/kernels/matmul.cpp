@@ -163,28 +163,41 @@ void gemm(int64_t M, int64_t N, int64_t K, MatView A, MatView B, float* C, int64
           bool accumulate) {
   if (M <= 0 || N <= 0) return;
   if (K <= 0) return zero_or_keep(M, N, C, ldc, accumulate);
-  // Split C into a tm x tn grid, one tile per thread. Each tile packs all of A's rows and B's
-  // columns it needs, so the grid that minimises repacking, K * (N * tm + M * tn), is chosen.
-  const int64_t row_panels = (M + MR - 1) / MR, col_panels = (N + NR - 1) / NR;
-  int64_t threads = num_threads();
-  if (2.0 * M * N * K < 2e6) threads = 1;  // too small to pay for waking the pool
-  int64_t tm = 1, tn = 1;
-  double best = -1;
-  for (int64_t a = 1; a <= threads; ++a) {
-    if (threads % a) continue;
-    const int64_t b = threads / a;
-    if (a > row_panels || b > col_panels) continue;
-    const double cost = double(N) * a + double(M) * b;
-    if (best < 0 || cost < best) best = cost, tm = a, tn = b;
-  }
-  const int64_t rows_per = (row_panels + tm - 1) / tm * MR, cols_per = (col_panels + tn - 1) / tn * NR;
-  parallel_for(tm * tn, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t m0 = (t / tn) * rows_per, n0 = (t % tn) * cols_per;
-      if (m0 >= M || n0 >= N) continue;
-      gemm_tile(m0, imin(M, m0 + rows_per), n0, imin(N, n0 + cols_per), K, A, B, C, ldc, accumulate);
+  if (2.0 * M * N * K < 2e6 || num_threads() == 1)  // too small to pay for waking the pool
+    return gemm_tile(0, M, 0, N, K, A, B, C, ldc, accumulate);
+  // BLIS's loop nest with the threads inside it: each KC x NC block of B is packed once, by
+  // all threads together, then the threads take (MC rows x column group) items of C from a
+  // shared counter, each packing its own block of A. Taking items dynamically keeps both cores
+  // busy when one runs slower; the arithmetic of every element is the same whatever thread
+  // does it, so results do not depend on the thread count.
+  const int64_t row_blocks = (M + MC - 1) / MC;
+  float* bufb = pack_b_buffer.get(KC * (imin(NC, N) + NR));
+  for (int64_t jc = 0; jc < N; jc += NC) {
+    const int64_t nc = imin(NC, N - jc);
+    const int64_t panels = (nc + NR - 1) / NR;
+    // Few row blocks (a wide, short C): also split the columns, in whole NR panels.
+    const int64_t groups = imin(panels, imax(1, (4 * num_threads() + row_blocks - 1) / row_blocks));
+    const int64_t panels_per_group = (panels + groups - 1) / groups;
+    for (int64_t pc = 0; pc < K; pc += KC) {
+      const int64_t kc = imin(KC, K - pc);
+      parallel_for(panels, 4, [&](int64_t p0, int64_t p1) {
+        const int64_t j0 = p0 * NR, j1 = imin(nc, p1 * NR);
+        pack_b(bufb + j0 * kc, B, pc, jc + j0, kc, j1 - j0);
+      });
+      const bool acc = accumulate || pc > 0;
+      parallel_for(row_blocks * groups, 1, [&](int64_t t0, int64_t t1) {
+        float* bufa = pack_a_buffer.get(KC * (MC + MR));
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t ic = (t / groups) * MC, mc = imin(MC, M - ic);
+          const int64_t j0 = (t % groups) * panels_per_group * NR;
+          if (j0 >= nc) continue;
+          const int64_t j1 = imin(nc, j0 + panels_per_group * NR);
+          pack_a(bufa, A, ic, pc, mc, kc);
+          macro_kernel(mc, j1 - j0, kc, bufa, bufb + j0 * kc, C + ic * ldc + jc + j0, ldc, acc);
+        }
+      });
     }
-  });
+  }
 }
 
 namespace {
