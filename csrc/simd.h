@@ -17,7 +17,9 @@
 namespace pyllm {
 namespace PYLLM_ISA {
 
-#if defined(__AVX512F__)
+#if defined(PYLLM_FORCE_WIDTH)  // testing only: e.g. the AVX-512 layout on an AVX2 machine
+constexpr int W = PYLLM_FORCE_WIDTH;
+#elif defined(__AVX512F__)
 constexpr int W = 16;
 #elif defined(__AVX2__)
 constexpr int W = 8;
