@@ -252,8 +252,13 @@ void matmul_forward(float* out, const float* a, const float* b, const float* bia
     gemm(M, N, K, A, B, out, N, false);
   }
   if (bias) {
-    for (int64_t i = 0; i < M; ++i)
-      for (int64_t j = 0; j < N; ++j) out[i * N + j] += bias[j];
+    parallel_for(M, imax(1, 16384 / imax(1, N)), [&](int64_t r0, int64_t r1) {
+      for (int64_t i = r0; i < r1; ++i)
+        for (int64_t j = 0; j < N; j += W) {
+          const int64_t w = imin(W, N - j);
+          store_partial(out + i * N + j, load_partial(out + i * N + j, w) + load_partial(bias + j, w), w);
+        }
+    });
   }
 }
 
