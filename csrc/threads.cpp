@@ -4,12 +4,15 @@
 #include "threads.h"
 
 #include <algorithm>
+#include <pthread.h>
+
 #include <atomic>
 #include <condition_variable>
 #include <cstdlib>
 #include <exception>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <thread>
 #include <utility>
 #include <vector>
@@ -121,9 +124,25 @@ int default_threads() {
 }
 
 std::mutex pool_mu;  // one job at a time; a second caller runs its job inline
+
+// A forked child (multiprocessing, data loaders) inherits the pool but not its threads: it
+// gets a fresh pool of its own. The parent's Pool object is abandoned, not destroyed, since its
+// destructor would join threads that do not exist in the child.
+void reset_pool_in_child();
+
 std::unique_ptr<Pool>& pool() {
-  static std::unique_ptr<Pool> p = std::make_unique<Pool>(default_threads());
+  static std::unique_ptr<Pool> p = [] {
+    pthread_atfork(nullptr, nullptr, &reset_pool_in_child);
+    return std::make_unique<Pool>(default_threads());
+  }();
   return p;
+}
+
+void reset_pool_in_child() {
+  new (&pool_mu) std::mutex();  // it may have been held by another thread at the fork
+  const int threads = pool()->size();
+  (void)pool().release();
+  pool() = std::make_unique<Pool>(threads);
 }
 
 }  // namespace

@@ -1240,3 +1240,32 @@ def test_adamw_grad_must_be_float(K, label):
     bad = dict(_bad_dtype_values(g))[label]
     with pytest.raises(TypeError, match=r"\bgrad\b"):
         K.adamw(p, bad, m, v, lr=1e-3, step=1)
+
+
+def test_kernels_work_in_a_forked_child():
+    """A forked child (multiprocessing, data loaders) gets a thread pool of its own.
+
+    Without one it would wait forever for worker threads that fork did not copy, so the check
+    runs in a subprocess with a timeout: a hang fails the test instead of the suite.
+    """
+    import subprocess
+    import sys
+    import textwrap
+
+    if not hasattr(os, "fork"):
+        pytest.skip("no os.fork on this platform")
+    script = textwrap.dedent("""
+        import os, numpy as np
+        from pyllm import kernels as K
+        K.set_num_threads(2)
+        a = np.ones((300, 300), np.float32)
+        K.matmul(a, a)                      # the parent's pool exists and has run
+        pid = os.fork()
+        if pid == 0:
+            ok = K.matmul(a, a)[0, 0] == 300.0 and K.get_num_threads() == 2
+            os._exit(0 if ok else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.WEXITSTATUS(status) == 0, "the child computed a wrong result"
+        assert K.matmul(a, a)[0, 0] == 300.0
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
