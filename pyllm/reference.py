@@ -1,4 +1,5 @@
-"""Pure-numpy twin of every C++ kernel: the readable spec, the test oracle, the benchmark baseline.
+"""Pure-numpy twin of every C++ kernel (and plain-Python BPE): the readable spec, the test oracle,
+the benchmark baseline.
 
 Not fast and not for production use: `pyllm.kernels` has the same names and signatures, in C++.
 
@@ -382,3 +383,58 @@ def adamw(param, grad, m, v, *, lr, step, beta1=0.9, beta2=0.95, eps=1e-8, weigh
     m_hat = m / (1.0 - beta1 ** step)
     v_hat = v / (1.0 - beta2 ** step)
     param -= (lr * (m_hat / (np.sqrt(v_hat) + eps) + weight_decay * param)).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- byte-pair encoding
+
+def bpe_encode_piece(piece, byte_ids, merge_ranks):
+    """Token ids of one piece (bytes): start from its bytes, then repeatedly merge the adjacent
+    pair of lowest rank, the leftmost on ties. merge_ranks maps (left, right) -> (rank, merged id).
+
+    >>> bpe_encode_piece(b"aab", {97: 0, 98: 1}, {(0, 0): (0, 2), (2, 1): (1, 3)})
+    [3]
+    """
+    ids = [byte_ids[b] for b in piece]
+    while len(ids) > 1:
+        ranks = [merge_ranks.get(pair, (float("inf"), None)) for pair in zip(ids, ids[1:])]
+        best = min(range(len(ranks)), key=lambda i: ranks[i][0])   # min() keeps the leftmost
+        if ranks[best][1] is None:
+            break
+        ids[best:best + 2] = [ranks[best][1]]
+    return ids
+
+
+def bpe_train(piece_counts, num_merges, min_count=0):
+    """Merges learned from {piece bytes: count}: recount every pair, merge the most frequent
+    (ties: the smallest (left, right)), repeat. Ids 0-255 are bytes; merge i makes 256 + i.
+
+    >>> bpe_train({b"abab": 2}, 1)
+    [(97, 98)]
+    """
+    words = {tuple(piece): count for piece, count in piece_counts.items()}
+    merges = []
+    while len(merges) < num_merges:
+        counts = {}
+        for word, count in words.items():
+            for pair in zip(word, word[1:]):
+                counts[pair] = counts.get(pair, 0) + count
+        if not counts:
+            break
+        pair = min(counts, key=lambda p: (-counts[p], p))
+        if counts[pair] < max(min_count, 1):
+            break
+        made = 256 + len(merges)
+        merges.append(pair)
+        merged_words = {}
+        for word, count in words.items():
+            out, i = [], 0
+            while i < len(word):
+                if i + 1 < len(word) and (word[i], word[i + 1]) == pair:
+                    out.append(made)
+                    i += 2
+                else:
+                    out.append(word[i])
+                    i += 1
+            merged_words[tuple(out)] = merged_words.get(tuple(out), 0) + count
+        words = merged_words
+    return merges

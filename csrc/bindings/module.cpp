@@ -10,6 +10,7 @@
 namespace py = pybind11;
 
 void bind_kernels(py::module_& m);
+void bind_bpe(py::module_& m);
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "pyllm's C++ kernels (use them through pyllm.kernels, which checks arguments)";
@@ -27,4 +28,5 @@ PYBIND11_MODULE(_C, m) {
   m.def("select_isa", [](const std::string& name) { pyllm::select_isa(name.c_str()); },
         py::arg("name"), "Switches the SIMD level in use.");
   bind_kernels(m);
+  bind_bpe(m);
 }
