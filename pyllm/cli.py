@@ -30,6 +30,60 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_tokenize_train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pyllm.data import default_corpus_files
+    from pyllm.tokenizer import Tokenizer
+
+    sources = [Path(p) for p in args.data] if args.data else default_corpus_files()
+    for path in sources:
+        if not path.exists():
+            print(f"pyllm tokenize train: no such file or folder: {path}", file=sys.stderr)
+            return 2
+    if not args.data:
+        print(f"no --data: training on the Python standard library's sources ({len(sources)} files)")
+    tok = Tokenizer.train(sources, args.vocab_size, pattern=args.pattern,
+                          special_tokens=args.special, min_frequency=args.min_frequency)
+    tok.save(args.out, format=args.format)
+    print(f"wrote {args.out}: {tok.vocab_size} tokens ({len(tok.merges)} merges, "
+          f"{len(tok.special_tokens)} special), pattern {args.pattern}, format {args.format}")
+    return 0
+
+
+def _load_tokenizer(path: str):
+    from pyllm.tokenizer import Tokenizer
+
+    return Tokenizer.load(path)
+
+
+def _cmd_tokenize_encode(args: argparse.Namespace) -> int:
+    tok = _load_tokenizer(args.tokenizer)
+    text = open(args.file, encoding="utf-8").read() if args.file else args.text
+    if text is None:
+        text = sys.stdin.read()
+    ids = tok.encode(text, allowed_special="all" if args.allow_special else ())
+    print(" ".join(map(str, ids)))
+    if not args.ids_only:
+        escapes = str.maketrans({"\n": "\\n", "\r": "\\r", "\t": "\\t", "|": "\\|"})
+        pieces = [tok.token_to_bytes(i).decode("utf-8", errors="backslashreplace").translate(escapes)
+                  for i in ids]
+        print("|".join(pieces))
+        print(f"{len(ids)} tokens, {len(text.encode('utf-8'))} bytes")
+    return 0
+
+
+def _cmd_tokenize_decode(args: argparse.Namespace) -> int:
+    tok = _load_tokenizer(args.tokenizer)
+    try:
+        ids = [int(x) for x in " ".join(args.ids).replace(",", " ").split()]
+    except ValueError as exc:
+        print(f"pyllm tokenize decode: ids must be integers ({exc})", file=sys.stderr)
+        return 2
+    print(tok.decode(ids))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pyllm", description="A readable LLM stack with C++ kernels.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -43,11 +97,40 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--min-time", type=float, default=0.5,
                        help="seconds spent timing each side of each kernel (default 0.5)")
     bench.set_defaults(func=_cmd_bench)
+
+    tokenize = sub.add_parser("tokenize", help="train a BPE tokenizer, or look at how text tokenizes")
+    tsub = tokenize.add_subparsers(dest="tokenize_command", metavar="ACTION", required=True)
+    train = tsub.add_parser("train", help="learn a byte-level BPE tokenizer from text files")
+    train.add_argument("--data", nargs="+", metavar="PATH",
+                       help="text files or folders (default: the Python standard library's sources)")
+    train.add_argument("--vocab-size", type=int, required=True, help="tokens in all, specials included")
+    train.add_argument("--out", required=True, help="file to write")
+    train.add_argument("--pattern", default="gpt4", help="gpt4 (default), gpt2, or a regex of your own")
+    train.add_argument("--special", nargs="*", default=[], metavar="TOKEN", help="special tokens, e.g. '<|endoftext|>'")
+    train.add_argument("--min-frequency", type=int, default=0, help="stop when no pair occurs this often")
+    train.add_argument("--format", choices=["pyllm", "hf"], default="pyllm",
+                       help="pyllm's JSON (default) or a Hugging Face tokenizer.json")
+    train.set_defaults(func=_cmd_tokenize_train)
+    encode = tsub.add_parser("encode", help="show the token ids and pieces of a text")
+    encode.add_argument("--tokenizer", required=True, help="a pyllm tokenizer JSON or a tokenizer.json")
+    encode.add_argument("text", nargs="?", help="the text (default: --file, else standard input)")
+    encode.add_argument("--file", help="read the text from this file")
+    encode.add_argument("--allow-special", action="store_true", help="encode special-token text as the special tokens")
+    encode.add_argument("--ids-only", action="store_true", help="print the ids only")
+    encode.set_defaults(func=_cmd_tokenize_encode)
+    decode = tsub.add_parser("decode", help="turn token ids back into text")
+    decode.add_argument("--tokenizer", required=True, help="a pyllm tokenizer JSON or a tokenizer.json")
+    decode.add_argument("ids", nargs="+", help="token ids (spaces or commas)")
+    decode.set_defaults(func=_cmd_tokenize_decode)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, OSError) as exc:  # bad input: a message, not a traceback
+        print(f"pyllm {args.command}: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
