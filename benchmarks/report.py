@@ -32,8 +32,12 @@ def load_rows(benchmarks: list[dict]) -> list[dict]:
         if "impl" not in info:   # not one of bench_kernels.py's benchmarks
             continue
         row = groups.setdefault(b["group"], {"group": b["group"], "target": info.get("target")})
-        row[info["impl"]] = {"median": b["stats"]["median"], "gflops": info.get("gflops"),
-                             "pct_peak": info.get("pct_peak")}
+        side = "pyllm" if info["impl"] == "pyllm" else "numpy"  # numpy, or the named peer
+        if side == "numpy":
+            row["baseline"] = info["impl"]
+        row[side] = {"median": b["stats"]["median"], "gflops": info.get("gflops"),
+                     "pct_peak": info.get("pct_peak"),
+                     "mbps": info["bytes"] / b["stats"]["median"] / 1e6 if info.get("bytes") else None}
         if info.get("numpy_blas_threads"):
             row["note"] = f"numpy on {info['numpy_blas_threads']} BLAS thread(s), its faster setting"
     for row in groups.values():
@@ -53,7 +57,7 @@ def header(machine: dict) -> list[str]:
         f"measured FMA peak: {fmt(peak, '.1f')} GFLOP/s · numpy {f.get('numpy_version', '?')} "
         f"({f.get('numpy_blas', '?')})",
         "",
-        "Times are medians over each benchmark's rounds; speedup = numpy time / pyllm time; "
+        "Times are medians over each benchmark's rounds; speedup = baseline time / pyllm time; "
         "a row meets its target when its speedup reaches the target column.",
     ]
     if f.get("openblas_overrides"):
@@ -62,9 +66,9 @@ def header(machine: dict) -> list[str]:
 
 
 def table(rows: list[dict]) -> list[str]:
-    lines = ["| kernel / shape | pyllm ms | numpy ms | speedup | pyllm GFLOP/s | numpy GFLOP/s "
-             "| % peak (pyllm / numpy) | target | met |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|:---:|"]
+    lines = ["| kernel / shape | baseline | pyllm ms | baseline ms | speedup | pyllm GFLOP/s or MB/s "
+             "| baseline GFLOP/s or MB/s | % peak (pyllm / baseline) | target | met |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|:---:|"]
     for r in rows:
         name = r["group"] + (f" ({r['note']})" if r.get("note") else "")
         ours, theirs = r.get("pyllm") or {}, r.get("numpy") or {}
@@ -72,9 +76,11 @@ def table(rows: list[dict]) -> list[str]:
         peak = (f"{fmt(ours.get('pct_peak'), '.0f')}% / {fmt(theirs.get('pct_peak'), '.0f')}%"
                 if ours.get("pct_peak") is not None or theirs.get("pct_peak") is not None else "–")
         met = {True: "yes", False: "**no**", None: "n/a"}[r["met"]]
+        rate = lambda side: (f"{num(side['mbps'])} MB/s" if side.get("mbps")  # noqa: E731
+                             else num(side.get("gflops")))
         lines.append(
-            f"| {name} | {ms(ours)} | {ms(theirs)} | {fmt(r['speedup'], '.2f')}x "
-            f"| {num(ours.get('gflops'))} | {num(theirs.get('gflops'))} | {peak} "
+            f"| {name} | {r.get('baseline', 'numpy')} | {ms(ours)} | {ms(theirs)} | {fmt(r['speedup'], '.2f')}x "
+            f"| {rate(ours)} | {rate(theirs)} | {peak} "
             f"| {fmt(r['target'], 'g')}x | {met} |")
     return lines
 
