@@ -22,6 +22,12 @@ GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|
 GPT4_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
                 r"""|\s*[\r\n]|\s+(?!\S)|\s+""")
 PATTERNS = {"gpt2": GPT2_PATTERN, "gpt4": GPT4_PATTERN}
+# "gpt2_digits": every digit is a piece of its own, and the GPT-2 pattern splits the text between
+# digits (SmolLM2's Digits + ByteLevel pre-tokenizer; llama.cpp's "smollm"). Not one regex:
+# "x  1" gives ['x', '  ', '1'] here, while a single pattern would split the spaces.
+PIPELINES = {"gpt2_digits": "gpt2"}
+# GGUF's tokenizer.ggml.pre -> pattern name
+GGUF_PRE = {"default": "gpt2", "gpt-2": "gpt2", "gpt2": "gpt2", "smollm": "gpt2_digits"}
 
 FORMAT_NAME = "pyllm.tokenizer"
 FORMAT_VERSION = 1
@@ -84,7 +90,12 @@ def piece_ends(data: bytes, text: str, pattern: str) -> np.ndarray:
     """End byte offsets of the pieces `pattern` splits text into (data is text's UTF-8)."""
     import regex  # the built-in patterns move to C++ (pyllm.pretokenize) once it lands
 
-    pieces = regex.findall(PATTERNS.get(pattern, pattern), text)
+    if pattern in PIPELINES:
+        inner = regex.compile(PATTERNS[PIPELINES[pattern]])
+        pieces = [p for seg in regex.findall(r"\p{N}|\P{N}+", text)
+                  for p in ([seg] if len(seg) == 1 and regex.match(r"\p{N}", seg) else inner.findall(seg))]
+    else:
+        pieces = regex.findall(PATTERNS.get(pattern, pattern), text)
     ends = np.fromiter((len(p.encode("utf-8")) for p in pieces), np.int64, len(pieces)).cumsum()
     if len(ends) and ends[-1] != len(data) or not len(ends) and data:
         raise ValueError("the pre-tokenizer pattern must match every character of the text "
@@ -129,7 +140,7 @@ class Tokenizer:
     """
 
     def __init__(self, vocab: Sequence[bytes], merges: Sequence[tuple[int, int]], pattern: str = "gpt4",
-                 special_tokens: dict[str, int] | None = None):
+                 special_tokens: dict[str, int] | None = None, unk_token_id: int | None = None):
         self.vocab: list[bytes] = [bytes(t) for t in vocab]
         merges_arr = np.asarray(merges, dtype=np.int64).reshape(-1, 2)
         if merges_arr.size and (merges_arr.min() < 0 or merges_arr.max() >= len(self.vocab)):
@@ -140,10 +151,20 @@ class Tokenizer:
         for name, sid in self.special_tokens.items():
             if not isinstance(sid, int) or sid < 0:
                 raise ValueError(f"special token {name!r} needs a non-negative integer id, got {sid!r}")
-            if sid < len(self.vocab) and self.vocab[sid] != name.encode("utf-8"):
-                raise ValueError(f"special token {name!r} has id {sid}, which is the ordinary token "
-                                 f"{self.vocab[sid]!r}")
-        self._model = _C().BpeModel(self.vocab, merges_arr.astype(np.uint32))
+            if sid < len(self.vocab):
+                if self.vocab[sid] not in (b"", name.encode("utf-8")):
+                    raise ValueError(f"special token {name!r} has id {sid}, which is the ordinary "
+                                     f"token {self.vocab[sid]!r}")
+                # An id that is only a special token keeps an empty placeholder in the ordinary
+                # vocabulary: no merge can make b"", so BPE never produces it.
+                self.vocab[sid] = b""
+        # A byte with no token of its own (some imported vocabularies lack a few control bytes)
+        # encodes as unk_token_id, as Hugging Face's BPE does; without one it cannot be encoded.
+        self.unk_token_id = unk_token_id
+        if unk_token_id is not None and not 0 <= unk_token_id < len(self.vocab):
+            raise ValueError(f"unk_token_id {unk_token_id} is outside the vocabulary")
+        self._model = _C().BpeModel(self.vocab, merges_arr.astype(np.uint32),
+                                    -1 if unk_token_id is None else int(unk_token_id))
         self._special_by_id = {sid: name for name, sid in self.special_tokens.items()}
         self._special_split = (re.compile("(" + "|".join(re.escape(s) for s in sorted(
             self.special_tokens, key=len, reverse=True)) + ")") if self.special_tokens else None)
@@ -287,7 +308,7 @@ class Tokenizer:
 
     def mergeable_ranks(self) -> dict[bytes, int]:
         """bytes -> id for every ordinary token: what tiktoken.Encoding takes as mergeable_ranks."""
-        return {token: i for i, token in enumerate(self.vocab)}
+        return {token: i for i, token in enumerate(self.vocab) if i not in self._special_by_id}
 
     # --------------------------------------------------------------------- files
 
@@ -299,7 +320,7 @@ class Tokenizer:
         if format == "pyllm":
             doc = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "pattern": self.pattern,
                    "vocab": [_token_to_str(t) for t in self.vocab], "merges": self.merges,
-                   "special_tokens": self.special_tokens}
+                   "special_tokens": self.special_tokens, "unk_token_id": self.unk_token_id}
         elif format == "hf":
             doc = self._hf_document()
         else:
@@ -325,6 +346,11 @@ class Tokenizer:
         raise ValueError(f"{path} is neither pyllm's tokenizer JSON nor a Hugging Face tokenizer.json")
 
     @classmethod
+    def from_gguf(cls, path: str | os.PathLike) -> "Tokenizer":
+        """The tokenizer stored in a GGUF file's metadata (tokens, merges, token types, pattern)."""
+        return _tokenizer_from_gguf(cls, path)
+
+    @classmethod
     def _from_pyllm(cls, doc: dict, path: Path) -> "Tokenizer":
         if doc.get("version") != FORMAT_VERSION:
             raise ValueError(f"{path}: tokenizer format version {doc.get('version')!r} is not "
@@ -334,32 +360,39 @@ class Tokenizer:
             merges = [(int(a), int(b)) for a, b in doc["merges"]]
             specials = {str(k): int(v) for k, v in doc.get("special_tokens", {}).items()}
             pattern = str(doc["pattern"])
+            unk = doc.get("unk_token_id")
+            unk = None if unk is None else int(unk)
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"{path}: corrupt or truncated tokenizer file ({exc!r})") from None
-        return cls(vocab, merges, pattern, specials)
+        return cls(vocab, merges, pattern, specials, unk)
 
     # Hugging Face tokenizer.json ---------------------------------------------------------
 
     def _hf_document(self) -> dict:
         pattern = PATTERNS.get(self.pattern, self.pattern)
-        ordinary = {_token_to_str(t): i for i, t in enumerate(self.vocab)}
+        ordinary = {_token_to_str(t): i for i, t in enumerate(self.vocab) if i not in self._special_by_id}
+        ordinary.update(self.special_tokens)
         return {
             "version": "1.0", "truncation": None, "padding": None,
             "added_tokens": [{"id": sid, "content": name, "single_word": False, "lstrip": False,
                               "rstrip": False, "normalized": False, "special": True}
                              for name, sid in sorted(self.special_tokens.items(), key=lambda kv: kv[1])],
             "normalizer": None,
-            "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-                {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": False},
-                {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
+            "pre_tokenizer": _hf_pre_tokenizer(self.pattern),
             "post_processor": None,
             "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
-            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+            "model": {"type": "BPE", "dropout": None, "unk_token": self._unk_name(),
+                      "continuing_subword_prefix": None,
                       "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
                       "ignore_merges": False, "vocab": ordinary,
                       "merges": [[_token_to_str(self.vocab[a]), _token_to_str(self.vocab[b])]
                                  for a, b in self.merges]},
         }
+
+    def _unk_name(self) -> str | None:
+        if self.unk_token_id is None:
+            return None
+        return self._special_by_id.get(self.unk_token_id) or _token_to_str(self.vocab[self.unk_token_id])
 
     @classmethod
     def _from_hf(cls, doc: dict, path: Path) -> "Tokenizer":
@@ -381,11 +414,9 @@ class Tokenizer:
             vocab[tid] = _str_to_token(text, str(path))
         for name, tid in added.items():
             specials[name] = tid
-        # Ids that are only special tokens keep a placeholder in the ordinary vocabulary: their
-        # own bytes, so no merge ever produces them (merges are checked against byte strings).
-        for name, tid in specials.items():
+        for name, tid in specials.items():  # placeholders, see __init__
             if tid < size and vocab[tid] is None:
-                vocab[tid] = name.encode("utf-8")
+                vocab[tid] = b""
         if any(t is None for t in vocab):
             missing = next(i for i, t in enumerate(vocab) if t is None)
             raise ValueError(f"{path}: token id {missing} is missing from the vocabulary")
@@ -398,12 +429,34 @@ class Tokenizer:
             except KeyError:
                 raise ValueError(f"{path}: merge {r} ({left!r}, {right!r}) names a token not in the "
                                  f"vocabulary") from None
-        return cls(vocab, merges, _hf_pattern(doc.get("pre_tokenizer"), path), specials)
+        unk_name = model.get("unk_token")
+        unk = None
+        if unk_name is not None:
+            unk = added.get(unk_name, by_str.get(unk_name))
+            if unk is None:
+                raise ValueError(f"{path}: unk_token {unk_name!r} is not in the vocabulary")
+        return cls(vocab, merges, _hf_pattern(doc.get("pre_tokenizer"), path), specials, unk)
+
+
+def _hf_pre_tokenizer(pattern: str) -> dict:
+    """The tokenizer.json pre_tokenizer that splits like `pattern`, then maps bytes to characters."""
+    if pattern == "gpt2_digits":
+        return {"type": "Sequence", "pretokenizers": [
+            {"type": "Digits", "individual_digits": True},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}]}
+    return {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": PATTERNS.get(pattern, pattern)}, "behavior": "Isolated",
+         "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
 
 
 def _hf_pattern(pre: dict | None, path: Path) -> str:
     """The split pattern of a tokenizer.json pre_tokenizer: a Split regex, or ByteLevel's GPT-2."""
     steps = pre.get("pretokenizers", []) if pre and pre.get("type") == "Sequence" else [pre] if pre else []
+    types = [s.get("type") for s in steps]
+    if (types == ["Digits", "ByteLevel"] and steps[0].get("individual_digits")
+            and steps[1].get("use_regex", True)):
+        return "gpt2_digits"
     for step in steps:
         if step.get("type") == "Split" and "Regex" in step.get("pattern", {}):
             regex_text = step["pattern"]["Regex"]
@@ -414,6 +467,42 @@ def _hf_pattern(pre: dict | None, path: Path) -> str:
         if step.get("type") == "ByteLevel" and step.get("use_regex", True):
             return "gpt2"
     raise ValueError(f"{path}: unsupported pre_tokenizer {pre!r} (need a Split regex or ByteLevel)")
+
+
+def _tokenizer_from_gguf(cls, path: str | os.PathLike) -> "Tokenizer":
+    from pyllm.io.gguf import GGUFFile
+
+    with GGUFFile(path) as f:
+        meta = f.metadata
+    model = meta.get("tokenizer.ggml.model")
+    if model != "gpt2":
+        raise ValueError(f"{path}: tokenizer.ggml.model is {model!r}; pyllm reads byte-level BPE "
+                         f"('gpt2') tokenizers")
+    pre = meta.get("tokenizer.ggml.pre", "default")
+    if pre not in GGUF_PRE:
+        raise ValueError(f"{path}: pre-tokenizer {pre!r} is not supported (supported: {sorted(GGUF_PRE)})")
+    try:
+        tokens: list[str] = meta["tokenizer.ggml.tokens"]
+        merges_text: list[str] = meta.get("tokenizer.ggml.merges", [])
+    except KeyError as exc:
+        raise ValueError(f"{path}: missing tokenizer metadata {exc.args[0]!r}") from None
+    types = meta.get("tokenizer.ggml.token_type", [1] * len(tokens))
+    if len(types) != len(tokens):
+        raise ValueError(f"{path}: {len(tokens)} tokens but {len(types)} token types")
+    # Types: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte. Control and
+    # user-defined tokens are matched as whole strings: pyllm's special tokens.
+    specials = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty in (3, 4)}
+    vocab = [b"" if i in specials.values() else _str_to_token(t, str(path)) for i, t in enumerate(tokens)]
+    ids = {t: i for i, t in reversed(list(enumerate(vocab))) if t}
+    merges = []
+    for r, m in enumerate(merges_text):
+        try:
+            left, right = m.split(" ", 1)
+            merges.append((ids[_str_to_token(left, str(path))], ids[_str_to_token(right, str(path))]))
+        except (ValueError, KeyError):
+            raise ValueError(f"{path}: merge {r} ({m!r}) is malformed or names an unknown token") from None
+    unk = meta.get("tokenizer.ggml.unknown_token_id")
+    return cls(vocab, merges, GGUF_PRE[pre], specials, unk if isinstance(unk, int) else None)
 
 
 def _progress_reporter(progress, total: int):

@@ -249,9 +249,13 @@ def test_truncated_file_is_a_clear_error(trained, tmp_path):
         Tokenizer.load(path)
 
 
-def test_a_vocabulary_without_every_byte_is_refused():
-    with pytest.raises(ValueError, match="byte"):
-        Tokenizer([bytes([b]) for b in range(255)], [])
+def test_a_byte_without_a_token_is_the_unknown_token_or_an_error():
+    vocab = [bytes([b]) for b in range(255)] + [b"<unk>"]      # no token for byte 255
+    with_unk = Tokenizer(vocab, [], special_tokens={"<unk>": 255}, unk_token_id=255)
+    assert with_unk._model.encode_pieces(b"a\xff", np.array([2], np.uint32)).tolist() == [97, 255]
+    without = Tokenizer([bytes([b]) for b in range(255)], [])
+    with pytest.raises(ValueError, match="byte 255 has no token"):
+        without._model.encode_pieces(b"\xff", np.array([1], np.uint32))
 
 
 def test_a_merge_outside_the_vocabulary_is_refused():
@@ -278,3 +282,67 @@ def test_bad_input_is_a_clear_error(trained):
         Tokenizer.train(12345, 300)
     with pytest.raises(ValueError, match="no such file"):
         Tokenizer.train(pathlib.Path("/nonexistent/corpus.txt"), 300)
+
+
+# ----------------------------------------------------------------------------- GGUF (SmolLM2)
+
+@pytest.fixture(scope="module")
+def smollm2_path():
+    from pyllm.hub import smollm2_gguf
+    try:
+        return smollm2_gguf(quiet=True)
+    except RuntimeError as exc:   # offline and not cached: say so rather than pass silently
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_path) -> Tokenizer:
+    return Tokenizer.from_gguf(smollm2_path)
+
+
+def test_smollm2_vocabulary_from_gguf(smollm2):
+    assert smollm2.vocab_size == 49152 and len(smollm2.merges) == 48900
+    assert smollm2.pattern == "gpt2_digits" and smollm2.unk_token_id == 0
+    assert {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2}.items() <= smollm2.special_tokens.items()
+
+
+def test_smollm2_encodes_like_tokenizers(smollm2, corpus, tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    path = tmp_path / "tokenizer.json"
+    smollm2.save(path, format="hf")
+    hf = tokenizers.Tokenizer.from_file(str(path))
+    sample = corpus[:1_000_000]
+    assert smollm2.encode(sample, disallowed_special=()) == hf.encode(sample).ids
+    chat = "<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\n2+2=? x  1 😀<|im_end|>\n"
+    assert smollm2.encode(chat, allowed_special="all") == hf.encode(chat).ids
+    assert Tokenizer.load(path).encode(sample[:50_000]) == smollm2.encode(sample[:50_000])
+
+
+@settings(max_examples=100)
+@given(text=st.one_of(unicode_text, mixed_text))
+def test_smollm2_encodes_like_tokenizers_on_generated_unicode(text, smollm2, tmp_path_factory):
+    tokenizers = pytest.importorskip("tokenizers")
+    global _SMOL_HF
+    if "_SMOL_HF" not in globals():
+        path = tmp_path_factory.mktemp("smol") / "tokenizer.json"
+        smollm2.save(path, format="hf")
+        _SMOL_HF = tokenizers.Tokenizer.from_file(str(path))
+    assert smollm2.encode(text, disallowed_special=()) == _SMOL_HF.encode(text).ids
+
+
+def test_truncated_and_corrupt_gguf_are_clear_errors(smollm2_path, tmp_path):
+    head = smollm2_path.read_bytes()[:2_000_000]     # the metadata ends well before 2 MB
+    for size in (10, 100, 10_000, 1_000_000):
+        bad = tmp_path / f"cut{size}.gguf"
+        bad.write_bytes(head[:size])
+        with pytest.raises(ValueError, match="truncated|too short|not a GGUF"):
+            Tokenizer.from_gguf(bad)
+    wrong = tmp_path / "magic.gguf"
+    wrong.write_bytes(b"GGML" + head[4:1000])
+    with pytest.raises(ValueError, match="bad magic"):
+        Tokenizer.from_gguf(wrong)
+    huge = bytearray(head[:100_000])
+    huge[16:24] = (2 ** 62).to_bytes(8, "little")    # metadata count beyond the file
+    (tmp_path / "huge.gguf").write_bytes(huge)
+    with pytest.raises(ValueError, match="corrupt"):
+        Tokenizer.from_gguf(tmp_path / "huge.gguf")

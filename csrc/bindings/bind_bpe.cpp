@@ -54,7 +54,8 @@ py::array_t<uint32_t> to_array(const std::vector<TokenId>& ids) {
 
 void bind_bpe(py::module_& m) {
   py::class_<BpeModel>(m, "BpeModel")
-      .def(py::init([](const py::list& vocab, const py::array_t<uint32_t, py::array::c_style | py::array::forcecast>& merges) {
+      .def(py::init([](const py::list& vocab, const py::array_t<uint32_t, py::array::c_style | py::array::forcecast>& merges,
+                       int64_t unk_id) {
              std::vector<std::string> tokens;
              tokens.reserve(vocab.size());
              for (const auto& t : vocab) tokens.emplace_back(view(t.cast<py::bytes>()));
@@ -62,9 +63,9 @@ void bind_bpe(py::module_& m) {
                           "merges must be an (n, 2) array of token ids");
              std::vector<Merge> pairs(size_t(merges.size() / 2));
              for (size_t i = 0; i < pairs.size(); ++i) pairs[i] = {merges.data()[2 * i], merges.data()[2 * i + 1]};
-             return std::make_unique<BpeModel>(std::move(tokens), pairs);
+             return std::make_unique<BpeModel>(std::move(tokens), pairs, unk_id);
            }),
-           py::arg("vocab"), py::arg("merges"))
+           py::arg("vocab"), py::arg("merges"), py::arg("unk_id") = -1)
       .def_property_readonly("vocab_size", &BpeModel::vocab_size)
       .def("encode_pieces", [](const BpeModel& self, const py::bytes& text,
                                const py::array_t<uint32_t, py::array::c_style | py::array::forcecast>& ends) {

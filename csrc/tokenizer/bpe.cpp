@@ -13,7 +13,7 @@ namespace tok {
 
 constexpr uint32_t kNoMerge = UINT32_MAX;
 
-BpeModel::BpeModel(std::vector<std::string> vocab, const std::vector<Merge>& merges)
+BpeModel::BpeModel(std::vector<std::string> vocab, const std::vector<Merge>& merges, int64_t unk_id)
     : vocab_(std::move(vocab)) {
   const TokenId n = static_cast<TokenId>(vocab_.size());
   std::unordered_map<std::string_view, TokenId> token_of_bytes;  // views into vocab_
@@ -22,10 +22,8 @@ BpeModel::BpeModel(std::vector<std::string> vocab, const std::vector<Merge>& mer
   for (int b = 0; b < 256; ++b) {
     const char c = static_cast<char>(b);
     auto it = token_of_bytes.find(std::string_view(&c, 1));
-    if (it == token_of_bytes.end())
-      throw std::invalid_argument("the vocabulary has no token for the byte " + std::to_string(b) +
-                                  ": a byte-level BPE needs all 256");
-    byte_token_[b] = it->second;
+    byte_token_[b] = it != token_of_bytes.end() ? it->second
+                     : unk_id >= 0 && unk_id < int64_t(n) ? TokenId(unk_id) : kMissingByte;
   }
   merges_.reserve(merges.size());
   for (uint32_t rank = 0; rank < merges.size(); ++rank) {
@@ -41,6 +39,13 @@ BpeModel::BpeModel(std::vector<std::string> vocab, const std::vector<Merge>& mer
   }
 }
 
+TokenId BpeModel::byte_id(uint8_t b) const {
+  if (byte_token_[b] == kMissingByte)
+    throw std::invalid_argument("the byte " + std::to_string(b) + " has no token in this vocabulary "
+                                "and the tokenizer has no unknown token");
+  return byte_token_[b];
+}
+
 std::pair<uint32_t, TokenId> BpeModel::lookup(TokenId a, TokenId b) const {
   auto it = merges_.find(key(a, b));
   return it == merges_.end() ? std::make_pair(kNoMerge, TokenId(0)) : it->second;
@@ -53,7 +58,7 @@ void BpeModel::encode_short(std::string_view piece, std::vector<TokenId>& out) c
   TokenId sym[kShortPiece];
   uint32_t rank[kShortPiece];
   TokenId merged[kShortPiece];
-  for (size_t i = 0; i < n; ++i) sym[i] = byte_token_[static_cast<uint8_t>(piece[i])];
+  for (size_t i = 0; i < n; ++i) sym[i] = byte_id(static_cast<uint8_t>(piece[i]));
   size_t len = n;
   for (size_t i = 0; i + 1 < len; ++i) std::tie(rank[i], merged[i]) = lookup(sym[i], sym[i + 1]);
   while (len > 1) {
@@ -81,7 +86,7 @@ void BpeModel::encode_long(std::string_view piece, std::vector<TokenId>& out) co
   std::vector<TokenId> sym(n);
   std::vector<int64_t> prev(n), next(n);
   for (size_t i = 0; i < n; ++i) {
-    sym[i] = byte_token_[static_cast<uint8_t>(piece[i])];
+    sym[i] = byte_id(static_cast<uint8_t>(piece[i]));
     prev[i] = int64_t(i) - 1;
     next[i] = i + 1 < n ? int64_t(i) + 1 : -1;
   }
@@ -128,7 +133,7 @@ void BpeModel::encode_pieces(std::string_view text, const std::vector<uint32_t>&
     const std::string_view piece = text.substr(begin, end - begin);
     begin = end;
     if (piece.size() == 1) {
-      out.push_back(byte_token_[static_cast<uint8_t>(piece[0])]);
+      out.push_back(byte_id(static_cast<uint8_t>(piece[0])));
       continue;
     }
     auto hit = cache.find(piece);

@@ -22,9 +22,10 @@ using Merge = std::pair<TokenId, TokenId>;  // (left, right), ranked by position
 // the merge of rank r (lower merges first), producing the token whose bytes are their concat.
 class BpeModel {
  public:
-  // Throws std::invalid_argument if a byte has no single-byte token, a merge names an id out of
-  // range, or a merge's result is not in the vocabulary.
-  BpeModel(std::vector<std::string> vocab, const std::vector<Merge>& merges);
+  // A byte without a single-byte token encodes as unk_id (imported vocabularies may lack a few
+  // control bytes), or, with unk_id < 0, makes encoding it an error. Throws std::invalid_argument
+  // if a merge names an id out of range or makes a token that is not in the vocabulary.
+  BpeModel(std::vector<std::string> vocab, const std::vector<Merge>& merges, int64_t unk_id = -1);
 
   // Appends the ids of one piece: start from its bytes, then repeatedly merge the adjacent pair
   // of lowest rank (the leftmost on ties) until no pair has a merge.
@@ -46,6 +47,8 @@ class BpeModel {
   void encode_long(std::string_view piece, std::vector<TokenId>& out) const;
 
   static constexpr size_t kShortPiece = 64;  // longer pieces are merged through a heap
+  static constexpr TokenId kMissingByte = UINT32_MAX;
+  TokenId byte_id(uint8_t b) const;
 
   std::vector<std::string> vocab_;
   TokenId byte_token_[256];
