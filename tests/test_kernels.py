@@ -1242,7 +1242,7 @@ def test_adamw_grad_must_be_float(K, label):
         K.adamw(p, bad, m, v, lr=1e-3, step=1)
 
 
-def test_kernels_work_in_a_forked_child():
+def test_kernels_work_in_a_forked_child(tmp_path):
     """A forked child (multiprocessing, data loaders) gets a thread pool of its own.
 
     Without one it would wait forever for worker threads that fork did not copy, so the check
@@ -1268,4 +1268,6 @@ def test_kernels_work_in_a_forked_child():
         assert os.WEXITSTATUS(status) == 0, "the child computed a wrong result"
         assert K.matmul(a, a)[0, 0] == 300.0
     """)
-    subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
+    # From an empty folder: `python -c` puts the working directory first on sys.path, and the source
+    # tree's pyllm/ (no compiled _C there) would shadow the installed package.
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=60, cwd=tmp_path)
