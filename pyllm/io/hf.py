@@ -1,0 +1,150 @@
+"""Hugging Face model folders: config.json + model.safetensors (+ tokenizer.json), GPT-2 family.
+
+What save_pretrained writes, `transformers` loads as GPT2LMHeadModel with the same logits; what
+`transformers` writes (or the hub's GPT-2 files), load_pretrained reads.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from pyllm.io.atomic import atomic_path, write_text
+
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+TOKENIZER = "tokenizer.json"
+# Buffers and duplicates that GPT-2 checkpoints may carry besides the parameters.
+_IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
+
+
+def config_to_hf(cfg) -> dict:
+    if cfg.arch != "gpt2":
+        raise ValueError(f"no Hugging Face config for arch {cfg.arch!r}")
+    return {
+        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+        "vocab_size": cfg.vocab_size, "n_positions": cfg.block_size, "n_ctx": cfg.block_size,
+        "n_embd": cfg.n_embd, "n_layer": cfg.n_layer, "n_head": cfg.n_head,
+        "n_inner": cfg.intermediate_size, "activation_function": "gelu_new",
+        "layer_norm_epsilon": cfg.norm_eps, "tie_word_embeddings": cfg.tie_word_embeddings,
+        "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+        "scale_attn_weights": True, "torch_dtype": "float32",
+    }
+
+
+def config_from_hf(doc: dict, where: str = CONFIG):
+    from pyllm.model import ModelConfig
+
+    model_type = doc.get("model_type")
+    if model_type != "gpt2":
+        raise ValueError(f"{where}: model_type {model_type!r} is not supported yet (gpt2 is)")
+    activation = doc.get("activation_function", "gelu_new")
+    if activation not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise ValueError(f"{where}: activation_function {activation!r} is not supported (gelu_new is)")
+    for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
+        if doc.get(flag):
+            raise ValueError(f"{where}: {flag}=true is not supported")
+    try:
+        return ModelConfig(vocab_size=int(doc["vocab_size"]), block_size=int(doc["n_positions"]),
+                           n_layer=int(doc["n_layer"]), n_head=int(doc["n_head"]), n_embd=int(doc["n_embd"]),
+                           intermediate_size=int(doc["n_inner"]) if doc.get("n_inner") else None,
+                           norm_eps=float(doc.get("layer_norm_epsilon", 1e-5)),
+                           tie_word_embeddings=bool(doc.get("tie_word_embeddings", True)))
+    except KeyError as exc:
+        raise ValueError(f"{where}: missing key {exc.args[0]!r}") from None
+
+
+def save_pretrained(model, directory, tokenizer=None) -> None:
+    from safetensors.numpy import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {name: np.ascontiguousarray(arr) for name, arr in model.state_dict().items()}
+    with atomic_path(directory / WEIGHTS) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})
+    write_text(directory / CONFIG, json.dumps(config_to_hf(model.config), indent=2) + "\n")
+    if tokenizer is not None:
+        tokenizer.save(directory / TOKENIZER, format="hf")
+
+
+def _normalise_name(name: str) -> str:
+    """GPT-2 checkpoints name parameters with or without the `transformer.` prefix."""
+    if name.startswith(("h.", "wte.", "wpe.", "ln_f.")):
+        return "transformer." + name
+    return name
+
+
+def load_state(path: Path) -> dict[str, np.ndarray]:
+    """Tensors of a safetensors file as float32 arrays (F32, F16 and BF16 accepted)."""
+    from safetensors import SafetensorError, safe_open
+
+    state = {}
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            for name in f.keys():
+                state[name] = f.get_tensor(name)
+    except SafetensorError as exc:
+        raise ValueError(f"{path}: not a readable safetensors file ({exc})") from None
+    except Exception as exc:  # bf16 and other dtypes numpy lacks land here
+        if "bf16" in str(exc).lower() or "bfloat16" in str(exc).lower():
+            return _load_state_bf16(path)
+        raise ValueError(f"{path}: could not read ({exc})") from None
+    return {name: np.asarray(arr, dtype=np.float32) for name, arr in state.items()}
+
+
+def _load_state_bf16(path: Path) -> dict[str, np.ndarray]:
+    """Reads a safetensors file by its JSON header, widening BF16 to float32 by hand."""
+    import struct
+
+    data = path.read_bytes()
+    if len(data) < 8:
+        raise ValueError(f"{path}: truncated safetensors file")
+    (header_len,) = struct.unpack("<Q", data[:8])
+    if 8 + header_len > len(data):
+        raise ValueError(f"{path}: header length {header_len} runs past the end of the file")
+    header = json.loads(data[8:8 + header_len])
+    body = memoryview(data)[8 + header_len:]
+    dtypes = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
+    state = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = dtypes.get(info["dtype"])
+        if dtype is None:
+            raise ValueError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+        start, end = info["data_offsets"]
+        shape = tuple(info["shape"])
+        if not 0 <= start <= end <= len(body) or end - start != np.dtype(dtype).itemsize * int(np.prod(shape)):
+            raise ValueError(f"{path}: tensor {name} has offsets {start}..{end} that do not fit its shape")
+        raw = np.frombuffer(body[start:end], dtype=dtype).reshape(shape)
+        if info["dtype"] == "BF16":
+            state[name] = (raw.astype(np.uint32) << 16).view(np.float32)
+        else:
+            state[name] = raw.astype(np.float32)
+    return state
+
+
+def load_pretrained(source):
+    from pyllm.model import Model
+
+    directory = Path(source)
+    if directory.is_file():
+        directory = directory.parent
+    if not (directory / CONFIG).is_file():
+        raise FileNotFoundError(f"{directory}: no {CONFIG} (expected a Hugging Face model folder)")
+    try:
+        doc = json.loads((directory / CONFIG).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{directory / CONFIG}: not valid JSON ({exc})") from None
+    cfg = config_from_hf(doc, str(directory / CONFIG))
+    weights = directory / WEIGHTS
+    if not weights.is_file():
+        raise FileNotFoundError(f"{directory}: no {WEIGHTS}")
+    state = {_normalise_name(k): v for k, v in load_state(weights).items() if not k.endswith(_IGNORED_SUFFIXES)}
+    if cfg.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    model = Model(cfg)
+    model.load_state_dict(state)
+    return model
