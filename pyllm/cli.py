@@ -84,6 +84,39 @@ def _cmd_tokenize_decode(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pyllm.train import TrainConfig, TrainingError, TrainingInterrupted, plot_losses, train
+
+    fields = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__ and v is not None}
+    fields["progress"] = not args.no_progress
+    cfg = TrainConfig(**fields)
+    try:
+        result = train(cfg)
+    except TrainingInterrupted as exc:
+        print(f"\npyllm train: {exc}", file=sys.stderr)
+        return 130
+    except TrainingError as exc:
+        print(f"pyllm train: error: {exc}", file=sys.stderr)
+        return 1
+    out = Path(cfg.out_dir)
+    last_val = next((r for r in reversed(result.history) if "val_loss" in r), None)
+    if last_val:
+        print(f"step {last_val['step']}: validation loss {last_val['val_loss']:.4f} "
+              f"(perplexity {last_val['val_ppl']:.2f})")
+    png = plot_losses(out / "log.jsonl", out / "loss.png")
+    print(f"model, tokenizer and log in {out}/" + (f"; loss curve {png}" if png else
+                                                  " (pip install matplotlib for a loss-curve PNG)"))
+    if args.sample_tokens:
+        tok = result.tokenizer
+        prompt = tok.encode(args.prompt) or [0]
+        ids = result.model.generate(prompt, args.sample_tokens, temperature=0.8, top_k=50, seed=cfg.seed)
+        print("--- sample ---")
+        print(tok.decode(ids.tolist()))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pyllm", description="A readable LLM stack with C++ kernels.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -122,15 +155,54 @@ def main(argv: list[str] | None = None) -> int:
     decode.add_argument("--tokenizer", required=True, help="a pyllm tokenizer JSON or a tokenizer.json")
     decode.add_argument("ids", nargs="+", help="token ids (spaces or commas)")
     decode.set_defaults(func=_cmd_tokenize_decode)
+    _add_train_parser(sub)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
     try:
         return args.func(args)
-    except (ValueError, TypeError, OSError) as exc:  # bad input: a message, not a traceback
+    except (ValueError, TypeError, OSError, FloatingPointError) as exc:  # bad input: a message, not a traceback
         print(f"pyllm {args.command}: error: {exc}", file=sys.stderr)
         return 1
+
+
+def _add_train_parser(sub) -> None:
+    from pyllm.model import ModelConfig
+
+    train = sub.add_parser("train", help="pretrain a GPT model by next-token prediction",
+                           description="Pretrain a GPT-2-style model. With no --data, the corpus is the "
+                                       "Python standard library's sources; with no --tokenizer, a BPE "
+                                       "tokenizer is trained on the data first.")
+    train.add_argument("--data", nargs="+", metavar="PATH", help="text files, folders or JSONL (\"text\" field)")
+    train.add_argument("--tokenizer", help="a tokenizer file to use instead of training one")
+    train.add_argument("--out", dest="out_dir", default="out", help="output folder (default: out)")
+    train.add_argument("--preset", choices=sorted(ModelConfig.PRESETS), default="small",
+                       help="model size (default: small = 6 layers, 6 heads, 384 wide, block 256)")
+    for name in ("n_layer", "n_head", "n_embd", "block_size"):
+        train.add_argument("--" + name.replace("_", "-"), type=int, help=f"override the preset's {name}")
+    train.add_argument("--vocab-size", type=int, help="tokenizer size when one is trained (default 8192)")
+    train.add_argument("--batch-size", type=int, help="sequences per micro-batch (default 8)")
+    train.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
+    train.add_argument("--max-steps", type=int, help="optimizer steps (default 1000)")
+    train.add_argument("--max-minutes", type=float, help="stop after this much time (checkpoint saved)")
+    train.add_argument("--stop-at-step", type=int,
+                       help="stop at this step with a checkpoint (the schedule still plans --max-steps)")
+    train.add_argument("--lr", type=float, help="peak learning rate (default 1e-3)")
+    train.add_argument("--min-lr", type=float, help="final learning rate of the cosine decay (default 1e-4)")
+    train.add_argument("--warmup-steps", type=int, help="linear warm-up steps (default 50)")
+    train.add_argument("--weight-decay", type=float, help="AdamW decay of matmul weights (default 0.1)")
+    train.add_argument("--grad-clip", type=float, help="clip gradients to this global norm (default 1.0)")
+    train.add_argument("--eval-interval", type=int, help="steps between validation runs (default 100)")
+    train.add_argument("--eval-batches", type=int, help="validation batches per evaluation (default 10)")
+    train.add_argument("--checkpoint-interval", type=int, help="steps between checkpoints (default 200)")
+    train.add_argument("--seed", type=int, help="seed for weights and batches (default 0)")
+    train.add_argument("--threads", type=int, help="kernel threads (default: all cores)")
+    train.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    train.add_argument("--no-progress", action="store_true", help="no progress bars")
+    train.add_argument("--sample-tokens", type=int, default=100, help="tokens to sample at the end (0: none)")
+    train.add_argument("--prompt", default="def ", help="prompt of that sample (default: 'def ')")
+    train.set_defaults(func=_cmd_train)
 
 
 if __name__ == "__main__":

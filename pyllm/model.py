@@ -365,6 +365,13 @@ class Model:
         g["transformer.wpe.weight"][:T] += dx.reshape(B, T, C).sum(axis=0)
         _C.embedding_backward(g["transformer.wte.weight"], dx, ids, N, V, C)
 
+    def generate(self, ids, max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
+                 top_p: Optional[float] = None, seed: Optional[int] = None) -> np.ndarray:
+        """The prompt ids followed by max_new_tokens sampled ones (greedy when temperature is 0)."""
+        from pyllm.generate import generate
+
+        return generate(self, ids, max_new_tokens, temperature, top_k, top_p, seed)
+
     # ------------------------------------------------------------------ files
 
     def save_pretrained(self, directory, tokenizer=None) -> None:

@@ -1,0 +1,325 @@
+"""Pretraining by next-token prediction: the loop, evaluation, checkpoints and resume.
+
+`train(TrainConfig(...))` prepares data (training a tokenizer on it when none is given), then runs
+AdamW with warm-up + cosine decay, gradient clipping and accumulation, evaluating on the held-out
+split. Everything that decides the next step (weights, moments, step, data RNG) is checkpointed, so a
+resumed run continues the loss curve exactly. The output folder is a Hugging Face model folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from pyllm import kernels
+from pyllm.data import EOT, TokenData, default_documents, id_dtype, iter_documents
+from pyllm.io.atomic import write_text
+from pyllm.model import Model, ModelConfig
+from pyllm.optim import AdamW, cosine_lr
+
+CHECKPOINT = "checkpoint"
+LOG = "log.jsonl"
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss); the last good checkpoint is kept."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C: the state was saved to a checkpoint first."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; the defaults train the `small` preset on the default corpus."""
+
+    out_dir: str = "out"
+    data: Optional[list[str]] = None          # files, folders, JSONL; None: the stdlib sources
+    tokenizer: Optional[str] = None           # a tokenizer file; None: train one on the data
+    vocab_size: int = 8192                    # of the tokenizer trained when none is given
+    preset: str = "small"
+    n_layer: Optional[int] = None
+    n_head: Optional[int] = None
+    n_embd: Optional[int] = None
+    block_size: Optional[int] = None
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_steps: int = 1000
+    max_minutes: Optional[float] = None       # stop (with a checkpoint) after this much wall time
+    stop_at_step: Optional[int] = None        # stop (with a checkpoint) here; the schedule still plans max_steps
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    grad_clip: Optional[float] = 1.0
+    eval_interval: int = 100
+    eval_batches: int = 10
+    checkpoint_interval: int = 200
+    val_fraction: float = 0.1
+    seed: int = 0
+    threads: Optional[int] = None
+    resume: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        positive = ("vocab_size", "batch_size", "grad_accum", "max_steps", "eval_interval", "eval_batches",
+                    "checkpoint_interval")
+        for name in positive:
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)!r}")
+        if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
+            raise ValueError(f"need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise ValueError(f"max_minutes must be positive, got {self.max_minutes}")
+        id_dtype(self.vocab_size)
+
+    def model_config(self, vocab_size: int) -> ModelConfig:
+        overrides = {k: getattr(self, k) for k in ("n_layer", "n_head", "n_embd", "block_size")
+                     if getattr(self, k) is not None}
+        return ModelConfig.preset(self.preset, vocab_size=vocab_size, **overrides)
+
+
+@dataclass
+class TrainResult:
+    model: Model
+    tokenizer: object
+    step: int
+    history: list = field(default_factory=list)   # the log records of this run
+    interrupted: bool = False
+
+
+def prepare_data(cfg: TrainConfig, say: Callable[[str], None] = print):
+    """(tokenizer, TokenData) for cfg: tokenizes into out_dir/data once; later runs reuse it."""
+    from pyllm.tokenizer import Tokenizer
+
+    out = Path(cfg.out_dir)
+    data_dir = out / "data"
+    tok_path = out / "tokenizer.json"
+    source = {"data": cfg.data, "tokenizer": cfg.tokenizer, "vocab_size": cfg.vocab_size,
+              "val_fraction": cfg.val_fraction}
+    source_path = data_dir / "source.json"
+    if source_path.is_file() and tok_path.is_file() and json.loads(source_path.read_text()) == source:
+        tokenizer = Tokenizer.load(tok_path)
+        data = TokenData.open(data_dir)
+        if data.vocab_size == tokenizer.vocab_size:
+            return tokenizer, data
+    documents = list(iter_documents(cfg.data) if cfg.data else default_documents())
+    if not documents:
+        raise ValueError("no documents in the data")
+    if not cfg.data:
+        say(f"no --data: using the Python standard library's sources ({len(documents)} files)")
+    if cfg.tokenizer:
+        tokenizer = Tokenizer.load(cfg.tokenizer)
+    else:
+        say(f"training a {cfg.vocab_size}-token BPE tokenizer on the data")
+        tokenizer = Tokenizer.train(documents, cfg.vocab_size, special_tokens=[EOT], progress=cfg.progress)
+    id_dtype(tokenizer.vocab_size)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(tok_path, format="hf")
+    data = TokenData.build(documents, tokenizer, data_dir, cfg.val_fraction, progress=cfg.progress)
+    write_text(source_path, json.dumps(source))
+    say(f"data: {len(data.train):,} training and {len(data.val):,} validation tokens in {data_dir}")
+    return tokenizer, data
+
+
+def evaluate(model: Model, data: TokenData, cfg: TrainConfig, block_size: int) -> float:
+    """Mean validation loss over eval_batches fixed batches (the same ones at every evaluation)."""
+    rng = np.random.default_rng(cfg.seed + 1)
+    losses = [model.loss(*data.batch("val", cfg.batch_size, block_size, rng)) for _ in range(cfg.eval_batches)]
+    return float(np.mean(losses))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(out_dir: Path, model: Model, tokenizer, opt: AdamW, step: int,
+                    rng: np.random.Generator, cfg: TrainConfig) -> Path:
+    """Writes out_dir/checkpoint as a whole: into a temporary folder, then swapped in by rename."""
+    from safetensors.numpy import save_file
+
+    final = out_dir / CHECKPOINT
+    tmp = out_dir / (CHECKPOINT + ".tmp")
+    old = out_dir / (CHECKPOINT + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, tokenizer=tokenizer)
+    save_file({"m": opt.m, "v": opt.v}, str(tmp / "optimizer.safetensors"))
+    state = {"step": step, "optimizer_step": opt.step_count, "rng": rng.bit_generator.state,
+             "train_config": dataclasses.asdict(cfg), "model_config": model.config.to_dict()}
+    write_text(tmp / "trainer_state.json", json.dumps(state, indent=1))
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _latest_checkpoint(out_dir: Path) -> Optional[Path]:
+    for name in (CHECKPOINT, CHECKPOINT + ".old"):   # .old survives a crash between the two renames
+        if (out_dir / name / "trainer_state.json").is_file():
+            return out_dir / name
+    return None
+
+
+def load_checkpoint(path: Path, model: Model, opt: AdamW) -> tuple[int, np.random.Generator]:
+    from pyllm.io.hf import load_state
+
+    state = json.loads((path / "trainer_state.json").read_text())
+    saved = Model.from_pretrained(path)
+    model.params[...] = saved.params
+    moments = load_state(path / "optimizer.safetensors")
+    opt.load_state_dict({"m": moments["m"], "v": moments["v"], "step": state["optimizer_step"]})
+    rng = np.random.default_rng()
+    rng.bit_generator.state = state["rng"]
+    return int(state["step"]), rng
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def train(cfg: TrainConfig, say: Callable[[str], None] = print) -> TrainResult:
+    """Runs (or resumes) training; returns the model, the tokenizer and this run's log records."""
+    from tqdm.auto import tqdm
+
+    if cfg.threads:
+        kernels.set_num_threads(cfg.threads)
+    out = Path(cfg.out_dir)
+    checkpoint = _latest_checkpoint(out) if cfg.resume else None
+    if cfg.resume and checkpoint is None:
+        raise FileNotFoundError(f"--resume: no checkpoint in {out}")
+    if checkpoint is not None:
+        saved = json.loads((checkpoint / "trainer_state.json").read_text())["train_config"]
+        keep = {"max_steps", "max_minutes", "stop_at_step", "progress", "resume", "threads", "out_dir"}
+        cfg = dataclasses.replace(cfg, **{k: v for k, v in saved.items() if k not in keep})
+    tokenizer, data = prepare_data(cfg, say)
+    model_cfg = cfg.model_config(tokenizer.vocab_size)
+    model = Model(model_cfg, seed=cfg.seed)
+    opt = AdamW(model, lr=cfg.lr, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip)
+    step, rng = 0, np.random.default_rng(cfg.seed)
+    if checkpoint is not None:
+        step, rng = load_checkpoint(checkpoint, model, opt)
+        say(f"resuming from {checkpoint} at step {step}")
+    say(f"{model}; {cfg.batch_size}x{model_cfg.block_size} tokens per micro-batch, "
+        f"{cfg.grad_accum} micro-batch(es) per step, {kernels.get_num_threads()} threads")
+    log_path = out / LOG
+    _truncate_log(log_path, step)
+    tokens_per_step = cfg.batch_size * model_cfg.block_size * cfg.grad_accum
+    history: list[dict] = []
+    start_time = time.perf_counter()
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="training", unit="step", disable=not cfg.progress,
+               dynamic_ncols=True)
+    stop = _StopRequest()
+    try:
+        with open(log_path, "a", encoding="utf-8") as log:
+            while step < min(cfg.max_steps, cfg.stop_at_step or cfg.max_steps) and not stop.requested:
+                if cfg.max_minutes is not None and time.perf_counter() - start_time > 60 * cfg.max_minutes:
+                    say(f"time budget of {cfg.max_minutes} min reached at step {step}")
+                    break
+                t0 = time.perf_counter()
+                lr = cosine_lr(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr)
+                model.zero_grad()
+                loss = 0.0
+                for _ in range(cfg.grad_accum):
+                    ids, targets = data.batch("train", cfg.batch_size, model_cfg.block_size, rng)
+                    loss += model.forward_backward(ids, targets, loss_scale=1.0 / cfg.grad_accum) / cfg.grad_accum
+                if not math.isfinite(loss):
+                    raise TrainingError(f"the loss is {loss} at step {step + 1}; stopping. The last good "
+                                        f"checkpoint is kept in {out / CHECKPOINT} (try a lower --lr)")
+                opt.step(lr)
+                step += 1
+                dt = time.perf_counter() - t0
+                record = {"step": step, "loss": round(loss, 5), "lr": lr, "grad_norm": round(opt.last_grad_norm, 4),
+                          "tokens_per_s": round(tokens_per_step / dt, 1), "time_s": round(time.perf_counter() - start_time, 2)}
+                if step % cfg.eval_interval == 0 or step == cfg.max_steps:
+                    record["val_loss"] = round(evaluate(model, data, cfg, model_cfg.block_size), 5)
+                    record["val_ppl"] = round(math.exp(min(record["val_loss"], 50.0)), 3)
+                history.append(record)
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                                **({"val": f"{record['val_loss']:.3f}"} if "val_loss" in record else {}))
+                bar.update(1)
+                if step % cfg.checkpoint_interval == 0:
+                    save_checkpoint(out, model, tokenizer, opt, step, rng, cfg)
+    finally:
+        bar.close()
+        stop.restore()
+    interrupted = stop.requested
+    save_checkpoint(out, model, tokenizer, opt, step, rng, cfg)
+    model.save_pretrained(out, tokenizer=tokenizer)
+    if interrupted:
+        raise TrainingInterrupted(f"interrupted at step {step}; saved {out / CHECKPOINT} "
+                                  f"(continue with --resume)")
+    return TrainResult(model, tokenizer, step, history)
+
+
+class _StopRequest:
+    """The first Ctrl-C asks the loop to stop after the current step (then it saves); a second one
+    interrupts at once, leaving the last checkpoint as it was."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nCtrl-C: finishing this step, then saving a checkpoint (Ctrl-C again to quit now)",
+              file=sys.stderr, flush=True)
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drops log records after `step`, so a resumed run's log reads like an uninterrupted one."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step]
+    write_text(path, "".join(line + "\n" for line in kept))
+
+
+def read_log(path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def plot_losses(log_path, png_path) -> Optional[Path]:
+    """A loss-curve PNG from the JSONL log (training and validation); None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    records = read_log(log_path)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in records], [r["loss"] for r in records], label="train", lw=0.8)
+    val = [r for r in records if "val_loss" in r]
+    if val:
+        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+    return Path(png_path)
