@@ -37,11 +37,15 @@ def load_rows(benchmarks: list[dict]) -> list[dict]:
             row["baseline"] = info["impl"]
         row[side] = {"median": b["stats"]["median"], "gflops": info.get("gflops"),
                      "pct_peak": info.get("pct_peak"),
-                     "mbps": info["bytes"] / b["stats"]["median"] / 1e6 if info.get("bytes") else None}
+                     "mbps": info["bytes"] / b["stats"]["median"] / 1e6 if info.get("bytes") else None,
+                     "tokps": info["tokens"] / b["stats"]["median"] if info.get("tokens") else None,
+                     "peak_mb": info.get("peak_mb")}
         if info.get("numpy_blas_threads"):
             row["note"] = f"numpy on {info['numpy_blas_threads']} BLAS thread(s), its faster setting"
     for row in groups.values():
         ours, theirs = row.get("pyllm"), row.get("numpy")
+        if ours and theirs and ours.get("peak_mb") and theirs.get("peak_mb"):
+            row["note"] = f"peak RSS {ours['peak_mb']:.0f} MB vs {theirs['peak_mb']:.0f} MB"
         row["speedup"] = theirs["median"] / ours["median"] if ours and theirs else None
         row["met"] = (row["speedup"] >= row["target"]
                       if row["speedup"] is not None and row["target"] is not None else None)
@@ -77,7 +81,8 @@ def table(rows: list[dict]) -> list[str]:
                 if ours.get("pct_peak") is not None or theirs.get("pct_peak") is not None else "–")
         met = {True: "yes", False: "**no**", None: "n/a"}[r["met"]]
         rate = lambda side: (f"{num(side['mbps'])} MB/s" if side.get("mbps")  # noqa: E731
-                             else num(side.get("gflops")))
+                             else f"{num(side['tokps'])} tok/s, {num(side.get('gflops'))} GFLOP/s"
+                             if side.get("tokps") else num(side.get("gflops")))
         lines.append(
             f"| {name} | {r.get('baseline', 'numpy')} | {ms(ours)} | {ms(theirs)} | {fmt(r['speedup'], '.2f')}x "
             f"| {rate(ours)} | {rate(theirs)} | {peak} "
