@@ -14,11 +14,15 @@ from pyllm import kernels
 
 
 def global_norm(grads: np.ndarray) -> float:
-    """The L2 norm of a flat gradient buffer (accumulated in float64 chunks, so long buffers stay exact)."""
-    total, chunk = 0.0, 1 << 22
+    """The L2 norm of a flat gradient buffer (chunks summed in float64, so long buffers stay exact).
+
+    einsum rather than np.dot: a BLAS call would wake OpenBLAS's threads, which then spin and
+    compete with the kernels' own threads for the cores.
+    """
+    total, chunk = 0.0, 1 << 20
     for start in range(0, grads.size, chunk):
         part = grads[start:start + chunk]
-        total += float(np.dot(part, part))
+        total += float(np.einsum("i,i->", part, part))
     return math.sqrt(total)
 
 

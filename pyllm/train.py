@@ -56,7 +56,7 @@ class TrainConfig:
     batch_size: int = 8
     grad_accum: int = 1
     max_steps: int = 1000
-    max_minutes: Optional[float] = None       # stop (with a checkpoint) after this much wall time
+    max_minutes: Optional[float] = None       # a time budget: plans max_steps to fit it, and stops there
     stop_at_step: Optional[int] = None        # stop (with a checkpoint) here; the schedule still plans max_steps
     lr: float = 1e-3
     min_lr: float = 1e-4
@@ -200,8 +200,12 @@ def train(cfg: TrainConfig, say: Callable[[str], None] = print) -> TrainResult:
         raise FileNotFoundError(f"--resume: no checkpoint in {out}")
     if checkpoint is not None:
         saved = json.loads((checkpoint / "trainer_state.json").read_text())["train_config"]
-        keep = {"max_steps", "max_minutes", "stop_at_step", "progress", "resume", "threads", "out_dir"}
-        cfg = dataclasses.replace(cfg, **{k: v for k, v in saved.items() if k not in keep})
+        # The checkpoint's settings win, except where this call changes how long to go on.
+        defaults = TrainConfig()
+        run_length = {k for k in ("max_steps", "max_minutes", "stop_at_step")
+                      if getattr(cfg, k) != getattr(defaults, k)}
+        keep = run_length | {"stop_at_step", "progress", "resume", "threads", "out_dir"}
+        cfg = dataclasses.replace(cfg, **{k: v for k, v in saved.items() if k not in keep and k in saved})
     tokenizer, data = prepare_data(cfg, say)
     model_cfg = cfg.model_config(tokenizer.vocab_size)
     model = Model(model_cfg, seed=cfg.seed)
@@ -219,6 +223,7 @@ def train(cfg: TrainConfig, say: Callable[[str], None] = print) -> TrainResult:
     start_time = time.perf_counter()
     bar = tqdm(total=cfg.max_steps, initial=step, desc="training", unit="step", disable=not cfg.progress,
                dynamic_ncols=True)
+    plan_from_time = cfg.max_minutes is not None and checkpoint is None
     stop = _StopRequest()
     try:
         with open(log_path, "a", encoding="utf-8") as log:
@@ -241,6 +246,17 @@ def train(cfg: TrainConfig, say: Callable[[str], None] = print) -> TrainResult:
                 dt = time.perf_counter() - t0
                 record = {"step": step, "loss": round(loss, 5), "lr": lr, "grad_norm": round(opt.last_grad_norm, 4),
                           "tokens_per_s": round(tokens_per_step / dt, 1), "time_s": round(time.perf_counter() - start_time, 2)}
+                if plan_from_time and step == 2:
+                    pace_start = time.perf_counter()
+                if plan_from_time and step == 5:   # steps 3-5 show the pace (step 1 allocates buffers)
+                    pace = (time.perf_counter() - pace_start) / 3
+                    per_step = pace * (1 + cfg.eval_batches / (3 * cfg.eval_interval))   # eval: forward only
+                    left = 60 * cfg.max_minutes - (time.perf_counter() - start_time)
+                    planned = max(step + 1, step + int(left / per_step))
+                    if planned < cfg.max_steps:
+                        cfg = dataclasses.replace(cfg, max_steps=planned)
+                        bar.total = planned
+                        say(f"{cfg.max_minutes} min at {pace:.2f} s/step: planning {planned} steps")
                 if step % cfg.eval_interval == 0 or step == cfg.max_steps:
                     record["val_loss"] = round(evaluate(model, data, cfg, model_cfg.block_size), 5)
                     record["val_ppl"] = round(math.exp(min(record["val_loss"], 50.0)), 3)

@@ -184,3 +184,12 @@ def test_cli_train_runs_and_refuses_bad_flags(tmp_path, corpus, capsys):
     assert "batch_size" in capsys.readouterr().err
     assert cli(["train", "--resume", "--out", str(tmp_path / "empty"), "--no-progress"]) == 1
     assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_a_time_budget_plans_the_schedule(tmp_path, corpus):
+    budget = 0.05   # three seconds: a few dozen tiny steps
+    result = train(_cfg(tmp_path, corpus, max_steps=100_000, max_minutes=budget), say=lambda *_: None)
+    state = json.loads((tmp_path / "run" / "checkpoint" / "trainer_state.json").read_text())
+    planned = state["train_config"]["max_steps"]
+    assert 5 < planned < 100_000 and result.step <= planned
+    assert result.history[-1]["time_s"] < 60 * budget * 1.5
