@@ -111,7 +111,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.sample_tokens:
         tok = result.tokenizer
         prompt = tok.encode(args.prompt) or [0]
-        ids = result.model.generate(prompt, args.sample_tokens, temperature=0.8, top_k=50, seed=cfg.seed)
+        ids = result.model.generate(prompt, min(args.sample_tokens, result.model.config.block_size - len(prompt)),
+                                    temperature=0.8, top_k=50, seed=cfg.seed)
         print("--- sample ---")
         print(tok.decode(ids.tolist()))
     return 0

@@ -1,60 +1,167 @@
-"""Text generation: sample the next token from the model's probabilities, append it, repeat.
+"""Text generation: the model gives a probability for every next token, one is sampled, appended,
+and the step repeats.
 
-This first version recomputes the whole (windowed) forward pass for every new token and samples in
-numpy; the KV cache and the C++ sampler replace both (see the generation issue).
+One prefill pass per prompt fills the KV cache; each later step computes only the new position.
+Sampling (penalties, temperature, top-k, top-p, min-p, a seeded draw) runs in C++
+(`pyllm.kernels.sample`, twin `pyllm.reference.sample`).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
+from pyllm import kernels
 
-def next_token_probs(logits: np.ndarray, temperature: float = 1.0, top_k: Optional[int] = None,
-                     top_p: Optional[float] = None) -> np.ndarray:
-    """The distribution sampled from: softmax(logits / temperature) cut to top_k and top_p, renormalised."""
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
-    logits = np.asarray(logits, np.float64)
-    if temperature == 0:
-        probs = np.zeros_like(logits)
-        probs[np.argmax(logits)] = 1.0
-        return probs
-    z = logits / temperature
-    if top_k is not None and top_k < z.size:
-        kth = np.partition(z, -top_k)[-top_k]
-        z = np.where(z < kth, -np.inf, z)
-    probs = np.exp(z - z.max())
-    probs /= probs.sum()
-    if top_p is not None and top_p < 1:
-        order = np.argsort(-probs, kind="stable")
-        keep = np.cumsum(probs[order]) - probs[order] < top_p   # the smallest prefix reaching top_p
-        mask = np.zeros_like(probs, bool)
-        mask[order[keep]] = True
-        probs = np.where(mask, probs, 0.0)
-        probs /= probs.sum()
-    return probs
+
+@dataclass
+class SamplingConfig:
+    """How the next token is chosen; the defaults sample from the plain softmax."""
+
+    temperature: float = 1.0
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+    min_p: Optional[float] = None
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+    def __post_init__(self) -> None:
+        # The same checks the kernel applies, at construction, so a bad flag fails before any work.
+        kernels._sampling_args(np.zeros(1, np.float32), self.temperature, self.top_k, self.top_p, self.min_p,
+                               self.repetition_penalty, None, 0)
+
+    def sample(self, logits: np.ndarray, history, seeds: np.ndarray, step: int) -> np.ndarray:
+        return kernels.sample(logits, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+                              min_p=self.min_p, repetition_penalty=self.repetition_penalty,
+                              presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+                              history=history, seed=seeds, step=step)
+
+
+Prompt = Union[Sequence[int], np.ndarray]
+
+
+def _prompts(model, ids) -> tuple[list[np.ndarray], bool]:
+    """The prompts as 1-D int64 arrays, and whether a single prompt was given."""
+    if isinstance(ids, np.ndarray) and ids.ndim == 2:
+        prompts, single = [row for row in ids], False
+    elif len(ids) and not np.isscalar(ids[0]) and np.ndim(ids[0]) == 1:
+        prompts, single = [np.asarray(p) for p in ids], False
+    else:
+        prompts, single = [np.asarray(ids).reshape(-1)], True
+    V, block = model.config.vocab_size, model.config.block_size
+    out = []
+    for i, p in enumerate(prompts):
+        if p.size == 0:
+            raise ValueError("the prompt is empty: generation needs at least one token to continue")
+        if p.dtype.kind not in "iu":
+            raise ValueError(f"prompt ids must be integers, got {p.dtype}")
+        if p.min() < 0 or p.max() >= V:
+            raise ValueError(f"prompt {i} holds ids outside [0, {V})")
+        if p.size >= block:
+            raise ValueError(f"prompt {i} has {p.size} tokens; the context window is {block} "
+                             f"(the prompt must leave room for at least one new token)")
+        out.append(p.astype(np.int64))
+    return out, single
+
+
+def seeds_for(seed: Optional[int], batch: int) -> np.ndarray:
+    """One 64-bit seed per sequence, derived from `seed` (fresh entropy when None)."""
+    return np.random.SeedSequence(seed).generate_state(batch, np.uint64)
+
+
+def generate_stream(model, ids, max_new_tokens: int, sampling: SamplingConfig = SamplingConfig(),
+                    stop_tokens: Sequence[int] = (), seed: Optional[int] = None) -> Iterator[np.ndarray]:
+    """Yields, per step, the new token of every sequence (B,), -1 for sequences already stopped.
+
+    Stops after max_new_tokens, when every sequence has met a stop token, or when the context
+    window is full.
+    """
+    from pyllm.model import KVCache
+
+    prompts, _ = _prompts(model, ids)
+    if int(max_new_tokens) != max_new_tokens or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    B = len(prompts)
+    longest = max(p.size for p in prompts)
+    capacity = min(model.config.block_size, longest + int(max_new_tokens))
+    cache = KVCache(model.config, B, capacity)
+    logits = np.empty((B, model.config.vocab_size), np.float32)
+    for b, p in enumerate(prompts):            # prefill, one prompt at a time (lengths differ)
+        logits[b] = model.forward_step(p[None, :], cache, rows=slice(b, b + 1))[0]
+    seeds = seeds_for(seed, B)
+    history = [list(p) for p in prompts]
+    done = np.zeros(B, bool)
+    stops = set(int(t) for t in stop_tokens)
+    for step in range(int(max_new_tokens)):
+        tokens = np.asarray(sampling.sample(logits, history, seeds, step), np.int64).reshape(B)
+        tokens[done] = -1
+        yield tokens
+        for b in np.flatnonzero(~done):
+            history[b].append(int(tokens[b]))
+            if int(tokens[b]) in stops:
+                done[b] = True
+        if done.all() or int(cache.lengths.max()) >= capacity or step + 1 == max_new_tokens:
+            return
+        logits = model.forward_step(np.where(done, 0, tokens)[:, None], cache)
 
 
 def generate(model, ids, max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
-             top_p: Optional[float] = None, seed: Optional[int] = None) -> np.ndarray:
-    """ids (T,) or (1, T) followed by max_new_tokens sampled tokens, as a 1-D int64 array."""
-    ids = np.asarray(ids, np.int64).reshape(-1)
-    if ids.size == 0:
-        raise ValueError("generate needs at least one prompt token")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    rng = np.random.default_rng(seed)
-    block = model.config.block_size
-    out = list(ids)
-    for _ in range(max_new_tokens):
-        window = np.asarray(out[-block:], np.int64)[None, :]
-        logits = model(window)[0, -1]
-        probs = next_token_probs(logits, temperature, top_k, top_p)
-        out.append(int(rng.choice(probs.size, p=probs)))
-    return np.asarray(out, np.int64)
+             top_p: Optional[float] = None, seed: Optional[int] = None, *, min_p: Optional[float] = None,
+             repetition_penalty: float = 1.0, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+             stop_tokens: Sequence[int] = (), use_cache: bool = True,
+             on_token: Optional[Callable[[np.ndarray], None]] = None):
+    """Each prompt followed by its new tokens: a 1-D array for one prompt, a list for a batch.
+
+    Greedy when temperature is 0; the same seed gives the same tokens. A sequence ends at a stop
+    token (kept), after max_new_tokens, or when the context window is full. use_cache=False
+    recomputes the whole forward pass at every step (the check that the cache changes nothing).
+    """
+    sampling = SamplingConfig(temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty,
+                              frequency_penalty)
+    prompts, single = _prompts(model, ids)
+    steps = generate_stream(model, prompts, max_new_tokens, sampling, stop_tokens, seed) if use_cache \
+        else _generate_uncached(model, prompts, max_new_tokens, sampling, stop_tokens, seed)
+    outputs = [list(p) for p in prompts]
+    for tokens in steps:
+        if on_token is not None:
+            on_token(tokens)
+        for b, t in enumerate(tokens):
+            if t >= 0:
+                outputs[b].append(int(t))
+    arrays = [np.asarray(o, np.int64) for o in outputs]
+    return arrays[0] if single else arrays
+
+
+def _generate_uncached(model, prompts, max_new_tokens, sampling, stop_tokens, seed):
+    """generate_stream without a cache: the full forward over each sequence at every step."""
+    B, block = len(prompts), model.config.block_size
+    seeds = seeds_for(seed, B)
+    history = [list(p) for p in prompts]
+    done = np.zeros(B, bool)
+    stops = set(int(t) for t in stop_tokens)
+    for step in range(int(max_new_tokens)):
+        logits = np.stack([model(np.asarray(h, np.int64)[None, :])[0, -1] for h in history])
+        tokens = np.asarray(sampling.sample(logits, history, seeds, step), np.int64).reshape(B)
+        tokens[done] = -1
+        yield tokens
+        for b in np.flatnonzero(~done):
+            history[b].append(int(tokens[b]))
+            done[b] |= int(tokens[b]) in stops
+        if done.all() or max(len(h) for h in history) >= block:
+            return
+
+
+def next_token_probs(model, ids, sampling: SamplingConfig = SamplingConfig()) -> np.ndarray:
+    """The distribution the next token would be sampled from, after the prompt ids: (vocab,)."""
+    prompts, _ = _prompts(model, ids)
+    logits = model(prompts[0][None, :])[0, -1]
+    _, probs = kernels.sample(logits, temperature=sampling.temperature, top_k=sampling.top_k,
+                              top_p=sampling.top_p, min_p=sampling.min_p,
+                              repetition_penalty=sampling.repetition_penalty,
+                              presence_penalty=sampling.presence_penalty,
+                              frequency_penalty=sampling.frequency_penalty, history=prompts[0],
+                              return_probs=True)
+    return probs

@@ -34,7 +34,7 @@ __all__ = [
     "rmsnorm", "rmsnorm_forward", "rmsnorm_backward",
     "gelu", "gelu_backward", "silu", "silu_backward", "swiglu", "swiglu_backward",
     "rope_tables", "rope", "rope_backward",
-    "attention", "attention_forward", "attention_backward",
+    "attention", "attention_forward", "attention_backward", "sample",
     "cross_entropy", "cross_entropy_forward", "cross_entropy_backward",
     "embedding", "embedding_backward", "adamw",
     "set_num_threads", "get_num_threads", "available_isas", "get_isa", "set_isa",
@@ -382,18 +382,25 @@ def _attention_args(q, k, v, causal):
     return q, k, v, (B, NH, NKV, Tq, Tk, HS)
 
 
-def attention_forward(q, k, v, causal: bool = True):
+def attention_forward(q, k, v, causal: bool = True, kv_lengths=None):
     """Scaled dot-product attention; returns (out (B, NH, Tq, HS), lse (B, NH, Tq)).
 
     k and v are (B, NKV, Tk, HS) with NH a multiple of NKV; with causal, query i (of Tq) sees
     keys up to i + Tk - Tq, so a short query block can continue a longer cached sequence.
+    kv_lengths (B,), if given, keeps only the first kv_lengths[b] keys of batch row b (ragged KV
+    caches), each row aligned causally to its own length.
     """
     q, k, v, dims = _attention_args(q, k, v, causal)
     B, NH, NKV, Tq, Tk, HS = dims
+    if kv_lengths is not None:
+        kv_lengths = _ints(kv_lengths, "kv_lengths", Tk + 1)
+        _same_shape("kv_lengths", kv_lengths, (B,))
+        if (kv_lengths < (Tq if causal else 1)).any():
+            raise ValueError(f"kv_lengths must lie in [{Tq if causal else 1}, Tk={Tk}], got {kv_lengths}")
     out = np.empty_like(q)
     lse = np.empty((B, NH, Tq), np.float32)
     if q.size and Tk and HS:
-        _C.attention_forward(out, lse, q, k, v, *dims, bool(causal))
+        _C.attention_forward(out, lse, q, k, v, *dims, bool(causal), Tk, kv_lengths)
     elif q.size:  # no keys or no width: nothing to attend to
         out.fill(0.0)
         lse.fill(-np.inf if Tk == 0 else math.log(Tk))
@@ -531,6 +538,72 @@ def adamw(param, grad, m, v, *, lr: float, step: int, beta1: float = 0.9, beta2:
     if param.size:
         _C.adamw_update(param, m, v, grad, float(lr), float(beta1), float(beta2), float(eps),
                         float(weight_decay), float(grad_scale), int(step))
+
+
+# ----------------------------------------------------------------------------- sampling
+
+def _sampling_args(logits, temperature, top_k, top_p, min_p, repetition_penalty, history, seed):
+    """Checked (logits (B, V), history (B, H) padded with -1, seeds (B,) uint64, squeeze)."""
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or int(top_k) != top_k or top_k < 1):
+        raise ValueError(f"top_k must be an integer >= 1 or None, got {top_k!r}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must lie in (0, 1], got {top_p!r}")
+    if min_p is not None and not 0 <= min_p < 1:
+        raise ValueError(f"min_p must lie in [0, 1), got {min_p!r}")
+    if not repetition_penalty > 0:
+        raise ValueError(f"repetition_penalty must be > 0 (1 is off), got {repetition_penalty!r}")
+    logits = _floats(logits, "logits", min_ndim=1)
+    squeeze = logits.ndim == 1
+    if squeeze:
+        logits = logits[None, :]
+    if logits.ndim != 2 or logits.shape[1] == 0:
+        raise ValueError(f"logits must be (V,) or (B, V) with V >= 1, got {logits.shape}")
+    if np.isnan(logits).any() or np.isposinf(logits).any():
+        raise ValueError("logits hold NaN or +inf")
+    B, V = logits.shape
+    if history is None:
+        hist = np.full((B, 0), -1, np.int64)
+    else:
+        rows = [history] if squeeze or (B == 1 and np.ndim(history) == 1) else list(history)
+        if len(rows) != B:
+            raise ValueError(f"history needs one sequence per row of logits ({B}), got {len(rows)}")
+        rows = [_ints(np.asarray(r, np.int64) if len(r) == 0 else r, "history", V).reshape(-1) for r in rows]
+        hist = np.full((B, max((len(r) for r in rows), default=0)), -1, np.int64)
+        for b, r in enumerate(rows):
+            hist[b, :len(r)] = r
+    seeds = np.asarray(seed if seed is not None else 0)
+    if seeds.dtype.kind not in "iu" or seeds.ndim > 1 or (seeds.ndim == 1 and seeds.shape != (B,)):
+        raise ValueError(f"seed must be an integer or one integer per row, got {seed!r}")
+    seeds = np.ascontiguousarray(np.broadcast_to(seeds, (B,)).astype(np.uint64))
+    return logits, hist, seeds, squeeze
+
+
+def sample(logits, *, temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
+           min_p: Optional[float] = None, repetition_penalty: float = 1.0, presence_penalty: float = 0.0,
+           frequency_penalty: float = 0.0, history=None, seed=0, step: int = 0, return_probs: bool = False):
+    """Next-token ids sampled from logits (V,) or (B, V): an int, or (B,) ids.
+
+    Penalties (on the ids in `history`) apply to the raw logits, then temperature (0: greedy),
+    top-k, top-p (smallest set reaching the mass), min-p (relative to the most likely token).
+    The draw uses a uniform number that depends only on (seed, step), so a seeded generation
+    repeats exactly. With return_probs, also the distribution that was sampled from.
+    """
+    logits, hist, seeds, squeeze = _sampling_args(logits, temperature, top_k, top_p, min_p,
+                                                  repetition_penalty, history, seed)
+    if isinstance(step, bool) or int(step) != step or step < 0:
+        raise ValueError(f"step must be an integer >= 0, got {step!r}")
+    B, V = logits.shape
+    ids = np.empty(B, np.int64)
+    probs = np.empty((B, V), np.float32) if return_probs else None
+    _C.sample(ids, logits, hist, seeds, int(step), float(temperature), int(top_k or 0),
+              float(1.0 if top_p is None else top_p), float(min_p or 0.0), float(repetition_penalty),
+              float(presence_penalty), float(frequency_penalty), probs)
+    result = int(ids[0]) if squeeze else ids
+    if return_probs:
+        return result, (probs[0] if squeeze else probs)
+    return result
 
 
 # ----------------------------------------------------------------------------- runtime controls

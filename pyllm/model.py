@@ -144,6 +144,20 @@ class _Workspace:
         return arr
 
 
+class KVCache:
+    """Keys and values of every layer for a batch of sequences, (B, NH, capacity, HS) each, and
+    how many positions each row holds. Generation appends one position per step."""
+
+    def __init__(self, config: ModelConfig, batch: int, capacity: int) -> None:
+        if capacity > config.block_size:
+            raise ValueError(f"a cache of {capacity} positions exceeds the model's block_size {config.block_size}")
+        shape = (batch, config.n_kv_head, capacity, config.head_size)
+        self.batch, self.capacity = batch, capacity
+        self.k = [np.zeros(shape, np.float32) for _ in range(config.n_layer)]
+        self.v = [np.zeros(shape, np.float32) for _ in range(config.n_layer)]
+        self.lengths = np.zeros(batch, np.int64)
+
+
 class Model:
     """A GPT-style decoder-only transformer with hand-written backward passes over the C++ kernels.
 
@@ -285,7 +299,7 @@ class Model:
             for j, dst in enumerate((q, k, v)):
                 np.copyto(dst, heads[:, :, j].transpose(0, 2, 1, 3))
             att, lse = ws.get(f"att.{i}", (B, NH, T, HS)), ws.get(f"attlse.{i}", (B, NH, T))
-            _C.attention_forward(att, lse, q, k, v, B, NH, NH, T, T, HS, True)
+            _C.attention_forward(att, lse, q, k, v, B, NH, NH, T, T, HS, True, T, None)
             atty = ws.get(f"atty.{i}", (N, C))
             np.copyto(atty.reshape(B, T, NH, HS), att.transpose(0, 2, 1, 3))
             proj = ws.get("proj", (N, C))
@@ -365,12 +379,67 @@ class Model:
         g["transformer.wpe.weight"][:T] += dx.reshape(B, T, C).sum(axis=0)
         _C.embedding_backward(g["transformer.wte.weight"], dx, ids, N, V, C)
 
+    def forward_step(self, ids: np.ndarray, cache: "KVCache", rows: Optional[slice] = None) -> np.ndarray:
+        """Appends ids (B, Tq) to the KV cache (its rows `rows`, default all) and returns the logits
+        of each row's last new position, (B, vocab). Rows may hold different lengths (ragged batch):
+        each new token sits at its own row's next position."""
+        cfg, p = self.config, self.p
+        rows = rows if rows is not None else slice(0, cache.batch)
+        lengths = cache.lengths[rows]
+        B, Tq = ids.shape
+        C, NH, HS, F, V = cfg.n_embd, cfg.n_head, cfg.head_size, cfg.intermediate_size, cfg.vocab_size
+        if int(lengths.max()) + Tq > cache.capacity:
+            raise ValueError(f"the KV cache holds {cache.capacity} positions; {int(lengths.max()) + Tq} needed")
+        N, eps = B * Tq, cfg.norm_eps
+        positions = lengths[:, None] + np.arange(Tq)[None, :]
+        x = np.empty((N, C), np.float32)
+        _C.embedding_forward(x, np.ascontiguousarray(ids, np.int64), p["transformer.wte.weight"], N, V, C)
+        x += p["transformer.wpe.weight"][positions.reshape(-1)]
+        new_lengths = np.ascontiguousarray(lengths + Tq, np.int64)
+        Tk = int(new_lengths.max())
+        ln, mean, rstd = np.empty((N, C), np.float32), np.empty(N, np.float32), np.empty(N, np.float32)
+        qkv, proj = np.empty((N, 3 * C), np.float32), np.empty((N, C), np.float32)
+        q, att = np.empty((B, NH, Tq, HS), np.float32), np.empty((B, NH, Tq, HS), np.float32)
+        lse, atty = np.empty((B, NH, Tq), np.float32), np.empty((N, C), np.float32)
+        fc = np.empty((N, F), np.float32)
+        batch_index = np.arange(B)[:, None]
+        for i in range(cfg.n_layer):
+            h = f"transformer.h.{i}."
+            _C.layernorm_forward(ln, mean, rstd, x, p[h + "ln_1.weight"], p[h + "ln_1.bias"], N, C, eps)
+            _C.matmul_forward(qkv, ln, p[h + "attn.c_attn.weight"], p[h + "attn.c_attn.bias"], N, C, 3 * C, False)
+            heads = qkv.reshape(B, Tq, 3, NH, HS)
+            np.copyto(q, heads[:, :, 0].transpose(0, 2, 1, 3))
+            k_cache, v_cache = cache.k[i][rows], cache.v[i][rows]
+            # Each row's new keys/values go to its own next positions.
+            k_cache[batch_index, :, positions] = heads[:, :, 1]     # (B, Tq, NH, HS) into (B, NH, cap, HS)
+            v_cache[batch_index, :, positions] = heads[:, :, 2]
+            _C.attention_forward(att, lse, q, k_cache, v_cache, B, NH, NH, Tq, Tk, HS, True, cache.capacity,
+                                 new_lengths)
+            np.copyto(atty.reshape(B, Tq, NH, HS), att.transpose(0, 2, 1, 3))
+            _C.matmul_forward(proj, atty, p[h + "attn.c_proj.weight"], p[h + "attn.c_proj.bias"], N, C, C, False)
+            x += proj
+            _C.layernorm_forward(ln, mean, rstd, x, p[h + "ln_2.weight"], p[h + "ln_2.bias"], N, C, eps)
+            _C.matmul_forward(fc, ln, p[h + "mlp.c_fc.weight"], p[h + "mlp.c_fc.bias"], N, C, F, False)
+            _C.gelu_forward(fc, fc)
+            _C.matmul_forward(proj, fc, p[h + "mlp.c_proj.weight"], p[h + "mlp.c_proj.bias"], N, F, C, False)
+            x += proj
+        last = np.ascontiguousarray(x.reshape(B, Tq, C)[:, -1])
+        lnf = np.empty((B, C), np.float32)
+        _C.layernorm_forward(lnf, mean[:B], rstd[:B], last, p["transformer.ln_f.weight"],
+                             p["transformer.ln_f.bias"], B, C, eps)
+        logits = np.empty((B, V), np.float32)
+        _C.matmul_forward(logits, lnf, self._head(), None, B, C, V, True)
+        cache.lengths[rows] = new_lengths
+        return logits
+
     def generate(self, ids, max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
-                 top_p: Optional[float] = None, seed: Optional[int] = None) -> np.ndarray:
-        """The prompt ids followed by max_new_tokens sampled ones (greedy when temperature is 0)."""
+                 top_p: Optional[float] = None, seed: Optional[int] = None, **options):
+        """The prompt ids followed by up to max_new_tokens sampled ones (greedy when temperature is 0),
+        with a KV cache; a batch of prompts (of any lengths) gives a list. See pyllm.generate.generate
+        for the options (min_p, penalties, stop_tokens)."""
         from pyllm.generate import generate
 
-        return generate(self, ids, max_new_tokens, temperature, top_k, top_p, seed)
+        return generate(self, ids, max_new_tokens, temperature, top_k, top_p, seed, **options)
 
     # ------------------------------------------------------------------ files
 

@@ -244,12 +244,18 @@ def _causal_mask(Tq, Tk):
     return np.arange(Tk)[None, :] > (np.arange(Tq)[:, None] + (Tk - Tq))
 
 
-def attention_forward(q, k, v, causal=True):
+def attention_forward(q, k, v, causal=True, kv_lengths=None):
     """Scaled dot-product attention; returns (out (B, NH, Tq, HS), lse (B, NH, Tq)).
 
     q is (B, NH, Tq, HS); k and v are (B, NKV, Tk, HS) with NH a multiple of NKV (grouped-query
     attention). lse is the log-sum-exp of each row of scaled scores, what backward needs.
+    kv_lengths (B,), if given, keeps only the first kv_lengths[b] keys of batch row b (a ragged
+    batch of KV caches); the causal alignment then uses that row's length.
     """
+    if kv_lengths is not None:
+        rows = [attention_forward(q[b:b + 1], k[b:b + 1, :, :n], v[b:b + 1, :, :n], causal)
+                for b, n in enumerate(np.asarray(kv_lengths))]
+        return (np.concatenate([r[0] for r in rows]), np.concatenate([r[1] for r in rows]))
     q, k, v = _f32(q), _f32(k), _f32(v)
     B, NH, Tq, HS = q.shape
     group = NH // k.shape[1]
@@ -383,6 +389,86 @@ def adamw(param, grad, m, v, *, lr, step, beta1=0.9, beta2=0.95, eps=1e-8, weigh
     m_hat = m / (1.0 - beta1 ** step)
     v_hat = v / (1.0 - beta2 ** step)
     param -= (lr * (m_hat / (np.sqrt(v_hat) + eps) + weight_decay * param)).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- sampling
+
+_MASK64 = (1 << 64) - 1
+
+
+def sample_uniform(seed, step):
+    """The sampler's uniform number in [0, 1) for (seed, step): splitmix64 of a counter, 53 bits."""
+    x = (int(seed) + int(step) * 0xD1B54A32D192ED03 + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    x ^= x >> 31
+    return (x >> 11) * 2.0 ** -53
+
+
+def _sample_row(x, history, temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty,
+                frequency_penalty, u):
+    V = x.size
+    z = x.astype(np.float64)
+    seen = history[history >= 0]
+    if seen.size and (repetition_penalty != 1 or presence_penalty or frequency_penalty):
+        ids, counts = np.unique(seen, return_counts=True)
+        v = z[ids]
+        if repetition_penalty != 1:
+            v = np.where(v > 0, v / repetition_penalty, v * repetition_penalty)
+        z[ids] = v - (presence_penalty + frequency_penalty * counts)
+    if temperature == 0:
+        best = int(np.argmax(z))
+        probs = np.zeros(V)
+        probs[best] = 1.0
+        return best, probs
+    z = z / temperature
+    order = np.lexsort((np.arange(V), -z))          # largest first, ties to the smaller id
+    kept = order[:top_k] if top_k and top_k < V else order
+    top = z.max() if np.isfinite(z.max()) else 0.0
+    if not np.isfinite(z.max()):
+        z = np.zeros(V)
+    w = np.zeros(V)
+    w[kept] = np.exp(z[kept] - top)
+    if top_p is not None and top_p < 1:
+        total = np.cumsum(w)[-1]
+        mass = np.cumsum(w[kept])
+        cut = int(np.argmax(mass >= top_p * total)) + 1 if (mass >= top_p * total).any() else len(kept)
+        w[kept[cut:]] = 0.0
+    if min_p:
+        w[w < min_p] = 0.0
+    cumulative = np.cumsum(w)
+    total = cumulative[-1]
+    hits = np.flatnonzero((cumulative > u * total) & (w > 0))
+    chosen = int(hits[0]) if hits.size else int(np.flatnonzero(w)[-1])
+    return chosen, w / total
+
+
+def sample(logits, *, temperature=1.0, top_k=None, top_p=None, min_p=None, repetition_penalty=1.0,
+           presence_penalty=0.0, frequency_penalty=0.0, history=None, seed=0, step=0, return_probs=False):
+    """Next-token ids from logits (V,) or (B, V) (see pyllm.kernels.sample for the rules).
+
+    Penalties on the raw logits, then temperature (0: greedy), top-k, top-p, min-p; the draw walks
+    the kept tokens in ascending id order against sample_uniform(seed, step) times their total.
+    """
+    x = _f32(logits)
+    squeeze = x.ndim == 1
+    x = x[None, :] if squeeze else x
+    B, V = x.shape
+    if history is None:
+        rows = [np.zeros(0, np.int64)] * B
+    else:
+        rows = [np.asarray(history)] if squeeze or (B == 1 and np.ndim(history) == 1) else list(history)
+    seeds = np.broadcast_to(np.asarray(seed), (B,))
+    ids, probs = np.empty(B, np.int64), np.empty((B, V), np.float32)
+    for b in range(B):
+        ids[b], p = _sample_row(x[b], np.asarray(rows[b], np.int64).reshape(-1), temperature, top_k, top_p,
+                                min_p, repetition_penalty, presence_penalty, frequency_penalty,
+                                sample_uniform(seeds[b], step))
+        probs[b] = p
+    result = int(ids[0]) if squeeze else ids
+    if return_probs:
+        return result, (probs[0] if squeeze else probs)
+    return result
 
 
 # ----------------------------------------------------------------------------- byte-pair encoding

@@ -187,13 +187,21 @@ void bind_kernels(py::module_& m) {
   });
   m.def("attention_forward", [](py::array o, py::array lse, py::array q, py::array k, py::array v,
                                 int64_t B, int64_t NH, int64_t NKV, int64_t Tq, int64_t Tk,
-                                int64_t HS, bool causal) {
-    check(NKV >= 1 && NH % NKV == 0 && (!causal || Tk >= Tq), "inconsistent attention shape");
+                                int64_t HS, bool causal, int64_t kv_stride, py::object kv_lengths) {
+    if (kv_stride == 0) kv_stride = Tk;
+    check(NKV >= 1 && NH % NKV == 0 && (!causal || Tk >= Tq) && kv_stride >= Tk,
+          "inconsistent attention shape");
     float *po = out(o, B * NH * Tq * HS, "out"), *pl = out(lse, B * NH * Tq, "lse");
     const float* pq = in(q, B * NH * Tq * HS, "q");
-    const float *pk = in(k, B * NKV * Tk * HS, "k"), *pv = in(v, B * NKV * Tk * HS, "v");
+    const float *pk = in(k, B * NKV * kv_stride * HS, "k"), *pv = in(v, B * NKV * kv_stride * HS, "v");
+    const int64_t* plen = nullptr;
+    if (!kv_lengths.is_none()) {
+      plen = ids(kv_lengths.cast<py::array>(), B, "kv_lengths");
+      for (int64_t b = 0; b < B; ++b)
+        check(plen[b] <= Tk && plen[b] >= (causal ? Tq : 1), "kv_lengths outside [Tq, Tk]");
+    }
     py::gil_scoped_release release;
-    kernels().attention_forward(po, pl, pq, pk, pv, B, NH, NKV, Tq, Tk, HS, causal);
+    kernels().attention_forward(po, pl, pq, pk, pv, B, NH, NKV, Tq, Tk, HS, causal, kv_stride, plen);
   });
   m.def("attention_backward", [](py::object dq, py::object dk, py::object dv, py::array dout,
                                  py::array q, py::array k, py::array v, py::array o, py::array lse,

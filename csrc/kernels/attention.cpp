@@ -66,19 +66,21 @@ void score_gradients(float* dP, const float* P, const float* D, int64_t nq, int6
 
 void attention_forward(float* out, float* lse, const float* q, const float* k, const float* v,
                        int64_t B, int64_t NH, int64_t NKV, int64_t Tq, int64_t Tk, int64_t HS,
-                       bool causal) {
-  const Shape s{B, NH, NKV, Tq, Tk, HS, causal};
+                       bool causal, int64_t kv_stride, const int64_t* kv_lengths) {
+  const Shape all{B, NH, NKV, Tq, Tk, HS, causal};
   const float scale = 1.0f / std::sqrt(float(HS));
-  parallel_for(B * NH * s.q_blocks(), 1, [&](int64_t u0, int64_t u1) {
+  parallel_for(B * NH * all.q_blocks(), 1, [&](int64_t u0, int64_t u1) {
     float* S = scores_buffer.get(BQ * BK);
     float* stats = rowstat_buffer.get(2 * BQ);
     for (int64_t u = u0; u < u1; ++u) {
-      const int64_t bh = u / s.q_blocks(), i0 = (u % s.q_blocks()) * BQ;
+      const int64_t bh = u / all.q_blocks(), i0 = (u % all.q_blocks()) * BQ;
+      Shape s = all;
+      if (kv_lengths) s.Tk = kv_lengths[bh / NH];
       const int64_t nq = imin(BQ, Tq - i0);
       const int64_t bkv = (bh / NH) * NKV + (bh % NH) / s.group();
       const float* qb = q + (bh * Tq + i0) * HS;
-      const float* kh = k + bkv * Tk * HS;
-      const float* vh = v + bkv * Tk * HS;
+      const float* kh = k + bkv * kv_stride * HS;
+      const float* vh = v + bkv * kv_stride * HS;
       float* O = out + (bh * Tq + i0) * HS;  // accumulates un-normalised, divided by l at the end
       float *m = stats, *l = stats + BQ;
       for (int64_t r = 0; r < nq; ++r) m[r] = -INFINITY, l[r] = 0.f;

@@ -57,7 +57,7 @@ void rope_backward(float* dinp, const float* dout, const float* cos, const float
                    int64_t T, int64_t HS);
 void attention_forward(float* out, float* lse, const float* q, const float* k, const float* v,
                        int64_t B, int64_t NH, int64_t NKV, int64_t Tq, int64_t Tk, int64_t HS,
-                       bool causal);
+                       bool causal, int64_t kv_stride, const int64_t* kv_lengths);
 void attention_backward(float* dq, float* dk, float* dv, const float* dout, const float* q,
                         const float* k, const float* v, const float* out, const float* lse,
                         int64_t B, int64_t NH, int64_t NKV, int64_t Tq, int64_t Tk, int64_t HS,

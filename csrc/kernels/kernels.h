@@ -59,11 +59,13 @@ struct KernelTable {
   void (*rope_backward)(float* dinp, const float* dout, const float* cos, const float* sin,
                         int64_t BH, int64_t T, int64_t HS);
 
-  // q, out (B, NH, Tq, HS); k, v (B, NKV, Tk, HS); lse (B, NH, Tq). Causal aligns the last
-  // query with the last key: query i sees keys j <= i + Tk - Tq.
+  // q, out (B, NH, Tq, HS); k, v (B, NKV, kv_stride, HS) of which the first Tk rows per head
+  // are keys (kv_stride >= Tk; a KV cache is longer than what it holds); lse (B, NH, Tq).
+  // kv_lengths, if not null, gives batch row b its own key count (<= Tk), for ragged batches.
+  // Causal aligns the last query with the last key: query i sees keys j <= i + Tk - Tq.
   void (*attention_forward)(float* out, float* lse, const float* q, const float* k, const float* v,
                             int64_t B, int64_t NH, int64_t NKV, int64_t Tq, int64_t Tk, int64_t HS,
-                            bool causal);
+                            bool causal, int64_t kv_stride, const int64_t* kv_lengths);
   void (*attention_backward)(float* dq, float* dk, float* dv, const float* dout, const float* q,
                              const float* k, const float* v, const float* out, const float* lse,
                              int64_t B, int64_t NH, int64_t NKV, int64_t Tq, int64_t Tk, int64_t HS,

@@ -1,0 +1,191 @@
+"""Sampling (C++ against its numpy twin and against the probabilities it claims) and generation
+with the KV cache (against recomputing everything at every step)."""
+
+import math
+
+import numpy as np
+import pytest
+
+from pyllm import kernels as K
+from pyllm import reference as R
+from pyllm.generate import SamplingConfig, generate
+from pyllm.model import Model, ModelConfig
+
+SETTINGS = [
+    dict(),
+    dict(temperature=0.0),
+    dict(temperature=0.7),
+    dict(top_k=5),
+    dict(top_k=1),
+    dict(top_p=0.8),
+    dict(top_p=0.3, temperature=1.5),
+    dict(min_p=0.1),
+    dict(top_k=20, top_p=0.9, min_p=0.05, temperature=0.8),
+    dict(repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.2),
+]
+
+
+@pytest.mark.parametrize("settings", SETTINGS, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()) or "plain")
+@pytest.mark.parametrize("V", [1, 3, 17, 1000])
+def test_sampler_equals_its_numpy_twin(settings, V):
+    rng = np.random.default_rng(V)
+    logits = (rng.standard_normal((4, V)) * 3).astype(np.float32)
+    logits[1, : V // 2] = -np.inf   # masked tokens
+    logits[2] *= 1000.0              # large magnitudes
+    history = [rng.integers(0, V, 5), [], rng.integers(0, V, 1), rng.integers(0, V, 9)]
+    for step in range(5):
+        ours, p_ours = K.sample(logits, history=history, seed=[1, 2, 3, 4], step=step, return_probs=True, **settings)
+        theirs, p_theirs = R.sample(logits, history=history, seed=[1, 2, 3, 4], step=step, return_probs=True,
+                                    **settings)
+        assert list(ours) == list(theirs)
+        np.testing.assert_allclose(p_ours, p_theirs, rtol=1e-5, atol=1e-7)
+        assert np.allclose(p_ours.sum(axis=1), 1.0, atol=1e-5)
+        assert all(p_ours[b, t] > 0 for b, t in enumerate(ours))   # only possible tokens are drawn
+    assert K.sample(logits[0], **settings) == R.sample(logits[0], **settings)
+
+
+def test_uniform_numbers_agree():
+    from pyllm import _C
+
+    for seed, step in [(0, 0), (1, 0), (2 ** 64 - 1, 7), (12345, 10 ** 9)]:
+        assert _C.sample_uniform(seed, step) == R.sample_uniform(seed, step)
+
+
+def _chi_square_threshold(dof: int) -> float:
+    """About the 1 - 1e-6 quantile of chi-square(dof) (Wilson-Hilferty), so a correct sampler
+    fails once in a million runs."""
+    z = 4.75
+    return dof * (1 - 2 / (9 * dof) + z * math.sqrt(2 / (9 * dof))) ** 3
+
+
+@pytest.mark.parametrize("settings", [dict(temperature=0.7), dict(top_k=4), dict(top_p=0.75), dict(min_p=0.15),
+                                      dict(temperature=1.3, top_k=6, top_p=0.9)])
+def test_sample_frequencies_match_the_filtered_softmax(settings):
+    logits = np.array([2.0, 1.5, 1.2, 0.3, 0.0, -0.4, -1.0, -2.5, 0.9, 1.1], np.float32)
+    n = 20000
+    seeds = np.arange(n, dtype=np.uint64)
+    draws = K.sample(np.broadcast_to(logits, (n, logits.size)), seed=seeds, step=3, **settings)
+    _, probs = K.sample(logits, return_probs=True, **settings)
+    # The expected distribution from first principles, not from the kernel.
+    z = logits.astype(np.float64) / settings.get("temperature", 1.0)
+    p = np.exp(z - z.max())
+    if "top_k" in settings:
+        p[np.argsort(-z)[settings["top_k"]:]] = 0
+    p /= p.sum()
+    if "top_p" in settings:
+        order = np.argsort(-p)
+        cut = np.searchsorted(np.cumsum(p[order]), settings["top_p"]) + 1
+        p[order[cut:]] = 0
+    if "min_p" in settings:
+        p[p < settings["min_p"] * p.max()] = 0
+    p /= p.sum()
+    np.testing.assert_allclose(probs, p, rtol=1e-5, atol=1e-7)
+    counts = np.bincount(draws, minlength=logits.size)
+    assert counts[p == 0].sum() == 0, "a filtered-out token was drawn"
+    expected = n * p[p > 0]
+    chi2 = float(((counts[p > 0] - expected) ** 2 / expected).sum())
+    assert chi2 < _chi_square_threshold(int((p > 0).sum()) - 1), chi2
+
+
+def test_greedy_and_penalties_behave():
+    logits = np.array([1.0, 3.0, 2.0, -1.0], np.float32)
+    assert K.sample(logits, temperature=0) == 1
+    assert K.sample(logits, temperature=0, history=[1], repetition_penalty=2.0) == 2     # 3/2 < 2
+    assert K.sample(logits, temperature=0, history=[1, 1], frequency_penalty=0.6) == 2    # 3-1.2 < 2
+    assert K.sample(logits, temperature=0, history=[1], presence_penalty=0.5) == 1        # 2.5 > 2
+    assert K.sample(np.full(4, -np.inf, np.float32)) in range(4)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(temperature=-1.0), "temperature"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
+    (dict(top_k=0), "top_k"), (dict(min_p=1.0), "min_p"), (dict(repetition_penalty=0.0), "repetition"),
+    (dict(history=[7]), "history"), (dict(seed=[1, 2]), "seed"),
+])
+def test_sampler_refuses_bad_arguments(bad, match):
+    with pytest.raises(ValueError, match=match):
+        K.sample(np.zeros(4, np.float32), **bad)
+    with pytest.raises(ValueError, match="NaN"):
+        K.sample(np.array([0.0, np.nan], np.float32))
+
+
+def test_attention_with_ragged_kv_lengths_equals_the_twin():
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((3, 4, 2, 16)).astype(np.float32)
+    k = rng.standard_normal((3, 2, 70, 16)).astype(np.float32)
+    v = rng.standard_normal((3, 2, 70, 16)).astype(np.float32)
+    lengths = np.array([2, 70, 33])
+    ours, lse = K.attention_forward(q, k, v, kv_lengths=lengths)
+    theirs, lse_t = R.attention_forward(q, k, v, kv_lengths=lengths)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(lse, lse_t, rtol=1e-5, atol=1e-5)
+    k[0, :, 2:] = 1e6   # keys past a row's length take no part
+    np.testing.assert_array_equal(K.attention_forward(q, k, v, kv_lengths=lengths)[0][0], ours[0])
+    with pytest.raises(ValueError, match="kv_lengths"):
+        K.attention_forward(q, k, v, kv_lengths=[1, 2, 3])
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = Model(ModelConfig(vocab_size=61, block_size=40, n_layer=2, n_head=4, n_embd=32), seed=0)
+    rng = np.random.default_rng(1)
+    m.params[...] += rng.standard_normal(m.params.size).astype(np.float32) * 0.05   # a less uniform model
+    return m
+
+
+def test_forward_step_logits_equal_the_full_forward(model):
+    from pyllm.model import KVCache
+
+    ids = np.random.default_rng(0).integers(0, 61, (2, 12))
+    cache = KVCache(model.config, 2, 20)
+    first = model.forward_step(ids[:, :7], cache)
+    np.testing.assert_allclose(first, model(ids[:, :7])[:, -1], rtol=1e-4, atol=1e-5)
+    for t in range(7, 12):
+        step = model.forward_step(ids[:, t:t + 1], cache)
+        np.testing.assert_allclose(step, model(ids[:, :t + 1])[:, -1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("prompt", [[5], [1, 2, 3, 4, 5, 6, 7], list(range(30))])
+def test_cached_greedy_generation_equals_recomputing_every_step(model, prompt):
+    cached = model.generate(prompt, 9, temperature=0)
+    plain = generate(model, prompt, 9, temperature=0, use_cache=False)
+    assert cached.tolist() == plain.tolist()
+    assert cached[:len(prompt)].tolist() == prompt and len(cached) == min(len(prompt) + 9, 40)
+
+
+def test_a_ragged_batch_equals_each_prompt_alone(model):
+    prompts = [[3, 1, 4, 1, 5], [9], [2, 6, 5, 3, 5, 8, 9, 7, 9, 3]]
+    batch = model.generate(prompts, 8, temperature=0)
+    for prompt, out in zip(prompts, batch):
+        assert out.tolist() == model.generate(prompt, 8, temperature=0).tolist()
+        assert out.tolist() == generate(model, prompt, 8, temperature=0, use_cache=False).tolist()
+    sampled = model.generate(prompts, 8, temperature=1.0, top_k=10, seed=5)
+    again = model.generate(prompts, 8, temperature=1.0, top_k=10, seed=5)
+    uncached = generate(model, prompts, 8, temperature=1.0, top_k=10, seed=5, use_cache=False)
+    assert [a.tolist() for a in sampled] == [a.tolist() for a in again] == [a.tolist() for a in uncached]
+    other = model.generate(prompts, 8, temperature=1.0, top_k=10, seed=6)
+    assert [a.tolist() for a in sampled] != [a.tolist() for a in other]
+
+
+def test_stop_tokens_end_a_sequence(model):
+    free = model.generate([1, 2, 3], 10, temperature=0)
+    stop = int(free[5])
+    stopped = model.generate([1, 2, 3], 10, temperature=0, stop_tokens=[stop])
+    assert stopped.tolist() == free[: free.tolist().index(stop, 3) + 1].tolist()
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda m: m.generate([], 3), "empty"),
+    (lambda m: m.generate([61], 3), "outside"),
+    (lambda m: m.generate(list(range(40)), 3), "context window"),
+    (lambda m: m.generate([1], 3, top_p=0.0), "top_p"),
+    (lambda m: m.generate([1], 3, temperature=-0.5), "temperature"),
+    (lambda m: m.generate([1], -1), "max_new_tokens"),
+])
+def test_generation_refuses_bad_input(model, call, match):
+    with pytest.raises(ValueError, match=match):
+        call(model)
+
+
+def test_sampling_config_validates_on_construction():
+    with pytest.raises(ValueError, match="top_k"):
+        SamplingConfig(top_k=-3)
