@@ -118,6 +118,135 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_llm(model: str | None):
+    from pathlib import Path
+
+    from pyllm.llm import LLM
+
+    if model is None:
+        if (Path("out") / "config.json").is_file():
+            model = "out"
+        else:
+            raise ValueError("no --model given and no ./out model folder: train one with `pyllm train` "
+                             "or pass --model FOLDER")
+    return LLM.load(model)
+
+
+def _sampling_options(args: argparse.Namespace) -> dict:
+    return dict(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p, min_p=args.min_p,
+                repetition_penalty=args.repetition_penalty, seed=args.seed)
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from pyllm.generate import SamplingConfig, generate_stream
+    from pyllm.llm import top_probabilities
+
+    llm = _load_llm(args.model)
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    options = _sampling_options(args)
+    if not args.show_probs:
+        print(prompt, end="", flush=True)
+        for piece in llm.generate(prompt, args.max_new_tokens, stream=True, **options):
+            print(piece, end="", flush=True)
+        print()
+        return 0
+    # One line per step: the token drawn and the distribution it was drawn from.
+    ids = llm.tokenizer.encode(prompt, allowed_special="all")
+    if not ids:
+        raise ValueError("the prompt is empty: give some text to continue")
+    seed = options.pop("seed")
+    sampling = SamplingConfig(**options)
+    print(f"prompt: {prompt!r} ({len(ids)} tokens)")
+    text = b""
+    for step, (tokens, probs) in enumerate(generate_stream(llm.model, ids, args.max_new_tokens, sampling,
+                                                           llm.stop_token_ids, seed, with_probs=True)):
+        token = int(tokens[0])
+        top = ", ".join(f"{piece!r} {p:.3f}" for piece, p in top_probabilities(probs[0], llm.tokenizer, args.show_probs))
+        piece = llm.tokenizer.token_to_bytes(token).decode("utf-8", errors="backslashreplace") \
+            if token < llm.tokenizer.vocab_size else "?"
+        print(f"{step + 1:4d}  {piece!r:>14}  p={probs[0, token]:.3f}   top: {top}")
+        text += llm.tokenizer.decode_bytes([token]) if token < llm.tokenizer.vocab_size else b""
+        if token in llm.stop_token_ids:
+            break
+    print("---")
+    print(prompt + text.decode("utf-8", errors="replace"))
+    return 0
+
+
+CHAT_HELP = """commands:
+  /reset   forget the conversation (keeps the system prompt)
+  /help    this text
+  /exit    quit (Ctrl-D does too)
+Ctrl-C while the model answers stops the answer; the conversation goes on."""
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    llm = _load_llm(args.model)
+    options = _sampling_options(args)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history = list(system)
+    reserve = min(args.max_new_tokens, llm.context_window // 4)
+    print(f"pyllm chat: {llm.model} ({'its own' if llm.chat_template else 'a plain'} chat template, "
+          f"context {llm.context_window} tokens). /help for commands, Ctrl-D to quit.")
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            print()
+            return 0
+        except KeyboardInterrupt:
+            print("\n(Ctrl-D or /exit quits)")
+            continue
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            return 0
+        if text == "/help":
+            print(CHAT_HELP)
+            continue
+        if text == "/reset":
+            history = list(system)
+            print("(conversation reset)")
+            continue
+        if text.startswith("/"):
+            print(f"unknown command {text.split()[0]}; /help lists them")
+            continue
+        history.append({"role": "user", "content": text})
+        dropped = 0
+        while llm.count_tokens(history) > llm.context_window - reserve and len(history) > len(system) + 1:
+            del history[len(system):len(system) + 2]   # the oldest user turn and its answer
+            dropped += 1
+        if dropped:
+            print(f"(the conversation outgrew the {llm.context_window}-token context: "
+                  f"dropped the {dropped} oldest turn(s))")
+        if llm.count_tokens(history) >= llm.context_window:
+            print(f"(that message is too long for the {llm.context_window}-token context; try a shorter one)")
+            history.pop()
+            continue
+        print("assistant> ", end="", flush=True)
+        pieces = []
+        try:
+            for piece in llm.chat(history, args.max_new_tokens, stream=True, **options):
+                print(piece, end="", flush=True)
+                pieces.append(piece)
+        except KeyboardInterrupt:
+            print(" [stopped]", end="")
+        print()
+        history.append({"role": "assistant", "content": "".join(pieces).strip()})
+
+
+def _add_sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    p.add_argument("--model", help="a model folder (default: ./out, what `pyllm train` writes)")
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=f"default {max_new_tokens}")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=50, help="keep the k likeliest tokens (default 50; 0: off)")
+    p.add_argument("--top-p", type=float, help="keep the likeliest tokens up to this mass (nucleus)")
+    p.add_argument("--min-p", type=float, help="drop tokens below this fraction of the likeliest")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (default 1)")
+    p.add_argument("--seed", type=int, help="same seed, same text")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pyllm", description="A readable LLM stack with C++ kernels.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -157,6 +286,16 @@ def main(argv: list[str] | None = None) -> int:
     decode.add_argument("ids", nargs="+", help="token ids (spaces or commas)")
     decode.set_defaults(func=_cmd_tokenize_decode)
     _add_train_parser(sub)
+    gen = sub.add_parser("generate", help="continue a prompt, streaming the text")
+    gen.add_argument("prompt", nargs="?", help="the text to continue (default: standard input)")
+    _add_sampling_flags(gen, 100)
+    gen.add_argument("--show-probs", type=int, nargs="?", const=5, default=0, metavar="K",
+                     help="print each step's K likeliest next tokens and their probabilities (default K=5)")
+    gen.set_defaults(func=_cmd_generate)
+    chat = sub.add_parser("chat", help="talk with a model, turn after turn")
+    _add_sampling_flags(chat, 256)
+    chat.add_argument("--system", help="a system prompt")
+    chat.set_defaults(func=_cmd_chat)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

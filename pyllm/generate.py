@@ -33,11 +33,11 @@ class SamplingConfig:
         kernels._sampling_args(np.zeros(1, np.float32), self.temperature, self.top_k, self.top_p, self.min_p,
                                self.repetition_penalty, None, 0)
 
-    def sample(self, logits: np.ndarray, history, seeds: np.ndarray, step: int) -> np.ndarray:
+    def sample(self, logits: np.ndarray, history, seeds: np.ndarray, step: int, return_probs: bool = False):
         return kernels.sample(logits, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
                               min_p=self.min_p, repetition_penalty=self.repetition_penalty,
                               presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
-                              history=history, seed=seeds, step=step)
+                              history=history, seed=seeds, step=step, return_probs=return_probs)
 
 
 Prompt = Union[Sequence[int], np.ndarray]
@@ -73,8 +73,10 @@ def seeds_for(seed: Optional[int], batch: int) -> np.ndarray:
 
 
 def generate_stream(model, ids, max_new_tokens: int, sampling: SamplingConfig = SamplingConfig(),
-                    stop_tokens: Sequence[int] = (), seed: Optional[int] = None) -> Iterator[np.ndarray]:
-    """Yields, per step, the new token of every sequence (B,), -1 for sequences already stopped.
+                    stop_tokens: Sequence[int] = (), seed: Optional[int] = None,
+                    with_probs: bool = False) -> Iterator[np.ndarray]:
+    """Yields, per step, the new token of every sequence (B,), -1 for sequences already stopped
+    (with_probs: a pair, the tokens and the (B, vocab) distributions they were drawn from).
 
     Stops after max_new_tokens, when every sequence has met a stop token, or when the context
     window is full.
@@ -96,9 +98,10 @@ def generate_stream(model, ids, max_new_tokens: int, sampling: SamplingConfig = 
     done = np.zeros(B, bool)
     stops = set(int(t) for t in stop_tokens)
     for step in range(int(max_new_tokens)):
-        tokens = np.asarray(sampling.sample(logits, history, seeds, step), np.int64).reshape(B)
+        drawn = sampling.sample(logits, history, seeds, step, return_probs=with_probs)
+        tokens = np.asarray(drawn[0] if with_probs else drawn, np.int64).reshape(B)
         tokens[done] = -1
-        yield tokens
+        yield (tokens, drawn[1]) if with_probs else tokens
         for b in np.flatnonzero(~done):
             history[b].append(int(tokens[b]))
             if int(tokens[b]) in stops:

@@ -1,0 +1,202 @@
+"""`pyllm.LLM`: a model, its tokenizer and its chat template, speaking text instead of ids.
+
+generate() continues a prompt; chat() formats a conversation with the model's chat template
+(Jinja, as Hugging Face and GGUF files carry it; a plain fallback otherwise) and answers it.
+Streaming yields text pieces that are always whole characters: bytes of a character split across
+tokens are held back until it is complete, and text that may begin a stop string is held back
+until it is known not to.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+from pathlib import Path
+from typing import Iterator, Optional, Sequence, Union
+
+import numpy as np
+
+from pyllm.generate import SamplingConfig, generate_stream
+
+# Used for models that carry no template (e.g. those `pyllm train` makes): readable turns.
+PLAIN_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{{ m['content'] }}\n\n"
+    "{% elif m['role'] == 'user' %}User: {{ m['content'] }}\n"
+    "{% else %}Assistant: {{ m['content'] }}\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+PLAIN_STOPS = ("\nUser:",)
+END_OF_TEXT_NAMES = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "</s>", "<|end|>")
+
+Message = dict
+
+
+class LLM:
+    """Text in, text out: `LLM.load(folder)`, then `generate(prompt)` or `chat(messages)`."""
+
+    def __init__(self, model, tokenizer, chat_template: Optional[str] = None,
+                 stop_token_ids: Optional[Sequence[int]] = None) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.chat_template = chat_template
+        if stop_token_ids is None:
+            stop_token_ids = [tokenizer.special_tokens[n] for n in END_OF_TEXT_NAMES if n in tokenizer.special_tokens]
+        self.stop_token_ids = list(stop_token_ids)
+        self._template = None
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def load(cls, source: Union[str, Path]) -> "LLM":
+        """A Hugging Face model folder (config.json, model.safetensors, tokenizer.json), such as
+        `pyllm train` writes; its tokenizer_config.json may carry the chat template."""
+        from pyllm.model import Model
+        from pyllm.tokenizer import Tokenizer
+
+        folder = Path(source)
+        if not folder.exists():
+            raise FileNotFoundError(f"no such model: {folder}")
+        if folder.is_file():
+            raise ValueError(f"{folder}: give a model folder (config.json, model.safetensors, tokenizer.json)")
+        model = Model.from_pretrained(folder)
+        if not (folder / "tokenizer.json").is_file():
+            raise FileNotFoundError(f"{folder}: no tokenizer.json beside the model")
+        tokenizer = Tokenizer.load(folder / "tokenizer.json")
+        if tokenizer.vocab_size > model.config.vocab_size:
+            raise ValueError(f"{folder}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                             f"{model.config.vocab_size}")
+        template, stops = None, None
+        config_path = folder / "tokenizer_config.json"
+        if config_path.is_file():
+            doc = json.loads(config_path.read_text(encoding="utf-8"))
+            template = doc.get("chat_template") if isinstance(doc.get("chat_template"), str) else None
+            eos = doc.get("eos_token")
+            eos = eos.get("content") if isinstance(eos, dict) else eos
+            if isinstance(eos, str) and eos in tokenizer.special_tokens:
+                stops = [tokenizer.special_tokens[eos]]
+        return cls(model, tokenizer, template, stops)
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(self, prompt: str, max_new_tokens: int = 128, temperature: float = 0.8,
+                 top_k: Optional[int] = 50, top_p: Optional[float] = None, seed: Optional[int] = None, *,
+                 min_p: Optional[float] = None, repetition_penalty: float = 1.0, presence_penalty: float = 0.0,
+                 frequency_penalty: float = 0.0, stop: Sequence[str] = (), stream: bool = False
+                 ) -> Union[str, Iterator[str]]:
+        """The continuation of prompt (without the prompt); with stream=True, an iterator of pieces."""
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
+        ids = self.tokenizer.encode(prompt, allowed_special="all")
+        if not ids:
+            raise ValueError("the prompt is empty: give some text to continue")
+        sampling = SamplingConfig(temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty,
+                                  frequency_penalty)
+        pieces = self._stream(ids, max_new_tokens, sampling, seed, list(stop))
+        return pieces if stream else "".join(pieces)
+
+    def _stream(self, ids: list[int], max_new_tokens: int, sampling: SamplingConfig, seed: Optional[int],
+                stop: list[str]) -> Iterator[str]:
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        pending = ""     # decoded text not yet given out: it may be the start of a stop string
+        for tokens in generate_stream(self.model, ids, max_new_tokens, sampling, self.stop_token_ids, seed):
+            token = int(tokens[0])
+            if token in self.stop_token_ids:
+                break
+            if token >= self.tokenizer.vocab_size:   # a padded embedding row no text maps to
+                continue
+            pending += decoder.decode(self.tokenizer.decode_bytes([token]))
+            cut = _first_stop(pending, stop)
+            if cut is not None:
+                if pending[:cut]:
+                    yield pending[:cut]
+                return
+            keep = _stop_prefix_length(pending, stop)
+            if len(pending) > keep:
+                yield pending[:len(pending) - keep]
+                pending = pending[len(pending) - keep:]
+        pending += decoder.decode(b"", final=True)
+        cut = _first_stop(pending, stop)
+        pending = pending[:cut] if cut is not None else pending
+        if pending:
+            yield pending
+
+    # ------------------------------------------------------------------ chat
+
+    def apply_chat_template(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
+        """The conversation as the text the model was trained to continue."""
+        _check_messages(messages)
+        if self._template is None:
+            from jinja2 import StrictUndefined
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+            def raise_exception(message):
+                raise ValueError(f"chat template: {message}")
+
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, undefined=StrictUndefined)
+            env.globals["raise_exception"] = raise_exception
+            self._template = env.from_string(self.chat_template or PLAIN_TEMPLATE)
+        names = {v: k for k, v in self.tokenizer.special_tokens.items()}
+        eos = names.get(self.stop_token_ids[0], "") if self.stop_token_ids else ""
+        return self._template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
+                                     bos_token="", eos_token=eos)
+
+    def chat(self, messages: Sequence[Message], max_new_tokens: int = 256, stream: bool = False, **options
+             ) -> Union[str, Iterator[str]]:
+        """The assistant's answer to a conversation (a list of {"role", "content"} dicts)."""
+        prompt = self.apply_chat_template(messages)
+        stop = list(options.pop("stop", ())) + (list(PLAIN_STOPS) if self.chat_template is None else [])
+        reply = self.generate(prompt, max_new_tokens, stop=stop, stream=True, **options)
+        if stream:
+            return reply
+        return "".join(reply).strip()
+
+    def count_tokens(self, messages: Sequence[Message]) -> int:
+        return len(self.tokenizer.encode(self.apply_chat_template(messages), allowed_special="all"))
+
+    @property
+    def context_window(self) -> int:
+        return self.model.config.block_size
+
+    def save(self, folder: Union[str, Path]) -> None:
+        """The model folder, plus tokenizer_config.json with the chat template and end token."""
+        from pyllm.io.atomic import write_text
+
+        self.model.save_pretrained(folder, tokenizer=self.tokenizer)
+        names = {v: k for k, v in self.tokenizer.special_tokens.items()}
+        doc = {"chat_template": self.chat_template,
+               "eos_token": names.get(self.stop_token_ids[0]) if self.stop_token_ids else None}
+        write_text(Path(folder) / "tokenizer_config.json", json.dumps(doc, indent=2) + "\n")
+
+
+def _check_messages(messages) -> None:
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str) \
+                or m.get("role") not in ("system", "user", "assistant"):
+            raise ValueError(f"message {i} must be a dict with role system/user/assistant and str content, "
+                             f"got {m!r}")
+
+
+def _first_stop(text: str, stops: Sequence[str]) -> Optional[int]:
+    hits = [text.find(s) for s in stops if s and s in text]
+    return min(hits) if hits else None
+
+
+def _stop_prefix_length(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest end of text that is a proper beginning of a stop string."""
+    best = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:n]):
+                best = n
+                break
+    return best
+
+
+def top_probabilities(probs: np.ndarray, tokenizer, k: int = 5) -> list[tuple[str, float]]:
+    """The k most likely next tokens as (readable piece, probability)."""
+    top = np.argsort(-probs, kind="stable")[:k]
+    return [(tokenizer.token_to_bytes(int(t)).decode("utf-8", errors="backslashreplace"), float(probs[t]))
+            for t in top if probs[t] > 0]
