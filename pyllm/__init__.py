@@ -6,17 +6,19 @@ Not a PyTorch wrapper: nothing here imports torch at run time.
 import importlib
 
 __version__ = "0.1.0"
-__all__ = ["Tokenizer", "Model", "ModelConfig", "AdamW", "kernels", "reference", "get_num_threads", "set_num_threads", "__version__"]
+__all__ = ["Tokenizer", "Model", "ModelConfig", "AdamW", "LLM", "kernels", "reference", "get_num_threads", "set_num_threads", "__version__"]
 
 
 def __getattr__(name: str):
     # Imported on first use, so `pyllm.reference` (pure numpy) works without the built extension.
-    if name in ("kernels", "reference", "bench", "tokenizer", "data", "hub", "model", "optim", "train"):
+    if name in ("kernels", "reference", "bench", "tokenizer", "data", "hub", "model", "optim", "train", "generate", "llm"):
         return importlib.import_module(f"pyllm.{name}")
     if name == "Tokenizer":
         return importlib.import_module("pyllm.tokenizer").Tokenizer
     if name in ("Model", "ModelConfig"):
         return getattr(importlib.import_module("pyllm.model"), name)
+    if name == "LLM":
+        return importlib.import_module("pyllm.llm").LLM
     if name == "AdamW":
         return importlib.import_module("pyllm.optim").AdamW
     if name in ("get_num_threads", "set_num_threads"):

@@ -202,39 +202,80 @@ void gemm(int64_t M, int64_t N, int64_t K, MatView A, MatView B, float* C, int64
 
 namespace {
 
+thread_local ThreadBuffer row_buffer;
+
 // out (M, N) = a (M, K) @ B for a few rows (decode-sized M): B streams once straight from
-// memory instead of being packed, which would cost as much as the product itself.
+// memory instead of being packed, which would cost as much as the product itself. Each work item
+// owns a block of output columns and keeps several independent accumulators, so the FMAs of one
+// row do not wait on each other.
 void matmul_few_rows(float* out, const float* a, const float* b, int64_t M, int64_t K, int64_t N,
                      bool trans_b) {
   if (!trans_b) {
-    // Each chunk of W-aligned columns is owned by one work item: out[i, j..] = sum_k a[i,k] b[k, j..].
-    const int64_t chunks = (N + W - 1) / W;
-    parallel_for(chunks, imax(1, 4096 / imax(1, K)), [&](int64_t c0, int64_t c1) {
+    // One wide block of columns per thread, accumulated in a buffer that stays in L1 while
+    // long contiguous stretches of B's rows stream past (what the hardware prefetcher follows),
+    // four rows per pass: acc += a[i,k..k+4) . b[k..k+4, j..j+CW).
+    const int64_t CW = imin(4096, imax(W, (N + num_threads() - 1) / num_threads() + W - 1) / W * W);
+    const int64_t blocks = (N + CW - 1) / CW;
+    parallel_for(blocks, 1, [&](int64_t c0, int64_t c1) {
+      float* acc = row_buffer.get(CW);
       for (int64_t c = c0; c < c1; ++c) {
-        const int64_t j = c * W, n = imin(W, N - j);
+        const int64_t j = c * CW, width = imin(CW, N - j), full = width / W * W, rest = width - full;
         for (int64_t i = 0; i < M; ++i) {
-          vf acc = splat(0.f);
-          for (int64_t k = 0; k < K; ++k) {
-            const vf bv = n == W ? load(b + k * N + j) : load_partial(b + k * N + j, n);
-            acc += splat(a[i * K + k]) * bv;
+          const float* x = a + i * K;
+          for (int64_t v = 0; v < width; ++v) acc[v] = 0.f;
+          int64_t k = 0;
+          for (; k + 4 <= K; k += 4) {
+            const vf x0 = splat(x[k]), x1 = splat(x[k + 1]), x2 = splat(x[k + 2]), x3 = splat(x[k + 3]);
+            const float *r0 = b + k * N + j, *r1 = r0 + N, *r2 = r1 + N, *r3 = r2 + N;
+            for (int64_t v = 0; v < full; v += W)
+              store(acc + v, load(acc + v) + x0 * load(r0 + v) + x1 * load(r1 + v) + x2 * load(r2 + v) +
+                                 x3 * load(r3 + v));
+            if (rest)
+              store_partial(acc + full, load_partial(acc + full, rest) + x0 * load_partial(r0 + full, rest) +
+                                            x1 * load_partial(r1 + full, rest) + x2 * load_partial(r2 + full, rest) +
+                                            x3 * load_partial(r3 + full, rest), rest);
           }
-          store_partial(out + i * N + j, acc, n);
+          for (; k < K; ++k) {
+            const vf xk = splat(x[k]);
+            const float* r = b + k * N + j;
+            for (int64_t v = 0; v < full; v += W) store(acc + v, load(acc + v) + xk * load(r + v));
+            if (rest) store_partial(acc + full, load_partial(acc + full, rest) + xk * load_partial(r + full, rest), rest);
+          }
+          for (int64_t v = 0; v < width; ++v) out[i * N + j + v] = acc[v];
         }
       }
     });
   } else {
-    // out[i, j] = dot(a[i, :], b[j, :]), one output column per item.
-    parallel_for(N, imax(1, 16384 / imax(1, K)), [&](int64_t j0, int64_t j1) {
-      for (int64_t j = j0; j < j1; ++j)
+    // out[i, j] = dot(a[i, :], b[j, :]): RB rows of b at a time, each with two accumulators.
+    constexpr int64_t RB = 4;
+    const int64_t groups = (N + RB - 1) / RB;
+    parallel_for(groups, imax(1, 4096 / imax(1, K)), [&](int64_t g0, int64_t g1) {
+      for (int64_t g = g0; g < g1; ++g) {
+        const int64_t j0 = g * RB, rows = imin(RB, N - j0);
         for (int64_t i = 0; i < M; ++i) {
           const float* x = a + i * K;
-          const float* y = b + j * K;
-          vf acc = splat(0.f);
+          vf acc0[RB], acc1[RB];
+          for (int64_t r = 0; r < RB; ++r) acc0[r] = acc1[r] = splat(0.f);
           int64_t k = 0;
-          for (; k + W <= K; k += W) acc += load(x + k) * load(y + k);
-          if (k < K) acc += load_partial(x + k, K - k) * load_partial(y + k, K - k);
-          out[i * N + j] = hsum(acc);
+          if (rows == RB) {
+            for (; k + 2 * W <= K; k += 2 * W) {
+              const vf x0 = load(x + k), x1 = load(x + k + W);
+              for (int64_t r = 0; r < RB; ++r) {
+                const float* y = b + (j0 + r) * K + k;
+                acc0[r] += x0 * load(y);
+                acc1[r] += x1 * load(y + W);
+              }
+            }
+          }
+          for (int64_t r = 0; r < rows; ++r) {
+            const float* y = b + (j0 + r) * K;
+            int64_t kk = k;
+            for (; kk + W <= K; kk += W) acc0[r] += load(x + kk) * load(y + kk);
+            if (kk < K) acc0[r] += load_partial(x + kk, K - kk) * load_partial(y + kk, K - kk);
+            out[i * N + j0 + r] = hsum(acc0[r] + acc1[r]);
+          }
         }
+      }
     });
   }
 }
