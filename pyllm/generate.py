@@ -33,7 +33,12 @@ class SamplingConfig:
         kernels._sampling_args(np.zeros(1, np.float32), self.temperature, self.top_k, self.top_p, self.min_p,
                                self.repetition_penalty, None, 0)
 
+    @property
+    def uses_history(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
     def sample(self, logits: np.ndarray, history, seeds: np.ndarray, step: int, return_probs: bool = False):
+        history = history if self.uses_history else None   # converting it costs time every step
         return kernels.sample(logits, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
                               min_p=self.min_p, repetition_penalty=self.repetition_penalty,
                               presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,

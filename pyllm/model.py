@@ -18,7 +18,7 @@ import numpy as np
 from pyllm import kernels
 from pyllm.kernels import _C
 
-ARCHITECTURES = ("gpt2",)
+ARCHITECTURES = ("gpt2", "llama")
 
 
 @dataclass
@@ -30,7 +30,8 @@ class ModelConfig:
     n_layer: int = 6
     n_head: int = 6
     n_embd: int = 384
-    arch: str = "gpt2"             # "gpt2": LayerNorm, learned positions, GELU MLP, biases
+    arch: str = "gpt2"             # "gpt2": LayerNorm, learned positions, GELU MLP, biases;
+                                   # "llama": RMSNorm, rotary positions, SwiGLU MLP, GQA, no biases
     norm_eps: float = 1e-5
     intermediate_size: Optional[int] = None   # feed-forward width; default 4 * n_embd
     n_kv_head: Optional[int] = None           # grouped-query attention (Llama); default n_head
@@ -89,6 +90,10 @@ class ParamSpec:
 
 def parameter_specs(cfg: ModelConfig) -> list[ParamSpec]:
     """Every parameter with its Hugging Face name, decayed ones first (AdamW updates two slices)."""
+    if cfg.arch == "llama":
+        from pyllm import llama
+
+        return llama.parameter_specs(cfg)
     C, F = cfg.n_embd, cfg.intermediate_size
     decayed, other = [], [
         ParamSpec("transformer.wte.weight", (cfg.vocab_size, C), False, "normal"),
@@ -172,6 +177,8 @@ class Model:
         self.num_decayed = sum(math.prod(s.shape) for s in self.specs if s.decay)
         self.params = np.empty(self.num_params, np.float32)
         self.grads = np.zeros(self.num_params, np.float32)
+        self.offsets = dict(zip((s.name for s in self.specs),
+                                np.cumsum([0] + [math.prod(s.shape) for s in self.specs[:-1]]).tolist()))
         self.p = _views(self.params, self.specs)
         self.g = _views(self.grads, self.specs)
         self._ws = _Workspace()
@@ -278,7 +285,15 @@ class Model:
         self._backward(ids, logits)
         return loss
 
+    def _matmul_t(self, out: np.ndarray, a: np.ndarray, weight, M: int, K: int, N: int) -> None:
+        """out (M, N) = a (M, K) @ weight^T, weight (N, K): the inference products of the Llama path."""
+        _C.matmul_forward(out, a, weight, None, M, K, N, True)
+
     def _forward(self, ids: np.ndarray) -> np.ndarray:
+        if self.config.arch == "llama":
+            from pyllm import llama
+
+            return llama.forward(self, ids)
         cfg, p, ws = self.config, self.p, self._ws
         B, T = ids.shape
         C, NH, HS, F, V = cfg.n_embd, cfg.n_head, cfg.head_size, cfg.intermediate_size, cfg.vocab_size
@@ -321,14 +336,21 @@ class Model:
         _C.matmul_forward(logits, lnf, self._head(), None, N, C, V, True)
         return logits
 
+    def _embedding_name(self) -> str:
+        return "model.embed_tokens.weight" if self.config.arch == "llama" else "transformer.wte.weight"
+
     def _head(self) -> np.ndarray:
-        return self.p["transformer.wte.weight" if self.config.tie_word_embeddings else "lm_head.weight"]
+        return self.p[self._embedding_name() if self.config.tie_word_embeddings else "lm_head.weight"]
 
     def _head_grad(self) -> np.ndarray:
-        return self.g["transformer.wte.weight" if self.config.tie_word_embeddings else "lm_head.weight"]
+        return self.g[self._embedding_name() if self.config.tie_word_embeddings else "lm_head.weight"]
 
     def _backward(self, ids: np.ndarray, dlogits: np.ndarray) -> None:
         """Gradients from dlogits (N, V) back through the saved activations of the last _forward."""
+        if self.config.arch == "llama":
+            from pyllm import llama
+
+            return llama.backward(self, ids, dlogits)
         cfg, p, g, ws = self.config, self.p, self.g, self._ws
         B, T = ids.shape
         C, NH, HS, F, V = cfg.n_embd, cfg.n_head, cfg.head_size, cfg.intermediate_size, cfg.vocab_size
@@ -386,10 +408,15 @@ class Model:
         cfg, p = self.config, self.p
         rows = rows if rows is not None else slice(0, cache.batch)
         lengths = cache.lengths[rows]
+        if int(lengths.max()) + ids.shape[1] > cache.capacity:
+            raise ValueError(f"the KV cache holds {cache.capacity} positions; "
+                             f"{int(lengths.max()) + ids.shape[1]} needed")
+        if cfg.arch == "llama":
+            from pyllm import llama
+
+            return llama.forward_step(self, ids, cache, rows)
         B, Tq = ids.shape
         C, NH, HS, F, V = cfg.n_embd, cfg.n_head, cfg.head_size, cfg.intermediate_size, cfg.vocab_size
-        if int(lengths.max()) + Tq > cache.capacity:
-            raise ValueError(f"the KV cache holds {cache.capacity} positions; {int(lengths.max()) + Tq} needed")
         N, eps = B * Tq, cfg.norm_eps
         positions = lengths[:, None] + np.arange(Tq)[None, :]
         x = np.empty((N, C), np.float32)

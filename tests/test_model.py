@@ -173,3 +173,67 @@ def test_bad_input_is_refused_clearly(tmp_path):
 def test_public_names():
     assert pyllm.Model is Model and pyllm.ModelConfig is ModelConfig
     assert ModelConfig.preset("small").n_embd == 384
+
+
+# ----------------------------------------------------------------------------- Llama family
+
+LLAMA = dict(arch="llama", vocab_size=89, block_size=32, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
+             intermediate_size=96, rope_theta=500.0, norm_eps=1e-6)
+
+
+def llama_twin(model: Model):
+    from pyllm.io.hf import config_to_hf
+
+    cfg = transformers.LlamaConfig(**config_to_hf(model.config))
+    cfg._attn_implementation = "eager"
+    twin = transformers.LlamaForCausalLM(cfg)
+    state = {k: torch.from_numpy(np.array(v)) for k, v in model.state_dict().items()}
+    missing, unexpected = twin.load_state_dict(state, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    if model.config.tie_word_embeddings:
+        twin.tie_weights()
+    twin.eval()
+    return twin
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("n_kv_head", [2, 4, 1])
+def test_llama_matches_transformers_logits_loss_and_gradients(tied, n_kv_head):
+    cfg = ModelConfig(**{**LLAMA, "n_kv_head": n_kv_head}, tie_word_embeddings=tied)
+    model = Model(cfg, seed=2)
+    rng = np.random.default_rng(0)
+    for spec in model.specs:
+        if spec.name.endswith("norm.weight"):
+            model.p[spec.name][...] += rng.standard_normal(spec.shape).astype(np.float32) * 0.2
+    twin = llama_twin(model)
+    ids, targets = batch(cfg, 2, 17)
+    t_logits = twin(torch.from_numpy(ids)).logits
+    assert_close(model(ids), t_logits.detach().numpy(), what="logits")
+    t_loss = torch.nn.functional.cross_entropy(t_logits.reshape(-1, cfg.vocab_size), torch.from_numpy(targets).reshape(-1))
+    t_loss.backward()
+    loss = model.forward_backward(ids, targets)
+    assert loss == pytest.approx(t_loss.item(), rel=1e-5)
+    t_params = dict(twin.named_parameters())
+    for name, grad in model.named_grads().items():
+        assert_close(grad, t_params[name].grad.numpy(), what=name)
+
+
+def test_llama_cached_generation_equals_recompute_and_folders_round_trip(tmp_path):
+    from pyllm.generate import generate
+
+    model = Model(ModelConfig(**LLAMA), seed=4)
+    model.params[...] += np.random.default_rng(1).standard_normal(model.params.size).astype(np.float32) * 0.05
+    prompts = [[1, 2, 3, 4, 5, 6], [7], [8, 9, 10]]
+    cached = model.generate(prompts, 7, temperature=0)
+    assert [c.tolist() for c in cached] == [c.tolist() for c in generate(model, prompts, 7, temperature=0,
+                                                                          use_cache=False)]
+    model.save_pretrained(tmp_path)
+    theirs = transformers.LlamaForCausalLM.from_pretrained(tmp_path)
+    theirs.eval()
+    ids, _ = batch(model.config, 1, 12)
+    with torch.no_grad():
+        assert_close(model(ids), theirs(torch.from_numpy(ids)).logits.numpy(), what="transformers reads our llama")
+    theirs.save_pretrained(tmp_path / "back")
+    again = Model.from_pretrained(tmp_path / "back")
+    assert again.config.arch == "llama" and again.config.n_kv_head == 2
+    assert_close(again(ids), model(ids), what="our reading of a transformers llama folder")

@@ -1,4 +1,4 @@
-"""Hugging Face model folders: config.json + model.safetensors (+ tokenizer.json), GPT-2 family.
+"""Hugging Face model folders: config.json + model.safetensors (+ tokenizer.json), GPT-2 and Llama.
 
 What save_pretrained writes, `transformers` loads as GPT2LMHeadModel with the same logits; what
 `transformers` writes (or the hub's GPT-2 files), load_pretrained reads.
@@ -21,8 +21,17 @@ _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 
 
 def config_to_hf(cfg) -> dict:
-    if cfg.arch != "gpt2":
-        raise ValueError(f"no Hugging Face config for arch {cfg.arch!r}")
+    if cfg.arch == "llama":
+        return {
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+            "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.block_size,
+            "hidden_size": cfg.n_embd, "intermediate_size": cfg.intermediate_size,
+            "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
+            "num_key_value_heads": cfg.n_kv_head, "head_dim": cfg.head_size, "hidden_act": "silu",
+            "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
+            "tie_word_embeddings": cfg.tie_word_embeddings, "attention_bias": False, "mlp_bias": False,
+            "torch_dtype": "float32",
+        }
     return {
         "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
         "vocab_size": cfg.vocab_size, "n_positions": cfg.block_size, "n_ctx": cfg.block_size,
@@ -38,8 +47,10 @@ def config_from_hf(doc: dict, where: str = CONFIG):
     from pyllm.model import ModelConfig
 
     model_type = doc.get("model_type")
+    if model_type == "llama":
+        return _llama_config_from_hf(doc, where)
     if model_type != "gpt2":
-        raise ValueError(f"{where}: model_type {model_type!r} is not supported yet (gpt2 is)")
+        raise ValueError(f"{where}: model_type {model_type!r} is not supported (gpt2 and llama are)")
     activation = doc.get("activation_function", "gelu_new")
     if activation not in ("gelu_new", "gelu_pytorch_tanh"):
         raise ValueError(f"{where}: activation_function {activation!r} is not supported (gelu_new is)")
@@ -52,6 +63,35 @@ def config_from_hf(doc: dict, where: str = CONFIG):
                            intermediate_size=int(doc["n_inner"]) if doc.get("n_inner") else None,
                            norm_eps=float(doc.get("layer_norm_epsilon", 1e-5)),
                            tie_word_embeddings=bool(doc.get("tie_word_embeddings", True)))
+    except KeyError as exc:
+        raise ValueError(f"{where}: missing key {exc.args[0]!r}") from None
+
+
+def _llama_config_from_hf(doc: dict, where: str):
+    from pyllm.model import ModelConfig
+
+    if doc.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"{where}: hidden_act {doc.get('hidden_act')!r} is not supported (silu is)")
+    # transformers 5 writes rope settings as rope_parameters; earlier ones as rope_theta/rope_scaling.
+    rope = doc.get("rope_parameters") or doc.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
+        raise ValueError(f"{where}: rope type {rope.get('rope_type', rope.get('type'))!r} is not supported "
+                         f"(plain rotary embeddings are)")
+    theta = rope.get("rope_theta", doc.get("rope_theta", 10000.0))
+    if doc.get("attention_bias") or doc.get("mlp_bias"):
+        raise ValueError(f"{where}: attention/mlp biases are not supported for llama")
+    try:
+        heads, hidden = int(doc["num_attention_heads"]), int(doc["hidden_size"])
+        if doc.get("head_dim") not in (None, hidden // heads):
+            raise ValueError(f"{where}: head_dim {doc['head_dim']} != hidden_size / num_attention_heads")
+        return ModelConfig(arch="llama", vocab_size=int(doc["vocab_size"]),
+                           block_size=int(doc.get("max_position_embeddings", 2048)),
+                           n_layer=int(doc["num_hidden_layers"]), n_head=heads, n_embd=hidden,
+                           n_kv_head=int(doc.get("num_key_value_heads") or heads),
+                           intermediate_size=int(doc["intermediate_size"]),
+                           norm_eps=float(doc.get("rms_norm_eps", 1e-6)),
+                           rope_theta=float(theta),
+                           tie_word_embeddings=bool(doc.get("tie_word_embeddings", False)))
     except KeyError as exc:
         raise ValueError(f"{where}: missing key {exc.args[0]!r}") from None
 

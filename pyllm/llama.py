@@ -1,0 +1,230 @@
+"""The Llama family for pyllm.Model: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU.
+
+Parameter names and shapes are Hugging Face's LlamaForCausalLM (linear weights are (out, in), so
+every product is x @ W^T, a transposed-operand matmul). q_proj, k_proj and v_proj sit next to each
+other in the flat parameter buffer, so the three projections run as one matmul over their
+concatenation. Model (model.py) calls these for config.arch == "llama".
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from pyllm.kernels import _C
+from pyllm.reference import rope_tables
+
+if TYPE_CHECKING:
+    from pyllm.model import KVCache, Model, ModelConfig, ParamSpec
+
+
+def parameter_specs(cfg: "ModelConfig") -> list["ParamSpec"]:
+    from pyllm.model import ParamSpec
+
+    C, F, HS = cfg.n_embd, cfg.intermediate_size, cfg.head_size
+    q_out, kv_out = cfg.n_head * HS, cfg.n_kv_head * HS
+    decayed, other = [], [ParamSpec("model.embed_tokens.weight", (cfg.vocab_size, C), False, "normal")]
+    for i in range(cfg.n_layer):
+        h = f"model.layers.{i}."
+        decayed += [ParamSpec(h + "self_attn.q_proj.weight", (q_out, C), True, "normal"),
+                    ParamSpec(h + "self_attn.k_proj.weight", (kv_out, C), True, "normal"),
+                    ParamSpec(h + "self_attn.v_proj.weight", (kv_out, C), True, "normal"),
+                    ParamSpec(h + "self_attn.o_proj.weight", (C, q_out), True, "residual"),
+                    ParamSpec(h + "mlp.gate_proj.weight", (F, C), True, "normal"),
+                    ParamSpec(h + "mlp.up_proj.weight", (F, C), True, "normal"),
+                    ParamSpec(h + "mlp.down_proj.weight", (C, F), True, "residual")]
+        other += [ParamSpec(h + "input_layernorm.weight", (C,), False, "ones"),
+                  ParamSpec(h + "post_attention_layernorm.weight", (C,), False, "ones")]
+    other.append(ParamSpec("model.norm.weight", (C,), False, "ones"))
+    if not cfg.tie_word_embeddings:
+        decayed.append(ParamSpec("lm_head.weight", (cfg.vocab_size, C), True, "normal"))
+    return decayed + other
+
+
+def _qkv_weight(model: "Model", i: int) -> np.ndarray:
+    """q_proj, k_proj and v_proj of layer i as one ((NH + 2 NKV) HS, C) view (they are adjacent)."""
+    return _qkv_view(model, model.params, i)
+
+
+def _qkv_grad(model: "Model", i: int) -> np.ndarray:
+    return _qkv_view(model, model.grads, i)
+
+
+def _qkv_view(model: "Model", flat: np.ndarray, i: int) -> np.ndarray:
+    cfg = model.config
+    rows = (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_size
+    start = model.offsets[f"model.layers.{i}.self_attn.q_proj.weight"]
+    return flat[start:start + rows * cfg.n_embd].reshape(rows, cfg.n_embd)
+
+
+def _rope_cache(model: "Model", length: int) -> tuple[np.ndarray, np.ndarray]:
+    tables = getattr(model, "_rope", None)
+    if tables is None or tables[0].shape[0] < length:
+        size = max(length, min(model.config.block_size, 4096))
+        tables = model._rope = rope_tables(size, model.config.head_size, model.config.rope_theta)
+    return tables
+
+
+def _split_heads(qkv: np.ndarray, B: int, T: int, cfg, q, k, v) -> None:
+    """(N, (NH + 2 NKV) HS) -> q (B, NH, T, HS), k and v (B, NKV, T, HS)."""
+    NH, NKV, HS = cfg.n_head, cfg.n_kv_head, cfg.head_size
+    rows = qkv.reshape(B, T, NH + 2 * NKV, HS)
+    np.copyto(q, rows[:, :, :NH].transpose(0, 2, 1, 3))
+    np.copyto(k, rows[:, :, NH:NH + NKV].transpose(0, 2, 1, 3))
+    np.copyto(v, rows[:, :, NH + NKV:].transpose(0, 2, 1, 3))
+
+
+def forward(model: "Model", ids: np.ndarray) -> np.ndarray:
+    cfg, p, ws = model.config, model.p, model._ws
+    B, T = ids.shape
+    C, NH, NKV, HS, F, V = cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.head_size, cfg.intermediate_size, cfg.vocab_size
+    N, eps, QKV = B * T, cfg.norm_eps, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_size
+    cos, sin = (t[:T] for t in _rope_cache(model, T))
+    cos, sin = np.ascontiguousarray(cos), np.ascontiguousarray(sin)
+    ws.reset((B, T))
+    x = ws.get("x0", (N, C))
+    _C.embedding_forward(x, ids, p["model.embed_tokens.weight"], N, V, C)
+    for i in range(cfg.n_layer):
+        h = f"model.layers.{i}."
+        ln1, r1 = ws.get(f"ln1.{i}", (N, C)), ws.get(f"ln1r.{i}", (N,))
+        _C.rmsnorm_forward(ln1, r1, x, p[h + "input_layernorm.weight"], N, C, eps)
+        qkv = ws.get("qkv", (N, QKV))
+        _C.matmul_forward(qkv, ln1, _qkv_weight(model, i), None, N, C, QKV, True)
+        q0, k0 = ws.get("q0", (B, NH, T, HS)), ws.get("k0", (B, NKV, T, HS))
+        v = ws.get(f"v.{i}", (B, NKV, T, HS))
+        _split_heads(qkv, B, T, cfg, q0, k0, v)
+        q, k = ws.get(f"q.{i}", (B, NH, T, HS)), ws.get(f"k.{i}", (B, NKV, T, HS))
+        _C.rope_forward(q, q0, cos, sin, B * NH, T, HS)
+        _C.rope_forward(k, k0, cos, sin, B * NKV, T, HS)
+        att, lse = ws.get(f"att.{i}", (B, NH, T, HS)), ws.get(f"attlse.{i}", (B, NH, T))
+        _C.attention_forward(att, lse, q, k, v, B, NH, NKV, T, T, HS, True, T, None)
+        atty = ws.get(f"atty.{i}", (N, NH * HS))
+        np.copyto(atty.reshape(B, T, NH, HS), att.transpose(0, 2, 1, 3))
+        proj = ws.get("proj", (N, C))
+        _C.matmul_forward(proj, atty, p[h + "self_attn.o_proj.weight"], None, N, NH * HS, C, True)
+        x_mid = ws.get(f"xmid.{i}", (N, C))
+        np.add(x, proj, out=x_mid)
+        ln2, r2 = ws.get(f"ln2.{i}", (N, C)), ws.get(f"ln2r.{i}", (N,))
+        _C.rmsnorm_forward(ln2, r2, x_mid, p[h + "post_attention_layernorm.weight"], N, C, eps)
+        gate, up = ws.get(f"gate.{i}", (N, F)), ws.get(f"up.{i}", (N, F))
+        _C.matmul_forward(gate, ln2, p[h + "mlp.gate_proj.weight"], None, N, C, F, True)
+        _C.matmul_forward(up, ln2, p[h + "mlp.up_proj.weight"], None, N, C, F, True)
+        act = ws.get(f"act.{i}", (N, F))
+        _C.swiglu_forward(act, gate, up)
+        _C.matmul_forward(proj, act, p[h + "mlp.down_proj.weight"], None, N, F, C, True)
+        x = ws.get(f"x{i + 1}", (N, C))
+        np.add(x_mid, proj, out=x)
+    lnf, rf = ws.get("lnf", (N, C)), ws.get("lnfr", (N,))
+    _C.rmsnorm_forward(lnf, rf, x, p["model.norm.weight"], N, C, eps)
+    logits = ws.get("logits", (B, T, V))
+    _C.matmul_forward(logits, lnf, model._head(), None, N, C, V, True)
+    return logits
+
+
+def backward(model: "Model", ids: np.ndarray, dlogits: np.ndarray) -> None:
+    cfg, p, g, ws = model.config, model.p, model.g, model._ws
+    B, T = ids.shape
+    C, NH, NKV, HS, F, V = cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.head_size, cfg.intermediate_size, cfg.vocab_size
+    N, QKV = B * T, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_size
+    cos, sin = (np.ascontiguousarray(t[:T]) for t in _rope_cache(model, T))
+    dln = ws.get("dln", (N, C))
+    _C.matmul_backward(dln, model._head_grad(), None, dlogits, ws.get("lnf", (N, C)), model._head(), N, C, V, True)
+    dx = ws.get("dx", (N, C))
+    _C.rmsnorm_backward(dx, g["model.norm.weight"], dln, ws.get(f"x{cfg.n_layer}", (N, C)), p["model.norm.weight"],
+                        ws.get("lnfr", (N,)), N, C)
+    dtmp = ws.get("dtmp", (N, C))
+    for i in reversed(range(cfg.n_layer)):
+        h = f"model.layers.{i}."
+        # x_{i+1} = x_mid + swiglu(ln2 Wg^T, ln2 Wu^T) Wd^T
+        dact = ws.get("dact", (N, F))
+        _C.matmul_backward(dact, g[h + "mlp.down_proj.weight"], None, dx, ws.get(f"act.{i}", (N, F)),
+                           p[h + "mlp.down_proj.weight"], N, F, C, True)
+        dgate, dup = ws.get("dgate", (N, F)), ws.get("dup", (N, F))
+        _C.swiglu_backward(dgate, dup, dact, ws.get(f"gate.{i}", (N, F)), ws.get(f"up.{i}", (N, F)))
+        ln2 = ws.get(f"ln2.{i}", (N, C))
+        _C.matmul_backward(dln, g[h + "mlp.gate_proj.weight"], None, dgate, ln2, p[h + "mlp.gate_proj.weight"],
+                           N, C, F, True)
+        _C.matmul_backward(dtmp, g[h + "mlp.up_proj.weight"], None, dup, ln2, p[h + "mlp.up_proj.weight"],
+                           N, C, F, True)
+        dln += dtmp
+        _C.rmsnorm_backward(dtmp, g[h + "post_attention_layernorm.weight"], dln, ws.get(f"xmid.{i}", (N, C)),
+                            p[h + "post_attention_layernorm.weight"], ws.get(f"ln2r.{i}", (N,)), N, C)
+        dx += dtmp     # d x_mid
+        # x_mid = x_i + attention(rope(q), rope(k), v) Wo^T
+        datty = ws.get("datty", (N, NH * HS))
+        _C.matmul_backward(datty, g[h + "self_attn.o_proj.weight"], None, dx, ws.get(f"atty.{i}", (N, NH * HS)),
+                           p[h + "self_attn.o_proj.weight"], N, NH * HS, C, True)
+        datt = ws.get("datt", (B, NH, T, HS))
+        np.copyto(datt, datty.reshape(B, T, NH, HS).transpose(0, 2, 1, 3))
+        dq, dk, dv = ws.get("dq", (B, NH, T, HS)), ws.get("dk", (B, NKV, T, HS)), ws.get("dv", (B, NKV, T, HS))
+        _C.attention_backward(dq, dk, dv, datt, ws.get(f"q.{i}", (B, NH, T, HS)), ws.get(f"k.{i}", (B, NKV, T, HS)),
+                              ws.get(f"v.{i}", (B, NKV, T, HS)), ws.get(f"att.{i}", (B, NH, T, HS)),
+                              ws.get(f"attlse.{i}", (B, NH, T)), B, NH, NKV, T, T, HS, True)
+        dq0, dk0 = ws.get("dq0", (B, NH, T, HS)), ws.get("dk0", (B, NKV, T, HS))
+        _C.rope_backward(dq0, dq, cos, sin, B * NH, T, HS)
+        _C.rope_backward(dk0, dk, cos, sin, B * NKV, T, HS)
+        dqkv = ws.get("dqkv", (N, QKV))
+        rows = dqkv.reshape(B, T, NH + 2 * NKV, HS)
+        np.copyto(rows[:, :, :NH], dq0.transpose(0, 2, 1, 3))
+        np.copyto(rows[:, :, NH:NH + NKV], dk0.transpose(0, 2, 1, 3))
+        np.copyto(rows[:, :, NH + NKV:], dv.transpose(0, 2, 1, 3))
+        _C.matmul_backward(dln, _qkv_grad(model, i), None, dqkv, ws.get(f"ln1.{i}", (N, C)), _qkv_weight(model, i),
+                           N, C, QKV, True)
+        _C.rmsnorm_backward(dtmp, g[h + "input_layernorm.weight"], dln, ws.get(f"x{i}", (N, C)),
+                            p[h + "input_layernorm.weight"], ws.get(f"ln1r.{i}", (N,)), N, C)
+        dx += dtmp     # d x_i
+    _C.embedding_backward(g["model.embed_tokens.weight"], dx, ids, N, V, C)
+
+
+def forward_step(model: "Model", ids: np.ndarray, cache: "KVCache", rows: slice) -> np.ndarray:
+    """Model.forward_step for Llama: rotary angles at each row's own positions."""
+    cfg, p = model.config, model.p
+    lengths = cache.lengths[rows]
+    B, Tq = ids.shape
+    C, NH, NKV, HS, F, V = cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.head_size, cfg.intermediate_size, cfg.vocab_size
+    N, eps, QKV = B * Tq, cfg.norm_eps, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_size
+    cos_all, sin_all = _rope_cache(model, int(lengths.max()) + Tq)
+    positions = lengths[:, None] + np.arange(Tq)[None, :]
+    new_lengths = np.ascontiguousarray(lengths + Tq, np.int64)
+    Tk = int(new_lengths.max())
+    x = np.empty((N, C), np.float32)
+    _C.embedding_forward(x, np.ascontiguousarray(ids, np.int64), p["model.embed_tokens.weight"], N, V, C)
+    ln, rstd = np.empty((N, C), np.float32), np.empty(N, np.float32)
+    qkv, proj = np.empty((N, QKV), np.float32), np.empty((N, C), np.float32)
+    q0, q = np.empty((B, NH, Tq, HS), np.float32), np.empty((B, NH, Tq, HS), np.float32)
+    k0, k, v = (np.empty((B, NKV, Tq, HS), np.float32) for _ in range(3))
+    att, lse = np.empty((B, NH, Tq, HS), np.float32), np.empty((B, NH, Tq), np.float32)
+    atty = np.empty((N, NH * HS), np.float32)
+    gate, up = np.empty((N, F), np.float32), np.empty((N, F), np.float32)
+    tables = [(np.ascontiguousarray(cos_all[n:n + Tq]), np.ascontiguousarray(sin_all[n:n + Tq])) for n in lengths]
+    batch_index = np.arange(B)[:, None]
+    for i in range(cfg.n_layer):
+        h = f"model.layers.{i}."
+        _C.rmsnorm_forward(ln, rstd, x, p[h + "input_layernorm.weight"], N, C, eps)
+        model._matmul_t(qkv, ln, _qkv_weight(model, i), N, C, QKV)
+        _split_heads(qkv, B, Tq, cfg, q0, k0, v)
+        for b, (cos, sin) in enumerate(tables):
+            _C.rope_forward(q[b], q0[b], cos, sin, NH, Tq, HS)
+            _C.rope_forward(k[b], k0[b], cos, sin, NKV, Tq, HS)
+        k_cache, v_cache = cache.k[i][rows], cache.v[i][rows]
+        k_cache[batch_index, :, positions] = k.transpose(0, 2, 1, 3)
+        v_cache[batch_index, :, positions] = v.transpose(0, 2, 1, 3)
+        _C.attention_forward(att, lse, q, k_cache, v_cache, B, NH, NKV, Tq, Tk, HS, True, cache.capacity,
+                             new_lengths)
+        np.copyto(atty.reshape(B, Tq, NH, HS), att.transpose(0, 2, 1, 3))
+        model._matmul_t(proj, atty, p[h + "self_attn.o_proj.weight"], N, NH * HS, C)
+        x += proj
+        _C.rmsnorm_forward(ln, rstd, x, p[h + "post_attention_layernorm.weight"], N, C, eps)
+        model._matmul_t(gate, ln, p[h + "mlp.gate_proj.weight"], N, C, F)
+        model._matmul_t(up, ln, p[h + "mlp.up_proj.weight"], N, C, F)
+        _C.swiglu_forward(gate, gate, up)
+        model._matmul_t(proj, gate, p[h + "mlp.down_proj.weight"], N, F, C)
+        x += proj
+    last = np.ascontiguousarray(x.reshape(B, Tq, C)[:, -1])
+    lnf = np.empty((B, C), np.float32)
+    _C.rmsnorm_forward(lnf, rstd[:B], last, p["model.norm.weight"], B, C, eps)
+    logits = np.empty((B, V), np.float32)
+    model._matmul_t(logits, lnf, model._head(), B, C, V)
+    cache.lengths[rows] = new_lengths
+    return logits
