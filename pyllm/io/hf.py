@@ -185,6 +185,6 @@ def load_pretrained(source):
     state = {_normalise_name(k): v for k, v in load_state(weights).items() if not k.endswith(_IGNORED_SUFFIXES)}
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)
-    model = Model(cfg)
+    model = Model(cfg, seed=None)
     model.load_state_dict(state)
     return model

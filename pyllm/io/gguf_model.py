@@ -1,0 +1,170 @@
+"""Llama-family models from GGUF files (llama.cpp's format): configuration from the metadata,
+tensors decoded from F32, F16, BF16, Q8_0, Q4_0 and Q4_1, and the chat template.
+
+Every tensor's byte range and size is checked against the file before it is read. The decoding
+functions here are the numpy reference for the quantized formats (block layouts from ggml:
+https://github.com/ggml-org/ggml/blob/master/docs/gguf.md).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from pyllm.io.gguf import GGUFFile, TensorInfo
+
+F32, F16, Q4_0, Q4_1, Q8_0, BF16 = 0, 1, 2, 3, 8, 30
+QK = 32   # values per quantization block
+# ggml type -> (name, bytes per block of QK values, or per value for the float types)
+TYPES = {F32: ("F32", 4), F16: ("F16", 2), BF16: ("BF16", 2), Q8_0: ("Q8_0", 2 + QK),
+         Q4_0: ("Q4_0", 2 + QK // 2), Q4_1: ("Q4_1", 4 + QK // 2)}
+
+
+def tensor_nbytes(info: TensorInfo) -> int:
+    if info.type not in TYPES:
+        raise ValueError(f"tensor {info.name}: ggml type {info.type} is not supported "
+                         f"(supported: {', '.join(n for n, _ in TYPES.values())})")
+    count = int(np.prod(info.shape))
+    if info.type in (F32, F16, BF16):
+        return count * TYPES[info.type][1]
+    if info.shape[0] % QK:
+        raise ValueError(f"tensor {info.name}: rows of {info.shape[0]} values are not whole blocks of {QK}")
+    return count // QK * TYPES[info.type][1]
+
+
+def raw_tensor(f: GGUFFile, info: TensorInfo) -> np.ndarray:
+    """The tensor's bytes (a uint8 view of the mapped file), after checking they lie inside it."""
+    start = f.data_offset + info.offset
+    end = start + tensor_nbytes(info)
+    if info.offset < 0 or end > len(f._buf):
+        raise ValueError(f"{f.path}: tensor {info.name} spans bytes {start}..{end}, past the end of the "
+                         f"file ({len(f._buf)} bytes): truncated or corrupt")
+    return np.frombuffer(f._buf, np.uint8, end - start, start)
+
+
+def dequantize(raw: np.ndarray, ggml_type: int, count: int) -> np.ndarray:
+    """float32 values of `count` elements stored as ggml_type in raw bytes."""
+    if ggml_type == F32:
+        return raw.view(np.float32)[:count].copy()
+    if ggml_type == F16:
+        return raw.view(np.float16)[:count].astype(np.float32)
+    if ggml_type == BF16:
+        return (raw.view(np.uint16)[:count].astype(np.uint32) << 16).view(np.float32)
+    _, block_bytes = TYPES[ggml_type]
+    blocks = raw.reshape(-1, block_bytes)
+    d = blocks[:, :2].copy().view(np.float16).astype(np.float32)             # (n, 1) scale
+    if ggml_type == Q8_0:
+        q = blocks[:, 2:].view(np.int8).astype(np.float32)
+        return (q * d).reshape(-1)
+    packed = blocks[:, 4:] if ggml_type == Q4_1 else blocks[:, 2:]
+    q = np.concatenate([packed & 0x0F, packed >> 4], axis=1).astype(np.float32)   # low nibbles first
+    if ggml_type == Q4_0:
+        return ((q - 8.0) * d).reshape(-1)
+    m = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
+    return (q * d + m).reshape(-1)
+
+
+def tensor(f: GGUFFile, name: str) -> np.ndarray:
+    """A tensor as float32 in numpy's order (GGUF lists the fastest dimension first)."""
+    info = f.tensors.get(name)
+    if info is None:
+        raise ValueError(f"{f.path}: the tensor {name!r} is missing")
+    values = dequantize(raw_tensor(f, info), info.type, int(np.prod(info.shape)))
+    return values.reshape(tuple(reversed(info.shape)))
+
+
+def unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's converter reorders the rows of q/k projections for its interleaved rotary
+    layout; this restores Hugging Face's rotate-half order."""
+    out, cols = w.shape
+    return w.reshape(n_head, out // n_head // 2, 2, cols).swapaxes(1, 2).reshape(out, cols)
+
+
+def _meta(f: GGUFFile, key: str, default=None, kind=None):
+    value = f.metadata.get(key, default)
+    if value is None:
+        raise ValueError(f"{f.path}: metadata key {key!r} is missing")
+    if kind is not None and not isinstance(value, kind):
+        raise ValueError(f"{f.path}: metadata key {key!r} is {value!r}, expected {kind.__name__}")
+    return value
+
+
+def config_from_gguf(f: GGUFFile):
+    from pyllm.model import ModelConfig
+
+    arch = f.metadata.get("general.architecture")
+    if arch != "llama":
+        raise ValueError(f"{f.path}: architecture {arch!r} is not supported (llama is)")
+    n_embd = _meta(f, "llama.embedding_length", kind=int)
+    n_head = _meta(f, "llama.attention.head_count", kind=int)
+    rope_dims = f.metadata.get("llama.rope.dimension_count", n_embd // n_head)
+    if rope_dims != n_embd // n_head:
+        raise ValueError(f"{f.path}: partial rotary embeddings ({rope_dims} of {n_embd // n_head}) are not supported")
+    vocab = f.metadata.get("llama.vocab_size") or len(_meta(f, "tokenizer.ggml.tokens", kind=list))
+    return ModelConfig(arch="llama", vocab_size=int(vocab), block_size=_meta(f, "llama.context_length", kind=int),
+                       n_layer=_meta(f, "llama.block_count", kind=int), n_head=n_head, n_embd=n_embd,
+                       n_kv_head=int(f.metadata.get("llama.attention.head_count_kv", n_head)),
+                       intermediate_size=_meta(f, "llama.feed_forward_length", kind=int),
+                       norm_eps=float(_meta(f, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
+                       rope_theta=float(f.metadata.get("llama.rope.freq_base", 10000.0)),
+                       tie_word_embeddings="output.weight" not in f.tensors)
+
+
+# GGUF tensor name -> Hugging Face name, per layer ({i}) and global
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+
+def hf_name(gguf_name: str) -> Optional[str]:
+    if gguf_name == "token_embd.weight":
+        return "model.embed_tokens.weight"
+    if gguf_name == "output_norm.weight":
+        return "model.norm.weight"
+    if gguf_name == "output.weight":
+        return "lm_head.weight"
+    parts = gguf_name.split(".")
+    if len(parts) == 4 and parts[0] == "blk" and parts[2] in _LAYER_NAMES and parts[3] == "weight":
+        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.weight"
+    return None
+
+
+def load_gguf(path) -> tuple:
+    """(Model, Tokenizer, chat template or None, end-of-turn token id or None) from a GGUF file."""
+    from pyllm.model import Model
+    from pyllm.tokenizer import Tokenizer
+
+    path = Path(path)
+    with GGUFFile(path) as f:
+        cfg = config_from_gguf(f)
+        model = Model(cfg, seed=None)
+        expected = set(model.p)
+        seen = set()
+        for name, info in f.tensors.items():
+            target = hf_name(name)
+            if target is None or target not in expected:
+                if name.startswith("rope_freqs"):
+                    raise ValueError(f"{path}: {name} (scaled rotary frequencies) is not supported")
+                continue
+            values = tensor(f, name)
+            if target.endswith("q_proj.weight"):
+                values = unpermute_rope(values, cfg.n_head)
+            elif target.endswith("k_proj.weight"):
+                values = unpermute_rope(values, cfg.n_kv_head)
+            if values.shape != model.p[target].shape:
+                raise ValueError(f"{path}: tensor {name} has shape {values.shape}, the model needs "
+                                 f"{model.p[target].shape}")
+            model.p[target][...] = values
+            seen.add(target)
+        missing = sorted(expected - seen)
+        if missing:
+            raise ValueError(f"{path}: tensors missing for {missing[:4]}{' ...' if len(missing) > 4 else ''}")
+        template = f.metadata.get("tokenizer.chat_template")
+        eos = f.metadata.get("tokenizer.ggml.eos_token_id")
+    tokenizer = Tokenizer.from_gguf(path)
+    return model, tokenizer, template if isinstance(template, str) else None, eos

@@ -1,0 +1,128 @@
+"""GGUF models: the quantized formats' decoding, the real SmolLM2 file end to end, bad files."""
+
+import struct
+
+import numpy as np
+import pytest
+
+from pyllm.io import gguf_model as G
+
+
+def _blocks(ggml_type, values_per_row=64, rows=3, seed=0):
+    rng = np.random.default_rng(seed)
+    n = values_per_row * rows // G.QK
+    d = rng.uniform(0.01, 2.0, (n, 1)).astype(np.float16)
+    if ggml_type == G.Q8_0:
+        q = rng.integers(-128, 128, (n, G.QK)).astype(np.int8)
+        raw = np.concatenate([d.view(np.uint8), q.view(np.uint8)], axis=1)
+        expected = q.astype(np.float32) * d.astype(np.float32)
+    else:
+        q = rng.integers(0, 16, (n, G.QK)).astype(np.uint8)
+        packed = (q[:, :16] | (q[:, 16:] << 4)).astype(np.uint8)
+        if ggml_type == G.Q4_0:
+            raw = np.concatenate([d.view(np.uint8), packed], axis=1)
+            expected = (q.astype(np.float32) - 8) * d.astype(np.float32)
+        else:
+            m = rng.uniform(-1, 1, (n, 1)).astype(np.float16)
+            raw = np.concatenate([d.view(np.uint8), m.view(np.uint8), packed], axis=1)
+            expected = q.astype(np.float32) * d.astype(np.float32) + m.astype(np.float32)
+    return np.ascontiguousarray(raw).reshape(-1), expected.reshape(-1)
+
+
+@pytest.mark.parametrize("ggml_type", [G.Q8_0, G.Q4_0, G.Q4_1])
+def test_block_formats_decode_as_ggml_defines_them(ggml_type):
+    raw, expected = _blocks(ggml_type)
+    assert raw.size == expected.size // G.QK * G.TYPES[ggml_type][1]
+    np.testing.assert_array_equal(G.dequantize(raw, ggml_type, expected.size), expected)
+
+
+def test_float_formats_decode():
+    x = np.random.default_rng(0).standard_normal(40).astype(np.float32)
+    np.testing.assert_array_equal(G.dequantize(x.view(np.uint8), G.F32, 40), x)
+    np.testing.assert_array_equal(G.dequantize(x.astype(np.float16).view(np.uint8), G.F16, 40),
+                                  x.astype(np.float16).astype(np.float32))
+    bf16 = (x.view(np.uint32) >> 16).astype(np.uint16)
+    np.testing.assert_array_equal(G.dequantize(bf16.view(np.uint8), G.BF16, 40),
+                                  (bf16.astype(np.uint32) << 16).view(np.float32))
+
+
+def test_rope_row_order_round_trips():
+    w = np.arange(8 * 3, dtype=np.float32).reshape(8, 3)   # 2 heads of 4 rows
+    permuted = w.reshape(2, 2, 2, 3).swapaxes(1, 2).reshape(8, 3)   # what llama.cpp's converter does
+    np.testing.assert_array_equal(G.unpermute_rope(permuted, 2), w)
+
+
+@pytest.fixture(scope="module")
+def smollm2_path():
+    from pyllm.hub import smollm2_gguf
+    try:
+        return smollm2_gguf(quiet=True)
+    except RuntimeError as exc:   # offline and not cached: say so rather than pass silently
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_path):
+    from pyllm.llm import LLM
+
+    return LLM.load(smollm2_path)
+
+
+def test_smollm2_loads_and_knows_paris(smollm2):
+    cfg = smollm2.model.config
+    assert (cfg.arch, cfg.n_layer, cfg.n_head, cfg.n_kv_head, cfg.n_embd) == ("llama", 30, 9, 3, 576)
+    assert cfg.tie_word_embeddings and cfg.rope_theta == 100000.0
+    # A model whose q/k rows were left in llama.cpp's order, or whose weights were misread,
+    # does not complete this.
+    assert smollm2.generate("The capital of France is", 3, temperature=0).startswith(" Paris")
+    reply = smollm2.chat([{"role": "user", "content": "What is the capital of France?"}], 30, temperature=0)
+    assert "Paris" in reply
+    assert smollm2.apply_chat_template([{"role": "user", "content": "hi"}]).startswith("<|im_start|>system\n")
+
+
+def test_smollm2_forward_equals_transformers_on_the_same_weights(smollm2):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from pyllm.io.hf import config_to_hf
+
+    model = smollm2.model
+    cfg = transformers.LlamaConfig(**config_to_hf(model.config))
+    cfg._attn_implementation = "eager"
+    twin = transformers.LlamaForCausalLM(cfg)
+    twin.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in model.state_dict().items()}, strict=False)
+    twin.tie_weights()
+    twin.eval()
+    ids = np.array([smollm2.tokenizer.encode("Hello, my name is")])
+    with torch.no_grad():
+        theirs = twin(torch.from_numpy(ids)).logits.numpy()
+    ours = model(ids)
+    assert np.abs(ours - theirs).max() <= 1e-4 * np.abs(theirs).max()
+    assert (np.argsort(-ours[0, -1])[:5] == np.argsort(-theirs[0, -1])[:5]).all()
+
+
+def test_bad_gguf_files_are_refused_clearly(smollm2_path, tmp_path):
+    from pyllm.model import Model
+
+    data = smollm2_path.read_bytes()
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(data[: len(data) - 1000])
+    with pytest.raises(ValueError, match="truncated|past the end"):
+        Model.from_pretrained(truncated)
+    header_only = tmp_path / "header.gguf"
+    header_only.write_bytes(data[:5000])
+    with pytest.raises(ValueError, match="truncated|corrupt"):
+        Model.from_pretrained(header_only)
+    garbage = tmp_path / "garbage.gguf"
+    garbage.write_bytes(b"GGUF" + struct.pack("<I", 3) + b"\xff" * 40)
+    with pytest.raises(ValueError):
+        Model.from_pretrained(garbage)
+    with pytest.raises(FileNotFoundError, match="no such model"):
+        Model.from_pretrained(tmp_path / "missing.gguf")
+
+
+def test_alias_resolves_to_the_default_model(smollm2_path, monkeypatch):
+    from pyllm import hub
+    from pyllm.model import resolve_model
+
+    monkeypatch.setattr(hub, "smollm2_gguf", lambda: smollm2_path)
+    assert resolve_model("smollm2-135m-instruct") == smollm2_path
