@@ -36,7 +36,7 @@ __all__ = [
     "rope_tables", "rope", "rope_backward",
     "attention", "attention_forward", "attention_backward", "sample",
     "cross_entropy", "cross_entropy_forward", "cross_entropy_backward",
-    "embedding", "embedding_backward", "adamw",
+    "embedding", "embedding_backward", "adamw", "matmul_quant", "dequantize",
     "set_num_threads", "get_num_threads", "available_isas", "get_isa", "set_isa",
     "measure_fma_peak",
 ]
@@ -538,6 +538,49 @@ def adamw(param, grad, m, v, *, lr: float, step: int, beta1: float = 0.9, beta2:
     if param.size:
         _C.adamw_update(param, m, v, grad, float(lr), float(beta1), float(beta2), float(eps),
                         float(weight_decay), float(grad_scale), int(step))
+
+
+# ----------------------------------------------------------------------------- quantized weights
+
+QUANT_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 8}
+QUANT_ROW_BYTES = {2: 18, 3: 20, 8: 34}   # per block of 32 values
+
+
+def _quant_args(w, ggml_type, shape):
+    if ggml_type not in QUANT_ROW_BYTES:
+        raise ValueError(f"quantized type {ggml_type} is not supported (Q4_0=2, Q4_1=3, Q8_0=8)")
+    N, K = shape
+    if K % 32:
+        raise ValueError(f"rows of {K} values are not whole blocks of 32")
+    w = np.asarray(w)
+    if w.dtype != np.uint8:
+        raise TypeError(f"quantized weights must be uint8 bytes, got {w.dtype}")
+    need = N * K // 32 * QUANT_ROW_BYTES[ggml_type]
+    if w.size != need:
+        raise ValueError(f"{shape} in type {ggml_type} needs {need} bytes, got {w.size}")
+    return np.ascontiguousarray(w).reshape(-1), N, K
+
+
+def matmul_quant(a, w, ggml_type: int, shape: tuple[int, int]) -> np.ndarray:
+    """a (..., K) @ W^T for W (N, K) = shape stored as ggml blocks (Q8_0, Q4_0, Q4_1) in bytes w."""
+    w, N, K = _quant_args(w, ggml_type, shape)
+    a = _floats(a, "a", min_ndim=1)
+    if a.shape[-1] != K:
+        raise ValueError(f"matmul_quant: a is {a.shape} but the weights are {shape} (N, K)")
+    M = a.size // K if K else 0
+    out = np.empty(a.shape[:-1] + (N,), np.float32)
+    if out.size:
+        _C.matmul_quant(out, a, w, int(ggml_type), M, K, N)
+    return out
+
+
+def dequantize(w, ggml_type: int, shape: tuple[int, int]) -> np.ndarray:
+    """The float32 (N, K) matrix of ggml-quantized bytes w."""
+    w, N, K = _quant_args(w, ggml_type, shape)
+    out = np.empty((N, K), np.float32)
+    if out.size:
+        _C.dequantize_rows(out, w, int(ggml_type), N, K)
+    return out
 
 
 # ----------------------------------------------------------------------------- sampling

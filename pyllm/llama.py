@@ -58,6 +58,32 @@ def _qkv_view(model: "Model", flat: np.ndarray, i: int) -> np.ndarray:
     return flat[start:start + rows * cfg.n_embd].reshape(rows, cfg.n_embd)
 
 
+def linear(model: "Model", out: np.ndarray, a: np.ndarray, name: str, M: int, K: int, N: int) -> None:
+    """out (M, N) = a (M, K) @ W^T for the weight `name` (N, K): float32, or kept quantized
+    (model.quantized); "....self_attn.qkv" is the fused q, k, v projection."""
+    quantized = model.quantized.get(name)
+    if quantized is not None:
+        _C.matmul_quant(out, a, quantized.data, quantized.ggml_type, M, K, N)
+        return
+    if name.endswith(".self_attn.qkv"):
+        weight = _qkv_weight(model, int(name.split(".")[2]))
+    else:
+        weight = model.p[name]
+    _C.matmul_forward(out, a, weight, None, M, K, N, True)
+
+
+def embed(model: "Model", out: np.ndarray, ids: np.ndarray) -> None:
+    """out (N, C) = the token embedding rows of ids (N,)."""
+    cfg, name = model.config, "model.embed_tokens.weight"
+    quantized = model.quantized.get(name)
+    ids = ids.reshape(-1)
+    if quantized is None:
+        _C.embedding_forward(out, ids, model.p[name], ids.size, cfg.vocab_size, cfg.n_embd)
+    else:
+        rows = np.ascontiguousarray(quantized.data[ids])
+        _C.dequantize_rows(out, rows, quantized.ggml_type, ids.size, cfg.n_embd)
+
+
 def _rope_cache(model: "Model", length: int) -> tuple[np.ndarray, np.ndarray]:
     tables = getattr(model, "_rope", None)
     if tables is None or tables[0].shape[0] < length:
@@ -84,13 +110,13 @@ def forward(model: "Model", ids: np.ndarray) -> np.ndarray:
     cos, sin = np.ascontiguousarray(cos), np.ascontiguousarray(sin)
     ws.reset((B, T))
     x = ws.get("x0", (N, C))
-    _C.embedding_forward(x, ids, p["model.embed_tokens.weight"], N, V, C)
+    embed(model, x, ids)
     for i in range(cfg.n_layer):
         h = f"model.layers.{i}."
         ln1, r1 = ws.get(f"ln1.{i}", (N, C)), ws.get(f"ln1r.{i}", (N,))
         _C.rmsnorm_forward(ln1, r1, x, p[h + "input_layernorm.weight"], N, C, eps)
         qkv = ws.get("qkv", (N, QKV))
-        _C.matmul_forward(qkv, ln1, _qkv_weight(model, i), None, N, C, QKV, True)
+        linear(model, qkv, ln1, f"model.layers.{i}.self_attn.qkv", N, C, QKV)
         q0, k0 = ws.get("q0", (B, NH, T, HS)), ws.get("k0", (B, NKV, T, HS))
         v = ws.get(f"v.{i}", (B, NKV, T, HS))
         _split_heads(qkv, B, T, cfg, q0, k0, v)
@@ -102,23 +128,23 @@ def forward(model: "Model", ids: np.ndarray) -> np.ndarray:
         atty = ws.get(f"atty.{i}", (N, NH * HS))
         np.copyto(atty.reshape(B, T, NH, HS), att.transpose(0, 2, 1, 3))
         proj = ws.get("proj", (N, C))
-        _C.matmul_forward(proj, atty, p[h + "self_attn.o_proj.weight"], None, N, NH * HS, C, True)
+        linear(model, proj, atty, h + "self_attn.o_proj.weight", N, NH * HS, C)
         x_mid = ws.get(f"xmid.{i}", (N, C))
         np.add(x, proj, out=x_mid)
         ln2, r2 = ws.get(f"ln2.{i}", (N, C)), ws.get(f"ln2r.{i}", (N,))
         _C.rmsnorm_forward(ln2, r2, x_mid, p[h + "post_attention_layernorm.weight"], N, C, eps)
         gate, up = ws.get(f"gate.{i}", (N, F)), ws.get(f"up.{i}", (N, F))
-        _C.matmul_forward(gate, ln2, p[h + "mlp.gate_proj.weight"], None, N, C, F, True)
-        _C.matmul_forward(up, ln2, p[h + "mlp.up_proj.weight"], None, N, C, F, True)
+        linear(model, gate, ln2, h + "mlp.gate_proj.weight", N, C, F)
+        linear(model, up, ln2, h + "mlp.up_proj.weight", N, C, F)
         act = ws.get(f"act.{i}", (N, F))
         _C.swiglu_forward(act, gate, up)
-        _C.matmul_forward(proj, act, p[h + "mlp.down_proj.weight"], None, N, F, C, True)
+        linear(model, proj, act, h + "mlp.down_proj.weight", N, F, C)
         x = ws.get(f"x{i + 1}", (N, C))
         np.add(x_mid, proj, out=x)
     lnf, rf = ws.get("lnf", (N, C)), ws.get("lnfr", (N,))
     _C.rmsnorm_forward(lnf, rf, x, p["model.norm.weight"], N, C, eps)
     logits = ws.get("logits", (B, T, V))
-    _C.matmul_forward(logits, lnf, model._head(), None, N, C, V, True)
+    linear(model, logits, lnf, model._head_name(), N, C, V)
     return logits
 
 
@@ -189,7 +215,7 @@ def forward_step(model: "Model", ids: np.ndarray, cache: "KVCache", rows: slice)
     new_lengths = np.ascontiguousarray(lengths + Tq, np.int64)
     Tk = int(new_lengths.max())
     x = np.empty((N, C), np.float32)
-    _C.embedding_forward(x, np.ascontiguousarray(ids, np.int64), p["model.embed_tokens.weight"], N, V, C)
+    embed(model, x, np.ascontiguousarray(ids, np.int64))
     ln, rstd = np.empty((N, C), np.float32), np.empty(N, np.float32)
     qkv, proj = np.empty((N, QKV), np.float32), np.empty((N, C), np.float32)
     q0, q = np.empty((B, NH, Tq, HS), np.float32), np.empty((B, NH, Tq, HS), np.float32)
@@ -202,7 +228,7 @@ def forward_step(model: "Model", ids: np.ndarray, cache: "KVCache", rows: slice)
     for i in range(cfg.n_layer):
         h = f"model.layers.{i}."
         _C.rmsnorm_forward(ln, rstd, x, p[h + "input_layernorm.weight"], N, C, eps)
-        model._matmul_t(qkv, ln, _qkv_weight(model, i), N, C, QKV)
+        linear(model, qkv, ln, f"model.layers.{i}.self_attn.qkv", N, C, QKV)
         _split_heads(qkv, B, Tq, cfg, q0, k0, v)
         for b, (cos, sin) in enumerate(tables):
             _C.rope_forward(q[b], q0[b], cos, sin, NH, Tq, HS)
@@ -213,18 +239,18 @@ def forward_step(model: "Model", ids: np.ndarray, cache: "KVCache", rows: slice)
         _C.attention_forward(att, lse, q, k_cache, v_cache, B, NH, NKV, Tq, Tk, HS, True, cache.capacity,
                              new_lengths)
         np.copyto(atty.reshape(B, Tq, NH, HS), att.transpose(0, 2, 1, 3))
-        model._matmul_t(proj, atty, p[h + "self_attn.o_proj.weight"], N, NH * HS, C)
+        linear(model, proj, atty, h + "self_attn.o_proj.weight", N, NH * HS, C)
         x += proj
         _C.rmsnorm_forward(ln, rstd, x, p[h + "post_attention_layernorm.weight"], N, C, eps)
-        model._matmul_t(gate, ln, p[h + "mlp.gate_proj.weight"], N, C, F)
-        model._matmul_t(up, ln, p[h + "mlp.up_proj.weight"], N, C, F)
+        linear(model, gate, ln, h + "mlp.gate_proj.weight", N, C, F)
+        linear(model, up, ln, h + "mlp.up_proj.weight", N, C, F)
         _C.swiglu_forward(gate, gate, up)
-        model._matmul_t(proj, gate, p[h + "mlp.down_proj.weight"], N, F, C)
+        linear(model, proj, gate, h + "mlp.down_proj.weight", N, F, C)
         x += proj
     last = np.ascontiguousarray(x.reshape(B, Tq, C)[:, -1])
     lnf = np.empty((B, C), np.float32)
     _C.rmsnorm_forward(lnf, rstd[:B], last, p["model.norm.weight"], B, C, eps)
     logits = np.empty((B, V), np.float32)
-    model._matmul_t(logits, lnf, model._head(), B, C, V)
+    linear(model, logits, lnf, model._head_name(), B, C, V)
     cache.lengths[rows] = new_lengths
     return logits

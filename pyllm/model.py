@@ -81,6 +81,18 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class QuantizedWeight:
+    """A (N, K) weight kept as ggml blocks: data is (N, bytes per row) uint8."""
+
+    data: np.ndarray
+    ggml_type: int
+    shape: tuple
+
+    def dequantize(self) -> np.ndarray:
+        return kernels.dequantize(self.data, self.ggml_type, self.shape)
+
+
+@dataclass(frozen=True)
 class ParamSpec:
     name: str
     shape: tuple
@@ -189,9 +201,14 @@ class Model:
     `self.g` map Hugging Face names to views into them.
     """
 
-    def __init__(self, config: ModelConfig, seed: Optional[int] = 0) -> None:
+    def __init__(self, config: ModelConfig, seed: Optional[int] = 0,
+                 quantized: Optional[dict[str, "QuantizedWeight"]] = None) -> None:
         self.config = config
-        self.specs = parameter_specs(config)
+        # Weights kept in a quantized format (from GGUF) live outside the flat buffers, inference only.
+        self.quantized: dict[str, QuantizedWeight] = dict(quantized or {})
+        if self.quantized and config.arch != "llama":
+            raise ValueError("quantized weights are supported for the llama architecture")
+        self.specs = [s for s in parameter_specs(config) if s.name not in self.quantized]
         self.num_params = sum(math.prod(s.shape) for s in self.specs)
         self.num_decayed = sum(math.prod(s.shape) for s in self.specs if s.decay)
         self.params = np.empty(self.num_params, np.float32)
@@ -222,8 +239,13 @@ class Model:
                 view[...] = rng.standard_normal(spec.shape, dtype=np.float32) * np.float32(std)
 
     def state_dict(self) -> dict[str, np.ndarray]:
-        """Name -> parameter array (views into the flat buffer), Hugging Face names and shapes."""
-        return dict(self.p)
+        """Name -> parameter array (views into the flat buffer), Hugging Face names and shapes;
+        quantized weights are dequantized (copies)."""
+        state = dict(self.p)
+        for name, q in self.quantized.items():
+            if not name.endswith(".self_attn.qkv"):
+                state[name] = q.dequantize()
+        return state
 
     def named_grads(self) -> dict[str, np.ndarray]:
         """Name -> gradient array, same keys and shapes as state_dict()."""
@@ -290,6 +312,9 @@ class Model:
 
     def forward_backward(self, ids, targets, loss_scale: float = 1.0) -> float:
         """Mean loss; adds d(loss_scale * loss)/d(param) into the gradients (so micro-batches accumulate)."""
+        if self.quantized:
+            raise ValueError("this model keeps quantized weights and runs inference only; load it with "
+                             "dequantize=True to train it")
         ids = self._check_ids(ids)
         targets = self._check_targets(targets, ids.shape)
         B, T = ids.shape
@@ -306,10 +331,6 @@ class Model:
         _C.cross_entropy_backward(logits, logits, lse, flat_targets, scale, N, V, -100)  # in place
         self._backward(ids, logits)
         return loss
-
-    def _matmul_t(self, out: np.ndarray, a: np.ndarray, weight, M: int, K: int, N: int) -> None:
-        """out (M, N) = a (M, K) @ weight^T, weight (N, K): the inference products of the Llama path."""
-        _C.matmul_forward(out, a, weight, None, M, K, N, True)
 
     def _forward(self, ids: np.ndarray) -> np.ndarray:
         if self.config.arch == "llama":
@@ -360,6 +381,9 @@ class Model:
 
     def _embedding_name(self) -> str:
         return "model.embed_tokens.weight" if self.config.arch == "llama" else "transformer.wte.weight"
+
+    def _head_name(self) -> str:
+        return self._embedding_name() if self.config.tie_word_embeddings else "lm_head.weight"
 
     def _head(self) -> np.ndarray:
         return self.p[self._embedding_name() if self.config.tie_word_embeddings else "lm_head.weight"]
@@ -513,5 +537,8 @@ class Model:
 
     def __repr__(self) -> str:
         c = self.config
-        return (f"Model({c.arch}, {self.num_params / 1e6:.2f}M params: n_layer={c.n_layer}, n_head={c.n_head}, "
+        quantized = sum(math.prod(q.shape) for n, q in self.quantized.items() if not n.endswith(".qkv"))
+        size = f"{(self.num_params + quantized) / 1e6:.2f}M params" + (
+            f" ({quantized / 1e6:.2f}M quantized)" if quantized else "")
+        return (f"Model({c.arch}, {size}: n_layer={c.n_layer}, n_head={c.n_head}, "
                 f"n_embd={c.n_embd}, block_size={c.block_size}, vocab_size={c.vocab_size})")

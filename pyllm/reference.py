@@ -391,6 +391,21 @@ def adamw(param, grad, m, v, *, lr, step, beta1=0.9, beta2=0.95, eps=1e-8, weigh
     param -= (lr * (m_hat / (np.sqrt(v_hat) + eps) + weight_decay * param)).astype(np.float32)
 
 
+# ----------------------------------------------------------------------------- quantized weights
+
+def dequantize(w, ggml_type, shape):
+    """The float32 (N, K) matrix of ggml-quantized bytes w (Q8_0, Q4_0, Q4_1)."""
+    from pyllm.io.gguf_model import dequantize as decode
+
+    N, K = shape
+    return decode(np.asarray(w, np.uint8).reshape(-1), ggml_type, N * K).reshape(N, K)
+
+
+def matmul_quant(a, w, ggml_type, shape):
+    """a (..., K) @ W^T with W the dequantized (N, K) weights."""
+    return (_f32(a) @ dequantize(w, ggml_type, shape).T).astype(np.float32)
+
+
 # ----------------------------------------------------------------------------- sampling
 
 _MASK64 = (1 << 64) - 1

@@ -126,3 +126,62 @@ def test_alias_resolves_to_the_default_model(smollm2_path, monkeypatch):
 
     monkeypatch.setattr(hub, "smollm2_gguf", lambda: smollm2_path)
     assert resolve_model("smollm2-135m-instruct") == smollm2_path
+
+
+# ----------------------------------------------------------------------------- quantized kernels
+
+@pytest.mark.parametrize("ggml_type", [G.Q8_0, G.Q4_0, G.Q4_1])
+@pytest.mark.parametrize("N,K,M", [(1, 32, 1), (3, 64, 1), (7, 96, 4), (5, 32, 9), (130, 576, 2), (50, 576, 37),
+                                   (17, 160, 3)])
+def test_quantized_matmul_equals_its_dequantizing_twin(ggml_type, N, K, M):
+    from pyllm import kernels as K_
+    from pyllm import reference as R
+
+    raw, _ = _blocks(ggml_type, values_per_row=K, rows=N, seed=N + K)
+    a = (np.random.default_rng(M).standard_normal((M, K)) * 10).astype(np.float32)
+    np.testing.assert_array_equal(K_.dequantize(raw, ggml_type, (N, K)), R.dequantize(raw, ggml_type, (N, K)))
+    ours, theirs = K_.matmul_quant(a, raw, ggml_type, (N, K)), R.matmul_quant(a, raw, ggml_type, (N, K))
+    assert np.abs(ours - theirs).max() <= 1e-5 * max(1.0, np.abs(theirs).max())
+
+
+def test_quantized_matmul_refuses_bad_arguments():
+    from pyllm import kernels as K_
+
+    raw, _ = _blocks(G.Q8_0, values_per_row=64, rows=2)
+    with pytest.raises(ValueError, match="bytes"):
+        K_.matmul_quant(np.ones((1, 64), np.float32), raw[:-1], G.Q8_0, (2, 64))
+    with pytest.raises(ValueError, match="blocks of 32"):
+        K_.matmul_quant(np.ones((1, 48), np.float32), raw, G.Q8_0, (2, 48))
+    with pytest.raises(ValueError, match="not supported"):
+        K_.matmul_quant(np.ones((1, 64), np.float32), raw, 12, (2, 64))
+    with pytest.raises(ValueError, match="a is"):
+        K_.matmul_quant(np.ones((1, 32), np.float32), raw, G.Q8_0, (2, 64))
+
+
+def test_smollm2_quantized_equals_the_dequantized_model(smollm2_path, smollm2):
+    from pyllm.io.gguf_model import load_gguf
+
+    quantized = load_gguf(smollm2_path)[0]
+    assert quantized.quantized and quantized.num_params < 100_000   # only the norms are float32
+    full = load_gguf(smollm2_path, dequantize=True)[0]
+    ids = np.array([smollm2.tokenizer.encode("def fibonacci(n):")])
+    ours, ref = quantized(ids), full(ids)
+    assert np.abs(ours - ref).max() <= 1e-4 * np.abs(ref).max()
+    assert quantized.generate(ids[0], 8, temperature=0).tolist() == full.generate(ids[0], 8, temperature=0).tolist()
+    with pytest.raises(ValueError, match="inference only"):
+        quantized.forward_backward(ids, ids)
+
+
+def test_smollm2_runs_in_under_300_mb(smollm2_path):
+    import subprocess
+    import sys
+
+    # VmHWM (peak resident set of this process image): ru_maxrss would include the forked
+    # parent's pages from before exec.
+    script = ("from pyllm.llm import LLM; llm = LLM.load(%r); "
+              "llm.generate('Once upon a time', 16, temperature=0); "
+              "print(next(int(l.split()[1]) // 1024 for l in open('/proc/self/status') if l.startswith('VmHWM')))"
+              % str(smollm2_path))
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                         cwd=str(smollm2_path.parent))
+    assert int(out.stdout.strip().splitlines()[-1]) < 300

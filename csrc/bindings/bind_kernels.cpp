@@ -243,6 +243,29 @@ void bind_kernels(py::module_& m) {
     py::gil_scoped_release release;
     kernels().adamw_update(pp, pm, pv, pg, n, lr, beta1, beta2, eps, weight_decay, grad_scale, step);
   });
+  m.def("matmul_quant", [](py::array o, py::array a, py::array w, int type, int64_t M, int64_t K, int64_t N) {
+    check(type == pyllm::kQ8_0 || type == pyllm::kQ4_0 || type == pyllm::kQ4_1, "unsupported quantized type");
+    check(K % 32 == 0, "K must be a multiple of the block size 32");
+    const int64_t row_bytes = K / 32 * (type == pyllm::kQ8_0 ? 34 : type == pyllm::kQ4_0 ? 18 : 20);
+    float* po = out(o, M * N, "out");
+    const float* pa = in(a, M * K, "a");
+    check(py::dtype::of<uint8_t>().is(w.dtype()) && (w.flags() & py::array::c_style) && w.size() >= N * row_bytes,
+          "w must be a C-contiguous uint8 array of N rows of quantized blocks");
+    const uint8_t* pw = static_cast<const uint8_t*>(w.data());
+    py::gil_scoped_release release;
+    kernels().matmul_quant(po, pa, pw, type, M, K, N);
+  });
+  m.def("dequantize_rows", [](py::array o, py::array w, int type, int64_t rows, int64_t K) {
+    check(type == pyllm::kQ8_0 || type == pyllm::kQ4_0 || type == pyllm::kQ4_1, "unsupported quantized type");
+    check(K % 32 == 0, "K must be a multiple of the block size 32");
+    const int64_t row_bytes = K / 32 * (type == pyllm::kQ8_0 ? 34 : type == pyllm::kQ4_0 ? 18 : 20);
+    float* po = out(o, rows * K, "out");
+    check(py::dtype::of<uint8_t>().is(w.dtype()) && (w.flags() & py::array::c_style) && w.size() >= rows * row_bytes,
+          "w must be a C-contiguous uint8 array of quantized rows");
+    const uint8_t* pw = static_cast<const uint8_t*>(w.data());
+    py::gil_scoped_release release;
+    kernels().dequantize_rows(po, pw, type, rows, K);
+  });
   m.def("fma_peak_gflops", [](double seconds) {
     py::gil_scoped_release release;
     return kernels().fma_peak_gflops(seconds);

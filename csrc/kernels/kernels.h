@@ -15,6 +15,9 @@
 
 namespace pyllm {
 
+// ggml's type ids for the block formats matmul_quant reads.
+enum QuantType { kQ4_0 = 2, kQ4_1 = 3, kQ8_0 = 8 };
+
 struct KernelTable {
   const char* isa;
 
@@ -82,6 +85,12 @@ struct KernelTable {
 
   // GFLOP/s of a register-only FMA loop on every pool thread: the machine's measured fp32 peak.
   double (*fma_peak_gflops)(double seconds);
+
+  // Block-quantized weights (ggml's Q8_0, Q4_0, Q4_1; QuantType below): w holds N rows of K/32
+  // blocks. matmul_quant: out (M, N) = a (M, K) @ W^T. dequantize_rows: out (rows, K) = W.
+  void (*matmul_quant)(float* out, const float* a, const uint8_t* w, int type, int64_t M, int64_t K,
+                       int64_t N);
+  void (*dequantize_rows)(float* out, const uint8_t* w, int type, int64_t rows, int64_t K);
 };
 
 // Each ISA's copy provides its table (declared here, defined in kernels/table.cpp).

@@ -34,6 +34,8 @@ KernelTable table() {
   t.embedding_backward = &embedding_backward;
   t.adamw_update = &adamw_update;
   t.fma_peak_gflops = &fma_peak_gflops;
+  t.matmul_quant = &matmul_quant;
+  t.dequantize_rows = &dequantize_rows;
   return t;
 }
 

@@ -134,15 +134,62 @@ def hf_name(gguf_name: str) -> Optional[str]:
     return None
 
 
-def load_gguf(path) -> tuple:
-    """(Model, Tokenizer, chat template or None, end-of-turn token id or None) from a GGUF file."""
-    from pyllm.model import Model
+QUANTIZED = (Q8_0, Q4_0, Q4_1)
+
+
+def _quantized_rows(f: GGUFFile, info: TensorInfo) -> np.ndarray:
+    """The tensor's blocks as (rows, bytes per row) uint8, a view of the mapped file."""
+    rows = int(np.prod(info.shape[1:]))
+    return raw_tensor(f, info).reshape(rows, -1)
+
+
+def _unpermute_rows(rows: np.ndarray, n_head: int) -> np.ndarray:
+    """unpermute_rope on whole rows of blocks (each output row is quantized on its own)."""
+    order = unpermute_rope(np.arange(rows.shape[0], dtype=np.float64)[:, None], n_head)[:, 0].astype(np.int64)
+    return rows[order]
+
+
+def load_gguf(path, dequantize: bool = False) -> tuple:
+    """(Model, Tokenizer, chat template or None, end-of-turn token id or None) from a GGUF file.
+
+    Quantized matrices (Q8_0, Q4_0, Q4_1) stay quantized (inference only, a fraction of the
+    memory) unless dequantize=True, which gives a float32 model that can be trained.
+    """
+    from pyllm.model import Model, QuantizedWeight
     from pyllm.tokenizer import Tokenizer
 
     path = Path(path)
-    with GGUFFile(path) as f:
+    f = GGUFFile(path)
+    quantized: dict[str, QuantizedWeight] = {}
+    try:
         cfg = config_from_gguf(f)
-        model = Model(cfg, seed=None)
+        HS = cfg.head_size
+        if not dequantize:
+            for name, info in f.tensors.items():
+                target = hf_name(name)
+                if target is None or info.type not in QUANTIZED or len(info.shape) != 2:
+                    continue
+                if target.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight")):
+                    continue   # fused below
+                quantized[target] = QuantizedWeight(_quantized_rows(f, info), info.type, tuple(reversed(info.shape)))
+            for i in range(cfg.n_layer):
+                infos = [f.tensors.get(f"blk.{i}.attn_{x}.weight") for x in "qkv"]
+                if any(t is None for t in infos) or len({t.type for t in infos}) != 1 or infos[0].type not in QUANTIZED:
+                    continue
+                q = _unpermute_rows(_quantized_rows(f, infos[0]), cfg.n_head)
+                k = _unpermute_rows(_quantized_rows(f, infos[1]), cfg.n_kv_head)
+                v = _quantized_rows(f, infos[2])
+                fused = np.ascontiguousarray(np.concatenate([q, k, v]))
+                h, t = f"model.layers.{i}.self_attn.", infos[0].type
+                nq, nkv = cfg.n_head * HS, cfg.n_kv_head * HS
+                quantized[h + "qkv"] = QuantizedWeight(fused, t, (nq + 2 * nkv, cfg.n_embd))
+                quantized[h + "q_proj.weight"] = QuantizedWeight(fused[:nq], t, (nq, cfg.n_embd))
+                quantized[h + "k_proj.weight"] = QuantizedWeight(fused[nq:nq + nkv], t, (nkv, cfg.n_embd))
+                quantized[h + "v_proj.weight"] = QuantizedWeight(fused[nq + nkv:], t, (nkv, cfg.n_embd))
+            for name, weight in quantized.items():
+                if weight.shape[1] % QK or weight.data.shape[1] != weight.shape[1] // QK * TYPES[weight.ggml_type][1]:
+                    raise ValueError(f"{path}: quantized tensor for {name} has rows that do not fit its shape")
+        model = Model(cfg, seed=None, quantized=quantized)
         expected = set(model.p)
         seen = set()
         for name, info in f.tensors.items():
@@ -166,5 +213,14 @@ def load_gguf(path) -> tuple:
             raise ValueError(f"{path}: tensors missing for {missing[:4]}{' ...' if len(missing) > 4 else ''}")
         template = f.metadata.get("tokenizer.chat_template")
         eos = f.metadata.get("tokenizer.ggml.eos_token_id")
+    except BaseException:
+        quantized.clear()
+        try:
+            f.close()
+        except BufferError:   # a view of the mapping is still referenced (by the traceback): let GC close it
+            pass
+        raise
+    if not quantized:
+        f.close()       # otherwise the quantized weights are views of the file's mapping: it stays open
     tokenizer = Tokenizer.from_gguf(path)
     return model, tokenizer, template if isinstance(template, str) else None, eos

@@ -1,0 +1,140 @@
+// Matmul against weights kept in ggml's block-quantized formats (Q8_0, Q4_0, Q4_1: blocks of 32
+// values with a float16 scale, and for Q4_1 a float16 minimum), activations in float32.
+// out (M, N) = a (M, K) @ W^T with W (N, K) stored row by row as K/32 blocks.
+//
+// Decode-sized M: each weight block is expanded to 32 floats once and multiplied with every row
+// of a; the scale is applied per block, and Q4_1's minimum (and Q4_0's offset of 8) through the
+// per-block sums of a, computed once per call. Larger M: the weights are expanded to float32
+// in parallel and the GEMM does the product.
+#include <cstring>
+
+#include "kernels/isa.h"
+#include "threads.h"
+
+namespace pyllm {
+namespace PYLLM_ISA {
+namespace {
+
+constexpr int64_t QK = 32;
+
+inline float half_to_float(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  const uint32_t sign = uint32_t(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, mant = h & 0x3FF;
+  uint32_t bits;
+  if (exp == 0) {
+    if (mant == 0) {
+      bits = sign;
+    } else {  // subnormal: renormalise
+      int e = -1;
+      uint32_t m = mant;
+      do { ++e; m <<= 1; } while (!(m & 0x400));
+      bits = sign | uint32_t(127 - 15 - e) << 23 | (m & 0x3FF) << 13;
+    }
+  } else if (exp == 31) {
+    bits = sign | 0x7F800000u | mant << 13;
+  } else {
+    bits = sign | (exp + 127 - 15) << 23 | mant << 13;
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+int64_t block_bytes(int type) {
+  switch (type) {
+    case kQ8_0: return 2 + QK;
+    case kQ4_0: return 2 + QK / 2;
+    case kQ4_1: return 4 + QK / 2;
+  }
+  return 0;
+}
+
+// The 32 quantized values of a block as floats (without scale or minimum), and its scale/min.
+inline void expand_block(const uint8_t* blk, int type, float* q, float& d, float& m) {
+  d = half_to_float(blk);
+  m = 0.f;
+  if (type == kQ8_0) {
+    const int8_t* v = reinterpret_cast<const int8_t*>(blk + 2);
+    for (int t = 0; t < QK; ++t) q[t] = float(v[t]);
+    return;
+  }
+  const uint8_t* packed = blk + (type == kQ4_1 ? 4 : 2);
+  if (type == kQ4_1) m = half_to_float(blk + 2);
+  for (int t = 0; t < QK / 2; ++t) {
+    q[t] = float(packed[t] & 0x0F);
+    q[t + QK / 2] = float(packed[t] >> 4);
+  }
+}
+
+// The offset added to every value of a block before the scale: -8 for Q4_0, else 0.
+inline float zero_point(int type) { return type == kQ4_0 ? -8.f : 0.f; }
+
+thread_local ThreadBuffer block_sums_buffer, expanded_weights;
+
+}  // namespace
+
+void dequantize_rows(float* out, const uint8_t* w, int type, int64_t rows, int64_t K) {
+  const int64_t nb = K / QK, bb = block_bytes(type);
+  parallel_for(rows, imax(1, 16384 / imax(1, K)), [&](int64_t r0, int64_t r1) {
+    alignas(64) float q[QK];
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t b = 0; b < nb; ++b) {
+        float d, m;
+        expand_block(w + (r * nb + b) * bb, type, q, d, m);
+        const float z = zero_point(type);
+        float* o = out + r * K + b * QK;
+        for (int t = 0; t < QK; ++t) o[t] = (q[t] + z) * d + m;
+      }
+  });
+}
+
+void matmul_quant(float* out, const float* a, const uint8_t* w, int type, int64_t M, int64_t K,
+                  int64_t N) {
+  const int64_t nb = K / QK, bb = block_bytes(type);
+  if (M > 4) {
+    // Row chunks of W expanded into a buffer of about 4 MB, each multiplied by the GEMM.
+    const int64_t chunk = imax(1, imin(N, (int64_t(1) << 20) / imax(1, K)));
+    float* wf = expanded_weights.get(size_t(chunk * K));
+    for (int64_t j0 = 0; j0 < N; j0 += chunk) {
+      const int64_t n = imin(chunk, N - j0);
+      dequantize_rows(wf, w + j0 * nb * bb, type, n, K);
+      gemm(M, n, K, MatView{a, K, 1}, MatView{wf, 1, K}, out + j0, N, false);
+    }
+    return;
+  }
+  // Per row of a: the sum of each block of K (for the minimum and the zero point).
+  float* sums = block_sums_buffer.get(size_t(M * nb));
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t b = 0; b < nb; ++b) {
+      vf s = splat(0.f);
+      for (int64_t t = 0; t < QK; t += W) s += load(a + i * K + b * QK + t);
+      sums[i * nb + b] = hsum(s);
+    }
+  const float z = zero_point(type);
+  parallel_for(N, imax(1, 8192 / imax(1, K)), [&](int64_t j0, int64_t j1) {
+    alignas(64) float q[QK];
+    for (int64_t j = j0; j < j1; ++j) {
+      vf acc[4];
+      float extra[4] = {0.f, 0.f, 0.f, 0.f};
+      for (int64_t i = 0; i < M; ++i) acc[i] = splat(0.f);
+      const uint8_t* row = w + j * nb * bb;
+      for (int64_t b = 0; b < nb; ++b) {
+        float d, m;
+        expand_block(row + b * bb, type, q, d, m);
+        const vf dv = splat(d);
+        for (int64_t i = 0; i < M; ++i) {
+          const float* x = a + i * K + b * QK;
+          vf s = load(q) * load(x);
+          for (int64_t t = W; t < QK; t += W) s += load(q + t) * load(x + t);
+          acc[i] += s * dv;
+          extra[i] += (m + z * d) * sums[i * nb + b];
+        }
+      }
+      for (int64_t i = 0; i < M; ++i) out[i * N + j] = hsum(acc[i]) + extra[i];
+    }
+  });
+}
+
+}  // namespace PYLLM_ISA
+}  // namespace pyllm
