@@ -8,6 +8,10 @@
 // in parallel and the GEMM does the product.
 #include <cstring>
 
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 #include "kernels/isa.h"
 #include "threads.h"
 
@@ -18,27 +22,65 @@ namespace {
 constexpr int64_t QK = 32;
 
 inline float half_to_float(const uint8_t* p) {
-  uint16_t h;
+  _Float16 h;   // one vcvtph2ps where the ISA has F16C, a library conversion elsewhere
   std::memcpy(&h, p, 2);
-  const uint32_t sign = uint32_t(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, mant = h & 0x3FF;
-  uint32_t bits;
-  if (exp == 0) {
-    if (mant == 0) {
-      bits = sign;
-    } else {  // subnormal: renormalise
-      int e = -1;
-      uint32_t m = mant;
-      do { ++e; m <<= 1; } while (!(m & 0x400));
-      bits = sign | uint32_t(127 - 15 - e) << 23 | (m & 0x3FF) << 13;
+  return float(h);
+}
+
+// sum over the block's 32 values of q[t] * x[t], q the raw quantized integers (before the zero
+// point, scale and minimum), widened to floats in registers. GCC's generic vector conversion
+// from bytes is scalarised, so the x86 widths use the widening instructions directly.
+inline vf block_dot(const uint8_t* blk, int type, const float* x) {
+#if defined(__AVX512F__) && !defined(PYLLM_FORCE_WIDTH)
+  {
+    if (type == kQ8_0) {
+      const __m128i* v = reinterpret_cast<const __m128i*>(blk + 2);
+      const __m512 a = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(v)));
+      const __m512 b = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(v + 1)));
+      return vf(a) * load(x) + vf(b) * load(x + 16);
     }
-  } else if (exp == 31) {
-    bits = sign | 0x7F800000u | mant << 13;
-  } else {
-    bits = sign | (exp + 127 - 15) << 23 | mant << 13;
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + (type == kQ4_1 ? 4 : 2)));
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(bytes, mask)));
+    const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(bytes, 4), mask)));
+    return vf(lo) * load(x) + vf(hi) * load(x + 16);
   }
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
+#elif defined(__AVX2__) && !defined(PYLLM_FORCE_WIDTH)
+  {
+    if (type == kQ8_0) {
+      const __m128i v0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 2));
+      const __m128i v1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 18));
+      vf s = vf(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v0))) * load(x);
+      s += vf(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v0, 8)))) * load(x + 8);
+      s += vf(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v1))) * load(x + 16);
+      s += vf(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v1, 8)))) * load(x + 24);
+      return s;
+    }
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + (type == kQ4_1 ? 4 : 2)));
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    const __m128i lo = _mm_and_si128(bytes, mask), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
+    vf s = vf(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo))) * load(x);
+    s += vf(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)))) * load(x + 8);
+    s += vf(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi))) * load(x + 16);
+    s += vf(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)))) * load(x + 24);
+    return s;
+  }
+#else
+  vf s = splat(0.f);
+  alignas(64) float q[QK];
+  if (type == kQ8_0) {
+    const int8_t* v = reinterpret_cast<const int8_t*>(blk + 2);
+    for (int t = 0; t < QK; ++t) q[t] = float(v[t]);
+  } else {
+    const uint8_t* packed = blk + (type == kQ4_1 ? 4 : 2);
+    for (int t = 0; t < QK / 2; ++t) {   // low nibbles are values 0..15, high ones 16..31
+      q[t] = float(packed[t] & 0x0F);
+      q[t + QK / 2] = float(packed[t] >> 4);
+    }
+  }
+  for (int64_t t = 0; t < QK; t += W) s += load(q + t) * load(x + t);
+  return s;
+#endif
 }
 
 int64_t block_bytes(int type) {
@@ -113,21 +155,18 @@ void matmul_quant(float* out, const float* a, const uint8_t* w, int type, int64_
     }
   const float z = zero_point(type);
   parallel_for(N, imax(1, 8192 / imax(1, K)), [&](int64_t j0, int64_t j1) {
-    alignas(64) float q[QK];
     for (int64_t j = j0; j < j1; ++j) {
       vf acc[4];
       float extra[4] = {0.f, 0.f, 0.f, 0.f};
       for (int64_t i = 0; i < M; ++i) acc[i] = splat(0.f);
       const uint8_t* row = w + j * nb * bb;
       for (int64_t b = 0; b < nb; ++b) {
-        float d, m;
-        expand_block(row + b * bb, type, q, d, m);
+        const uint8_t* blk = row + b * bb;
+        const float d = half_to_float(blk);
+        const float m = type == kQ4_1 ? half_to_float(blk + 2) : 0.f;
         const vf dv = splat(d);
         for (int64_t i = 0; i < M; ++i) {
-          const float* x = a + i * K + b * QK;
-          vf s = load(q) * load(x);
-          for (int64_t t = W; t < QK; t += W) s += load(q + t) * load(x + t);
-          acc[i] += s * dv;
+          acc[i] += block_dot(blk, type, a + i * K + b * QK) * dv;
           extra[i] += (m + z * d) * sums[i * nb + b];
         }
       }

@@ -1,0 +1,121 @@
+"""The default model, SmolLM2-135M-Instruct Q4_1 (GGUF), in pyllm against llama.cpp (through
+llama-cpp-python) on the same file, the same threads, one run: prompt processing of 500 tokens,
+200 greedy decode steps, and the resident memory of each (a fresh process that loads the model
+and runs a short generation).
+
+llama-cpp-python compiles llama.cpp when pip installs it (minutes); without it the llama.cpp rows
+are skipped. Run as a script for the memory probe: python benchmarks/bench_smollm2.py {pyllm|llama.cpp}.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+THREADS = int(os.environ.get("PYLLM_BENCH_THREADS", "2"))
+PROMPT, DECODE = 500, 200
+
+
+def _path():
+    from pyllm.hub import smollm2_gguf
+
+    return smollm2_gguf(quiet=True)
+
+
+def _prompt_ids(tokenizer) -> list[int]:
+    from pyllm.data import read_default_corpus
+
+    return tokenizer.encode(read_default_corpus(20_000), disallowed_special=())[:PROMPT]
+
+
+def load(impl: str):
+    """(prefill(ids) -> state, decode(state, n) -> tokens) for impl."""
+    if impl == "pyllm":
+        from pyllm import kernels
+        from pyllm.llm import LLM
+        from pyllm.model import KVCache
+
+        kernels.set_num_threads(THREADS)
+        llm = LLM.load(_path())
+        model = llm.model
+
+        def prefill(ids):
+            cache = KVCache(model.config, 1, len(ids) + DECODE + 1)
+            return cache, model.forward_step(np.asarray(ids)[None, :], cache)
+
+        def decode(state, n):
+            cache, logits = state
+            out = []
+            for _ in range(n):
+                token = int(np.argmax(logits[0]))
+                out.append(token)
+                logits = model.forward_step(np.array([[token]]), cache)
+            return out
+        return llm.tokenizer, prefill, decode
+
+    import llama_cpp
+
+    from pyllm.tokenizer import Tokenizer
+
+    llm = llama_cpp.Llama(model_path=str(_path()), n_ctx=PROMPT + DECODE + 8, n_threads=THREADS,
+                          n_threads_batch=THREADS, n_batch=512, verbose=False)
+
+    def prefill(ids):
+        llm.reset()
+        llm.eval(ids)
+        return llm
+
+    def decode(state, n):
+        out = []
+        for _ in range(n):
+            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            out.append(token)
+            llm.eval([token])
+        return out
+    return Tokenizer.from_gguf(_path()), prefill, decode
+
+
+def peak_memory_mb(impl: str) -> float:
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), impl], check=True, capture_output=True,
+                         text=True, cwd=os.path.dirname(os.path.abspath(__file__)),
+                         env=dict(os.environ, OMP_NUM_THREADS=str(THREADS)))
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
+
+
+try:
+    import pytest
+except ImportError:
+    pytest = None
+
+if pytest is not None:
+    @pytest.fixture(scope="module", params=["pyllm", "llama.cpp"])
+    def runner(request):
+        if request.param == "llama.cpp":
+            pytest.importorskip("llama_cpp")
+        tokenizer, prefill, decode = load(request.param)
+        return request.param, _prompt_ids(tokenizer), prefill, decode
+
+    def test_prompt_processing(benchmark, runner):
+        impl, ids, prefill, _ = runner
+        benchmark.group = f"SmolLM2 Q4_1 prompt of {PROMPT} tokens vs llama.cpp"
+        benchmark.extra_info.update(impl=impl, tokens=PROMPT, target=1.0, peak_mb=peak_memory_mb(impl))
+        benchmark.pedantic(prefill, args=(ids,), rounds=3, warmup_rounds=1)
+
+    def test_decode(benchmark, runner):
+        impl, ids, prefill, decode = runner
+        benchmark.group = f"SmolLM2 Q4_1 decode {DECODE} tokens vs llama.cpp"
+        benchmark.extra_info.update(impl=impl, tokens=DECODE, target=1.0)
+        tokens = benchmark.pedantic(decode, setup=lambda: ((prefill(ids), DECODE), {}), rounds=3)
+        assert len(tokens) == DECODE
+
+
+if __name__ == "__main__":
+    tokenizer, prefill, decode = load(sys.argv[1])
+    decode(prefill(_prompt_ids(tokenizer)[:64]), 16)
+    with open("/proc/self/status") as status:
+        peak_kb = next(int(line.split()[1]) for line in status if line.startswith("VmHWM"))
+    print(json.dumps({"peak_mb": peak_kb / 1024}))
