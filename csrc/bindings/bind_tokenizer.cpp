@@ -3,6 +3,7 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -17,6 +18,15 @@ namespace {
 std::vector<int64_t> split_released(const char* data, size_t size, Pattern pattern) {
   py::gil_scoped_release release;
   return pyllm::tok::pretokenize(std::string_view(data, size), pattern);
+}
+
+// A numpy array over the vector's own buffer: a capsule owns the vector, so nothing is copied
+// (the copy, and first touching a fresh buffer, cost as much as splitting the text).
+py::array_t<int64_t> adopt(std::vector<int64_t>&& values) {
+  auto owned = std::make_unique<std::vector<int64_t>>(std::move(values));
+  py::capsule owner(owned.get(), [](void* v) { delete static_cast<std::vector<int64_t>*>(v); });
+  const std::vector<int64_t>* v = owned.release();
+  return py::array_t<int64_t>(static_cast<py::ssize_t>(v->size()), v->data(), owner);
 }
 
 }  // namespace
@@ -45,10 +55,7 @@ void bind_tokenizer(py::module_& m) {
     char* bytes = nullptr;
     Py_ssize_t size = 0;
     if (PyBytes_AsStringAndSize(data.ptr(), &bytes, &size) != 0) throw py::error_already_set();
-    const std::vector<int64_t> ends = split_released(bytes, size_t(size), p);
-    py::array_t<int64_t> out(static_cast<py::ssize_t>(ends.size()));
-    std::copy(ends.begin(), ends.end(), out.mutable_data());
-    return out;
+    return adopt(split_released(bytes, size_t(size), p));
   }, py::arg("data"), py::arg("pattern"),
      "End byte offsets (int64 array) of the pieces of UTF-8 data under a built-in pattern; "
      "a byte that is not UTF-8 counts as a character of its own.");
