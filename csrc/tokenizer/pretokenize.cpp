@@ -7,6 +7,7 @@
 #include <map>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "tokenizer/unicode_tables.h"
 
@@ -188,8 +189,9 @@ const uint8_t* gpt2_spaces(const Text& t, const uint8_t* p) {
   return q == t.end() || last == p ? q : last;
 }
 
-// One GPT-2 piece from p, where c starts. With kDigitsApart the text is cut before and after every number (the
-// caller makes each number a piece), and each stretch between numbers splits as a text of its own.
+// One GPT-2 piece from p, where c starts. With kDigitsApart the text is cut before and after
+// every number (the caller makes each number a piece), and each stretch between numbers splits
+// as a text of its own.
 template <bool kDigitsApart>
 const uint8_t* gpt2_piece(const Text& t, const uint8_t* p, const Char c) {
   const uint8_t* next = p + c.size;
@@ -243,6 +245,7 @@ const uint8_t* gpt4_spaces(const Text& t, const uint8_t* p) {
   return last == p ? q : last;
 }
 
+// One GPT-4 piece from p: the alternatives of the pattern, tried in its order.
 const uint8_t* gpt4_piece(const Text& t, const uint8_t* p) {
   const Char c = t.at(p);
   const uint8_t* next = p + c.size;
@@ -253,11 +256,13 @@ const uint8_t* gpt4_piece(const Text& t, const uint8_t* p) {
   if (c.cls == CharClass::kNumber) return t.skip_at_most(next, CharClass::kNumber, 2);  // \p{N}{1,3}+
   if (!is_newline(c.code_point) && next < t.end()) {
     const Char n = t.at(next);
-    if (n.cls == CharClass::kLetter) return t.skip(next + n.size, CharClass::kLetter);  // [^\r\n\p{L}\p{N}]\p{L}++
-    if (c.code_point == ' ' && n.cls == CharClass::kOther)                             // ' '[^\s\p{L}\p{N}]++[\r\n]*+
+    // [^\r\n\p{L}\p{N}]?+\p{L}++ with the optional character present
+    if (n.cls == CharClass::kLetter) return t.skip(next + n.size, CharClass::kLetter);
+    // ' '[^\s\p{L}\p{N}]++[\r\n]*+
+    if (c.code_point == ' ' && n.cls == CharClass::kOther)
       return t.skip_newlines(t.skip(next + n.size, CharClass::kOther));
   }
-  if (c.cls == CharClass::kOther) return t.skip_newlines(t.skip(next, CharClass::kOther));
+  if (c.cls == CharClass::kOther) return t.skip_newlines(t.skip(next, CharClass::kOther));  // no ' '
   return gpt4_spaces(t, p);
 }
 
@@ -267,7 +272,8 @@ template <class Piece>
 std::vector<int64_t> split(std::string_view text, Piece piece) {
   const Text t(text);
   std::vector<int64_t> ends;
-  ends.reserve(text.size() / 3 + 1);  // pieces of real text average 4 bytes; untouched pages cost nothing
+  // Pieces of real text average about 4 bytes; reserved pages that are never written cost nothing.
+  ends.reserve(text.size() / 3 + 1);
   for (const uint8_t* p = t.begin(); p < t.end();) {
     p = piece(t, p);
     ends.push_back(p - t.begin());
@@ -289,7 +295,9 @@ std::vector<int64_t> pretokenize(std::string_view text, Pattern pattern) {
   switch (pattern) {
     // Lambdas rather than function pointers, so that each piece function is inlined into its loop.
     case Pattern::kGpt2:
-      return split(text, [](const Text& t, const uint8_t* p) { return gpt2_piece<false>(t, p, t.at(p)); });
+      return split(text, [](const Text& t, const uint8_t* p) {
+        return gpt2_piece<false>(t, p, t.at(p));
+      });
     case Pattern::kGpt4:
       return split(text, [](const Text& t, const uint8_t* p) { return gpt4_piece(t, p); });
     case Pattern::kGpt2Digits:
