@@ -5,6 +5,8 @@
 
 #include <memory>
 #include <string>
+#include <string_view>
+#include <unordered_map>
 #include <vector>
 
 #include "tokenizer/pretokenize.h"
@@ -29,6 +31,27 @@ py::array_t<int64_t> adopt(std::vector<int64_t>&& values) {
   return py::array_t<int64_t>(static_cast<py::ssize_t>(v->size()), v->data(), owner);
 }
 
+// The pieces as str objects. Real text repeats its pieces (" ", "\n", "self", " the"), so each
+// distinct piece is made once per call and shared, as CPython shares one-character strings.
+py::list pieces_as_str(const char* data, const std::vector<int64_t>& ends) {
+  py::list pieces(ends.size());
+  std::unordered_map<std::string_view, PyObject*> made;  // borrowed: `pieces` holds a reference
+  int64_t start = 0;
+  for (size_t i = 0; i < ends.size(); ++i) {
+    const std::string_view bytes(data + start, size_t(ends[i] - start));
+    auto [it, added] = made.try_emplace(bytes, nullptr);
+    if (added) {
+      it->second = PyUnicode_DecodeUTF8(bytes.data(), Py_ssize_t(bytes.size()), "strict");
+      if (it->second == nullptr) throw py::error_already_set();
+    } else {
+      Py_INCREF(it->second);
+    }
+    PyList_SET_ITEM(pieces.ptr(), Py_ssize_t(i), it->second);  // steals the reference
+    start = ends[i];
+  }
+  return pieces;
+}
+
 }  // namespace
 
 void bind_tokenizer(py::module_& m) {
@@ -37,16 +60,7 @@ void bind_tokenizer(py::module_& m) {
     Py_ssize_t size = 0;
     const char* data = PyUnicode_AsUTF8AndSize(text.ptr(), &size);  // lone surrogates: UnicodeEncodeError
     if (data == nullptr) throw py::error_already_set();
-    const std::vector<int64_t> ends = split_released(data, size_t(size), p);
-    py::list pieces(ends.size());
-    int64_t start = 0;
-    for (size_t i = 0; i < ends.size(); ++i) {
-      PyObject* piece = PyUnicode_DecodeUTF8(data + start, Py_ssize_t(ends[i] - start), "strict");
-      if (piece == nullptr) throw py::error_already_set();
-      PyList_SET_ITEM(pieces.ptr(), Py_ssize_t(i), piece);  // steals the reference
-      start = ends[i];
-    }
-    return pieces;
+    return pieces_as_str(data, split_released(data, size_t(size), p));
   }, py::arg("text"), py::arg("pattern"),
      "The pieces of text under a built-in pattern (gpt2, gpt4, gpt2_digits).");
 
