@@ -15,7 +15,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 
 from pyllm.data import read_default_corpus  # noqa: E402
-from pyllm.tokenizer import PATTERNS, Tokenizer  # noqa: E402
+from pyllm.tokenizer import HF_PATTERNS, PATTERNS, Tokenizer  # noqa: E402
 
 ENCODE_BYTES = 10_000_000    # the scale: ~10 MB of standard-library sources
 ENCODE_VOCAB = 32768
@@ -73,7 +73,8 @@ def test_train(benchmark, impl):
 
     def train():
         hf = tokenizers.Tokenizer(models.BPE())
-        hf.pre_tokenizer = pre_tokenizers.Split(tokenizers.Regex(PATTERNS["gpt4"]), behavior="isolated")
+        # The spelling Oniguruma reads as tiktoken does (see HF_PATTERNS): the same pieces as pyllm's.
+        hf.pre_tokenizer = pre_tokenizers.Split(tokenizers.Regex(HF_PATTERNS["gpt4"]), behavior="isolated")
         trainer = trainers.BpeTrainer(vocab_size=TRAIN_VOCAB, show_progress=False,
                                       initial_alphabet=[chr(b) for b in range(256)])
         hf.train_from_iterator([text], trainer)

@@ -18,14 +18,14 @@ from typing import Callable, Collection, Iterable, Literal, Sequence, Union
 
 import numpy as np
 
-GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-GPT4_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
-                r"""|\s*[\r\n]|\s+(?!\S)|\s+""")
-PATTERNS = {"gpt2": GPT2_PATTERN, "gpt4": GPT4_PATTERN}
-# "gpt2_digits": every digit is a piece of its own, and the GPT-2 pattern splits the text between
-# digits (SmolLM2's Digits + ByteLevel pre-tokenizer; llama.cpp's "smollm"). Not one regex:
-# "x  1" gives ['x', '  ', '1'] here, while a single pattern would split the spaces.
-PIPELINES = {"gpt2_digits": "gpt2"}
+# The split patterns live with the pre-tokenizer (the built-in ones run in C++); re-exported here.
+from pyllm.pretokenize import BUILTIN, GPT2_PATTERN, GPT4_PATTERN, PATTERNS, PIPELINES  # noqa: F401
+from pyllm.pretokenize import split_reference
+
+# Oniguruma, the regex engine of Hugging Face `tokenizers`, reads `{1,3}+` as `({1,3})+` (any
+# number of digits), not as a possessive `{1,3}`. Without that `+` the GPT-4 pattern means the
+# same to `regex` and tiktoken, so tokenizer.json files carry this spelling.
+HF_PATTERNS = {**PATTERNS, "gpt4": GPT4_PATTERN.replace(r"\p{N}{1,3}+", r"\p{N}{1,3}")}
 # GGUF's tokenizer.ggml.pre -> pattern name
 GGUF_PRE = {"default": "gpt2", "gpt-2": "gpt2", "gpt2": "gpt2", "smollm": "gpt2_digits"}
 
@@ -87,15 +87,10 @@ def _utf8(text: str, what: str = "text") -> bytes:
 # ----------------------------------------------------------------------------- pre-tokenization
 
 def piece_ends(data: bytes, text: str, pattern: str) -> np.ndarray:
-    """End byte offsets of the pieces `pattern` splits text into (data is text's UTF-8)."""
-    import regex  # the built-in patterns move to C++ (pyllm.pretokenize) once it lands
-
-    if pattern in PIPELINES:
-        inner = regex.compile(PATTERNS[PIPELINES[pattern]])
-        pieces = [p for seg in regex.findall(r"\p{N}|\P{N}+", text)
-                  for p in ([seg] if len(seg) == 1 and regex.match(r"\p{N}", seg) else inner.findall(seg))]
-    else:
-        pieces = regex.findall(PATTERNS.get(pattern, pattern), text)
+    """End byte offsets (uint32) of the pieces `pattern` splits text into (data is text's UTF-8)."""
+    if pattern in BUILTIN:
+        return _C().pretokenize_offsets(data, pattern).astype(np.uint32)
+    pieces = split_reference(text, pattern)
     ends = np.fromiter((len(p.encode("utf-8")) for p in pieces), np.int64, len(pieces)).cumsum()
     if len(ends) and ends[-1] != len(data) or not len(ends) and data:
         raise ValueError("the pre-tokenizer pattern must match every character of the text "
@@ -369,7 +364,6 @@ class Tokenizer:
     # Hugging Face tokenizer.json ---------------------------------------------------------
 
     def _hf_document(self) -> dict:
-        pattern = PATTERNS.get(self.pattern, self.pattern)
         ordinary = {_token_to_str(t): i for i, t in enumerate(self.vocab) if i not in self._special_by_id}
         ordinary.update(self.special_tokens)
         return {
@@ -445,7 +439,7 @@ def _hf_pre_tokenizer(pattern: str) -> dict:
             {"type": "Digits", "individual_digits": True},
             {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}]}
     return {"type": "Sequence", "pretokenizers": [
-        {"type": "Split", "pattern": {"Regex": PATTERNS.get(pattern, pattern)}, "behavior": "Isolated",
+        {"type": "Split", "pattern": {"Regex": HF_PATTERNS.get(pattern, pattern)}, "behavior": "Isolated",
          "invert": False},
         {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
 
@@ -460,8 +454,8 @@ def _hf_pattern(pre: dict | None, path: Path) -> str:
     for step in steps:
         if step.get("type") == "Split" and "Regex" in step.get("pattern", {}):
             regex_text = step["pattern"]["Regex"]
-            for name, known in PATTERNS.items():
-                if regex_text == known:
+            for name in PATTERNS:
+                if regex_text in (PATTERNS[name], HF_PATTERNS[name]):
                     return name
             return regex_text
         if step.get("type") == "ByteLevel" and step.get("use_regex", True):
