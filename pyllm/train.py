@@ -224,6 +224,7 @@ def train(cfg: TrainConfig, say: Callable[[str], None] = print) -> TrainResult:
     bar = tqdm(total=cfg.max_steps, initial=step, desc="training", unit="step", disable=not cfg.progress,
                dynamic_ncols=True)
     plan_from_time = cfg.max_minutes is not None and checkpoint is None
+    max_steps_asked = cfg.max_steps
     stop = _StopRequest()
     try:
         with open(log_path, "a", encoding="utf-8") as log:
@@ -248,15 +249,19 @@ def train(cfg: TrainConfig, say: Callable[[str], None] = print) -> TrainResult:
                           "tokens_per_s": round(tokens_per_step / dt, 1), "time_s": round(time.perf_counter() - start_time, 2)}
                 if plan_from_time and step == 2:
                     pace_start = time.perf_counter()
-                if plan_from_time and step == 5:   # steps 3-5 show the pace (step 1 allocates buffers)
-                    pace = (time.perf_counter() - pace_start) / 3
-                    per_step = pace * (1 + cfg.eval_batches / (3 * cfg.eval_interval))   # eval: forward only
+                # The pace so far (from step 2: step 1 allocates buffers) plans how many steps fit the
+                # budget: first at step 5, then again at every evaluation, as the pace settles.
+                if plan_from_time and step >= 5 and (step == 5 or step % cfg.eval_interval == 0):
+                    pace = (time.perf_counter() - pace_start) / (step - 2)
+                    per_step = pace if step > cfg.eval_interval else \
+                        pace * (1 + cfg.eval_batches / (3 * cfg.eval_interval))   # evaluations: forward only
                     left = 60 * cfg.max_minutes - (time.perf_counter() - start_time)
-                    planned = max(step + 1, step + int(left / per_step))
-                    if planned < cfg.max_steps:
+                    planned = min(max_steps_asked, max(step + 1, step + int(left / per_step)))
+                    if planned != cfg.max_steps:
                         cfg = dataclasses.replace(cfg, max_steps=planned)
                         bar.total = planned
-                        say(f"{cfg.max_minutes} min at {pace:.2f} s/step: planning {planned} steps")
+                        if step == 5:
+                            say(f"{cfg.max_minutes} min at {pace:.2f} s/step: planning {planned} steps")
                 if step % cfg.eval_interval == 0 or step == cfg.max_steps:
                     record["val_loss"] = round(evaluate(model, data, cfg, model_cfg.block_size), 5)
                     record["val_ppl"] = round(math.exp(min(record["val_loss"], 50.0)), 3)
