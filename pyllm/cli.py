@@ -110,7 +110,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
                                                   " (pip install matplotlib for a loss-curve PNG)"))
     if args.sample_tokens:
         tok = result.tokenizer
-        prompt = tok.encode(args.prompt) or [0]
+        prompt = (tok.encode(args.prompt) or [0])[-(result.model.config.block_size // 2):]
         ids = result.model.generate(prompt, min(args.sample_tokens, result.model.config.block_size - len(prompt)),
                                     temperature=0.8, top_k=50, seed=cfg.seed)
         print("--- sample ---")

@@ -111,7 +111,8 @@ def generate_stream(model, ids, max_new_tokens: int, sampling: SamplingConfig = 
             history[b].append(int(tokens[b]))
             if int(tokens[b]) in stops:
                 done[b] = True
-        if done.all() or int(cache.lengths.max()) >= capacity or step + 1 == max_new_tokens:
+        # The same rule as recomputing: stop once the longest sequence fills the context window.
+        if done.all() or int(cache.lengths.max()) + 1 >= model.config.block_size or step + 1 == max_new_tokens:
             return
         logits = model.forward_step(np.where(done, 0, tokens)[:, None], cache)
 

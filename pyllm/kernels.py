@@ -595,8 +595,8 @@ def _sampling_args(logits, temperature, top_k, top_p, min_p, repetition_penalty,
         raise ValueError(f"top_p must lie in (0, 1], got {top_p!r}")
     if min_p is not None and not 0 <= min_p < 1:
         raise ValueError(f"min_p must lie in [0, 1), got {min_p!r}")
-    if not repetition_penalty > 0:
-        raise ValueError(f"repetition_penalty must be > 0 (1 is off), got {repetition_penalty!r}")
+    if not (repetition_penalty > 0 and math.isfinite(repetition_penalty)):
+        raise ValueError(f"repetition_penalty must be a finite number > 0 (1 is off), got {repetition_penalty!r}")
     logits = _floats(logits, "logits", min_ndim=1)
     squeeze = logits.ndim == 1
     if squeeze:
@@ -633,6 +633,9 @@ def sample(logits, *, temperature: float = 1.0, top_k: Optional[int] = None, top
     The draw uses a uniform number that depends only on (seed, step), so a seeded generation
     repeats exactly. With return_probs, also the distribution that was sampled from.
     """
+    for name, value in (("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty)):
+        if not (isinstance(value, (int, float)) and math.isfinite(value)):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
     logits, hist, seeds, squeeze = _sampling_args(logits, temperature, top_k, top_p, min_p,
                                                   repetition_penalty, history, seed)
     if isinstance(step, bool) or int(step) != step or step < 0:

@@ -37,9 +37,10 @@ class LLM:
     """Text in, text out: `LLM.load(folder)`, then `generate(prompt)` or `chat(messages)`."""
 
     def __init__(self, model, tokenizer, chat_template: Optional[str] = None,
-                 stop_token_ids: Optional[Sequence[int]] = None) -> None:
+                 stop_token_ids: Optional[Sequence[int]] = None, bos_token: str = "") -> None:
         self.model, self.tokenizer = model, tokenizer
         self.chat_template = chat_template
+        self.bos_token = bos_token    # what the template writes for {{ bos_token }}
         if stop_token_ids is None:
             stop_token_ids = [tokenizer.special_tokens[n] for n in END_OF_TEXT_NAMES if n in tokenizer.special_tokens]
         self.stop_token_ids = list(stop_token_ids)
@@ -60,7 +61,8 @@ class LLM:
             from pyllm.io.gguf_model import load_gguf
 
             model, tokenizer, template, eos = load_gguf(folder)
-            return cls(model, tokenizer, template, [eos] if eos is not None else None)
+            bos = _gguf_bos(folder, tokenizer)
+            return cls(model, tokenizer, template, [eos] if eos is not None else None, bos)
         if folder.is_file():
             raise ValueError(f"{folder}: give a model folder (config.json, model.safetensors, tokenizer.json) "
                              f"or a .gguf file")
@@ -71,7 +73,7 @@ class LLM:
         if tokenizer.vocab_size > model.config.vocab_size:
             raise ValueError(f"{folder}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                              f"{model.config.vocab_size}")
-        template, stops = None, None
+        template, stops, bos = None, None, ""
         config_path = folder / "tokenizer_config.json"
         if config_path.is_file():
             doc = json.loads(config_path.read_text(encoding="utf-8"))
@@ -80,7 +82,10 @@ class LLM:
             eos = eos.get("content") if isinstance(eos, dict) else eos
             if isinstance(eos, str) and eos in tokenizer.special_tokens:
                 stops = [tokenizer.special_tokens[eos]]
-        return cls(model, tokenizer, template, stops)
+            bos_doc = doc.get("bos_token")
+            bos_doc = bos_doc.get("content") if isinstance(bos_doc, dict) else bos_doc
+            bos = bos_doc if isinstance(bos_doc, str) and bos_doc in tokenizer.special_tokens else ""
+        return cls(model, tokenizer, template, stops, bos)
 
     # ------------------------------------------------------------------ generation
 
@@ -131,20 +136,33 @@ class LLM:
     def apply_chat_template(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
         """The conversation as the text the model was trained to continue."""
         _check_messages(messages)
-        if self._template is None:
-            from jinja2 import StrictUndefined
-            from jinja2.sandbox import ImmutableSandboxedEnvironment
+        import jinja2
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+        if self._template is None:
             def raise_exception(message):
                 raise ValueError(f"chat template: {message}")
 
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, undefined=StrictUndefined)
-            env.globals["raise_exception"] = raise_exception
-            self._template = env.from_string(self.chat_template or PLAIN_TEMPLATE)
+            def strftime_now(fmt):
+                import datetime
+
+                return datetime.datetime.now().strftime(fmt)
+
+            # As Hugging Face renders templates: a sandbox, loop controls, missing names undefined.
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                extensions=["jinja2.ext.loopcontrols"])
+            env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now)
+            try:
+                self._template = env.from_string(self.chat_template or PLAIN_TEMPLATE)
+            except jinja2.TemplateError as exc:
+                raise ValueError(f"the model's chat template does not parse: {exc}") from None
         names = {v: k for k, v in self.tokenizer.special_tokens.items()}
         eos = names.get(self.stop_token_ids[0], "") if self.stop_token_ids else ""
-        return self._template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                                     bos_token="", eos_token=eos)
+        try:
+            return self._template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
+                                         bos_token=self.bos_token, eos_token=eos, tools=None, documents=None)
+        except jinja2.TemplateError as exc:
+            raise ValueError(f"the model's chat template failed: {exc}") from None
 
     def chat(self, messages: Sequence[Message], max_new_tokens: int = 256, stream: bool = False, **options
              ) -> Union[str, Iterator[str]]:
@@ -170,8 +188,21 @@ class LLM:
         self.model.save_pretrained(folder, tokenizer=self.tokenizer)
         names = {v: k for k, v in self.tokenizer.special_tokens.items()}
         doc = {"chat_template": self.chat_template,
-               "eos_token": names.get(self.stop_token_ids[0]) if self.stop_token_ids else None}
+               "eos_token": names.get(self.stop_token_ids[0]) if self.stop_token_ids else None,
+               "bos_token": self.bos_token or None}
         write_text(Path(folder) / "tokenizer_config.json", json.dumps(doc, indent=2) + "\n")
+
+
+def _gguf_bos(path: Path, tokenizer) -> str:
+    """The beginning-of-text token's text, when the GGUF file says to add it."""
+    from pyllm.io.gguf import GGUFFile
+
+    with GGUFFile(path) as f:
+        if not f.metadata.get("tokenizer.ggml.add_bos_token", False):
+            return ""
+        bos_id = f.metadata.get("tokenizer.ggml.bos_token_id")
+    names = {v: k for k, v in tokenizer.special_tokens.items()}
+    return names.get(bos_id, "")
 
 
 def _check_messages(messages) -> None:

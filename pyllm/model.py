@@ -57,8 +57,12 @@ class ModelConfig:
             self.intermediate_size = 4 * self.n_embd
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
-        if self.n_head % self.n_kv_head:
+        if self.n_kv_head < 1 or self.n_head % self.n_kv_head:
             raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
+        if self.arch == "gpt2" and self.n_kv_head != self.n_head:
+            raise ValueError(f"gpt2 models have n_kv_head == n_head; got {self.n_kv_head} and {self.n_head}")
+        if self.arch == "llama" and self.head_size % 2:
+            raise ValueError(f"rotary embeddings need an even head size, got {self.head_size}")
         if not self.norm_eps > 0:
             raise ValueError(f"norm_eps must be positive, got {self.norm_eps!r}")
 
@@ -454,6 +458,12 @@ class Model:
         cfg, p = self.config, self.p
         rows = rows if rows is not None else slice(0, cache.batch)
         lengths = cache.lengths[rows]
+        ids = np.asarray(ids)
+        if ids.ndim != 2 or ids.dtype.kind not in "iu" or ids.shape[1] < 1 or ids.shape[0] != lengths.size:
+            raise ValueError(f"ids must be integers shaped ({lengths.size}, Tq >= 1), got {ids.dtype} {ids.shape}")
+        if ids.min() < 0 or ids.max() >= cfg.vocab_size:
+            raise ValueError(f"ids outside [0, {cfg.vocab_size})")
+        ids = np.ascontiguousarray(ids, np.int64)
         if int(lengths.max()) + ids.shape[1] > cache.capacity:
             raise ValueError(f"the KV cache holds {cache.capacity} positions; "
                              f"{int(lengths.max()) + ids.shape[1]} needed")

@@ -51,12 +51,12 @@ class AdamW:
     def step(self, lr: float | None = None) -> None:
         """Updates the parameters from model.grads (clipped to grad_clip by global norm, if set)."""
         lr = self.lr if lr is None else float(lr)
-        self.step_count += 1
         scale = 1.0
+        self.last_grad_norm = global_norm(self.model.grads)
+        if not math.isfinite(self.last_grad_norm):
+            raise FloatingPointError(f"the gradient norm is {self.last_grad_norm}")
+        self.step_count += 1
         if self.grad_clip is not None:
-            self.last_grad_norm = global_norm(self.model.grads)
-            if not math.isfinite(self.last_grad_norm):
-                raise FloatingPointError(f"gradient norm is {self.last_grad_norm}")
             if self.last_grad_norm > self.grad_clip:
                 scale = self.grad_clip / (self.last_grad_norm + 1e-6)
         n = self.model.num_decayed

@@ -121,6 +121,8 @@ def prepare_data(cfg: TrainConfig, say: Callable[[str], None] = print):
         raise ValueError("no documents in the data")
     if not cfg.data:
         say(f"no --data: using the Python standard library's sources ({len(documents)} files)")
+    if source_path.exists():
+        source_path.unlink()    # the data is rebuilt: only a complete rebuild may say what it holds
     if cfg.tokenizer:
         tokenizer = Tokenizer.load(cfg.tokenizer)
     else:
@@ -216,6 +218,11 @@ def train(cfg: TrainConfig, say: Callable[[str], None] = print) -> TrainResult:
         say(f"resuming from {checkpoint} at step {step}")
     say(f"{model}; {cfg.batch_size}x{model_cfg.block_size} tokens per micro-batch, "
         f"{cfg.grad_accum} micro-batch(es) per step, {kernels.get_num_threads()} threads")
+    for split, tokens in (("training", data.train), ("validation", data.val)):
+        if len(tokens) <= model_cfg.block_size:
+            raise ValueError(f"the {split} split has {len(tokens)} tokens, not more than block_size "
+                             f"{model_cfg.block_size}: give more data, a smaller --block-size, or a larger "
+                             f"validation fraction")
     log_path = out / LOG
     _truncate_log(log_path, step)
     tokens_per_step = cfg.batch_size * model_cfg.block_size * cfg.grad_accum
@@ -242,7 +249,11 @@ def train(cfg: TrainConfig, say: Callable[[str], None] = print) -> TrainResult:
                 if not math.isfinite(loss):
                     raise TrainingError(f"the loss is {loss} at step {step + 1}; stopping. The last good "
                                         f"checkpoint is kept in {out / CHECKPOINT} (try a lower --lr)")
-                opt.step(lr)
+                try:
+                    opt.step(lr)
+                except FloatingPointError as exc:
+                    raise TrainingError(f"{exc} at step {step + 1}; stopping. The last good checkpoint is kept "
+                                        f"in {out / CHECKPOINT} (try a lower --lr)") from None
                 step += 1
                 dt = time.perf_counter() - t0
                 record = {"step": step, "loss": round(loss, 5), "lr": lr, "grad_norm": round(opt.last_grad_norm, 4),
@@ -312,8 +323,14 @@ def _truncate_log(path: Path, step: int) -> None:
     """Drops log records after `step`, so a resumed run's log reads like an uninterrupted one."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step]
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:   # a line cut short by a crash
+            continue
+        if record.get("step", 0) <= step:
+            kept.append(line)
     write_text(path, "".join(line + "\n" for line in kept))
 
 

@@ -189,3 +189,31 @@ def test_generation_refuses_bad_input(model, call, match):
 def test_sampling_config_validates_on_construction():
     with pytest.raises(ValueError, match="top_k"):
         SamplingConfig(top_k=-3)
+
+
+def test_sampler_refuses_non_finite_penalties_and_survives_tiny_temperatures():
+    logits = np.array([1.0, 3.0, 2.0], np.float32)
+    for bad in (dict(presence_penalty=float("nan")), dict(frequency_penalty=-float("inf")),
+                dict(repetition_penalty=float("inf"))):
+        with pytest.raises(ValueError, match="penalty"):
+            K.sample(logits, history=[1], **bad)
+    token, probs = K.sample(logits, temperature=1e-310, return_probs=True)
+    assert token == 1 and np.isfinite(probs).all() and probs[1] == 1.0
+    assert R.sample(logits, temperature=1e-310) == 1
+
+
+def test_cached_and_uncached_generation_stop_alike_at_the_context_edge():
+    m = Model(ModelConfig(vocab_size=61, block_size=8, n_layer=1, n_head=2, n_embd=16), seed=0)
+    for prompt in ([1, 2, 3, 4, 5], [1] * 7):
+        cached = m.generate(prompt, 10, temperature=0)
+        assert cached.tolist() == generate(m, prompt, 10, temperature=0, use_cache=False).tolist()
+        assert len(cached) == 8
+
+
+def test_forward_step_checks_its_ids(model):
+    from pyllm.model import KVCache
+
+    cache = KVCache(model.config, 1, 10)
+    for bad in (np.array([[61]]), np.array([[-1]]), np.zeros((1, 0), np.int64), np.zeros((2, 1), np.int64)):
+        with pytest.raises(ValueError, match="ids"):
+            model.forward_step(bad, cache)

@@ -138,3 +138,18 @@ def test_chat_repl_through_a_pseudo_terminal(folder):
     finally:
         child.close(force=True)
     assert child.exitstatus == 0
+
+
+def test_templates_as_real_models_write_them(llm):
+    template = ("{% if tools %}TOOLS{% endif %}{% for m in messages %}{% if loop.index > 2 %}{% break %}{% endif %}"
+                "{{ bos_token }}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}{{ undefined_name }}")
+    other = LLM(llm.model, llm.tokenizer, chat_template=template, bos_token="<s>")
+    text = other.apply_chat_template([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                                      {"role": "user", "content": "c"}])
+    assert text == "<s>[user] a\n<s>[assistant] b\n"
+    broken = LLM(llm.model, llm.tokenizer, chat_template="{% for %}")
+    with pytest.raises(ValueError, match="chat template"):
+        broken.apply_chat_template([{"role": "user", "content": "a"}])
+    raising = LLM(llm.model, llm.tokenizer, chat_template="{{ raise_exception('no system role') }}")
+    with pytest.raises(ValueError, match="no system role"):
+        raising.apply_chat_template([{"role": "user", "content": "a"}])

@@ -237,3 +237,10 @@ def test_llama_cached_generation_equals_recompute_and_folders_round_trip(tmp_pat
     again = Model.from_pretrained(tmp_path / "back")
     assert again.config.arch == "llama" and again.config.n_kv_head == 2
     assert_close(again(ids), model(ids), what="our reading of a transformers llama folder")
+
+
+def test_config_refuses_inconsistent_heads():
+    with pytest.raises(ValueError, match="n_kv_head"):
+        ModelConfig(**SMALL, n_kv_head=1)
+    with pytest.raises(ValueError, match="even head size"):
+        ModelConfig(arch="llama", n_head=2, n_embd=6)

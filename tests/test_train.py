@@ -193,3 +193,11 @@ def test_a_time_budget_plans_the_schedule(tmp_path, corpus):
     planned = state["train_config"]["max_steps"]
     assert 5 < planned < 100_000 and result.step <= planned
     assert result.history[-1]["time_s"] < 60 * budget * 1.5
+
+
+def test_too_little_validation_data_is_refused_before_training(tmp_path):
+    small = tmp_path / "small.txt"
+    small.write_text("alpha beta gamma delta " * 20)
+    with pytest.raises(ValueError, match="validation split"):
+        train(TrainConfig(out_dir=str(tmp_path / "run"), data=[str(small)], vocab_size=260, preset="tiny",
+                          max_steps=2, progress=False), say=lambda *_: None)

@@ -3,6 +3,8 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <string>
+
 #include "common.h"
 #include "sampling/sampler.h"
 #include "threads.h"
@@ -10,31 +12,42 @@
 namespace py = pybind11;
 
 void bind_sampling(py::module_& m) {
-  using Floats = py::array_t<float, py::array::c_style>;
-  using Ints = py::array_t<int64_t, py::array::c_style>;
-  m.def("sample", [](Ints out, Floats logits, Ints history, py::array_t<uint64_t, py::array::c_style> seeds,
-                     int64_t step, double temperature, int64_t top_k, double top_p, double min_p,
-                     double repetition_penalty, double presence_penalty, double frequency_penalty,
-                     py::object probs) {
+  // Arrays are used in place, never converted: a converted copy would be a temporary that the
+  // sampler then writes into or that dies before use.
+  auto exact = [](const py::array& a, const py::dtype& dtype, const char* name, bool writeable) {
+    pyllm::check(a.dtype().is(dtype), std::string(name) + " has the wrong dtype");
+    pyllm::check(a.flags() & py::array::c_style, std::string(name) + " must be C-contiguous");
+    pyllm::check(!writeable || a.writeable(), std::string(name) + " must be writeable");
+  };
+  m.def("sample", [exact](py::array out, py::array logits, py::array history, py::array seeds,
+                          int64_t step, double temperature, int64_t top_k, double top_p, double min_p,
+                          double repetition_penalty, double presence_penalty, double frequency_penalty,
+                          py::object probs_obj) {
+    exact(out, py::dtype::of<int64_t>(), "out", true);
+    exact(logits, py::dtype::of<float>(), "logits", false);
+    exact(history, py::dtype::of<int64_t>(), "history", false);
+    exact(seeds, py::dtype::of<uint64_t>(), "seeds", false);
     pyllm::check(logits.ndim() == 2, "logits must be (B, V)");
     const int64_t B = logits.shape(0), V = logits.shape(1);
     pyllm::check(V >= 1, "logits need at least one column");
     pyllm::check(out.size() == B && seeds.size() == B, "out and seeds need one entry per row");
     pyllm::check(history.ndim() == 2 && history.shape(0) == B, "history must be (B, H)");
     const int64_t H = history.shape(1);
-    const int64_t* hist = history.data();
+    const int64_t* hist = static_cast<const int64_t*>(history.data());
     for (int64_t i = 0; i < B * H; ++i) pyllm::check(hist[i] < V, "history holds an id >= V");
     float* pprobs = nullptr;
-    if (!probs.is_none()) {
-      auto arr = probs.cast<Floats>();
-      pyllm::check(arr.size() == B * V && arr.writeable(), "probs must be a writeable (B, V) float32 array");
-      pprobs = arr.mutable_data();
+    py::array probs;
+    if (!probs_obj.is_none()) {
+      probs = probs_obj.cast<py::array>();
+      exact(probs, py::dtype::of<float>(), "probs", true);
+      pyllm::check(probs.size() == B * V, "probs must be (B, V)");
+      pprobs = static_cast<float*>(probs.mutable_data());
     }
     pyllm::sampling::Params params{temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty,
                                    frequency_penalty};
-    const float* px = logits.data();
-    const uint64_t* ps = seeds.data();
-    int64_t* po = out.mutable_data();
+    const float* px = static_cast<const float*>(logits.data());
+    const uint64_t* ps = static_cast<const uint64_t*>(seeds.data());
+    int64_t* po = static_cast<int64_t*>(out.mutable_data());
     py::gil_scoped_release release;
     pyllm::parallel_for(B, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b)

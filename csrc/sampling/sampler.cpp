@@ -53,7 +53,10 @@ int64_t sample_row(const float* logits, int64_t V, const int64_t* history, int64
     }
     return best;
   }
-  for (double& v : z) v /= p.temperature;
+  // Shifted by the largest logit before dividing, so a tiny temperature cannot overflow to inf.
+  const double xmax = *std::max_element(z.begin(), z.end());
+  if (xmax != -std::numeric_limits<double>::infinity())
+    for (double& v : z) v = (v - xmax) / p.temperature;
   // Candidates ordered by logit, largest first (ties: smaller id first); only as many are
   // ordered as top-k and top-p need.
   std::vector<int64_t> order(V);

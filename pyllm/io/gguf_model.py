@@ -186,7 +186,14 @@ def load_gguf(path, dequantize: bool = False) -> tuple:
                 quantized[h + "q_proj.weight"] = QuantizedWeight(fused[:nq], t, (nq, cfg.n_embd))
                 quantized[h + "k_proj.weight"] = QuantizedWeight(fused[nq:nq + nkv], t, (nkv, cfg.n_embd))
                 quantized[h + "v_proj.weight"] = QuantizedWeight(fused[nq + nkv:], t, (nkv, cfg.n_embd))
+            from pyllm.model import parameter_specs
+
+            shapes = {spec.name: spec.shape for spec in parameter_specs(cfg)}
             for name, weight in quantized.items():
+                need = ((cfg.n_head + 2 * cfg.n_kv_head) * HS, cfg.n_embd) if name.endswith(".qkv") else shapes.get(name)
+                if tuple(weight.shape) != tuple(need or ()):
+                    raise ValueError(f"{path}: the tensor for {name} is {weight.shape}; the metadata's sizes "
+                                     f"need {need}")
                 if weight.shape[1] % QK or weight.data.shape[1] != weight.shape[1] // QK * TYPES[weight.ggml_type][1]:
                     raise ValueError(f"{path}: quantized tensor for {name} has rows that do not fit its shape")
         model = Model(cfg, seed=None, quantized=quantized)
