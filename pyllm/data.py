@@ -122,7 +122,9 @@ class TokenData:
     def build(cls, documents: Iterable[str], tokenizer, directory, val_fraction: float = 0.1,
               progress: bool = True) -> "TokenData":
         """Encodes documents (joined by the end-of-text token, when the tokenizer has one) and
-        writes the last val_fraction of the tokens as the validation split."""
+        holds out about val_fraction of them for validation: every k-th document (k = 1 /
+        val_fraction), so both splits sample the whole corpus; with fewer than 2k documents, the
+        last val_fraction of the tokens."""
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction must lie in (0, 1), got {val_fraction!r}")
         directory = Path(directory)
@@ -137,15 +139,23 @@ class TokenData:
                 for ids in tokenizer.encode_batch(docs[start:start + batch], disallowed_special=()):
                     chunks.append(np.asarray(ids + ([eot] if eot is not None else []), dtype=dtype))
                 bar.update(min(batch, len(docs) - start))
-        tokens = np.concatenate(chunks) if chunks else np.zeros(0, dtype)
-        n_val = int(len(tokens) * val_fraction)
-        if len(tokens) - n_val < 2 or n_val < 2:
-            raise ValueError(f"the data has only {len(tokens)} tokens: too little to train on")
-        for name, part in (("train.bin", tokens[:-n_val]), ("val.bin", tokens[-n_val:])):
+        every = max(2, round(1 / val_fraction))
+        if len(chunks) >= 2 * every:
+            held_out = [i % every == every - 1 for i in range(len(chunks))]
+            train = np.concatenate([c for c, h in zip(chunks, held_out) if not h])
+            val = np.concatenate([c for c, h in zip(chunks, held_out) if h])
+        else:
+            tokens = np.concatenate(chunks) if chunks else np.zeros(0, dtype)
+            n_val = int(len(tokens) * val_fraction)
+            train, val = tokens[:len(tokens) - n_val], tokens[len(tokens) - n_val:]
+        if len(train) < 2 or len(val) < 2:
+            raise ValueError(f"the data has only {len(train) + len(val)} tokens: too little to train on")
+        n_val = len(val)
+        for name, part in (("train.bin", train), ("val.bin", val)):
             with atomic_path(directory / name) as tmp:
                 part.tofile(tmp)
         write_text(directory / META, json.dumps({"vocab_size": tokenizer.vocab_size, "dtype": dtype.name,
-                                                  "train_tokens": len(tokens) - n_val, "val_tokens": n_val}))
+                                                  "train_tokens": len(train), "val_tokens": n_val}))
         return cls.open(directory)
 
     @classmethod

@@ -235,10 +235,9 @@ def train(cfg: TrainConfig, say: Callable[[str], None] = print) -> TrainResult:
     stop = _StopRequest()
     try:
         with open(log_path, "a", encoding="utf-8") as log:
-            while step < min(cfg.max_steps, cfg.stop_at_step or cfg.max_steps) and not stop.requested:
-                if cfg.max_minutes is not None and time.perf_counter() - start_time > 60 * cfg.max_minutes:
-                    say(f"time budget of {cfg.max_minutes} min reached at step {step}")
-                    break
+            out_of_time = False
+            while step < min(cfg.max_steps, cfg.stop_at_step or cfg.max_steps) and not stop.requested \
+                    and not out_of_time:
                 t0 = time.perf_counter()
                 lr = cosine_lr(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr)
                 model.zero_grad()
@@ -273,7 +272,9 @@ def train(cfg: TrainConfig, say: Callable[[str], None] = print) -> TrainResult:
                         bar.total = planned
                         if step == 5:
                             say(f"{cfg.max_minutes} min at {pace:.2f} s/step: planning {planned} steps")
-                if step % cfg.eval_interval == 0 or step == cfg.max_steps:
+                out_of_time = cfg.max_minutes is not None and \
+                    time.perf_counter() - start_time > 60 * cfg.max_minutes and step < cfg.max_steps
+                if step % cfg.eval_interval == 0 or step == cfg.max_steps or out_of_time:
                     record["val_loss"] = round(evaluate(model, data, cfg, model_cfg.block_size), 5)
                     record["val_ppl"] = round(math.exp(min(record["val_loss"], 50.0)), 3)
                 history.append(record)
@@ -284,6 +285,8 @@ def train(cfg: TrainConfig, say: Callable[[str], None] = print) -> TrainResult:
                 bar.update(1)
                 if step % cfg.checkpoint_interval == 0:
                     save_checkpoint(out, model, tokenizer, opt, step, rng, cfg)
+            if out_of_time:
+                say(f"time budget of {cfg.max_minutes} min reached at step {step}")
     finally:
         bar.close()
         stop.restore()
