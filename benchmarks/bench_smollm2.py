@@ -69,10 +69,13 @@ def load(impl: str):
         llm.eval(ids)
         return llm
 
+    def last_logits():   # llm.scores is only filled when every position's logits are kept
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(llm.n_vocab(),))
+
     def decode(state, n):
         out = []
         for _ in range(n):
-            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            token = int(np.argmax(last_logits()))
             out.append(token)
             llm.eval([token])
         return out

@@ -27,7 +27,8 @@ def default_corpus_files() -> list[Path]:
     True
     """
     root = Path(sysconfig.get_paths()["stdlib"])
-    skip = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3"}
+    # Tests, and generated tables (codec maps, pydoc's topic dump) that would drown the code.
+    skip = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "encodings", "pydoc_data"}
     return sorted(p for p in root.rglob("*.py") if not skip & set(p.relative_to(root).parts))
 
 

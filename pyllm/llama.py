@@ -63,7 +63,7 @@ def linear(model: "Model", out: np.ndarray, a: np.ndarray, name: str, M: int, K:
     (model.quantized); "....self_attn.qkv" is the fused q, k, v projection."""
     quantized = model.quantized.get(name)
     if quantized is not None:
-        _C.matmul_quant(out, a, quantized.data, quantized.ggml_type, M, K, N)
+        _C.matmul_quant(out, a, quantized.data, quantized.ggml_type, M, K, N, model.int8_activations)
         return
     if name.endswith(".self_attn.qkv"):
         weight = _qkv_weight(model, int(name.split(".")[2]))

@@ -210,6 +210,8 @@ class Model:
         self.config = config
         # Weights kept in a quantized format (from GGUF) live outside the flat buffers, inference only.
         self.quantized: dict[str, QuantizedWeight] = dict(quantized or {})
+        # Products with quantized weights round the activations to int8 first, as llama.cpp does.
+        self.int8_activations = True
         if self.quantized and config.arch != "llama":
             raise ValueError("quantized weights are supported for the llama architecture")
         self.specs = [s for s in parameter_specs(config) if s.name not in self.quantized]

@@ -401,9 +401,24 @@ def dequantize(w, ggml_type, shape):
     return decode(np.asarray(w, np.uint8).reshape(-1), ggml_type, N * K).reshape(N, K)
 
 
-def matmul_quant(a, w, ggml_type, shape):
-    """a (..., K) @ W^T with W the dequantized (N, K) weights."""
-    return (_f32(a) @ dequantize(w, ggml_type, shape).T).astype(np.float32)
+def quantize_activations(a):
+    """a (..., K) rounded per block of 32 as llama.cpp's Q8 activations: (q int8, d float32 per block)
+    with d = max|x| / 127 stored as float16 and q = x / d rounded to the nearest integer (ties even)."""
+    x = _f32(a).reshape(-1, 32)
+    d = (np.abs(x).max(axis=1) / np.float32(127)).astype(np.float16).astype(np.float32)
+    inv = np.divide(np.float32(1), d, out=np.zeros_like(d), where=d != 0)
+    q = np.clip(np.rint(x * inv[:, None]), -127, 127).astype(np.int8)
+    return q, d
+
+
+def matmul_quant(a, w, ggml_type, shape, int8_activations=False):
+    """a (..., K) @ W^T with W the dequantized (N, K) weights; with int8_activations, a is first
+    rounded as quantize_activations does."""
+    a = _f32(a)
+    if int8_activations:
+        q, d = quantize_activations(a)
+        a = (q.astype(np.float32) * d[:, None]).reshape(a.shape)
+    return (a.astype(np.float64) @ dequantize(w, ggml_type, shape).T.astype(np.float64)).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------- sampling

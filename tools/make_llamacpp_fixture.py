@@ -31,18 +31,23 @@ def main() -> int:
 
     path = smollm2_gguf()
     tok = Tokenizer.from_gguf(path)
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, n_threads=2, logits_all=False, verbose=False)
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, n_threads=2, verbose=False)
+
+    def last_logits():   # the last position's logits (llm.scores is only filled with logits_all)
+        ptr = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),)).astype(np.float64)
+
     cases = []
     for prompt in PROMPTS:
         ids = tok.encode(prompt, allowed_special="all")
         assert ids == llm.tokenize(prompt.encode(), add_bos=False, special=True), "tokenizers disagree"
         llm.reset()
         llm.eval(ids)
-        logits = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float64)
+        logits = last_logits()
         top5 = np.argsort(-logits)[:5].tolist()
         greedy = []
         for _ in range(32):
-            token = int(np.argmax(np.array(llm.scores[llm.n_tokens - 1])))
+            token = int(np.argmax(last_logits()))
             greedy.append(token)
             llm.eval([token])
         cases.append({"prompt": prompt, "ids": ids, "top5": top5, "top5_logits": logits[top5].tolist(),

@@ -243,7 +243,8 @@ void bind_kernels(py::module_& m) {
     py::gil_scoped_release release;
     kernels().adamw_update(pp, pm, pv, pg, n, lr, beta1, beta2, eps, weight_decay, grad_scale, step);
   });
-  m.def("matmul_quant", [](py::array o, py::array a, py::array w, int type, int64_t M, int64_t K, int64_t N) {
+  m.def("matmul_quant", [](py::array o, py::array a, py::array w, int type, int64_t M, int64_t K, int64_t N,
+                           bool int8_activations) {
     check(type == pyllm::kQ8_0 || type == pyllm::kQ4_0 || type == pyllm::kQ4_1, "unsupported quantized type");
     check(K % 32 == 0, "K must be a multiple of the block size 32");
     const int64_t row_bytes = K / 32 * (type == pyllm::kQ8_0 ? 34 : type == pyllm::kQ4_0 ? 18 : 20);
@@ -253,7 +254,7 @@ void bind_kernels(py::module_& m) {
           "w must be a C-contiguous uint8 array of N rows of quantized blocks");
     const uint8_t* pw = static_cast<const uint8_t*>(w.data());
     py::gil_scoped_release release;
-    kernels().matmul_quant(po, pa, pw, type, M, K, N);
+    kernels().matmul_quant(po, pa, pw, type, M, K, N, int8_activations);
   });
   m.def("dequantize_rows", [](py::array o, py::array w, int type, int64_t rows, int64_t K) {
     check(type == pyllm::kQ8_0 || type == pyllm::kQ4_0 || type == pyllm::kQ4_1, "unsupported quantized type");

@@ -70,7 +70,8 @@ void adamw_update(float* param, float* m, float* v, const float* grad, int64_t n
                   double beta1, double beta2, double eps, double weight_decay, double grad_scale,
                   int64_t step);
 double fma_peak_gflops(double seconds);
-void matmul_quant(float* out, const float* a, const uint8_t* w, int type, int64_t M, int64_t K, int64_t N);
+void matmul_quant(float* out, const float* a, const uint8_t* w, int type, int64_t M, int64_t K, int64_t N,
+                  bool int8_activations);
 void dequantize_rows(float* out, const uint8_t* w, int type, int64_t rows, int64_t K);
 
 }  // namespace PYLLM_ISA

@@ -88,8 +88,10 @@ struct KernelTable {
 
   // Block-quantized weights (ggml's Q8_0, Q4_0, Q4_1; QuantType below): w holds N rows of K/32
   // blocks. matmul_quant: out (M, N) = a (M, K) @ W^T. dequantize_rows: out (rows, K) = W.
+  // int8_activations: a is first rounded per block of 32 to int8 with a float16 scale, as
+  // llama.cpp does (integer dot products for decode-sized M).
   void (*matmul_quant)(float* out, const float* a, const uint8_t* w, int type, int64_t M, int64_t K,
-                       int64_t N);
+                       int64_t N, bool int8_activations);
   void (*dequantize_rows)(float* out, const uint8_t* w, int type, int64_t rows, int64_t K);
 };
 

@@ -6,7 +6,9 @@
 // of a; the scale is applied per block, and Q4_1's minimum (and Q4_0's offset of 8) through the
 // per-block sums of a, computed once per call. Larger M: the weights are expanded to float32
 // in parallel and the GEMM does the product.
+#include <cmath>
 #include <cstring>
+#include <vector>
 
 #if defined(__AVX2__)
 #include <immintrin.h>
@@ -131,8 +133,128 @@ void dequantize_rows(float* out, const uint8_t* w, int type, int64_t rows, int64
   });
 }
 
-void matmul_quant(float* out, const float* a, const uint8_t* w, int type, int64_t M, int64_t K,
-                  int64_t N) {
+namespace {
+
+// One block of activations quantized as llama.cpp's Q8_0/Q8_1 do: d = max|x| / 127 (stored as
+// float16), q = x / d rounded to the nearest integer (ties to even), and the sum of the q.
+struct ActBlock {
+  alignas(32) int8_t q[QK];
+  float d;
+  int32_t sum;
+};
+
+inline float round_to_half(float x) { return float(_Float16(x)); }
+
+void quantize_activations(ActBlock* out, const float* a, int64_t M, int64_t K) {
+  const int64_t nb = K / QK;
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t b = 0; b < nb; ++b) {
+      const float* x = a + i * K + b * QK;
+      float amax = 0.f;
+      for (int t = 0; t < QK; ++t) amax = std::fmax(amax, std::fabs(x[t]));
+      ActBlock& blk = out[i * nb + b];
+      blk.d = round_to_half(amax / 127.f);
+      const float inv = blk.d != 0.f ? 1.f / blk.d : 0.f;
+      blk.sum = 0;
+      for (int t = 0; t < QK; ++t) {
+        const int v = int(std::nearbyint(x[t] * inv));
+        blk.q[t] = int8_t(v < -127 ? -127 : v > 127 ? 127 : v);
+        blk.sum += blk.q[t];
+      }
+    }
+}
+
+// The activations rounded as quantize_activations does, back in float32 (for the GEMM path).
+void fake_quantize_activations(float* out, const float* a, int64_t M, int64_t K) {
+  ActBlock blk;
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t b = 0; b < K / QK; ++b) {
+      quantize_activations(&blk, a + i * K + b * QK, 1, QK);
+      for (int t = 0; t < QK; ++t) out[i * K + b * QK + t] = float(blk.q[t]) * blk.d;
+    }
+}
+
+#if defined(__AVX2__)
+// Eight partial sums (int32 lanes) of (raw quantized weight) * (quantized activation) over a block.
+inline __m256i block_idot8(const uint8_t* blk, int type, const int8_t* xq) {
+  const __m256i x = _mm256_load_si256(reinterpret_cast<const __m256i*>(xq));
+  __m256i products;
+  if (type == kQ8_0) {   // signed x signed: |w| times x with w's sign, as maddubs needs one unsigned side
+    const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
+    products = _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(x, wv));
+  } else {
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + (type == kQ4_1 ? 4 : 2)));
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    const __m256i wv = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bytes, 4), mask), _mm_and_si128(bytes, mask));
+    products = _mm256_maddubs_epi16(wv, x);    // nibbles 0..15 are unsigned
+  }
+  return _mm256_madd_epi16(products, _mm256_set1_epi16(1));
+}
+
+inline float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+#else
+// The sum over a block of (raw quantized weight) * (quantized activation), as an integer.
+inline int32_t block_idot(const uint8_t* blk, int type, const int8_t* xq) {
+  int32_t s = 0;
+  if (type == kQ8_0) {
+    const int8_t* v = reinterpret_cast<const int8_t*>(blk + 2);
+    for (int t = 0; t < QK; ++t) s += int32_t(v[t]) * xq[t];
+  } else {
+    const uint8_t* packed = blk + (type == kQ4_1 ? 4 : 2);
+    for (int t = 0; t < QK / 2; ++t) s += int32_t(packed[t] & 0x0F) * xq[t] + int32_t(packed[t] >> 4) * xq[t + QK / 2];
+  }
+  return s;
+}
+#endif
+
+thread_local std::vector<ActBlock> act_blocks;
+thread_local ThreadBuffer fake_quantized;
+
+void matmul_quant_int8(float* out, const float* a, const uint8_t* w, int type, int64_t M, int64_t K,
+                       int64_t N) {
+  const int64_t nb = K / QK, bb = block_bytes(type);
+  act_blocks.resize(size_t(M * nb));
+  ActBlock* xs = act_blocks.data();
+  quantize_activations(xs, a, M, K);
+  parallel_for(N, imax(1, 8192 / imax(1, K)), [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) {
+      const uint8_t* row = w + j * nb * bb;
+      for (int64_t i = 0; i < M; ++i) {
+        const ActBlock* x = xs + i * nb;
+        float extra = 0.f;   // Q4_0's zero point and Q4_1's minimum, through the block sums
+#if defined(__AVX2__)
+        __m256 acc = _mm256_setzero_ps();
+#else
+        float acc = 0.f;
+#endif
+        for (int64_t b = 0; b < nb; ++b) {
+          const uint8_t* blk = row + b * bb;
+          const float dw = half_to_float(blk), dd = dw * x[b].d;
+          if (type == kQ4_0) extra -= 8.f * dd * float(x[b].sum);
+          if (type == kQ4_1) extra += half_to_float(blk + 2) * x[b].d * float(x[b].sum);
+#if defined(__AVX2__)
+          acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_idot8(blk, type, x[b].q)), _mm256_set1_ps(dd), acc);
+#else
+          acc += dd * float(block_idot(blk, type, x[b].q));
+#endif
+        }
+#if defined(__AVX2__)
+        out[i * N + j] = hsum256(acc) + extra;
+#else
+        out[i * N + j] = acc + extra;
+#endif
+      }
+    }
+  });
+}
+
+void matmul_quant_float(float* out, const float* a, const uint8_t* w, int type, int64_t M, int64_t K,
+                        int64_t N) {
   const int64_t nb = K / QK, bb = block_bytes(type);
   if (M > 4) {
     // Row chunks of W expanded into a buffer of about 4 MB, each multiplied by the GEMM.
@@ -173,6 +295,18 @@ void matmul_quant(float* out, const float* a, const uint8_t* w, int type, int64_
       for (int64_t i = 0; i < M; ++i) out[i * N + j] = hsum(acc[i]) + extra[i];
     }
   });
+}
+
+}  // namespace
+
+void matmul_quant(float* out, const float* a, const uint8_t* w, int type, int64_t M, int64_t K,
+                  int64_t N, bool int8_activations) {
+  if (!int8_activations) return matmul_quant_float(out, a, w, type, M, K, N);
+  if (M <= 4) return matmul_quant_int8(out, a, w, type, M, K, N);
+  // Prompts: the activations rounded exactly as the integer path rounds them, then the GEMM.
+  float* xf = fake_quantized.get(size_t(M * K));
+  fake_quantize_activations(xf, a, M, K);
+  matmul_quant_float(out, xf, w, type, M, K, N);
 }
 
 }  // namespace PYLLM_ISA
