@@ -170,6 +170,41 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_finetune_sft(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from pyllm import finetune
+    from pyllm.llm import LLM
+    from pyllm.model import resolve_model
+
+    if args.example:
+        path = Path(args.data)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in finetune.arithmetic_examples(args.example, seed=args.seed))
+        print(f"wrote {args.example} arithmetic examples to {path}")
+    source = resolve_model(args.model or "smollm2-135m-instruct")
+    if source.suffix == ".gguf":
+        from pyllm.io.gguf_model import load_gguf
+
+        model, tokenizer, template, eos = load_gguf(source, dequantize=True)   # training needs float32
+        llm = LLM(model, tokenizer, template, [eos] if eos is not None else None)
+    else:
+        llm = LLM.load(source)
+    examples = finetune.read_examples(args.data, llm, skip_bad=args.skip_bad)
+    cfg = finetune.SFTConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    train, val = finetune.split(examples, cfg.val_fraction, cfg.seed)
+    print(f"{len(train)} training and {len(val)} validation examples; {llm.model}")
+    if val:
+        print(f"validation loss before: {finetune.masked_loss(llm.model, val):.4f}")
+    records = finetune.sft(llm, train, val, cfg, out_dir=args.out, progress=not args.no_progress)
+    if val:
+        print(f"validation loss after: {records[-1]['val_loss']:.4f}")
+    print(f"fine-tuned model in {args.out} (pyllm chat --model {args.out})")
+    return 0
+
+
 CHAT_HELP = """commands:
   /reset   forget the conversation (keeps the system prompt)
   /help    this text
@@ -294,6 +329,23 @@ def main(argv: list[str] | None = None) -> int:
     _add_sampling_flags(chat, 256)
     chat.add_argument("--system", help="a system prompt")
     chat.set_defaults(func=_cmd_chat)
+    finetune = sub.add_parser("finetune", help="fine-tune a model on example conversations")
+    fsub = finetune.add_subparsers(dest="finetune_command", metavar="METHOD", required=True)
+    sft = fsub.add_parser("sft", help="supervised fine-tuning: learn the assistant turns of JSONL examples",
+                          description="Fine-tunes every parameter on JSONL lines of {'messages': [...]} or "
+                                      "{'prompt', 'completion'}; only the assistant's tokens are learned.")
+    sft.add_argument("--model", help="a model folder, a .gguf file, or smollm2-135m-instruct (the default)")
+    sft.add_argument("--data", required=True, help="a JSONL file of examples")
+    sft.add_argument("--out", required=True, help="folder for the fine-tuned model")
+    sft.add_argument("--epochs", type=float, default=3.0, help="passes over the data (default 3)")
+    sft.add_argument("--batch-size", type=int, default=8, help="examples per step (default 8)")
+    sft.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
+    sft.add_argument("--seed", type=int, default=0, help="seed for shuffling and the example data")
+    sft.add_argument("--skip-bad", action="store_true", help="leave out bad lines instead of stopping")
+    sft.add_argument("--example", type=int, metavar="N",
+                     help="first write N generated arithmetic question/answer examples to --data")
+    sft.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sft.set_defaults(func=_cmd_finetune_sft)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

@@ -1,0 +1,204 @@
+"""Supervised fine-tuning (SFT): teach a model to answer like the examples.
+
+Examples are JSONL lines of chat `messages` (system/user/assistant) or `prompt`/`completion`
+pairs. Each is formatted with the model's chat template, and only the assistant's tokens are
+trained on: every other position's target is -100, which the loss ignores. Examples are padded
+into batches (padding ignored too). This first version fine-tunes every parameter of a float32
+model; LoRA adapters and preference tuning (DPO) come next (see the project's issues).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+IGNORE = -100
+
+
+class DataError(ValueError):
+    """A bad example, named by file and line."""
+
+
+@dataclass
+class Example:
+    ids: np.ndarray        # the formatted conversation's tokens
+    targets: np.ndarray    # next-token targets: the assistant's tokens, IGNORE elsewhere
+    line: int
+
+
+def read_examples(path, llm, skip_bad: bool = False, say: Callable[[str], None] = print) -> list[Example]:
+    """Examples from a JSONL file, checked line by line; the first bad line stops the run (with its
+    number) unless skip_bad, which drops bad lines with a notice."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such data file: {path}")
+    examples, skipped = [], 0
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                examples.append(_example(json.loads(line), llm, number))
+            except (json.JSONDecodeError, DataError) as exc:
+                reason = f"not valid JSON ({exc.msg})" if isinstance(exc, json.JSONDecodeError) else str(exc)
+                message = f"{path}:{number}: {reason}"
+                if not skip_bad:
+                    raise DataError(message + " (or pass --skip-bad to leave such lines out)") from None
+                skipped += 1
+                say(f"skipping {message}")
+    if skipped:
+        say(f"skipped {skipped} bad line(s) of {path}")
+    if not examples:
+        raise DataError(f"{path}: no usable examples")
+    return examples
+
+
+def _messages(record) -> list[dict]:
+    if not isinstance(record, dict):
+        raise DataError("each line must be a JSON object")
+    if "messages" in record:
+        messages = record["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise DataError('"messages" must be a non-empty list')
+        for m in messages:
+            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") \
+                    or not isinstance(m.get("content"), str):
+                raise DataError('each message needs "role" (system, user, assistant) and a "content" string')
+        return messages
+    if isinstance(record.get("prompt"), str) and isinstance(record.get("completion"), str):
+        return [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["completion"]}]
+    raise DataError('a line needs "messages", or "prompt" and "completion" strings')
+
+
+def _example(record, llm, line: int) -> Example:
+    """Tokens of the conversation and targets that keep only the assistant turns."""
+    messages = _messages(record)
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError("no assistant turn to learn from")
+    tok = llm.tokenizer
+    ids: list[int] = []
+    learn: list[bool] = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        if not m["content"].strip():
+            raise DataError(f"message {i} is an empty assistant turn")
+        before = tok.encode(llm.apply_chat_template(messages[:i], add_generation_prompt=True), allowed_special="all") \
+            if i else []
+        through = tok.encode(llm.apply_chat_template(messages[:i + 1], add_generation_prompt=False),
+                             allowed_special="all")
+        if before[:len(ids)] != ids or through[:len(before)] != before or len(through) <= len(before):
+            raise DataError("the chat template does not extend the conversation token by token")
+        # Tokens up to the reply are context; the reply (and its end-of-turn tokens) is learned.
+        learn += [False] * (len(before) - len(ids)) + [True] * (len(through) - len(before))
+        ids = through
+    full = tok.encode(llm.apply_chat_template(messages, add_generation_prompt=False), allowed_special="all")
+    if full[:len(ids)] != ids:
+        raise DataError("the chat template does not extend the conversation token by token")
+    learn += [False] * (len(full) - len(ids))   # turns after the last answer: context only
+    ids = full
+    if len(ids) > llm.context_window:
+        raise DataError(f"the example has {len(ids)} tokens, longer than the {llm.context_window}-token context")
+    ids_arr = np.asarray(ids, np.int64)
+    targets = np.full(len(ids), IGNORE, np.int64)
+    learned = np.asarray(learn, bool)
+    targets[:-1] = np.where(learned[1:], ids_arr[1:], IGNORE)   # position t predicts token t + 1
+    return Example(ids_arr, targets, line)
+
+
+def batch(examples: list[Example]) -> tuple[np.ndarray, np.ndarray]:
+    """Right-padded (ids, targets); padding positions are ignored by the loss."""
+    T = max(len(e.ids) for e in examples)
+    ids = np.zeros((len(examples), T), np.int64)
+    targets = np.full((len(examples), T), IGNORE, np.int64)
+    for b, e in enumerate(examples):
+        ids[b, :len(e.ids)] = e.ids
+        targets[b, :len(e.targets)] = e.targets
+    return ids, targets
+
+
+def masked_loss(model, examples: list[Example]) -> float:
+    """Mean cross-entropy over the assistant tokens of the examples."""
+    ids, targets = batch(examples)
+    return model.loss(ids, targets)
+
+
+@dataclass
+class SFTConfig:
+    epochs: float = 3.0
+    batch_size: int = 8
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    grad_clip: Optional[float] = 1.0
+    warmup_steps: int = 10
+    val_fraction: float = 0.1
+    seed: int = 0
+
+
+def sft(llm, train: list[Example], val: list[Example], cfg: SFTConfig, out_dir=None,
+        say: Callable[[str], None] = print, progress: bool = True) -> list[dict]:
+    """Fine-tunes llm.model on the examples (all parameters); returns the log records."""
+    from tqdm.auto import tqdm
+
+    from pyllm.optim import AdamW, cosine_lr
+
+    model = llm.model
+    if model.quantized:
+        raise ValueError("fine-tuning needs float32 weights: load a GGUF model with dequantize=True")
+    rng = np.random.default_rng(cfg.seed)
+    opt = AdamW(model, lr=cfg.lr, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip)
+    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+    total = max(1, int(round(cfg.epochs * steps_per_epoch)))
+    records = []
+    order = rng.permutation(len(train))
+    start = time.perf_counter()
+    with tqdm(total=total, desc="fine-tuning", unit="step", disable=not progress) as bar:
+        for step in range(total):
+            position = (step % steps_per_epoch) * cfg.batch_size
+            if step and step % steps_per_epoch == 0:
+                order = rng.permutation(len(train))
+            chunk = [train[i] for i in order[position:position + cfg.batch_size]]
+            ids, targets = batch(chunk)
+            model.zero_grad()
+            loss = model.forward_backward(ids, targets)
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"the loss is {loss} at step {step + 1}")
+            opt.step(cosine_lr(step, cfg.lr, cfg.warmup_steps, total, cfg.lr / 10))
+            record = {"step": step + 1, "loss": round(loss, 5), "time_s": round(time.perf_counter() - start, 2)}
+            if val and (step + 1 == total or (step + 1) % max(1, total // 5) == 0):
+                record["val_loss"] = round(masked_loss(model, val), 5)
+            records.append(record)
+            bar.set_postfix(loss=f"{loss:.3f}")
+            bar.update(1)
+    if out_dir is not None:
+        llm.save(out_dir)
+        with open(Path(out_dir) / "finetune_log.jsonl", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+    return records
+
+
+def split(examples: list[Example], val_fraction: float, seed: int = 0) -> tuple[list[Example], list[Example]]:
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(examples))
+    n_val = int(len(examples) * val_fraction) if len(examples) >= 10 else 0
+    return [examples[i] for i in order[n_val:]], [examples[i] for i in order[:n_val]]
+
+
+def arithmetic_examples(n: int, seed: int = 0) -> list[dict]:
+    """A made-up practice set: questions about sums and products of small numbers, with answers."""
+    rng = np.random.default_rng(seed)
+    records = []
+    for _ in range(n):
+        a, b = (int(x) for x in rng.integers(2, 50, 2))
+        if rng.random() < 0.5:
+            q, ans = f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}."
+        else:
+            q, ans = f"What is {a} times {b}?", f"{a} times {b} is {a * b}."
+        records.append({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": ans}]})
+    return records

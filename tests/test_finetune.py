@@ -1,0 +1,79 @@
+"""Supervised fine-tuning: the masked loss by hand, bad data named by line, a model that learns."""
+
+import json
+
+import numpy as np
+import pytest
+
+from pyllm import finetune as F
+from pyllm.cli import main as cli
+from pyllm.llm import LLM
+from pyllm.model import Model, ModelConfig
+from pyllm.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def llm():
+    tok = Tokenizer.train(["User: what is 2 plus 2?\nAssistant: 2 plus 2 is 4.\n" * 40], 300,
+                          special_tokens=["<|endoftext|>"], progress=False)
+    model = Model(ModelConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=2, n_head=2, n_embd=32), seed=0)
+    return LLM(model, tok)
+
+
+def test_only_the_assistant_tokens_are_learned_and_the_loss_is_their_mean(llm):
+    record = {"messages": [{"role": "user", "content": "what is 2 plus 2?"},
+                           {"role": "assistant", "content": "4."}]}
+    ex = F._example(record, llm, 1)
+    tok = llm.tokenizer
+    prompt = tok.encode("User: what is 2 plus 2?\nAssistant:")
+    assert ex.ids.tolist() == tok.encode("User: what is 2 plus 2?\nAssistant: 4.\n")
+    learned = [int(t) for t in ex.targets if t != F.IGNORE]
+    assert learned == ex.ids[len(prompt):].tolist()          # the reply and its newline, nothing else
+    logits = llm.model(ex.ids[None, :])[0]
+    log_probs = logits - np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1, keepdims=True)) \
+        - logits.max(1, keepdims=True)
+    by_hand = -np.mean([log_probs[t, ex.targets[t]] for t in range(len(ex.ids)) if ex.targets[t] != F.IGNORE])
+    assert F.masked_loss(llm.model, [ex]) == pytest.approx(by_hand, rel=1e-5)
+
+
+def test_bad_lines_are_named(llm, tmp_path):
+    path = tmp_path / "d.jsonl"
+    good = json.dumps({"prompt": "what is 2 plus 2?", "completion": "4."})
+    cases = [("{not json", "not valid JSON"), (json.dumps({"prompt": "x"}), "prompt"),
+             (json.dumps({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": " "}]}),
+              "empty assistant"),
+             (json.dumps({"prompt": "x " * 100, "completion": "y"}), "context"),
+             (json.dumps({"messages": [{"role": "user", "content": "only a question"}]}), "no assistant")]
+    for bad, match in cases:
+        path.write_text(good + "\n" + bad + "\n")
+        with pytest.raises(F.DataError, match=rf"d.jsonl:2: .*{match}"):
+            F.read_examples(path, llm, say=lambda *_: None)
+        assert len(F.read_examples(path, llm, skip_bad=True, say=lambda *_: None)) == 1
+
+
+def test_sft_learns_the_examples(tmp_path):
+    records = F.arithmetic_examples(60, seed=1)
+    texts = [f"User: {r['messages'][0]['content']}\nAssistant: {r['messages'][1]['content']}\n" for r in records]
+    tok = Tokenizer.train(texts, 400, special_tokens=["<|endoftext|>"], progress=False)
+    model = Model(ModelConfig(vocab_size=tok.vocab_size, block_size=48, n_layer=2, n_head=2, n_embd=48), seed=0)
+    llm = LLM(model, tok)
+    data = tmp_path / "a.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    examples = F.read_examples(data, llm)
+    before = F.masked_loss(model, examples)
+    log = F.sft(llm, examples, examples[:8], F.SFTConfig(epochs=15, batch_size=8, lr=3e-3), out_dir=tmp_path / "out",
+                progress=False)
+    assert log[-1]["val_loss"] < 0.5 * before
+    again = LLM.load(tmp_path / "out")
+    assert F.masked_loss(again.model, examples[:8]) == pytest.approx(log[-1]["val_loss"], rel=1e-4)
+
+
+def test_cli_finetune_sft(tmp_path, llm, capsys):
+    folder = tmp_path / "base"
+    llm.save(folder)
+    rc = cli(["finetune", "sft", "--model", str(folder), "--data", str(tmp_path / "ex.jsonl"), "--example", "30",
+              "--out", str(tmp_path / "tuned"), "--epochs", "1", "--no-progress"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "validation loss before" in out and "validation loss after" in out
+    assert (tmp_path / "tuned" / "model.safetensors").exists()
