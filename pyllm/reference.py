@@ -452,7 +452,8 @@ def _sample_row(x, history, temperature, top_k, top_p, min_p, repetition_penalty
         probs[best] = 1.0
         return best, probs
     if np.isfinite(z.max()):
-        z = (z - z.max()) / temperature   # shifted first: a tiny temperature cannot overflow
+        with np.errstate(over="ignore"):   # shifted first, so only -inf can come out of a tiny temperature
+            z = (z - z.max()) / temperature
     order = np.lexsort((np.arange(V), -z))          # largest first, ties to the smaller id
     kept = order[:top_k] if top_k and top_k < V else order
     top = z.max() if np.isfinite(z.max()) else 0.0
