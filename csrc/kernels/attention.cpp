@@ -62,6 +62,34 @@ void score_gradients(float* dP, const float* P, const float* D, int64_t nq, int6
   }
 }
 
+// Decoding (one or a few queries per head): the tile products as plain dot products and scaled
+// adds straight from K and V, since packing a 64-key tile for one query row costs more than the
+// arithmetic.
+constexpr int64_t kFewQueries = 2;
+
+void few_query_scores(float* S, const float* q, const float* k, int64_t nq, int64_t nk, int64_t HS) {
+  for (int64_t r = 0; r < nq; ++r)
+    for (int64_t j = 0; j < nk; ++j) {
+      const float* x = q + r * HS;
+      const float* y = k + j * HS;
+      vf acc = splat(0.f);
+      int64_t d = 0;
+      for (; d + W <= HS; d += W) acc += load(x + d) * load(y + d);
+      if (d < HS) acc += load_partial(x + d, HS - d) * load_partial(y + d, HS - d);
+      S[r * BK + j] = hsum(acc);
+    }
+}
+
+void few_query_values(float* O, const float* P, const float* v, int64_t nq, int64_t nk, int64_t HS) {
+  for (int64_t r = 0; r < nq; ++r)
+    for (int64_t d = 0; d < HS; d += W) {
+      const int64_t w = imin(W, HS - d);
+      vf acc = load_partial(O + r * HS + d, w);
+      for (int64_t j = 0; j < nk; ++j) acc += splat(P[r * BK + j]) * load_partial(v + j * HS + d, w);
+      store_partial(O + r * HS + d, acc, w);
+    }
+}
+
 }  // namespace
 
 void attention_forward(float* out, float* lse, const float* q, const float* k, const float* v,
@@ -89,7 +117,10 @@ void attention_forward(float* out, float* lse, const float* q, const float* k, c
       for (int64_t j0 = 0; j0 < key_end; j0 += BK) {
         const int64_t nk = imin(BK, key_end - j0);
         // S = Q K^T: K^T is K's rows read as columns.
-        gemm_serial(nq, nk, HS, MatView{qb, HS, 1}, MatView{kh + j0 * HS, 1, HS}, S, BK, false);
+        if (nq <= kFewQueries)
+          few_query_scores(S, qb, kh + j0 * HS, nq, nk, HS);
+        else
+          gemm_serial(nq, nk, HS, MatView{qb, HS, 1}, MatView{kh + j0 * HS, 1, HS}, S, BK, false);
         // Online softmax: fold this block into the running max m and sum l of each row,
         // rescaling what O already holds by exp(m_old - m_new). Rows are BK floats wide, so
         // whole vectors are read; lanes past the n visible keys are masked to -inf.
@@ -132,7 +163,10 @@ void attention_forward(float* out, float* lse, const float* q, const float* k, c
           }
         }
         // O += P V
-        gemm_serial(nq, HS, nk, MatView{S, BK, 1}, MatView{vh + j0 * HS, HS, 1}, O, HS, true);
+        if (nq <= kFewQueries)
+          few_query_values(O, S, vh + j0 * HS, nq, nk, HS);
+        else
+          gemm_serial(nq, HS, nk, MatView{S, BK, 1}, MatView{vh + j0 * HS, HS, 1}, O, HS, true);
       }
       float* lse_b = lse + bh * Tq + i0;
       for (int64_t r = 0; r < nq; ++r) {
