@@ -202,3 +202,17 @@ def arithmetic_examples(n: int, seed: int = 0) -> list[dict]:
             q, ans = f"What is {a} times {b}?", f"{a} times {b} is {a * b}."
         records.append({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": ans}]})
     return records
+
+
+def answer_accuracy(llm, records: list[dict], max_new_tokens: int = 24) -> float:
+    """Share of conversations whose greedy reply to the last user turn contains the reference
+    answer's final number (for the generated arithmetic set)."""
+    import re
+
+    hits = 0
+    for record in records:
+        messages = _messages(record)
+        expected = re.findall(r"-?\d+", messages[-1]["content"])[-1]
+        reply = llm.chat(messages[:-1], max_new_tokens, temperature=0)
+        hits += expected in re.findall(r"-?\d+", reply)
+    return hits / max(1, len(records))

@@ -77,3 +77,11 @@ def test_cli_finetune_sft(tmp_path, llm, capsys):
     out = capsys.readouterr().out
     assert "validation loss before" in out and "validation loss after" in out
     assert (tmp_path / "tuned" / "model.safetensors").exists()
+
+
+def test_answer_accuracy_checks_the_final_number(llm, monkeypatch):
+    records = [{"prompt": "What is 2 plus 3?", "completion": "2 plus 3 is 5."},
+               {"prompt": "What is 4 times 4?", "completion": "4 times 4 is 16."}]
+    replies = iter(["It is 5.", "It is 15."])
+    monkeypatch.setattr(llm, "chat", lambda messages, *a, **k: next(replies))
+    assert F.answer_accuracy(llm, records) == 0.5
