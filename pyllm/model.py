@@ -1,8 +1,10 @@
 """The transformer: configuration, parameters in one flat buffer, forward and hand-written backward.
 
 Every layer is a forward/backward pair of C++ kernel calls (pyllm._C) on buffers allocated once per
-batch shape, as llm.c does; Python only sequences the calls. Parameter names and shapes are
-Hugging Face's (GPT2LMHeadModel), so a checkpoint is a folder `transformers` reads (pyllm.io.hf).
+batch shape, as llm.c does; Python only sequences the calls. The GPT-2 family is written here,
+the Llama family in llama.py. Parameter names and shapes are Hugging Face's (GPT2LMHeadModel,
+LlamaForCausalLM), so a checkpoint is a folder `transformers` reads (pyllm.io.hf); GGUF files load
+through pyllm.io.gguf_model, their quantized matrices kept quantized (inference only).
 Not here: optimisation (optim.py), the training loop (train.py), sampling (generate.py).
 """
 
@@ -23,7 +25,7 @@ ARCHITECTURES = ("gpt2", "llama")
 
 @dataclass
 class ModelConfig:
-    """Sizes and architecture of a model. The Llama fields are carried for the Llama family."""
+    """Sizes and architecture of a model (GPT-2 or Llama family)."""
 
     vocab_size: int = 50304
     block_size: int = 256          # longest sequence (learned position embeddings cover it)
