@@ -193,7 +193,8 @@ def _cmd_finetune_sft(args: argparse.Namespace) -> int:
     else:
         llm = LLM.load(source)
     examples = finetune.read_examples(args.data, llm, skip_bad=args.skip_bad)
-    cfg = finetune.SFTConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    cfg = finetune.SFTConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                             lora_rank=args.lora_rank)
     train, val = finetune.split(examples, cfg.val_fraction, cfg.seed)
     print(f"{len(train)} training and {len(val)} validation examples; {llm.model}")
     if val:
@@ -342,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     sft.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
     sft.add_argument("--seed", type=int, default=0, help="seed for shuffling and the example data")
     sft.add_argument("--skip-bad", action="store_true", help="leave out bad lines instead of stopping")
+    sft.add_argument("--lora-rank", type=int, default=0,
+                     help="train LoRA adapters of this rank on a frozen base (Llama models); 0: all weights")
     sft.add_argument("--example", type=int, metavar="N",
                      help="first write N generated arithmetic question/answer examples to --data")
     sft.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -139,6 +139,8 @@ class SFTConfig:
     warmup_steps: int = 10
     val_fraction: float = 0.1
     seed: int = 0
+    lora_rank: int = 0          # > 0: train LoRA adapters of this rank on a frozen base
+    lora_alpha: float = 16.0
 
 
 def sft(llm, train: list[Example], val: list[Example], cfg: SFTConfig, out_dir=None,
@@ -152,7 +154,13 @@ def sft(llm, train: list[Example], val: list[Example], cfg: SFTConfig, out_dir=N
     if model.quantized:
         raise ValueError("fine-tuning needs float32 weights: load a GGUF model with dequantize=True")
     rng = np.random.default_rng(cfg.seed)
-    opt = AdamW(model, lr=cfg.lr, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip)
+    trained = model
+    if cfg.lora_rank:
+        from pyllm.lora import LoRA, LoRAConfig
+
+        model.lora = trained = LoRA(model, LoRAConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha, seed=cfg.seed))
+        say(f"LoRA rank {cfg.lora_rank}: {trained.num_params:,} trained parameters, the base frozen")
+    opt = AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip)
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     total = max(1, int(round(cfg.epochs * steps_per_epoch)))
     records = []
@@ -166,6 +174,7 @@ def sft(llm, train: list[Example], val: list[Example], cfg: SFTConfig, out_dir=N
             chunk = [train[i] for i in order[position:position + cfg.batch_size]]
             ids, targets = batch(chunk)
             model.zero_grad()
+            trained.grads.fill(0.0)
             loss = model.forward_backward(ids, targets)
             if not math.isfinite(loss):
                 raise FloatingPointError(f"the loss is {loss} at step {step + 1}")
@@ -177,6 +186,10 @@ def sft(llm, train: list[Example], val: list[Example], cfg: SFTConfig, out_dir=N
             bar.set_postfix(loss=f"{loss:.3f}")
             bar.update(1)
     if out_dir is not None:
+        if model.lora is not None:   # the adapter on its own (peft's format), then merged
+            model.lora.save(Path(out_dir) / "adapter")
+            model.lora.merge_into(model)
+            model.lora = None
         llm.save(out_dir)
         with open(Path(out_dir) / "finetune_log.jsonl", "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)

@@ -117,6 +117,10 @@ def forward(model: "Model", ids: np.ndarray) -> np.ndarray:
         _C.rmsnorm_forward(ln1, r1, x, p[h + "input_layernorm.weight"], N, C, eps)
         qkv = ws.get("qkv", (N, QKV))
         linear(model, qkv, ln1, f"model.layers.{i}.self_attn.qkv", N, C, QKV)
+        if model.lora is not None:
+            nq, nkv = NH * HS, NKV * HS
+            for name, cols in (("q", slice(0, nq)), ("k", slice(nq, nq + nkv)), ("v", slice(nq + nkv, QKV))):
+                model.lora.forward(qkv, ln1, h + f"self_attn.{name}_proj.weight", cols)
         q0, k0 = ws.get("q0", (B, NH, T, HS)), ws.get("k0", (B, NKV, T, HS))
         v = ws.get(f"v.{i}", (B, NKV, T, HS))
         _split_heads(qkv, B, T, cfg, q0, k0, v)
@@ -129,6 +133,8 @@ def forward(model: "Model", ids: np.ndarray) -> np.ndarray:
         np.copyto(atty.reshape(B, T, NH, HS), att.transpose(0, 2, 1, 3))
         proj = ws.get("proj", (N, C))
         linear(model, proj, atty, h + "self_attn.o_proj.weight", N, NH * HS, C)
+        if model.lora is not None:
+            model.lora.forward(proj, atty, h + "self_attn.o_proj.weight")
         x_mid = ws.get(f"xmid.{i}", (N, C))
         np.add(x, proj, out=x_mid)
         ln2, r2 = ws.get(f"ln2.{i}", (N, C)), ws.get(f"ln2r.{i}", (N,))
@@ -136,9 +142,14 @@ def forward(model: "Model", ids: np.ndarray) -> np.ndarray:
         gate, up = ws.get(f"gate.{i}", (N, F)), ws.get(f"up.{i}", (N, F))
         linear(model, gate, ln2, h + "mlp.gate_proj.weight", N, C, F)
         linear(model, up, ln2, h + "mlp.up_proj.weight", N, C, F)
+        if model.lora is not None:
+            model.lora.forward(gate, ln2, h + "mlp.gate_proj.weight")
+            model.lora.forward(up, ln2, h + "mlp.up_proj.weight")
         act = ws.get(f"act.{i}", (N, F))
         _C.swiglu_forward(act, gate, up)
         linear(model, proj, act, h + "mlp.down_proj.weight", N, F, C)
+        if model.lora is not None:
+            model.lora.forward(proj, act, h + "mlp.down_proj.weight")
         x = ws.get(f"x{i + 1}", (N, C))
         np.add(x_mid, proj, out=x)
     lnf, rf = ws.get("lnf", (N, C)), ws.get("lnfr", (N,))
@@ -149,13 +160,20 @@ def forward(model: "Model", ids: np.ndarray) -> np.ndarray:
 
 
 def backward(model: "Model", ids: np.ndarray, dlogits: np.ndarray) -> None:
-    cfg, p, g, ws = model.config, model.p, model.g, model._ws
+    cfg, p, ws = model.config, model.p, model._ws
+    lora = model.lora
+    frozen = lora is not None   # adapters train; the base weights get no gradients
+
+    class _Grads:   # model.g, or None for every base weight while it is frozen
+        def __getitem__(self, name):
+            return None if frozen else model.g[name]
+    g = _Grads()
     B, T = ids.shape
     C, NH, NKV, HS, F, V = cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.head_size, cfg.intermediate_size, cfg.vocab_size
     N, QKV = B * T, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_size
     cos, sin = (np.ascontiguousarray(t[:T]) for t in _rope_cache(model, T))
     dln = ws.get("dln", (N, C))
-    _C.matmul_backward(dln, model._head_grad(), None, dlogits, ws.get("lnf", (N, C)), model._head(), N, C, V, True)
+    _C.matmul_backward(dln, None if frozen else model._head_grad(), None, dlogits, ws.get("lnf", (N, C)), model._head(), N, C, V, True)
     dx = ws.get("dx", (N, C))
     _C.rmsnorm_backward(dx, g["model.norm.weight"], dln, ws.get(f"x{cfg.n_layer}", (N, C)), p["model.norm.weight"],
                         ws.get("lnfr", (N,)), N, C)
@@ -166,6 +184,8 @@ def backward(model: "Model", ids: np.ndarray, dlogits: np.ndarray) -> None:
         dact = ws.get("dact", (N, F))
         _C.matmul_backward(dact, g[h + "mlp.down_proj.weight"], None, dx, ws.get(f"act.{i}", (N, F)),
                            p[h + "mlp.down_proj.weight"], N, F, C, True)
+        if lora is not None:
+            lora.backward(dact, dx, ws.get(f"act.{i}", (N, F)), h + "mlp.down_proj.weight")
         dgate, dup = ws.get("dgate", (N, F)), ws.get("dup", (N, F))
         _C.swiglu_backward(dgate, dup, dact, ws.get(f"gate.{i}", (N, F)), ws.get(f"up.{i}", (N, F)))
         ln2 = ws.get(f"ln2.{i}", (N, C))
@@ -173,6 +193,9 @@ def backward(model: "Model", ids: np.ndarray, dlogits: np.ndarray) -> None:
                            N, C, F, True)
         _C.matmul_backward(dtmp, g[h + "mlp.up_proj.weight"], None, dup, ln2, p[h + "mlp.up_proj.weight"],
                            N, C, F, True)
+        if lora is not None:
+            lora.backward(dln, dgate, ln2, h + "mlp.gate_proj.weight")
+            lora.backward(dtmp, dup, ln2, h + "mlp.up_proj.weight")
         dln += dtmp
         _C.rmsnorm_backward(dtmp, g[h + "post_attention_layernorm.weight"], dln, ws.get(f"xmid.{i}", (N, C)),
                             p[h + "post_attention_layernorm.weight"], ws.get(f"ln2r.{i}", (N,)), N, C)
@@ -181,6 +204,8 @@ def backward(model: "Model", ids: np.ndarray, dlogits: np.ndarray) -> None:
         datty = ws.get("datty", (N, NH * HS))
         _C.matmul_backward(datty, g[h + "self_attn.o_proj.weight"], None, dx, ws.get(f"atty.{i}", (N, NH * HS)),
                            p[h + "self_attn.o_proj.weight"], N, NH * HS, C, True)
+        if lora is not None:
+            lora.backward(datty, dx, ws.get(f"atty.{i}", (N, NH * HS)), h + "self_attn.o_proj.weight")
         datt = ws.get("datt", (B, NH, T, HS))
         np.copyto(datt, datty.reshape(B, T, NH, HS).transpose(0, 2, 1, 3))
         dq, dk, dv = ws.get("dq", (B, NH, T, HS)), ws.get("dk", (B, NKV, T, HS)), ws.get("dv", (B, NKV, T, HS))
@@ -195,12 +220,17 @@ def backward(model: "Model", ids: np.ndarray, dlogits: np.ndarray) -> None:
         np.copyto(rows[:, :, :NH], dq0.transpose(0, 2, 1, 3))
         np.copyto(rows[:, :, NH:NH + NKV], dk0.transpose(0, 2, 1, 3))
         np.copyto(rows[:, :, NH + NKV:], dv.transpose(0, 2, 1, 3))
-        _C.matmul_backward(dln, _qkv_grad(model, i), None, dqkv, ws.get(f"ln1.{i}", (N, C)), _qkv_weight(model, i),
-                           N, C, QKV, True)
+        _C.matmul_backward(dln, None if frozen else _qkv_grad(model, i), None, dqkv, ws.get(f"ln1.{i}", (N, C)),
+                           _qkv_weight(model, i), N, C, QKV, True)
+        if lora is not None:
+            nq, nkv = NH * HS, NKV * HS
+            for name, cols in (("q", slice(0, nq)), ("k", slice(nq, nq + nkv)), ("v", slice(nq + nkv, QKV))):
+                lora.backward(dln, dqkv[:, cols], ws.get(f"ln1.{i}", (N, C)), h + f"self_attn.{name}_proj.weight")
         _C.rmsnorm_backward(dtmp, g[h + "input_layernorm.weight"], dln, ws.get(f"x{i}", (N, C)),
                             p[h + "input_layernorm.weight"], ws.get(f"ln1r.{i}", (N,)), N, C)
         dx += dtmp     # d x_i
-    _C.embedding_backward(g["model.embed_tokens.weight"], dx, ids, N, V, C)
+    if not frozen:
+        _C.embedding_backward(model.g["model.embed_tokens.weight"], dx, ids, N, V, C)
 
 
 def forward_step(model: "Model", ids: np.ndarray, cache: "KVCache", rows: slice) -> np.ndarray:
@@ -229,6 +259,10 @@ def forward_step(model: "Model", ids: np.ndarray, cache: "KVCache", rows: slice)
         h = f"model.layers.{i}."
         _C.rmsnorm_forward(ln, rstd, x, p[h + "input_layernorm.weight"], N, C, eps)
         linear(model, qkv, ln, f"model.layers.{i}.self_attn.qkv", N, C, QKV)
+        if model.lora is not None:
+            nq, nkv = NH * HS, NKV * HS
+            for name, cols in (("q", slice(0, nq)), ("k", slice(nq, nq + nkv)), ("v", slice(nq + nkv, QKV))):
+                model.lora.forward(qkv, ln, h + f"self_attn.{name}_proj.weight", cols)
         _split_heads(qkv, B, Tq, cfg, q0, k0, v)
         for b, (cos, sin) in enumerate(tables):
             _C.rope_forward(q[b], q0[b], cos, sin, NH, Tq, HS)
@@ -240,12 +274,19 @@ def forward_step(model: "Model", ids: np.ndarray, cache: "KVCache", rows: slice)
                              new_lengths)
         np.copyto(atty.reshape(B, Tq, NH, HS), att.transpose(0, 2, 1, 3))
         linear(model, proj, atty, h + "self_attn.o_proj.weight", N, NH * HS, C)
+        if model.lora is not None:
+            model.lora.forward(proj, atty, h + "self_attn.o_proj.weight")
         x += proj
         _C.rmsnorm_forward(ln, rstd, x, p[h + "post_attention_layernorm.weight"], N, C, eps)
         linear(model, gate, ln, h + "mlp.gate_proj.weight", N, C, F)
         linear(model, up, ln, h + "mlp.up_proj.weight", N, C, F)
+        if model.lora is not None:
+            model.lora.forward(gate, ln, h + "mlp.gate_proj.weight")
+            model.lora.forward(up, ln, h + "mlp.up_proj.weight")
         _C.swiglu_forward(gate, gate, up)
         linear(model, proj, gate, h + "mlp.down_proj.weight", N, F, C)
+        if model.lora is not None:
+            model.lora.forward(proj, gate, h + "mlp.down_proj.weight")
         x += proj
     last = np.ascontiguousarray(x.reshape(B, Tq, C)[:, -1])
     lnf = np.empty((B, C), np.float32)

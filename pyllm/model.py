@@ -214,6 +214,7 @@ class Model:
         self.quantized: dict[str, QuantizedWeight] = dict(quantized or {})
         # Products with quantized weights round the activations to int8 first, as llama.cpp does.
         self.int8_activations = True
+        self.lora = None   # pyllm.lora.LoRA adapters, when attached (the base is then frozen)
         if self.quantized and config.arch != "llama":
             raise ValueError("quantized weights are supported for the llama architecture")
         self.specs = [s for s in parameter_specs(config) if s.name not in self.quantized]

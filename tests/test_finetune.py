@@ -85,3 +85,26 @@ def test_answer_accuracy_checks_the_final_number(llm, monkeypatch):
     replies = iter(["It is 5.", "It is 15."])
     monkeypatch.setattr(llm, "chat", lambda messages, *a, **k: next(replies))
     assert F.answer_accuracy(llm, records) == 0.5
+
+
+def test_lora_sft_trains_only_the_adapters_and_saves_merged_and_adapter(tmp_path):
+    pytest.importorskip("torch")
+    records = F.arithmetic_examples(40, seed=3)
+    texts = [f"User: {r['messages'][0]['content']}\nAssistant: {r['messages'][1]['content']}\n" for r in records]
+    tok = Tokenizer.train(texts, 350, special_tokens=["<|endoftext|>"], progress=False)
+    cfg = ModelConfig(arch="llama", vocab_size=tok.vocab_size, block_size=48, n_layer=2, n_head=2, n_kv_head=1,
+                      n_embd=32, intermediate_size=64)
+    model = Model(cfg, seed=0)
+    base = model.params.copy()
+    llm = LLM(model, tok)
+    data = tmp_path / "a.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    examples = F.read_examples(data, llm)
+    before = F.masked_loss(model, examples)
+    log = F.sft(llm, examples, examples[:8], F.SFTConfig(epochs=10, lr=1e-2, lora_rank=4), out_dir=tmp_path / "out",
+                progress=False, say=lambda *_: None)
+    assert log[-1]["val_loss"] < before - 0.1        # rank-4 adapters on a random base: slow but real
+    assert (tmp_path / "out" / "adapter" / "adapter_config.json").exists()
+    merged = LLM.load(tmp_path / "out").model
+    assert not np.array_equal(merged.params, base)          # the adapters were merged in
+    assert F.masked_loss(merged, examples[:8]) == pytest.approx(log[-1]["val_loss"], rel=1e-3)

@@ -1,0 +1,178 @@
+"""LoRA: low-rank adapters on a Llama-family model's projection matrices, trained while the base
+weights stay frozen.
+
+A projection y = x W^T becomes y = x W^T + (alpha / r) (x A^T) B^T with A (r, in) and B (out, r);
+B starts at zero, so a fresh adapter changes nothing. The adapters live in one flat buffer (and
+their gradients in another) like the model's parameters, so AdamW trains them with the same fused
+kernel. Names and files follow `peft` (adapter_model.safetensors, adapter_config.json).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from pyllm.kernels import _C
+
+TARGETS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+           "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+PEFT_PREFIX = "base_model.model."
+
+
+@dataclass
+class LoRAConfig:
+    rank: int = 8
+    alpha: float = 16.0
+    targets: tuple = tuple(TARGETS)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if int(self.rank) != self.rank or self.rank < 1:
+            raise ValueError(f"rank must be an integer >= 1, got {self.rank!r}")
+        unknown = set(self.targets) - set(TARGETS)
+        if unknown or not self.targets:
+            raise ValueError(f"LoRA targets must be among {sorted(TARGETS)}, got {sorted(unknown) or 'none'}")
+
+
+@dataclass
+class _Site:
+    base: str           # the frozen weight's name, e.g. model.layers.0.self_attn.q_proj.weight
+    out: int
+    inp: int
+    saved: dict = field(default_factory=dict)   # x A^T of the last forward, for backward
+
+
+class LoRA:
+    """Adapters for `model` (Llama family). `params`, `grads` and `num_decayed` make it something
+    pyllm.AdamW can train."""
+
+    def __init__(self, model, config: LoRAConfig = LoRAConfig()) -> None:
+        if model.config.arch != "llama":
+            raise ValueError("LoRA adapters are written for the llama architecture")
+        if model.quantized:
+            raise ValueError("LoRA needs float32 base weights: load a GGUF model with dequantize=True")
+        self.config, self.scale = config, config.alpha / config.rank
+        shapes = {s.name: s.shape for s in model.specs}
+        self.sites: dict[str, _Site] = {}
+        for i in range(model.config.n_layer):
+            for target in config.targets:
+                base = f"model.layers.{i}.{TARGETS[target]}.{target}.weight"
+                out, inp = shapes[base]
+                self.sites[base] = _Site(base, out, inp)
+        r = config.rank
+        sizes = [(s.base, r * s.inp, s.out * r) for s in self.sites.values()]
+        self.num_params = sum(a + b for _, a, b in sizes)
+        self.num_decayed = self.num_params
+        self.params = np.zeros(self.num_params, np.float32)
+        self.grads = np.zeros(self.num_params, np.float32)
+        self.A, self.B, self.gA, self.gB = {}, {}, {}, {}
+        offset = 0
+        for base, a_size, b_size in sizes:
+            site = self.sites[base]
+            self.A[base] = self.params[offset:offset + a_size].reshape(r, site.inp)
+            self.gA[base] = self.grads[offset:offset + a_size].reshape(r, site.inp)
+            offset += a_size
+            self.B[base] = self.params[offset:offset + b_size].reshape(site.out, r)
+            self.gB[base] = self.grads[offset:offset + b_size].reshape(site.out, r)
+            offset += b_size
+        rng = np.random.default_rng(config.seed)
+        for base, site in self.sites.items():   # peft's default: A ~ U(+-1/sqrt(in)), B = 0
+            bound = 1.0 / math.sqrt(site.inp)
+            self.A[base][...] = rng.uniform(-bound, bound, self.A[base].shape).astype(np.float32)
+
+    # ------------------------------------------------------------------ used by llama.py
+
+    def forward(self, out: np.ndarray, x: np.ndarray, base: str, columns: Optional[slice] = None) -> None:
+        """out[:, columns] += scale (x A^T) B^T for the projection `base`; saves x A^T."""
+        site = self.sites.get(base)
+        if site is None:
+            return
+        M, r = x.shape[0], self.config.rank
+        u = np.empty((M, r), np.float32)
+        _C.matmul_forward(u, x, self.A[base], None, M, site.inp, r, True)
+        delta = np.empty((M, site.out), np.float32)
+        _C.matmul_forward(delta, u, self.B[base], None, M, r, site.out, True)
+        delta *= np.float32(self.scale)
+        if columns is None:
+            out += delta
+        else:
+            out[:, columns] += delta
+        site.saved["u"] = u
+
+    def backward(self, dx: np.ndarray, dy: np.ndarray, x: np.ndarray, base: str) -> None:
+        """Adds the adapter's gradients (A, B) and its share of dx, given dy of the projection."""
+        site = self.sites.get(base)
+        if site is None:
+            return
+        M, r = x.shape[0], self.config.rank
+        dy = np.ascontiguousarray(dy) * np.float32(self.scale)
+        u = site.saved["u"]
+        _C.matmul_backward(None, self.gB[base], None, dy, u, self.B[base], M, r, site.out, True)   # gB += dy^T u
+        du = np.empty((M, r), np.float32)
+        _C.matmul_forward(du, dy, self.B[base], None, M, site.out, r, False)                      # du = dy B
+        _C.matmul_backward(None, self.gA[base], None, du, x, self.A[base], M, site.inp, r, True)   # gA += du^T x
+        dxa = np.empty((M, site.inp), np.float32)
+        _C.matmul_forward(dxa, du, self.A[base], None, M, r, site.inp, False)                     # du A
+        dx += dxa
+
+    # ------------------------------------------------------------------ files and merging
+
+    def zero_grad(self) -> None:
+        self.grads.fill(0.0)
+
+    def merge_into(self, model) -> None:
+        """Adds scale B A into every adapted base weight (then the adapters can be dropped)."""
+        for base in self.sites:
+            model.p[base][...] += np.float32(self.scale) * (self.B[base].astype(np.float64)
+                                                             @ self.A[base].astype(np.float64)).astype(np.float32)
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """peft's names: base_model.model.<module>.lora_A.weight / lora_B.weight."""
+        state = {}
+        for base in self.sites:
+            module = base[: -len(".weight")]
+            state[f"{PEFT_PREFIX}{module}.lora_A.weight"] = np.ascontiguousarray(self.A[base])
+            state[f"{PEFT_PREFIX}{module}.lora_B.weight"] = np.ascontiguousarray(self.B[base])
+        return state
+
+    def save(self, directory, base_model: str = "") -> None:
+        """adapter_model.safetensors and adapter_config.json, as `peft` writes and reads them."""
+        from safetensors.numpy import save_file
+
+        from pyllm.io.atomic import atomic_path, write_text
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        with atomic_path(directory / "adapter_model.safetensors") as tmp:
+            save_file(self.state_dict(), str(tmp), metadata={"format": "pt"})
+        config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": self.config.rank,
+                  "lora_alpha": self.config.alpha, "lora_dropout": 0.0, "bias": "none",
+                  "target_modules": sorted(self.config.targets), "fan_in_fan_out": False,
+                  "base_model_name_or_path": base_model, "inference_mode": True}
+        write_text(directory / "adapter_config.json", json.dumps(config, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, model, directory) -> "LoRA":
+        from pyllm.io.hf import load_state
+
+        directory = Path(directory)
+        config = json.loads((directory / "adapter_config.json").read_text())
+        if config.get("peft_type") != "LORA":
+            raise ValueError(f"{directory}: not a LoRA adapter (peft_type {config.get('peft_type')!r})")
+        targets = config["target_modules"]
+        lora = cls(model, LoRAConfig(rank=int(config["r"]), alpha=float(config["lora_alpha"]),
+                                     targets=tuple(targets) if isinstance(targets, list) else (targets,)))
+        state = load_state(directory / "adapter_model.safetensors")
+        for base in lora.sites:
+            module = base[: -len(".weight")]
+            for part, views in (("lora_A", lora.A), ("lora_B", lora.B)):
+                key = f"{PEFT_PREFIX}{module}.{part}.weight"
+                if key not in state or state[key].shape != views[base].shape:
+                    raise ValueError(f"{directory}: {key} missing or of the wrong shape")
+                views[base][...] = state[key]
+        return lora

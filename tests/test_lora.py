@@ -1,0 +1,96 @@
+"""LoRA adapters against peft + transformers on the same weights: logits, gradients, files."""
+
+import numpy as np
+import pytest
+
+from pyllm.lora import LoRA, LoRAConfig
+from pyllm.model import Model, ModelConfig
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+LLAMA = dict(arch="llama", vocab_size=71, block_size=32, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
+             intermediate_size=96, rope_theta=500.0, norm_eps=1e-6)
+
+
+def close(ours, theirs, rtol=1e-4, what=""):
+    ours, theirs = np.asarray(ours, np.float64), np.asarray(theirs, np.float64)
+    err = np.abs(ours - theirs).max() / max(np.abs(theirs).max(), 1e-6)
+    assert err <= rtol, f"{what}: max error {err:.2e} of the largest magnitude"
+
+
+def setup(targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), rank=4):
+    from pyllm.io.hf import config_to_hf
+
+    model = Model(ModelConfig(**LLAMA), seed=1)
+    lora = LoRA(model, LoRAConfig(rank=rank, alpha=8.0, targets=targets, seed=2))
+    rng = np.random.default_rng(3)
+    for base in lora.sites:       # a trained-looking adapter: B no longer zero
+        lora.B[base][...] = rng.standard_normal(lora.B[base].shape).astype(np.float32) * 0.05
+    cfg = transformers.LlamaConfig(**config_to_hf(model.config))
+    cfg._attn_implementation = "eager"
+    base = transformers.LlamaForCausalLM(cfg)
+    base.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in model.state_dict().items()}, strict=False)
+    base.tie_weights()
+    twin = peft.get_peft_model(base, peft.LoraConfig(r=rank, lora_alpha=8.0, target_modules=list(targets),
+                                                     lora_dropout=0.0, bias="none"))
+    twin.load_state_dict({k.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight",
+                                                                                           ".lora_B.default.weight"):
+                          torch.from_numpy(v.copy()) for k, v in lora.state_dict().items()}, strict=False)
+    twin.eval()
+    return model, lora, twin
+
+
+def test_a_fresh_adapter_changes_nothing():
+    model = Model(ModelConfig(**LLAMA), seed=1)
+    ids = np.random.default_rng(0).integers(0, 71, (2, 9))
+    before = model(ids)
+    model.lora = LoRA(model, LoRAConfig(rank=4))
+    np.testing.assert_array_equal(model(ids), before)
+
+
+@pytest.mark.parametrize("targets", [("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+                                     ("q_proj", "v_proj")])
+def test_logits_and_adapter_gradients_equal_peft(targets):
+    model, lora, twin = setup(targets)
+    model.lora = lora
+    rng = np.random.default_rng(4)
+    ids, targets_ = rng.integers(0, 71, (2, 11)), rng.integers(0, 71, (2, 11))
+    t_logits = twin(torch.from_numpy(ids)).logits
+    close(model(ids), t_logits.detach().numpy(), what="logits")
+    torch.nn.functional.cross_entropy(t_logits.reshape(-1, 71), torch.from_numpy(targets_).reshape(-1)).backward()
+    lora.zero_grad()
+    model.zero_grad()
+    model.forward_backward(ids, targets_)
+    named = dict(twin.named_parameters())
+    for base in lora.sites:
+        module = "base_model.model." + base[: -len(".weight")]
+        close(lora.gA[base], named[module + ".lora_A.default.weight"].grad.numpy(), what=base + " A")
+        close(lora.gB[base], named[module + ".lora_B.default.weight"].grad.numpy(), what=base + " B")
+    assert not model.grads.any(), "the frozen base weights received gradients"
+
+
+def test_merged_equals_unmerged_and_peft_loads_the_saved_adapter(tmp_path):
+    model, lora, twin = setup()
+    model.lora = lora
+    ids = np.random.default_rng(5).integers(0, 71, (1, 12))
+    adapted = model(ids)
+    lora.save(tmp_path / "adapter")
+    loaded = peft.PeftModel.from_pretrained(twin.unload(), tmp_path / "adapter")   # the bare base + our file
+    loaded.eval()
+    with torch.no_grad():
+        close(adapted, loaded(torch.from_numpy(ids)).logits.numpy(), what="peft with our saved adapter")
+    again = LoRA.load(model, tmp_path / "adapter")
+    model.lora = again
+    close(model(ids), adapted, rtol=1e-6, what="reloaded adapter")
+    model.lora = None
+    lora.merge_into(model)
+    close(model(ids), adapted, rtol=1e-5, what="merged")
+
+
+def test_lora_refuses_what_it_cannot_do():
+    with pytest.raises(ValueError, match="llama"):
+        LoRA(Model(ModelConfig(vocab_size=50, block_size=8, n_layer=1, n_head=2, n_embd=16)))
+    with pytest.raises(ValueError, match="targets"):
+        LoRAConfig(targets=("wte",))
