@@ -175,8 +175,6 @@ def _cmd_finetune_sft(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from pyllm import finetune
-    from pyllm.llm import LLM
-    from pyllm.model import resolve_model
 
     if args.example:
         path = Path(args.data)
@@ -184,14 +182,7 @@ def _cmd_finetune_sft(args: argparse.Namespace) -> int:
         with open(path, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r) + "\n" for r in finetune.arithmetic_examples(args.example, seed=args.seed))
         print(f"wrote {args.example} arithmetic examples to {path}")
-    source = resolve_model(args.model or "smollm2-135m-instruct")
-    if source.suffix == ".gguf":
-        from pyllm.io.gguf_model import load_gguf
-
-        model, tokenizer, template, eos = load_gguf(source, dequantize=True)   # training needs float32
-        llm = LLM(model, tokenizer, template, [eos] if eos is not None else None)
-    else:
-        llm = LLM.load(source)
+    llm = _finetune_llm(args.model)
     examples = finetune.read_examples(args.data, llm, skip_bad=args.skip_bad)
     cfg = finetune.SFTConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                              lora_rank=args.lora_rank)
@@ -203,6 +194,50 @@ def _cmd_finetune_sft(args: argparse.Namespace) -> int:
     if val:
         print(f"validation loss after: {records[-1]['val_loss']:.4f}")
     print(f"fine-tuned model in {args.out} (pyllm chat --model {args.out})")
+    return 0
+
+
+def _finetune_llm(model_arg):
+    from pyllm.llm import LLM
+    from pyllm.model import resolve_model
+
+    source = resolve_model(model_arg or "smollm2-135m-instruct")
+    if source.suffix == ".gguf":
+        from pyllm.io.gguf_model import load_gguf
+
+        model, tokenizer, template, eos = load_gguf(source, dequantize=True)   # training needs float32
+        return LLM(model, tokenizer, template, [eos] if eos is not None else None)
+    return LLM.load(source)
+
+
+def _cmd_finetune_dpo(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from pyllm import finetune
+
+    if args.example:
+        path = Path(args.data)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in finetune.arithmetic_preferences(args.example, seed=args.seed))
+        print(f"wrote {args.example} arithmetic preference pairs to {path}")
+    llm = _finetune_llm(args.model)
+    pairs = finetune.read_pairs(args.data, llm, skip_bad=args.skip_bad)
+    rng = __import__("numpy").random.default_rng(args.seed)
+    order = rng.permutation(len(pairs))
+    n_val = len(pairs) // 10 if len(pairs) >= 10 else 0
+    val, train = [pairs[i] for i in order[:n_val]], [pairs[i] for i in order[n_val:]]
+    if val:
+        print(f"held-out preference accuracy before: {finetune.preference_accuracy(llm.model, val):.1%}")
+    cfg = finetune.SFTConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                             lora_rank=args.lora_rank)
+    records = finetune.dpo(llm, train, cfg, beta=args.beta, out_dir=args.out, progress=not args.no_progress)
+    print(f"last step: loss {records[-1]['loss']:.4f}, reward margin {records[-1]['reward_margin']:.4f}, "
+          f"accuracy {records[-1]['accuracy']:.2f}")
+    if val:
+        print(f"held-out preference accuracy after: {finetune.preference_accuracy(llm.model, val):.1%}")
+    print(f"tuned model in {args.out} (pyllm chat --model {args.out})")
     return 0
 
 
@@ -349,6 +384,23 @@ def main(argv: list[str] | None = None) -> int:
                      help="first write N generated arithmetic question/answer examples to --data")
     sft.add_argument("--no-progress", action="store_true", help="no progress bar")
     sft.set_defaults(func=_cmd_finetune_sft)
+    dpo = fsub.add_parser("dpo", help="preference tuning (DPO) on JSONL prompt/chosen/rejected pairs",
+                          description="Direct preference optimisation against the model as it was before "
+                                      "training (its log-probabilities computed once as the reference).")
+    dpo.add_argument("--model", help="a model folder, a .gguf file, or smollm2-135m-instruct (the default)")
+    dpo.add_argument("--data", required=True, help='a JSONL file of {"prompt", "chosen", "rejected"} lines')
+    dpo.add_argument("--out", required=True, help="folder for the tuned model")
+    dpo.add_argument("--beta", type=float, default=0.1, help="DPO's beta (default 0.1)")
+    dpo.add_argument("--epochs", type=float, default=1.0, help="passes over the pairs (default 1)")
+    dpo.add_argument("--batch-size", type=int, default=8, help="pairs per step (default 8)")
+    dpo.add_argument("--lr", type=float, default=5e-6, help="peak learning rate (default 5e-6)")
+    dpo.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank (0: all weights)")
+    dpo.add_argument("--seed", type=int, default=0, help="seed for shuffling and the example data")
+    dpo.add_argument("--skip-bad", action="store_true", help="leave out bad lines instead of stopping")
+    dpo.add_argument("--example", type=int, metavar="N",
+                     help="first write N generated arithmetic preference pairs to --data")
+    dpo.add_argument("--no-progress", action="store_true", help="no progress bar")
+    dpo.set_defaults(func=_cmd_finetune_dpo)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

@@ -229,3 +229,137 @@ def answer_accuracy(llm, records: list[dict], max_new_tokens: int = 24) -> float
         reply = llm.chat(messages[:-1], max_new_tokens, temperature=0)
         hits += expected in re.findall(r"-?\d+", reply)
     return hits / max(1, len(records))
+
+
+# ----------------------------------------------------------------------------- preference tuning (DPO)
+
+@dataclass
+class Pair:
+    chosen: Example
+    rejected: Example
+    line: int
+
+
+def read_pairs(path, llm, skip_bad: bool = False, say: Callable[[str], None] = print) -> list[Pair]:
+    """Preference pairs from JSONL lines of "prompt", "chosen" and "rejected" strings."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such data file: {path}")
+    pairs = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                if not isinstance(record, dict) or not all(isinstance(record.get(k), str)
+                                                           for k in ("prompt", "chosen", "rejected")):
+                    raise DataError('a line needs "prompt", "chosen" and "rejected" strings')
+                make = lambda answer: _example({"prompt": record["prompt"], "completion": answer}, llm, number)
+                pairs.append(Pair(make(record["chosen"]), make(record["rejected"]), number))
+            except (json.JSONDecodeError, DataError) as exc:
+                reason = f"not valid JSON ({exc.msg})" if isinstance(exc, json.JSONDecodeError) else str(exc)
+                if not skip_bad:
+                    raise DataError(f"{path}:{number}: {reason} (or pass --skip-bad to leave such lines out)") from None
+                say(f"skipping {path}:{number}: {reason}")
+    if not pairs:
+        raise DataError(f"{path}: no usable preference pairs")
+    return pairs
+
+
+def sequence_logprob(model, example: Example) -> float:
+    """log p(answer | prompt): the sum over the learned tokens of their log-probabilities."""
+    count = int(np.count_nonzero(example.targets != IGNORE))
+    return -model.loss(example.ids[None, :], example.targets[None, :]) * count
+
+
+def dpo_loss(policy_chosen: float, policy_rejected: float, ref_chosen: float, ref_rejected: float,
+             beta: float) -> tuple[float, float]:
+    """(-log sigmoid(beta * margin), sigmoid(-beta * margin)) with margin the policy's log-ratio
+    gain of chosen over rejected relative to the reference."""
+    z = beta * ((policy_chosen - ref_chosen) - (policy_rejected - ref_rejected))
+    return float(np.logaddexp(0.0, -z)), float(1.0 / (1.0 + np.exp(z)))
+
+
+def dpo_forward_backward(model, pair: Pair, ref: tuple[float, float], beta: float, scale: float = 1.0) -> dict:
+    """The DPO loss of one pair; adds scale * its gradient into the trained parameters' gradients.
+
+    d loss / d logp(chosen) = -beta * sigmoid(-z) and the opposite for rejected, so each side is a
+    masked cross-entropy backward (whose loss is -logp / count) weighted by +-beta sigmoid(-z) count.
+    """
+    chosen, rejected = sequence_logprob(model, pair.chosen), sequence_logprob(model, pair.rejected)
+    loss, weight = dpo_loss(chosen, rejected, ref[0], ref[1], beta)
+    for example, sign in ((pair.chosen, 1.0), (pair.rejected, -1.0)):
+        count = int(np.count_nonzero(example.targets != IGNORE))
+        model.forward_backward(example.ids[None, :], example.targets[None, :],
+                               loss_scale=sign * scale * beta * weight * count)
+    margin = (chosen - ref[0]) - (rejected - ref[1])
+    return {"loss": loss, "margin": margin, "correct": margin > 0}
+
+
+def reference_logprobs(model, pairs: list[Pair]) -> list[tuple[float, float]]:
+    """The frozen reference: log-probabilities of every pair under the model before training."""
+    return [(sequence_logprob(model, p.chosen), sequence_logprob(model, p.rejected)) for p in pairs]
+
+
+def preference_accuracy(model, pairs: list[Pair]) -> float:
+    """Share of pairs whose chosen answer the model finds likelier than the rejected one."""
+    return float(np.mean([sequence_logprob(model, p.chosen) > sequence_logprob(model, p.rejected) for p in pairs]))
+
+
+def dpo(llm, train: list[Pair], cfg: SFTConfig, beta: float = 0.1, out_dir=None,
+        say: Callable[[str], None] = print, progress: bool = True) -> list[dict]:
+    """DPO against the model as it was before training (reference log-probs computed once)."""
+    from tqdm.auto import tqdm
+
+    from pyllm.optim import AdamW, cosine_lr
+
+    model = llm.model
+    if model.quantized:
+        raise ValueError("fine-tuning needs float32 weights: load a GGUF model with dequantize=True")
+    refs = reference_logprobs(model, train)
+    trained = model
+    if cfg.lora_rank:
+        from pyllm.lora import LoRA, LoRAConfig
+
+        model.lora = trained = LoRA(model, LoRAConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha, seed=cfg.seed))
+    opt = AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip)
+    rng = np.random.default_rng(cfg.seed)
+    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+    total = max(1, int(round(cfg.epochs * steps_per_epoch)))
+    records, order = [], rng.permutation(len(train))
+    with tqdm(total=total, desc="dpo", unit="step", disable=not progress) as bar:
+        for step in range(total):
+            if step and step % steps_per_epoch == 0:
+                order = rng.permutation(len(train))
+            start = (step % steps_per_epoch) * cfg.batch_size
+            chunk = order[start:start + cfg.batch_size]
+            model.zero_grad()
+            trained.grads.fill(0.0)
+            stats = [dpo_forward_backward(model, train[i], refs[i], beta, 1.0 / len(chunk)) for i in chunk]
+            opt.step(cosine_lr(step, cfg.lr, cfg.warmup_steps, total, cfg.lr / 10))
+            record = {"step": step + 1, "loss": round(float(np.mean([s["loss"] for s in stats])), 5),
+                      "reward_margin": round(float(np.mean([s["margin"] for s in stats])) * beta, 5),
+                      "accuracy": round(float(np.mean([s["correct"] for s in stats])), 3)}
+            records.append(record)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.2f}")
+            bar.update(1)
+    if out_dir is not None:
+        if model.lora is not None:
+            model.lora.save(Path(out_dir) / "adapter")
+            model.lora.merge_into(model)
+            model.lora = None
+        llm.save(out_dir)
+    return records
+
+
+def arithmetic_preferences(n: int, seed: int = 0) -> list[dict]:
+    """Preference pairs: the right sum or product (chosen) against a near miss (rejected)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for record in arithmetic_examples(n, seed):
+        question, answer = record["messages"][0]["content"], record["messages"][1]["content"]
+        right = int(answer.rstrip(".").split()[-1])
+        wrong = right + int(rng.choice([-10, -2, -1, 1, 2, 10]))
+        out.append({"prompt": question, "chosen": answer, "rejected": answer.replace(f"{right}.", f"{wrong}.")})
+    return out

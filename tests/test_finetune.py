@@ -108,3 +108,66 @@ def test_lora_sft_trains_only_the_adapters_and_saves_merged_and_adapter(tmp_path
     merged = LLM.load(tmp_path / "out").model
     assert not np.array_equal(merged.params, base)          # the adapters were merged in
     assert F.masked_loss(merged, examples[:8]) == pytest.approx(log[-1]["val_loss"], rel=1e-3)
+
+
+def test_dpo_loss_and_gradients_equal_torch(llm):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from pyllm.io.hf import config_to_hf
+
+    model = llm.model
+    pair = F.Pair(F._example({"prompt": "what is 2 plus 2?", "completion": "4."}, llm, 1),
+                  F._example({"prompt": "what is 2 plus 2?", "completion": "5, I think."}, llm, 1), 1)
+    ref, beta = (-3.0, -4.5), 0.5
+    model.zero_grad()
+    stats = F.dpo_forward_backward(model, pair, ref, beta)
+
+    cfg = transformers.GPT2Config(**config_to_hf(model.config))
+    cfg._attn_implementation = "eager"
+    twin = transformers.GPT2LMHeadModel(cfg)
+    twin.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in model.state_dict().items()}, strict=False)
+    twin.tie_weights()
+
+    def logprob(ex):
+        logits = twin(torch.from_numpy(ex.ids[None, :])).logits[0]
+        keep = torch.from_numpy(ex.targets != F.IGNORE)
+        targets = torch.from_numpy(np.where(ex.targets == F.IGNORE, 0, ex.targets))
+        return torch.log_softmax(logits, -1).gather(1, targets[:, None])[:, 0][keep].sum()
+
+    z = beta * ((logprob(pair.chosen) - ref[0]) - (logprob(pair.rejected) - ref[1]))
+    loss = -torch.nn.functional.logsigmoid(z)
+    loss.backward()
+    assert stats["loss"] == pytest.approx(loss.item(), rel=1e-5)
+    params = dict(twin.named_parameters())
+    for name, grad in model.named_grads().items():
+        theirs = params[name].grad.numpy()
+        assert np.abs(grad - theirs).max() <= 1e-4 * max(np.abs(theirs).max(), 1e-6), name
+
+
+def test_dpo_shifts_preferences(tmp_path):
+    records = F.arithmetic_preferences(40, seed=5)
+    texts = [f"User: {r['prompt']}\nAssistant: {r['chosen']}\n{r['rejected']}\n" for r in records]
+    tok = Tokenizer.train(texts, 400, special_tokens=["<|endoftext|>"], progress=False)
+    model = Model(ModelConfig(vocab_size=tok.vocab_size, block_size=48, n_layer=2, n_head=2, n_embd=32), seed=0)
+    llm = LLM(model, tok)
+    path = tmp_path / "prefs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    pairs = F.read_pairs(path, llm)
+    before = F.preference_accuracy(model, pairs)
+    log = F.dpo(llm, pairs, F.SFTConfig(epochs=6, batch_size=8, lr=3e-3), beta=0.5, progress=False)
+    assert F.preference_accuracy(model, pairs) > max(before, 0.75)
+    assert log[-1]["loss"] < log[0]["loss"]
+    path.write_text(json.dumps({"prompt": "x", "chosen": "y"}) + "\n")
+    with pytest.raises(F.DataError, match=r"prefs.jsonl:1: .*rejected"):
+        F.read_pairs(path, llm)
+
+
+def test_cli_finetune_dpo(tmp_path, llm, capsys):
+    folder = tmp_path / "base"
+    llm.save(folder)
+    rc = cli(["finetune", "dpo", "--model", str(folder), "--data", str(tmp_path / "p.jsonl"), "--example", "20",
+              "--out", str(tmp_path / "tuned"), "--no-progress", "--lr", "1e-3"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "preference accuracy before" in out and "reward margin" in out
+    assert (tmp_path / "tuned" / "model.safetensors").exists()
