@@ -1,10 +1,11 @@
-"""Supervised fine-tuning (SFT): teach a model to answer like the examples.
+"""Fine-tuning: supervised (SFT) and preference tuning (DPO), of all weights or of LoRA adapters.
 
-Examples are JSONL lines of chat `messages` (system/user/assistant) or `prompt`/`completion`
+SFT examples are JSONL lines of chat `messages` (system/user/assistant) or `prompt`/`completion`
 pairs. Each is formatted with the model's chat template, and only the assistant's tokens are
 trained on: every other position's target is -100, which the loss ignores. Examples are padded
-into batches (padding ignored too). This first version fine-tunes every parameter of a float32
-model; LoRA adapters and preference tuning (DPO) come next (see the project's issues).
+into batches (padding ignored too). DPO pairs are `prompt`/`chosen`/`rejected` lines, trained
+against the model's own log-probabilities from before training. Float32 models only (a GGUF
+model is expanded first); adapters live in pyllm.lora.
 """
 
 from __future__ import annotations
