@@ -8,12 +8,12 @@ Run as a script for the memory probe: python benchmarks/bench_lora.py {pyllm|pef
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
 
 import numpy as np
+
+import memory_probe
 
 THREADS = int(os.environ.get("PYLLM_BENCH_THREADS", "2"))
 B, T, RANK = 4, 128, 16
@@ -80,11 +80,8 @@ def peft_step():
     return step
 
 
-def peak_memory_mb(impl: str) -> float:
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), impl], check=True, capture_output=True,
-                         text=True, cwd=os.path.dirname(os.path.abspath(__file__)),
-                         env=dict(os.environ, OMP_NUM_THREADS=str(THREADS)))
-    return json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
+def peak_memory_mb(*args: str) -> float:
+    return memory_probe.peak_memory_mb(__file__, *args, threads=THREADS)
 
 
 try:
@@ -108,6 +105,4 @@ if __name__ == "__main__":
     step = pyllm_step() if sys.argv[1] == "pyllm" else peft_step()
     step()
     step()
-    with open("/proc/self/status") as status:
-        peak_kb = next(int(line.split()[1]) for line in status if line.startswith("VmHWM"))
-    print(json.dumps({"peak_mb": peak_kb / 1024}))
+    memory_probe.report()

@@ -9,12 +9,12 @@ are skipped. Run as a script for the memory probe: python benchmarks/bench_smoll
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
 
 import numpy as np
+
+import memory_probe
 
 THREADS = int(os.environ.get("PYLLM_BENCH_THREADS", "2"))
 PROMPT, DECODE = 500, 200
@@ -82,11 +82,8 @@ def load(impl: str):
     return Tokenizer.from_gguf(_path()), prefill, decode
 
 
-def peak_memory_mb(impl: str) -> float:
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), impl], check=True, capture_output=True,
-                         text=True, cwd=os.path.dirname(os.path.abspath(__file__)),
-                         env=dict(os.environ, OMP_NUM_THREADS=str(THREADS)))
-    return json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
+def peak_memory_mb(*args: str) -> float:
+    return memory_probe.peak_memory_mb(__file__, *args, threads=THREADS)
 
 
 try:
@@ -119,6 +116,4 @@ if pytest is not None:
 if __name__ == "__main__":
     tokenizer, prefill, decode = load(sys.argv[1])
     decode(prefill(_prompt_ids(tokenizer)[:64]), 16)
-    with open("/proc/self/status") as status:
-        peak_kb = next(int(line.split()[1]) for line in status if line.startswith("VmHWM"))
-    print(json.dumps({"peak_mb": peak_kb / 1024}))
+    memory_probe.report()

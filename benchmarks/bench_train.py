@@ -11,13 +11,12 @@ Run as a script for the memory probe: python benchmarks/bench_train.py {pyllm|to
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
-import time
 
 import numpy as np
+
+import memory_probe
 
 # name -> (n_layer, n_head, n_embd, block_size, batch, vocab)
 SHAPES = {
@@ -120,12 +119,8 @@ def torch_step(shape: str):
     return step
 
 
-def peak_memory_mb(impl: str, shape: str) -> float:
-    """Peak RSS of a fresh process that builds `impl`'s model and runs two steps."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(THREADS))
-    out = subprocess.run([sys.executable, __file__, impl, shape], check=True, capture_output=True, text=True,
-                         env=env, cwd=os.path.dirname(os.path.abspath(__file__)))
-    return json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
+def peak_memory_mb(*args: str) -> float:
+    return memory_probe.peak_memory_mb(__file__, *args, threads=THREADS)
 
 
 try:
@@ -152,11 +147,6 @@ if pytest is not None:
 if __name__ == "__main__":
     impl, shape = sys.argv[1], sys.argv[2]
     step = pyllm_step(shape) if impl == "pyllm" else torch_step(shape)
-    t0 = time.perf_counter()
     for _ in range(2):
         step()
-    # VmHWM, this process image's peak: ru_maxrss would count the forked parent's pages too.
-    with open("/proc/self/status") as status:
-        peak_kb = next(int(line.split()[1]) for line in status if line.startswith("VmHWM"))
-    print(json.dumps({"peak_mb": peak_kb / 1024,
-                      "step_s": (time.perf_counter() - t0) / 2}))
+    memory_probe.report()

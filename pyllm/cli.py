@@ -171,17 +171,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_finetune_sft(args: argparse.Namespace) -> int:
-    import json
-    from pathlib import Path
-
     from pyllm import finetune
 
     if args.example:
-        path = Path(args.data)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in finetune.arithmetic_examples(args.example, seed=args.seed))
-        print(f"wrote {args.example} arithmetic examples to {path}")
+        finetune.write_jsonl(args.data, finetune.arithmetic_examples(args.example, seed=args.seed))
+        print(f"wrote {args.example} arithmetic examples to {args.data}")
     llm = _finetune_llm(args.model)
     examples = finetune.read_examples(args.data, llm, skip_bad=args.skip_bad)
     cfg = finetune.SFTConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
@@ -211,23 +205,14 @@ def _finetune_llm(model_arg):
 
 
 def _cmd_finetune_dpo(args: argparse.Namespace) -> int:
-    import json
-    from pathlib import Path
-
     from pyllm import finetune
 
     if args.example:
-        path = Path(args.data)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in finetune.arithmetic_preferences(args.example, seed=args.seed))
-        print(f"wrote {args.example} arithmetic preference pairs to {path}")
+        finetune.write_jsonl(args.data, finetune.arithmetic_preferences(args.example, seed=args.seed))
+        print(f"wrote {args.example} arithmetic preference pairs to {args.data}")
     llm = _finetune_llm(args.model)
     pairs = finetune.read_pairs(args.data, llm, skip_bad=args.skip_bad)
-    rng = __import__("numpy").random.default_rng(args.seed)
-    order = rng.permutation(len(pairs))
-    n_val = len(pairs) // 10 if len(pairs) >= 10 else 0
-    val, train = [pairs[i] for i in order[:n_val]], [pairs[i] for i in order[n_val:]]
+    train, val = finetune.split(pairs, 0.1, args.seed)
     if val:
         print(f"held-out preference accuracy before: {finetune.preference_accuracy(llm.model, val):.1%}")
     cfg = finetune.SFTConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,

@@ -152,15 +152,8 @@ def sft(llm, train: list[Example], val: list[Example], cfg: SFTConfig, out_dir=N
     from pyllm.optim import AdamW, cosine_lr
 
     model = llm.model
-    if model.quantized:
-        raise ValueError("fine-tuning needs float32 weights: load a GGUF model with dequantize=True")
     rng = np.random.default_rng(cfg.seed)
-    trained = model
-    if cfg.lora_rank:
-        from pyllm.lora import LoRA, LoRAConfig
-
-        model.lora = trained = LoRA(model, LoRAConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha, seed=cfg.seed))
-        say(f"LoRA rank {cfg.lora_rank}: {trained.num_params:,} trained parameters, the base frozen")
+    trained = _trained_parameters(model, cfg, say)
     opt = AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip)
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     total = max(1, int(round(cfg.epochs * steps_per_epoch)))
@@ -187,14 +180,41 @@ def sft(llm, train: list[Example], val: list[Example], cfg: SFTConfig, out_dir=N
             bar.set_postfix(loss=f"{loss:.3f}")
             bar.update(1)
     if out_dir is not None:
-        if model.lora is not None:   # the adapter on its own (peft's format), then merged
-            model.lora.save(Path(out_dir) / "adapter")
-            model.lora.merge_into(model)
-            model.lora = None
-        llm.save(out_dir)
-        with open(Path(out_dir) / "finetune_log.jsonl", "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records)
+        _save(llm, out_dir, records)
     return records
+
+
+def _trained_parameters(model, cfg: SFTConfig, say: Callable[[str], None]):
+    """What the optimizer updates: the model itself, or LoRA adapters attached to its frozen base."""
+    if model.quantized:
+        raise ValueError("fine-tuning needs float32 weights: load a GGUF model with dequantize=True")
+    if not cfg.lora_rank:
+        return model
+    from pyllm.lora import LoRA, LoRAConfig
+
+    model.lora = LoRA(model, LoRAConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha, seed=cfg.seed))
+    say(f"LoRA rank {cfg.lora_rank}: {model.lora.num_params:,} trained parameters, the base frozen")
+    return model.lora
+
+
+def _save(llm, out_dir, records: list[dict]) -> None:
+    """The model folder (adapters merged in) and the log; adapters also on their own, in peft's format."""
+    model = llm.model
+    if model.lora is not None:
+        model.lora.save(Path(out_dir) / "adapter")
+        model.lora.merge_into(model)
+        model.lora = None
+    llm.save(out_dir)
+    write_jsonl(Path(out_dir) / "finetune_log.jsonl", records)
+
+
+def write_jsonl(path, records) -> None:
+    """One JSON object per line, written atomically."""
+    from pyllm.io.atomic import write_text
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
 def split(examples: list[Example], val_fraction: float, seed: int = 0) -> tuple[list[Example], list[Example]]:
@@ -319,11 +339,7 @@ def dpo(llm, train: list[Pair], cfg: SFTConfig, beta: float = 0.1, out_dir=None,
     if model.quantized:
         raise ValueError("fine-tuning needs float32 weights: load a GGUF model with dequantize=True")
     refs = reference_logprobs(model, train)
-    trained = model
-    if cfg.lora_rank:
-        from pyllm.lora import LoRA, LoRAConfig
-
-        model.lora = trained = LoRA(model, LoRAConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha, seed=cfg.seed))
+    trained = _trained_parameters(model, cfg, say)
     opt = AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip)
     rng = np.random.default_rng(cfg.seed)
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
@@ -346,11 +362,7 @@ def dpo(llm, train: list[Pair], cfg: SFTConfig, beta: float = 0.1, out_dir=None,
             bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.2f}")
             bar.update(1)
     if out_dir is not None:
-        if model.lora is not None:
-            model.lora.save(Path(out_dir) / "adapter")
-            model.lora.merge_into(model)
-            model.lora = None
-        llm.save(out_dir)
+        _save(llm, out_dir, records)
     return records
 
 

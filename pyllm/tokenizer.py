@@ -18,6 +18,8 @@ from typing import Callable, Collection, Iterable, Literal, Sequence, Union
 
 import numpy as np
 
+from pyllm.io.atomic import write_text
+
 # The split patterns live with the pre-tokenizer (the built-in ones run in C++); re-exported here.
 from pyllm.pretokenize import BUILTIN, GPT2_PATTERN, GPT4_PATTERN, PATTERNS, PIPELINES  # noqa: F401
 from pyllm.pretokenize import split_reference
@@ -320,7 +322,7 @@ class Tokenizer:
             doc = self._hf_document()
         else:
             raise ValueError(f"format must be 'pyllm' or 'hf', got {format!r}")
-        _atomic_write_text(Path(path), json.dumps(doc, ensure_ascii=False))
+        write_text(Path(path), json.dumps(doc, ensure_ascii=False))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Tokenizer":
@@ -516,16 +518,3 @@ def _progress_reporter(progress, total: int):
         if done >= total:
             bar.close()
     return report
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
