@@ -253,7 +253,10 @@ def forward_step(model: "Model", ids: np.ndarray, cache: "KVCache", rows: slice)
     att, lse = np.empty((B, NH, Tq, HS), np.float32), np.empty((B, NH, Tq), np.float32)
     atty = np.empty((N, NH * HS), np.float32)
     gate, up = np.empty((N, F), np.float32), np.empty((N, F), np.float32)
-    tables = [(np.ascontiguousarray(cos_all[n:n + Tq]), np.ascontiguousarray(sin_all[n:n + Tq])) for n in lengths]
+    same_length = bool((lengths == lengths[0]).all())   # the usual case: one row, or a batch in step
+    start = int(lengths[0])
+    tables = [(np.ascontiguousarray(cos_all[n:n + Tq]), np.ascontiguousarray(sin_all[n:n + Tq]))
+              for n in (lengths[:1] if same_length else lengths)]
     batch_index = np.arange(B)[:, None]
     for i in range(cfg.n_layer):
         h = f"model.layers.{i}."
@@ -264,12 +267,19 @@ def forward_step(model: "Model", ids: np.ndarray, cache: "KVCache", rows: slice)
             for name, cols in (("q", slice(0, nq)), ("k", slice(nq, nq + nkv)), ("v", slice(nq + nkv, QKV))):
                 model.lora.forward(qkv, ln, h + f"self_attn.{name}_proj.weight", cols)
         _split_heads(qkv, B, Tq, cfg, q0, k0, v)
-        for b, (cos, sin) in enumerate(tables):
-            _C.rope_forward(q[b], q0[b], cos, sin, NH, Tq, HS)
-            _C.rope_forward(k[b], k0[b], cos, sin, NKV, Tq, HS)
         k_cache, v_cache = cache.k[i][rows], cache.v[i][rows]
-        k_cache[batch_index, :, positions] = k.transpose(0, 2, 1, 3)
-        v_cache[batch_index, :, positions] = v.transpose(0, 2, 1, 3)
+        if same_length:
+            cos, sin = tables[0]
+            _C.rope_forward(q, q0, cos, sin, B * NH, Tq, HS)
+            _C.rope_forward(k, k0, cos, sin, B * NKV, Tq, HS)
+            k_cache[:, :, start:start + Tq] = k
+            v_cache[:, :, start:start + Tq] = v
+        else:
+            for b, (cos, sin) in enumerate(tables):
+                _C.rope_forward(q[b], q0[b], cos, sin, NH, Tq, HS)
+                _C.rope_forward(k[b], k0[b], cos, sin, NKV, Tq, HS)
+            k_cache[batch_index, :, positions] = k.transpose(0, 2, 1, 3)
+            v_cache[batch_index, :, positions] = v.transpose(0, 2, 1, 3)
         _C.attention_forward(att, lse, q, k_cache, v_cache, B, NH, NKV, Tq, Tk, HS, True, cache.capacity,
                              new_lengths)
         np.copyto(atty.reshape(B, Tq, NH, HS), att.transpose(0, 2, 1, 3))

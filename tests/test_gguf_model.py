@@ -134,14 +134,16 @@ def test_alias_resolves_to_the_default_model(smollm2_path, monkeypatch):
 @pytest.mark.parametrize("ggml_type", [G.Q8_0, G.Q4_0, G.Q4_1])
 @pytest.mark.parametrize("N,K,M", [(1, 32, 1), (3, 64, 1), (7, 96, 4), (5, 32, 9), (130, 576, 2), (50, 576, 37),
                                    (17, 160, 3)])
-def test_quantized_matmul_equals_its_dequantizing_twin(ggml_type, N, K, M):
+@pytest.mark.parametrize("int8", [False, True], ids=["float-activations", "int8-activations"])
+def test_quantized_matmul_equals_its_dequantizing_twin(ggml_type, N, K, M, int8):
     from pyllm import kernels as K_
     from pyllm import reference as R
 
     raw, _ = _blocks(ggml_type, values_per_row=K, rows=N, seed=N + K)
     a = (np.random.default_rng(M).standard_normal((M, K)) * 10).astype(np.float32)
     np.testing.assert_array_equal(K_.dequantize(raw, ggml_type, (N, K)), R.dequantize(raw, ggml_type, (N, K)))
-    ours, theirs = K_.matmul_quant(a, raw, ggml_type, (N, K)), R.matmul_quant(a, raw, ggml_type, (N, K))
+    ours = K_.matmul_quant(a, raw, ggml_type, (N, K), int8_activations=int8)
+    theirs = R.matmul_quant(a, raw, ggml_type, (N, K), int8_activations=int8)
     assert np.abs(ours - theirs).max() <= 1e-5 * max(1.0, np.abs(theirs).max())
 
 

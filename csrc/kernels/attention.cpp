@@ -67,10 +67,43 @@ void score_gradients(float* dP, const float* P, const float* D, int64_t nq, int6
 // arithmetic.
 constexpr int64_t kFewQueries = 2;
 
+// Decoding reads the whole KV cache from memory once per step; the hardware prefetcher alone
+// leaves the loads waiting, so keys and values a few rows ahead are requested explicitly (a
+// prefetch past the end of the cache is harmless: it never faults).
+constexpr int64_t kPrefetchKeys = 8;
+
+inline void prefetch_rows(const float* p, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) __builtin_prefetch(p + i, 0, 3);
+}
+
 void few_query_scores(float* S, const float* q, const float* k, int64_t nq, int64_t nk, int64_t HS) {
-  for (int64_t r = 0; r < nq; ++r)
-    for (int64_t j = 0; j < nk; ++j) {
-      const float* x = q + r * HS;
+  for (int64_t r = 0; r < nq; ++r) {
+    const float* x = q + r * HS;
+    int64_t j = 0;
+    for (; j + 4 <= nk; j += 4) {   // four keys at a time: four independent sums in flight
+      const float* y = k + j * HS;
+      prefetch_rows(y + kPrefetchKeys * HS, 4 * HS);
+      vf a0 = splat(0.f), a1 = a0, a2 = a0, a3 = a0;
+      int64_t d = 0;
+      for (; d + W <= HS; d += W) {
+        const vf xv = load(x + d);
+        a0 += xv * load(y + d);
+        a1 += xv * load(y + HS + d);
+        a2 += xv * load(y + 2 * HS + d);
+        a3 += xv * load(y + 3 * HS + d);
+      }
+      if (d < HS) {
+        const int64_t w = HS - d;
+        const vf xv = load_partial(x + d, w);
+        a0 += xv * load_partial(y + d, w);
+        a1 += xv * load_partial(y + HS + d, w);
+        a2 += xv * load_partial(y + 2 * HS + d, w);
+        a3 += xv * load_partial(y + 3 * HS + d, w);
+      }
+      float* out = S + r * BK + j;
+      out[0] = hsum(a0), out[1] = hsum(a1), out[2] = hsum(a2), out[3] = hsum(a3);
+    }
+    for (; j < nk; ++j) {
       const float* y = k + j * HS;
       vf acc = splat(0.f);
       int64_t d = 0;
@@ -78,15 +111,30 @@ void few_query_scores(float* S, const float* q, const float* k, int64_t nq, int6
       if (d < HS) acc += load_partial(x + d, HS - d) * load_partial(y + d, HS - d);
       S[r * BK + j] = hsum(acc);
     }
+  }
 }
 
+// O (nq x HS) += P V: key by key, up to kSpan vectors of a row of O held in registers at once, so
+// the sums are independent (not one chain through every key).
 void few_query_values(float* O, const float* P, const float* v, int64_t nq, int64_t nk, int64_t HS) {
+  constexpr int64_t kSpan = 8;
   for (int64_t r = 0; r < nq; ++r)
-    for (int64_t d = 0; d < HS; d += W) {
-      const int64_t w = imin(W, HS - d);
-      vf acc = load_partial(O + r * HS + d, w);
-      for (int64_t j = 0; j < nk; ++j) acc += splat(P[r * BK + j]) * load_partial(v + j * HS + d, w);
-      store_partial(O + r * HS + d, acc, w);
+    for (int64_t d0 = 0; d0 < HS; d0 += kSpan * W) {
+      const int64_t width = imin(kSpan * W, HS - d0);
+      const int64_t full = width / W, tail = width % W;
+      vf acc[kSpan + 1];
+      float* o = O + r * HS + d0;
+      for (int64_t c = 0; c < full; ++c) acc[c] = load(o + c * W);
+      if (tail) acc[full] = load_partial(o + full * W, tail);
+      for (int64_t j = 0; j < nk; ++j) {
+        const vf p = splat(P[r * BK + j]);
+        const float* vj = v + j * HS + d0;
+        prefetch_rows(vj + kPrefetchKeys * HS, width);
+        for (int64_t c = 0; c < full; ++c) acc[c] += p * load(vj + c * W);
+        if (tail) acc[full] += p * load_partial(vj + full * W, tail);
+      }
+      for (int64_t c = 0; c < full; ++c) store(o + c * W, acc[c]);
+      if (tail) store_partial(o + full * W, acc[full], tail);
     }
 }
 

@@ -136,11 +136,12 @@ void dequantize_rows(float* out, const uint8_t* w, int type, int64_t rows, int64
 namespace {
 
 // One block of activations quantized as llama.cpp's Q8_0/Q8_1 do: d = max|x| / 127 (stored as
-// float16), q = x / d rounded to the nearest integer (ties to even), and the sum of the q.
+// float16), q = x / d rounded to the nearest integer (ties to even), and d times the sum of the q
+// (what Q4_0's zero point and Q4_1's minimum multiply).
 struct ActBlock {
   alignas(32) int8_t q[QK];
   float d;
-  int32_t sum;
+  float dsum;
 };
 
 inline float round_to_half(float x) { return float(_Float16(x)); }
@@ -155,12 +156,13 @@ void quantize_activations(ActBlock* out, const float* a, int64_t M, int64_t K) {
       ActBlock& blk = out[i * nb + b];
       blk.d = round_to_half(amax / 127.f);
       const float inv = blk.d != 0.f ? 1.f / blk.d : 0.f;
-      blk.sum = 0;
+      int32_t sum = 0;
       for (int t = 0; t < QK; ++t) {
         const int v = int(std::nearbyint(x[t] * inv));
         blk.q[t] = int8_t(v < -127 ? -127 : v > 127 ? 127 : v);
-        blk.sum += blk.q[t];
+        sum += blk.q[t];
       }
+      blk.dsum = blk.d * float(sum);
     }
 }
 
@@ -174,16 +176,23 @@ void fake_quantize_activations(float* out, const float* a, int64_t M, int64_t K)
     }
 }
 
+// The weight block's scale and (Q4_1) minimum.
+template <int Type>
+inline void block_scales(const uint8_t* blk, float& d, float& m) {
+  d = half_to_float(blk);
+  m = Type == kQ4_1 ? half_to_float(blk + 2) : 0.f;
+}
+
 #if defined(__AVX2__)
 // Eight partial sums (int32 lanes) of (raw quantized weight) * (quantized activation) over a block.
-inline __m256i block_idot8(const uint8_t* blk, int type, const int8_t* xq) {
-  const __m256i x = _mm256_load_si256(reinterpret_cast<const __m256i*>(xq));
+template <int Type>
+inline __m256i block_idot8(const uint8_t* blk, __m256i x) {
   __m256i products;
-  if (type == kQ8_0) {   // signed x signed: |w| times x with w's sign, as maddubs needs one unsigned side
+  if (Type == kQ8_0) {   // signed x signed: |w| times x with w's sign, as maddubs needs one unsigned side
     const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
     products = _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(x, wv));
   } else {
-    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + (type == kQ4_1 ? 4 : 2)));
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + (Type == kQ4_1 ? 4 : 2)));
     const __m128i mask = _mm_set1_epi8(0x0F);
     const __m256i wv = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bytes, 4), mask), _mm_and_si128(bytes, mask));
     products = _mm256_maddubs_epi16(wv, x);    // nibbles 0..15 are unsigned
@@ -199,58 +208,101 @@ inline float hsum256(__m256 v) {
 }
 #else
 // The sum over a block of (raw quantized weight) * (quantized activation), as an integer.
-inline int32_t block_idot(const uint8_t* blk, int type, const int8_t* xq) {
+template <int Type>
+inline int32_t block_idot(const uint8_t* blk, const int8_t* xq) {
   int32_t s = 0;
-  if (type == kQ8_0) {
+  if (Type == kQ8_0) {
     const int8_t* v = reinterpret_cast<const int8_t*>(blk + 2);
     for (int t = 0; t < QK; ++t) s += int32_t(v[t]) * xq[t];
   } else {
-    const uint8_t* packed = blk + (type == kQ4_1 ? 4 : 2);
+    const uint8_t* packed = blk + (Type == kQ4_1 ? 4 : 2);
     for (int t = 0; t < QK / 2; ++t) s += int32_t(packed[t] & 0x0F) * xq[t] + int32_t(packed[t] >> 4) * xq[t + QK / 2];
   }
   return s;
 }
 #endif
 
+// out[r] for R consecutive weight rows against one row of quantized activations: each
+// activation block is loaded once for the R rows, which also gives R independent sums.
+template <int Type, int R>
+inline void rows_dot(float* out, const uint8_t* rows, int64_t row_bytes, const ActBlock* x,
+                     int64_t nb) {
+  constexpr int64_t bb = Type == kQ8_0 ? 2 + QK : Type == kQ4_0 ? 2 + QK / 2 : 4 + QK / 2;
+  float extra[R];   // Q4_0's zero point and Q4_1's minimum, through the activation block sums
+#if defined(__AVX2__)
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps(), extra[r] = 0.f;
+  for (int64_t b = 0; b < nb; ++b) {
+    const __m256i xq = _mm256_load_si256(reinterpret_cast<const __m256i*>(x[b].q));
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* blk = rows + r * row_bytes + b * bb;
+      float dw, mw;
+      block_scales<Type>(blk, dw, mw);
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_idot8<Type>(blk, xq)), _mm256_set1_ps(dw * x[b].d), acc[r]);
+      if (Type == kQ4_0) extra[r] -= 8.f * dw * x[b].dsum;
+      if (Type == kQ4_1) extra[r] += mw * x[b].dsum;
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r] = hsum256(acc[r]) + extra[r];
+#else
+  float acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = 0.f, extra[r] = 0.f;
+  for (int64_t b = 0; b < nb; ++b)
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* blk = rows + r * row_bytes + b * bb;
+      float dw, mw;
+      block_scales<Type>(blk, dw, mw);
+      acc[r] += dw * x[b].d * float(block_idot<Type>(blk, x[b].q));
+      if (Type == kQ4_0) extra[r] -= 8.f * dw * x[b].dsum;
+      if (Type == kQ4_1) extra[r] += mw * x[b].dsum;
+    }
+  for (int r = 0; r < R; ++r) out[r] = acc[r] + extra[r];
+#endif
+}
+
 thread_local std::vector<ActBlock> act_blocks;
 thread_local ThreadBuffer fake_quantized;
 
-void matmul_quant_int8(float* out, const float* a, const uint8_t* w, int type, int64_t M, int64_t K,
-                       int64_t N) {
-  const int64_t nb = K / QK, bb = block_bytes(type);
-  act_blocks.resize(size_t(M * nb));
-  ActBlock* xs = act_blocks.data();
-  quantize_activations(xs, a, M, K);
-  parallel_for(N, imax(1, 8192 / imax(1, K)), [&](int64_t j0, int64_t j1) {
-    for (int64_t j = j0; j < j1; ++j) {
-      const uint8_t* row = w + j * nb * bb;
+template <int Type>
+void matmul_quant_int8_typed(float* out, const ActBlock* xs, const uint8_t* w, int64_t M, int64_t K, int64_t N) {
+  constexpr int R = Type == kQ8_0 ? 1 : 4;
+  const int64_t nb = K / QK, row_bytes = nb * block_bytes(Type);
+  // Prefetch distance: about 2 KB of weights ahead, in whole groups.
+  const int64_t ahead = (2048 + R * row_bytes - 1) / (R * row_bytes);
+  // Work items are groups of R weight rows.
+  const int64_t groups = (N + R - 1) / R;
+  parallel_for(groups, imax(1, 32768 / (R * row_bytes)), [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t j = g * R;
+      const uint8_t* rows = w + j * row_bytes;
+      // The next groups' rows, requested now: decode streams the weights from memory once per
+      // token, and the hardware prefetcher alone leaves the loads waiting.
+      if (g + ahead < g1) {
+        const uint8_t* next = rows + ahead * R * row_bytes;
+        for (int64_t off = 0; off < R * row_bytes; off += 64) __builtin_prefetch(next + off, 0, 3);
+      }
       for (int64_t i = 0; i < M; ++i) {
-        const ActBlock* x = xs + i * nb;
-        float extra = 0.f;   // Q4_0's zero point and Q4_1's minimum, through the block sums
-#if defined(__AVX2__)
-        __m256 acc = _mm256_setzero_ps();
-#else
-        float acc = 0.f;
-#endif
-        for (int64_t b = 0; b < nb; ++b) {
-          const uint8_t* blk = row + b * bb;
-          const float dw = half_to_float(blk), dd = dw * x[b].d;
-          if (type == kQ4_0) extra -= 8.f * dd * float(x[b].sum);
-          if (type == kQ4_1) extra += half_to_float(blk + 2) * x[b].d * float(x[b].sum);
-#if defined(__AVX2__)
-          acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_idot8(blk, type, x[b].q)), _mm256_set1_ps(dd), acc);
-#else
-          acc += dd * float(block_idot(blk, type, x[b].q));
-#endif
+        if (j + R <= N) {
+          rows_dot<Type, R>(out + i * N + j, rows, row_bytes, xs + i * nb, nb);
+        } else {
+          for (int64_t jj = j; jj < N; ++jj)
+            rows_dot<Type, 1>(out + i * N + jj, w + jj * row_bytes, row_bytes, xs + i * nb, nb);
         }
-#if defined(__AVX2__)
-        out[i * N + j] = hsum256(acc) + extra;
-#else
-        out[i * N + j] = acc + extra;
-#endif
       }
     }
   });
+}
+
+void matmul_quant_int8(float* out, const float* a, const uint8_t* w, int type, int64_t M, int64_t K,
+                       int64_t N) {
+  act_blocks.resize(size_t(M * (K / QK)));
+  ActBlock* xs = act_blocks.data();
+  quantize_activations(xs, a, M, K);
+  switch (type) {
+    case kQ8_0: return matmul_quant_int8_typed<kQ8_0>(out, xs, w, M, K, N);
+    case kQ4_0: return matmul_quant_int8_typed<kQ4_0>(out, xs, w, M, K, N);
+    case kQ4_1: return matmul_quant_int8_typed<kQ4_1>(out, xs, w, M, K, N);
+  }
 }
 
 void matmul_quant_float(float* out, const float* a, const uint8_t* w, int type, int64_t M, int64_t K,
