@@ -176,32 +176,45 @@ def _cmd_finetune_sft(args: argparse.Namespace) -> int:
     if args.example:
         finetune.write_jsonl(args.data, finetune.arithmetic_examples(args.example, seed=args.seed))
         print(f"wrote {args.example} arithmetic examples to {args.data}")
-    llm = _finetune_llm(args.model)
+    llm = _finetune_llm(args.model, args.lora_rank)
     examples = finetune.read_examples(args.data, llm, skip_bad=args.skip_bad)
-    cfg = finetune.SFTConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                             lora_rank=args.lora_rank)
+    cfg = _finetune_config(args)
     train, val = finetune.split(examples, cfg.val_fraction, cfg.seed)
     print(f"{len(train)} training and {len(val)} validation examples; {llm.model}")
-    if val:
+    if val and not args.resume:
         print(f"validation loss before: {finetune.masked_loss(llm.model, val):.4f}")
-    records = finetune.sft(llm, train, val, cfg, out_dir=args.out, progress=not args.no_progress)
+    try:
+        records = finetune.sft(llm, train, val, cfg, out_dir=args.out, progress=not args.no_progress)
+    except finetune.FinetuneInterrupted as exc:
+        print(f"\npyllm finetune: {exc}", file=sys.stderr)
+        return 130
     if val:
         print(f"validation loss after: {records[-1]['val_loss']:.4f}")
     print(f"fine-tuned model in {args.out} (pyllm chat --model {args.out})")
     return 0
 
 
-def _finetune_llm(model_arg):
+def _finetune_llm(model_arg, lora_rank: int):
+    """The model to tune: a GGUF file stays quantized under LoRA adapters, else is expanded to
+    float32 (every weight trains)."""
     from pyllm.llm import LLM
     from pyllm.model import resolve_model
 
     source = resolve_model(model_arg or "smollm2-135m-instruct")
-    if source.suffix == ".gguf":
+    if source.suffix == ".gguf" and not lora_rank:
         from pyllm.io.gguf_model import load_gguf
 
-        model, tokenizer, template, eos = load_gguf(source, dequantize=True)   # training needs float32
+        model, tokenizer, template, eos = load_gguf(source, dequantize=True)
         return LLM(model, tokenizer, template, [eos] if eos is not None else None)
     return LLM.load(source)
+
+
+def _finetune_config(args: argparse.Namespace):
+    from pyllm import finetune
+
+    return finetune.SFTConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                              lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                              checkpoint_interval=args.checkpoint_interval, resume=args.resume)
 
 
 def _cmd_finetune_dpo(args: argparse.Namespace) -> int:
@@ -210,14 +223,17 @@ def _cmd_finetune_dpo(args: argparse.Namespace) -> int:
     if args.example:
         finetune.write_jsonl(args.data, finetune.arithmetic_preferences(args.example, seed=args.seed))
         print(f"wrote {args.example} arithmetic preference pairs to {args.data}")
-    llm = _finetune_llm(args.model)
+    llm = _finetune_llm(args.model, args.lora_rank)
     pairs = finetune.read_pairs(args.data, llm, skip_bad=args.skip_bad)
     train, val = finetune.split(pairs, 0.1, args.seed)
-    if val:
+    if val and not args.resume:
         print(f"held-out preference accuracy before: {finetune.preference_accuracy(llm.model, val):.1%}")
-    cfg = finetune.SFTConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                             lora_rank=args.lora_rank)
-    records = finetune.dpo(llm, train, cfg, beta=args.beta, out_dir=args.out, progress=not args.no_progress)
+    try:
+        records = finetune.dpo(llm, train, _finetune_config(args), beta=args.beta, out_dir=args.out,
+                               progress=not args.no_progress)
+    except finetune.FinetuneInterrupted as exc:
+        print(f"\npyllm finetune: {exc}", file=sys.stderr)
+        return 130
     print(f"last step: loss {records[-1]['loss']:.4f}, reward margin {records[-1]['reward_margin']:.4f}, "
           f"accuracy {records[-1]['accuracy']:.2f}")
     if val:
@@ -353,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     finetune = sub.add_parser("finetune", help="fine-tune a model on example conversations")
     fsub = finetune.add_subparsers(dest="finetune_command", metavar="METHOD", required=True)
     sft = fsub.add_parser("sft", help="supervised fine-tuning: learn the assistant turns of JSONL examples",
-                          description="Fine-tunes every parameter on JSONL lines of {'messages': [...]} or "
+                          description="Fine-tunes every parameter (or LoRA adapters) on JSONL lines of {'messages': [...]} or "
                                       "{'prompt', 'completion'}; only the assistant's tokens are learned.")
     sft.add_argument("--model", help="a model folder, a .gguf file, or smollm2-135m-instruct (the default)")
     sft.add_argument("--data", required=True, help="a JSONL file of examples")
@@ -363,8 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     sft.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
     sft.add_argument("--seed", type=int, default=0, help="seed for shuffling and the example data")
     sft.add_argument("--skip-bad", action="store_true", help="leave out bad lines instead of stopping")
-    sft.add_argument("--lora-rank", type=int, default=0,
-                     help="train LoRA adapters of this rank on a frozen base (Llama models); 0: all weights")
+    _add_finetune_flags(sft)
     sft.add_argument("--example", type=int, metavar="N",
                      help="first write N generated arithmetic question/answer examples to --data")
     sft.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -379,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     dpo.add_argument("--epochs", type=float, default=1.0, help="passes over the pairs (default 1)")
     dpo.add_argument("--batch-size", type=int, default=8, help="pairs per step (default 8)")
     dpo.add_argument("--lr", type=float, default=5e-6, help="peak learning rate (default 5e-6)")
-    dpo.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank (0: all weights)")
+    _add_finetune_flags(dpo)
     dpo.add_argument("--seed", type=int, default=0, help="seed for shuffling and the example data")
     dpo.add_argument("--skip-bad", action="store_true", help="leave out bad lines instead of stopping")
     dpo.add_argument("--example", type=int, metavar="N",
@@ -395,6 +410,18 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, OSError, FloatingPointError, RuntimeError) as exc:  # bad input: a message, not a traceback
         print(f"pyllm {args.command}: error: {exc}", file=sys.stderr)
         return 1
+
+
+def _add_finetune_flags(parser) -> None:
+    """What SFT and DPO share: adapters, checkpoints and resume."""
+    parser.add_argument("--lora-rank", type=int, default=0,
+                        help="train LoRA adapters of this rank on a frozen base (Llama models; a GGUF base stays "
+                             "quantized); 0: all weights")
+    parser.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA scale numerator (default 16)")
+    parser.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapters' input (default 0)")
+    parser.add_argument("--checkpoint-interval", type=int, default=50, metavar="STEPS",
+                        help="save a checkpoint in OUT/checkpoint every STEPS steps (default 50); Ctrl-C saves one too")
+    parser.add_argument("--resume", action="store_true", help="go on from the checkpoint in --out")
 
 
 def _add_train_parser(sub) -> None:

@@ -10,6 +10,7 @@ model is expanded first); adapters live in pyllm.lora.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -142,68 +143,217 @@ class SFTConfig:
     seed: int = 0
     lora_rank: int = 0          # > 0: train LoRA adapters of this rank on a frozen base
     lora_alpha: float = 16.0
+    lora_dropout: float = 0.0   # dropout on the adapters' input, while training
+    checkpoint_interval: int = 50   # steps between checkpoints (in out_dir/checkpoint, when saving)
+    resume: bool = False        # go on from out_dir/checkpoint
+
+    def __post_init__(self) -> None:
+        if not self.epochs > 0 or self.batch_size < 1 or self.checkpoint_interval < 1 or not self.lr > 0:
+            raise ValueError("need epochs > 0, lr > 0, batch_size >= 1 and checkpoint_interval >= 1")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"lora_dropout must lie in [0, 1), got {self.lora_dropout}")
+
+
+class FinetuneInterrupted(KeyboardInterrupt):
+    """Ctrl-C: a checkpoint was saved first (go on with resume=True / --resume)."""
 
 
 def sft(llm, train: list[Example], val: list[Example], cfg: SFTConfig, out_dir=None,
         say: Callable[[str], None] = print, progress: bool = True) -> list[dict]:
-    """Fine-tunes llm.model on the examples (all parameters); returns the log records."""
+    """Fine-tunes llm.model on the examples (all parameters, or LoRA adapters); returns the log
+    records. With out_dir: checkpoints there, Ctrl-C saves one, and the result is saved there."""
+
+    def step(chunk: list[int], record: dict) -> float:
+        ids, targets = batch([train[i] for i in chunk])
+        return llm.model.forward_backward(ids, targets)
+
+    def evaluate(record: dict, step: int, total: int) -> None:
+        if val and (step == total or step % max(1, total // 5) == 0):
+            record["val_loss"] = round(masked_loss(llm.model, val), 5)
+
+    tokens = [a for e in train for a in (e.ids, e.targets)]
+    return _loop(llm, len(train), _fingerprint(tokens), cfg, step, evaluate, out_dir, "fine-tuning", {}, say, progress)
+
+
+def _loop(llm, n_items: int, fingerprint: str, cfg: SFTConfig, step_fn, eval_fn, out_dir, desc: str, extra: dict,
+          say: Callable[[str], None], progress: bool) -> list[dict]:
+    """The loop SFT and DPO share: shuffled batches of item indices each epoch, AdamW with warm-up
+    and cosine decay, a progress bar; with out_dir, a checkpoint every cfg.checkpoint_interval steps
+    and on Ctrl-C (then FinetuneInterrupted), resume from it, and the result saved at the end.
+    step_fn(indices, record) adds the batch's gradients, returns its loss and may add to the
+    record; fingerprint identifies the training data; `extra` is state kept in the checkpoint
+    (DPO's reference log-probabilities)."""
     from tqdm.auto import tqdm
 
     from pyllm.optim import AdamW, cosine_lr
+    from pyllm.train import _StopRequest
 
     model = llm.model
-    rng = np.random.default_rng(cfg.seed)
     trained = _trained_parameters(model, cfg, say)
     opt = AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip)
-    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+    steps_per_epoch = math.ceil(n_items / cfg.batch_size)
     total = max(1, int(round(cfg.epochs * steps_per_epoch)))
-    records = []
-    order = rng.permutation(len(train))
+    rng = np.random.default_rng(cfg.seed)
+    order, step, records = rng.permutation(n_items), 0, []
+    checkpoint = Path(out_dir) / "checkpoint" if out_dir is not None else None
+    if cfg.resume:
+        if checkpoint is None:
+            raise ValueError("resume needs the output folder that holds the checkpoint")
+        step, rng, order, records = _load_checkpoint(checkpoint, trained, opt, cfg, fingerprint, extra)
+        say(f"resuming from {checkpoint} at step {step} of {total}")
+    stop = _StopRequest() if checkpoint is not None else None
     start = time.perf_counter()
-    with tqdm(total=total, desc="fine-tuning", unit="step", disable=not progress) as bar:
-        for step in range(total):
-            position = (step % steps_per_epoch) * cfg.batch_size
-            if step and step % steps_per_epoch == 0:
-                order = rng.permutation(len(train))
-            chunk = [train[i] for i in order[position:position + cfg.batch_size]]
-            ids, targets = batch(chunk)
-            model.zero_grad()
-            trained.grads.fill(0.0)
-            loss = model.forward_backward(ids, targets)
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"the loss is {loss} at step {step + 1}")
-            opt.step(cosine_lr(step, cfg.lr, cfg.warmup_steps, total, cfg.lr / 10))
-            record = {"step": step + 1, "loss": round(loss, 5), "time_s": round(time.perf_counter() - start, 2)}
-            if val and (step + 1 == total or (step + 1) % max(1, total // 5) == 0):
-                record["val_loss"] = round(masked_loss(model, val), 5)
-            records.append(record)
-            bar.set_postfix(loss=f"{loss:.3f}")
-            bar.update(1)
+    try:
+        with _exact_products(model), tqdm(total=total, initial=step, desc=desc, unit="step",
+                                          disable=not progress) as bar:
+            while step < total and not (stop and stop.requested):
+                if step and step % steps_per_epoch == 0:
+                    order = rng.permutation(n_items)
+                position = (step % steps_per_epoch) * cfg.batch_size
+                chunk = order[position:position + cfg.batch_size]
+                model.zero_grad()
+                trained.grads.fill(0.0)
+                record: dict = {}
+                if model.lora is not None:   # dropout on, with masks drawn for this step
+                    model.lora.dropout_seed = cfg.seed * 1_000_003 + step
+                try:
+                    loss = step_fn(chunk, record)
+                finally:
+                    if model.lora is not None:
+                        model.lora.dropout_seed = None
+                if not math.isfinite(loss):
+                    raise FloatingPointError(f"the loss is {loss} at step {step + 1}"
+                                             + (f"; the last checkpoint is in {checkpoint}" if checkpoint else ""))
+                opt.step(cosine_lr(step, cfg.lr, cfg.warmup_steps, total, cfg.lr / 10))
+                step += 1
+                record = {"step": step, "loss": round(loss, 5), **record, "time_s": round(time.perf_counter() - start, 2)}
+                eval_fn(record, step, total)
+                records.append(record)
+                bar.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k in ("loss", "accuracy")})
+                bar.update(1)
+                if checkpoint is not None and step % cfg.checkpoint_interval == 0 and step < total:
+                    _save_checkpoint(checkpoint, trained, opt, cfg, step, rng, order, records, fingerprint, extra)
+    finally:
+        if stop:
+            stop.restore()
+    if stop and stop.requested and step < total:
+        _save_checkpoint(checkpoint, trained, opt, cfg, step, rng, order, records, fingerprint, extra)
+        raise FinetuneInterrupted(f"interrupted at step {step} of {total}; saved {checkpoint} "
+                                  f"(go on with --resume)")
     if out_dir is not None:
         _save(llm, out_dir, records)
+        import shutil
+
+        shutil.rmtree(checkpoint, ignore_errors=True)   # the finished run needs no checkpoint
     return records
 
 
+def _fingerprint(data: list[np.ndarray]) -> str:
+    """A hash of the training tokens, so a resumed run can tell that its data changed."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for array in data:
+        h.update(np.ascontiguousarray(array, np.int64).tobytes())
+        h.update(b"|")
+    return h.hexdigest()
+
+
+_RESUME_FREE = ("resume", "checkpoint_interval")   # settings a resumed run may change
+
+
+def _save_checkpoint(folder: Path, trained, opt, cfg: SFTConfig, step: int, rng, order, records, fingerprint,
+                     extra: dict) -> None:
+    """The trained values (the model's or the adapters'), AdamW's moments and everything that
+    decides the next step, written whole into a new folder and swapped in."""
+    import dataclasses
+    import shutil
+
+    from safetensors.numpy import save_file
+
+    from pyllm.io.atomic import replace_folder, write_text
+
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({"params": trained.params, "m": opt.m, "v": opt.v}, str(tmp / "trained.safetensors"))
+    state = {"step": step, "optimizer_step": opt.step_count, "rng": rng.bit_generator.state,
+             "order": [int(i) for i in order], "records": records, "data": fingerprint,
+             "config": dataclasses.asdict(cfg), "extra": extra}
+    write_text(tmp / "state.json", json.dumps(state))
+    replace_folder(tmp, folder)
+
+
+def _load_checkpoint(folder: Path, trained, opt, cfg: SFTConfig, fingerprint: str, extra: dict):
+    from pyllm.io.atomic import latest_folder
+    from pyllm.io.hf import load_state
+
+    found = latest_folder(folder, "state.json")
+    if found is None:
+        raise FileNotFoundError(f"resume: no checkpoint in {folder}")
+    state = json.loads((found / "state.json").read_text())
+    saved = state["config"]
+    changed = [k for k, v in saved.items() if k not in _RESUME_FREE and getattr(cfg, k, v) != v]
+    if changed:
+        raise ValueError(f"resume: the checkpoint was made with other settings: "
+                         + ", ".join(f"{k}={saved[k]!r} (now {getattr(cfg, k)!r})" for k in changed))
+    if state["data"] != fingerprint:
+        raise ValueError("resume: the training data differs from the checkpoint's")
+    arrays = load_state(found / "trained.safetensors")
+    if arrays["params"].shape != trained.params.shape:
+        raise ValueError(f"resume: the checkpoint holds {arrays['params'].size} trained values, "
+                         f"this model {trained.params.size}: not the same model")
+    trained.params[...] = arrays["params"]
+    opt.load_state_dict({"m": arrays["m"], "v": arrays["v"], "step": state["optimizer_step"]})
+    rng = np.random.default_rng()
+    rng.bit_generator.state = state["rng"]
+    changed = [k for k in extra if k in state["extra"] and state["extra"][k] != extra[k]]
+    if changed:
+        raise ValueError(f"resume: the checkpoint was made with {changed[0]}={state['extra'][changed[0]]!r}")
+    extra.update(state["extra"])
+    return int(state["step"]), rng, np.asarray(state["order"], np.int64), state["records"]
+
+
 def _trained_parameters(model, cfg: SFTConfig, say: Callable[[str], None]):
-    """What the optimizer updates: the model itself, or LoRA adapters attached to its frozen base."""
-    if model.quantized:
-        raise ValueError("fine-tuning needs float32 weights: load a GGUF model with dequantize=True")
+    """What the optimizer updates: the model itself, or LoRA adapters attached to its frozen base
+    (which may stay quantized)."""
     if not cfg.lora_rank:
+        if model.quantized:
+            raise ValueError("training every weight needs float32 weights: load the GGUF model with "
+                             "dequantize=True, or train LoRA adapters (lora_rank) on the quantized base")
         return model
     from pyllm.lora import LoRA, LoRAConfig
 
-    model.lora = LoRA(model, LoRAConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha, seed=cfg.seed))
-    say(f"LoRA rank {cfg.lora_rank}: {model.lora.num_params:,} trained parameters, the base frozen")
+    model.lora = LoRA(model, LoRAConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                                        seed=cfg.seed))
+    say(f"LoRA rank {cfg.lora_rank}: {model.lora.num_params:,} trained parameters, the base frozen"
+        + (" and kept quantized" if model.quantized else ""))
     return model.lora
 
 
+@contextlib.contextmanager
+def _exact_products(model):
+    """Training computes products with a quantized base on float activations (not rounded to int8
+    as decoding does), so the gradients are those of the loss being reported."""
+    saved = model.int8_activations
+    model.int8_activations = False
+    try:
+        yield
+    finally:
+        model.int8_activations = saved
+
+
 def _save(llm, out_dir, records: list[dict]) -> None:
-    """The model folder (adapters merged in) and the log; adapters also on their own, in peft's format."""
+    """The model folder (adapters merged in, float32) and the log; adapters also on their own, in
+    peft's format. A quantized base is expanded to float32 for the merge (llm.model becomes it)."""
     model = llm.model
     if model.lora is not None:
-        model.lora.save(Path(out_dir) / "adapter")
-        model.lora.merge_into(model)
+        lora = model.lora
+        lora.save(Path(out_dir) / "adapter")
         model.lora = None
+        if model.quantized:
+            llm.model = model = model.dequantized()
+        lora.merge_into(model)
     llm.save(out_dir)
     write_jsonl(Path(out_dir) / "finetune_log.jsonl", records)
 
@@ -330,40 +480,25 @@ def preference_accuracy(model, pairs: list[Pair]) -> float:
 
 def dpo(llm, train: list[Pair], cfg: SFTConfig, beta: float = 0.1, out_dir=None,
         say: Callable[[str], None] = print, progress: bool = True) -> list[dict]:
-    """DPO against the model as it was before training (reference log-probs computed once)."""
-    from tqdm.auto import tqdm
+    """DPO against the model as it was before training (reference log-probs computed once, and
+    kept in the checkpoints so a resumed run compares with the same reference)."""
+    extra: dict = {"beta": beta}
+    if not cfg.resume:
+        if llm.model.quantized and not cfg.lora_rank:
+            _trained_parameters(llm.model, cfg, say)   # refuses, before the reference pass
+        with _exact_products(llm.model):
+            extra["reference"] = reference_logprobs(llm.model, train)
 
-    from pyllm.optim import AdamW, cosine_lr
+    def step(chunk: list[int], record: dict) -> float:
+        stats = [dpo_forward_backward(llm.model, train[i], extra["reference"][i], beta, 1.0 / len(chunk))
+                 for i in chunk]
+        record["reward_margin"] = round(float(np.mean([s["margin"] for s in stats])) * beta, 5)
+        record["accuracy"] = round(float(np.mean([s["correct"] for s in stats])), 3)
+        return float(np.mean([s["loss"] for s in stats]))
 
-    model = llm.model
-    if model.quantized:
-        raise ValueError("fine-tuning needs float32 weights: load a GGUF model with dequantize=True")
-    refs = reference_logprobs(model, train)
-    trained = _trained_parameters(model, cfg, say)
-    opt = AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip)
-    rng = np.random.default_rng(cfg.seed)
-    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
-    total = max(1, int(round(cfg.epochs * steps_per_epoch)))
-    records, order = [], rng.permutation(len(train))
-    with tqdm(total=total, desc="dpo", unit="step", disable=not progress) as bar:
-        for step in range(total):
-            if step and step % steps_per_epoch == 0:
-                order = rng.permutation(len(train))
-            start = (step % steps_per_epoch) * cfg.batch_size
-            chunk = order[start:start + cfg.batch_size]
-            model.zero_grad()
-            trained.grads.fill(0.0)
-            stats = [dpo_forward_backward(model, train[i], refs[i], beta, 1.0 / len(chunk)) for i in chunk]
-            opt.step(cosine_lr(step, cfg.lr, cfg.warmup_steps, total, cfg.lr / 10))
-            record = {"step": step + 1, "loss": round(float(np.mean([s["loss"] for s in stats])), 5),
-                      "reward_margin": round(float(np.mean([s["margin"] for s in stats])) * beta, 5),
-                      "accuracy": round(float(np.mean([s["correct"] for s in stats])), 3)}
-            records.append(record)
-            bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.2f}")
-            bar.update(1)
-    if out_dir is not None:
-        _save(llm, out_dir, records)
-    return records
+    tokens = [a for p in train for a in (p.chosen.ids, p.chosen.targets, p.rejected.ids, p.rejected.targets)]
+    return _loop(llm, len(train), _fingerprint(tokens), cfg, step, lambda record, step, total: None, out_dir,
+                 "dpo", extra, say, progress)
 
 
 def arithmetic_preferences(n: int, seed: int = 0) -> list[dict]:

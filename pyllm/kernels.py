@@ -36,7 +36,7 @@ __all__ = [
     "rope_tables", "rope", "rope_backward",
     "attention", "attention_forward", "attention_backward", "sample",
     "cross_entropy", "cross_entropy_forward", "cross_entropy_backward",
-    "embedding", "embedding_backward", "adamw", "matmul_quant", "dequantize",
+    "embedding", "embedding_backward", "adamw", "matmul_quant", "matmul_quant_backward", "dequantize",
     "set_num_threads", "get_num_threads", "available_isas", "get_isa", "set_isa",
     "measure_fma_peak",
 ]
@@ -576,6 +576,20 @@ def matmul_quant(a, w, ggml_type: int, shape: tuple[int, int], int8_activations:
     if out.size:
         _C.matmul_quant(out, a, w, int(ggml_type), M, K, N, bool(int8_activations))
     return out
+
+
+def matmul_quant_backward(dout, w, ggml_type: int, shape: tuple[int, int]) -> np.ndarray:
+    """dout (..., N) @ W for W (N, K) = shape in ggml blocks: the input gradient of matmul_quant
+    (the weights stay frozen, so no weight gradient)."""
+    w, N, K = _quant_args(w, ggml_type, shape)
+    dout = _floats(dout, "dout", min_ndim=1)
+    if dout.shape[-1] != N:
+        raise ValueError(f"matmul_quant_backward: dout is {dout.shape} but the weights are {shape} (N, K)")
+    M = dout.size // N if N else 0
+    dx = np.empty(dout.shape[:-1] + (K,), np.float32)
+    if dx.size:
+        _C.matmul_quant_backward(dx, dout, w, int(ggml_type), M, K, N)
+    return dx
 
 
 def dequantize(w, ggml_type: int, shape: tuple[int, int]) -> np.ndarray:

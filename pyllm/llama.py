@@ -8,7 +8,7 @@ concatenation. Model (model.py) calls these for config.arch == "llama".
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
@@ -70,6 +70,23 @@ def linear(model: "Model", out: np.ndarray, a: np.ndarray, name: str, M: int, K:
     else:
         weight = model.p[name]
     _C.matmul_forward(out, a, weight, None, M, K, N, True)
+
+
+def linear_backward(model: "Model", dx: np.ndarray, weight_grad: Optional[np.ndarray], dout: np.ndarray,
+                    a: np.ndarray, name: str, M: int, K: int, N: int) -> None:
+    """dx (M, K) = dout (M, N) @ W and, unless weight_grad is None (a frozen base), weight_grad +=
+    dout^T a, for the forward linear(out, a, name). A quantized weight is always frozen."""
+    quantized = model.quantized.get(name)
+    if quantized is not None:
+        if weight_grad is not None:
+            raise ValueError(f"{name} is kept quantized and cannot be trained (train LoRA adapters on it)")
+        _C.matmul_quant_backward(dx, dout, quantized.data, quantized.ggml_type, M, K, N)
+        return
+    if name.endswith(".self_attn.qkv"):
+        weight = _qkv_weight(model, int(name.split(".")[2]))
+    else:
+        weight = model.p[name]
+    _C.matmul_backward(dx, weight_grad, None, dout, a, weight, M, K, N, True)
 
 
 def embed(model: "Model", out: np.ndarray, ids: np.ndarray) -> None:
@@ -173,7 +190,8 @@ def backward(model: "Model", ids: np.ndarray, dlogits: np.ndarray) -> None:
     N, QKV = B * T, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_size
     cos, sin = (np.ascontiguousarray(t[:T]) for t in _rope_cache(model, T))
     dln = ws.get("dln", (N, C))
-    _C.matmul_backward(dln, None if frozen else model._head_grad(), None, dlogits, ws.get("lnf", (N, C)), model._head(), N, C, V, True)
+    linear_backward(model, dln, None if frozen else model._head_grad(), dlogits, ws.get("lnf", (N, C)),
+                    model._head_name(), N, C, V)
     dx = ws.get("dx", (N, C))
     _C.rmsnorm_backward(dx, g["model.norm.weight"], dln, ws.get(f"x{cfg.n_layer}", (N, C)), p["model.norm.weight"],
                         ws.get("lnfr", (N,)), N, C)
@@ -182,17 +200,15 @@ def backward(model: "Model", ids: np.ndarray, dlogits: np.ndarray) -> None:
         h = f"model.layers.{i}."
         # x_{i+1} = x_mid + swiglu(ln2 Wg^T, ln2 Wu^T) Wd^T
         dact = ws.get("dact", (N, F))
-        _C.matmul_backward(dact, g[h + "mlp.down_proj.weight"], None, dx, ws.get(f"act.{i}", (N, F)),
-                           p[h + "mlp.down_proj.weight"], N, F, C, True)
+        linear_backward(model, dact, g[h + "mlp.down_proj.weight"], dx, ws.get(f"act.{i}", (N, F)),
+                        h + "mlp.down_proj.weight", N, F, C)
         if lora is not None:
             lora.backward(dact, dx, ws.get(f"act.{i}", (N, F)), h + "mlp.down_proj.weight")
         dgate, dup = ws.get("dgate", (N, F)), ws.get("dup", (N, F))
         _C.swiglu_backward(dgate, dup, dact, ws.get(f"gate.{i}", (N, F)), ws.get(f"up.{i}", (N, F)))
         ln2 = ws.get(f"ln2.{i}", (N, C))
-        _C.matmul_backward(dln, g[h + "mlp.gate_proj.weight"], None, dgate, ln2, p[h + "mlp.gate_proj.weight"],
-                           N, C, F, True)
-        _C.matmul_backward(dtmp, g[h + "mlp.up_proj.weight"], None, dup, ln2, p[h + "mlp.up_proj.weight"],
-                           N, C, F, True)
+        linear_backward(model, dln, g[h + "mlp.gate_proj.weight"], dgate, ln2, h + "mlp.gate_proj.weight", N, C, F)
+        linear_backward(model, dtmp, g[h + "mlp.up_proj.weight"], dup, ln2, h + "mlp.up_proj.weight", N, C, F)
         if lora is not None:
             lora.backward(dln, dgate, ln2, h + "mlp.gate_proj.weight")
             lora.backward(dtmp, dup, ln2, h + "mlp.up_proj.weight")
@@ -202,8 +218,8 @@ def backward(model: "Model", ids: np.ndarray, dlogits: np.ndarray) -> None:
         dx += dtmp     # d x_mid
         # x_mid = x_i + attention(rope(q), rope(k), v) Wo^T
         datty = ws.get("datty", (N, NH * HS))
-        _C.matmul_backward(datty, g[h + "self_attn.o_proj.weight"], None, dx, ws.get(f"atty.{i}", (N, NH * HS)),
-                           p[h + "self_attn.o_proj.weight"], N, NH * HS, C, True)
+        linear_backward(model, datty, g[h + "self_attn.o_proj.weight"], dx, ws.get(f"atty.{i}", (N, NH * HS)),
+                        h + "self_attn.o_proj.weight", N, NH * HS, C)
         if lora is not None:
             lora.backward(datty, dx, ws.get(f"atty.{i}", (N, NH * HS)), h + "self_attn.o_proj.weight")
         datt = ws.get("datt", (B, NH, T, HS))
@@ -220,8 +236,8 @@ def backward(model: "Model", ids: np.ndarray, dlogits: np.ndarray) -> None:
         np.copyto(rows[:, :, :NH], dq0.transpose(0, 2, 1, 3))
         np.copyto(rows[:, :, NH:NH + NKV], dk0.transpose(0, 2, 1, 3))
         np.copyto(rows[:, :, NH + NKV:], dv.transpose(0, 2, 1, 3))
-        _C.matmul_backward(dln, None if frozen else _qkv_grad(model, i), None, dqkv, ws.get(f"ln1.{i}", (N, C)),
-                           _qkv_weight(model, i), N, C, QKV, True)
+        linear_backward(model, dln, None if frozen else _qkv_grad(model, i), dqkv, ws.get(f"ln1.{i}", (N, C)),
+                        h + "self_attn.qkv", N, C, QKV)
         if lora is not None:
             nq, nkv = NH * HS, NKV * HS
             for name, cols in (("q", slice(0, nq)), ("k", slice(nq, nq + nkv)), ("v", slice(nq + nkv, QKV))):

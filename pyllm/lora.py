@@ -1,6 +1,9 @@
 """LoRA: low-rank adapters on a Llama-family model's projection matrices, trained while the base
 weights stay frozen.
 
+The base may be kept quantized (a GGUF model): its products, forward and the input gradient
+backward, run on the quantized blocks while the adapters train in float32.
+
 A projection y = x W^T becomes y = x W^T + (alpha / r) (x A^T) B^T with A (r, in) and B (out, r);
 B starts at zero, so a fresh adapter changes nothing. The adapters live in one flat buffer (and
 their gradients in another) like the model's parameters, so AdamW trains them with the same fused
@@ -29,11 +32,14 @@ class LoRAConfig:
     rank: int = 8
     alpha: float = 16.0
     targets: tuple = tuple(TARGETS)
+    dropout: float = 0.0    # on the adapter's input, in training steps only (as peft's lora_dropout)
     seed: int = 0
 
     def __post_init__(self) -> None:
         if int(self.rank) != self.rank or self.rank < 1:
             raise ValueError(f"rank must be an integer >= 1, got {self.rank!r}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must lie in [0, 1), got {self.dropout!r}")
         unknown = set(self.targets) - set(TARGETS)
         if unknown or not self.targets:
             raise ValueError(f"LoRA targets must be among {sorted(TARGETS)}, got {sorted(unknown) or 'none'}")
@@ -44,6 +50,7 @@ class _Site:
     base: str           # the frozen weight's name, e.g. model.layers.0.self_attn.q_proj.weight
     out: int
     inp: int
+    index: int          # tells the sites' dropout masks apart
     saved: dict = field(default_factory=dict)   # x A^T of the last forward, for backward
 
 
@@ -54,16 +61,16 @@ class LoRA:
     def __init__(self, model, config: LoRAConfig = LoRAConfig()) -> None:
         if model.config.arch != "llama":
             raise ValueError("LoRA adapters are written for the llama architecture")
-        if model.quantized:
-            raise ValueError("LoRA needs float32 base weights: load a GGUF model with dequantize=True")
+        from pyllm.model import parameter_specs
+
         self.config, self.scale = config, config.alpha / config.rank
-        shapes = {s.name: s.shape for s in model.specs}
+        shapes = {s.name: s.shape for s in parameter_specs(model.config)}   # quantized weights too
         self.sites: dict[str, _Site] = {}
         for i in range(model.config.n_layer):
             for target in config.targets:
                 base = f"model.layers.{i}.{TARGETS[target]}.{target}.weight"
                 out, inp = shapes[base]
-                self.sites[base] = _Site(base, out, inp)
+                self.sites[base] = _Site(base, out, inp, len(self.sites))
         r = config.rank
         sizes = [(s.base, r * s.inp, s.out * r) for s in self.sites.values()]
         self.num_params = sum(a + b for _, a, b in sizes)
@@ -84,6 +91,18 @@ class LoRA:
         for base, site in self.sites.items():   # peft's default: A ~ U(+-1/sqrt(in)), B = 0
             bound = 1.0 / math.sqrt(site.inp)
             self.A[base][...] = rng.uniform(-bound, bound, self.A[base].shape).astype(np.float32)
+        # Set (to a per-step seed) while a training step runs: dropout is then on. Each site's mask
+        # follows from (seed, site), so backward regenerates it instead of keeping it.
+        self.dropout_seed: Optional[int] = None
+
+    def dropout_mask(self, base: str, shape: tuple) -> Optional[np.ndarray]:
+        """The kept inputs scaled by 1 / (1 - p) (dropout's mask), or None when dropout is off."""
+        p = self.config.dropout
+        if self.dropout_seed is None or p == 0:
+            return None
+        rng = np.random.default_rng([self.dropout_seed, self.sites[base].index])
+        keep = rng.random(shape, dtype=np.float32) >= np.float32(p)
+        return keep * np.float32(1.0 / (1.0 - p))
 
     # ------------------------------------------------------------------ used by llama.py
 
@@ -93,6 +112,9 @@ class LoRA:
         if site is None:
             return
         M, r = x.shape[0], self.config.rank
+        mask = self.dropout_mask(base, x.shape)
+        if mask is not None:
+            x = x * mask
         u = np.empty((M, r), np.float32)
         _C.matmul_forward(u, x, self.A[base], None, M, site.inp, r, True)
         delta = np.empty((M, site.out), np.float32)
@@ -110,6 +132,9 @@ class LoRA:
         if site is None:
             return
         M, r = x.shape[0], self.config.rank
+        mask = self.dropout_mask(base, x.shape)
+        if mask is not None:
+            x = x * mask
         dy = np.ascontiguousarray(dy) * np.float32(self.scale)
         u = site.saved["u"]
         _C.matmul_backward(None, self.gB[base], None, dy, u, self.B[base], M, r, site.out, True)   # gB += dy^T u
@@ -118,6 +143,8 @@ class LoRA:
         _C.matmul_backward(None, self.gA[base], None, du, x, self.A[base], M, site.inp, r, True)   # gA += du^T x
         dxa = np.empty((M, site.inp), np.float32)
         _C.matmul_forward(dxa, du, self.A[base], None, M, r, site.inp, False)                     # du A
+        if mask is not None:
+            dxa *= mask
         dx += dxa
 
     # ------------------------------------------------------------------ files and merging
@@ -127,6 +154,9 @@ class LoRA:
 
     def merge_into(self, model) -> None:
         """Adds scale B A into every adapted base weight (then the adapters can be dropped)."""
+        kept = [base for base in self.sites if base in model.quantized]
+        if kept:
+            raise ValueError(f"{kept[0]} is kept quantized: merge into model.dequantized() instead")
         for base in self.sites:
             model.p[base][...] += np.float32(self.scale) * (self.B[base].astype(np.float64)
                                                              @ self.A[base].astype(np.float64)).astype(np.float32)
@@ -151,7 +181,7 @@ class LoRA:
         with atomic_path(directory / "adapter_model.safetensors") as tmp:
             save_file(self.state_dict(), str(tmp), metadata={"format": "pt"})
         config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": self.config.rank,
-                  "lora_alpha": self.config.alpha, "lora_dropout": 0.0, "bias": "none",
+                  "lora_alpha": self.config.alpha, "lora_dropout": self.config.dropout, "bias": "none",
                   "target_modules": sorted(self.config.targets), "fan_in_fan_out": False,
                   "base_model_name_or_path": base_model, "inference_mode": True}
         write_text(directory / "adapter_config.json", json.dumps(config, indent=2) + "\n")
@@ -166,7 +196,8 @@ class LoRA:
             raise ValueError(f"{directory}: not a LoRA adapter (peft_type {config.get('peft_type')!r})")
         targets = config["target_modules"]
         lora = cls(model, LoRAConfig(rank=int(config["r"]), alpha=float(config["lora_alpha"]),
-                                     targets=tuple(targets) if isinstance(targets, list) else (targets,)))
+                                     targets=tuple(targets) if isinstance(targets, list) else (targets,),
+                                     dropout=float(config.get("lora_dropout") or 0.0)))
         state = load_state(directory / "adapter_model.safetensors")
         for base in lora.sites:
             module = base[: -len(".weight")]

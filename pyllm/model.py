@@ -256,6 +256,14 @@ class Model:
                 state[name] = q.dequantize()
         return state
 
+    def dequantized(self) -> "Model":
+        """This model with every weight in float32 (itself when nothing is quantized)."""
+        if not self.quantized:
+            return self
+        model = Model(self.config, seed=None)
+        model.load_state_dict(self.state_dict())
+        return model
+
     def named_grads(self) -> dict[str, np.ndarray]:
         """Name -> gradient array, same keys and shapes as state_dict()."""
         return dict(self.g)
@@ -321,9 +329,9 @@ class Model:
 
     def forward_backward(self, ids, targets, loss_scale: float = 1.0) -> float:
         """Mean loss; adds d(loss_scale * loss)/d(param) into the gradients (so micro-batches accumulate)."""
-        if self.quantized:
-            raise ValueError("this model keeps quantized weights and runs inference only; load it with "
-                             "dequantize=True to train it")
+        if self.quantized and self.lora is None:
+            raise ValueError("this model keeps quantized weights, which cannot be trained: attach LoRA "
+                             "adapters (pyllm.lora) or load it with dequantize=True")
         ids = self._check_ids(ids)
         targets = self._check_targets(targets, ids.shape)
         B, T = ids.shape

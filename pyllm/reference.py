@@ -421,6 +421,11 @@ def matmul_quant(a, w, ggml_type, shape, int8_activations=False):
     return (a.astype(np.float64) @ dequantize(w, ggml_type, shape).T.astype(np.float64)).astype(np.float32)
 
 
+def matmul_quant_backward(dout, w, ggml_type, shape):
+    """dout (..., N) @ W with W the dequantized (N, K) weights."""
+    return (_f32(dout).astype(np.float64) @ dequantize(w, ggml_type, shape).astype(np.float64)).astype(np.float32)
+
+
 # ----------------------------------------------------------------------------- sampling
 
 _MASK64 = (1 << 64) - 1

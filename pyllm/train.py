@@ -24,7 +24,7 @@ import numpy as np
 
 from pyllm import kernels
 from pyllm.data import EOT, TokenData, default_documents, id_dtype, iter_documents
-from pyllm.io.atomic import write_text
+from pyllm.io.atomic import latest_folder, replace_folder, write_text
 from pyllm.model import Model, ModelConfig
 from pyllm.optim import AdamW, cosine_lr
 
@@ -151,28 +151,19 @@ def save_checkpoint(out_dir: Path, model: Model, tokenizer, opt: AdamW, step: in
     """Writes out_dir/checkpoint as a whole: into a temporary folder, then swapped in by rename."""
     from safetensors.numpy import save_file
 
-    final = out_dir / CHECKPOINT
     tmp = out_dir / (CHECKPOINT + ".tmp")
-    old = out_dir / (CHECKPOINT + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, tokenizer=tokenizer)
     save_file({"m": opt.m, "v": opt.v}, str(tmp / "optimizer.safetensors"))
     state = {"step": step, "optimizer_step": opt.step_count, "rng": rng.bit_generator.state,
              "train_config": dataclasses.asdict(cfg), "model_config": model.config.to_dict()}
     write_text(tmp / "trainer_state.json", json.dumps(state, indent=1))
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
-    return final
+    replace_folder(tmp, out_dir / CHECKPOINT)
+    return out_dir / CHECKPOINT
 
 
 def _latest_checkpoint(out_dir: Path) -> Optional[Path]:
-    for name in (CHECKPOINT, CHECKPOINT + ".old"):   # .old survives a crash between the two renames
-        if (out_dir / name / "trainer_state.json").is_file():
-            return out_dir / name
-    return None
+    return latest_folder(out_dir / CHECKPOINT, "trainer_state.json")
 
 
 def load_checkpoint(path: Path, model: Model, opt: AdamW) -> tuple[int, np.random.Generator]:

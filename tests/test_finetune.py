@@ -1,5 +1,6 @@
 """Supervised fine-tuning: the masked loss by hand, bad data named by line, a model that learns."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -171,3 +172,112 @@ def test_cli_finetune_dpo(tmp_path, llm, capsys):
     out = capsys.readouterr().out
     assert "preference accuracy before" in out and "reward margin" in out
     assert (tmp_path / "tuned" / "model.safetensors").exists()
+
+
+def _interrupt_at_call(model, call: int):
+    """Ctrl-C (SIGINT) during the model's `call`-th forward_backward."""
+    import signal
+
+    real, calls = model.forward_backward, [0]
+
+    def forward_backward(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == call:
+            signal.raise_signal(signal.SIGINT)
+        return real(*args, **kwargs)
+    model.forward_backward = forward_backward
+
+
+def _without_times(records):
+    return [{k: v for k, v in r.items() if k != "time_s"} for r in records]
+
+
+@pytest.fixture(scope="module")
+def arithmetic():
+    records = F.arithmetic_examples(40, seed=3)
+    texts = [f"User: {r['messages'][0]['content']}\nAssistant: {r['messages'][1]['content']}\n" for r in records]
+    tok = Tokenizer.train(texts, 350, special_tokens=["<|endoftext|>"], progress=False)
+    cfg = ModelConfig(arch="llama", vocab_size=tok.vocab_size, block_size=48, n_layer=2, n_head=2, n_kv_head=1,
+                      n_embd=32, intermediate_size=64)
+    return records, tok, cfg
+
+
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_interrupted_and_resumed_sft_equals_an_uninterrupted_run(tmp_path, arithmetic, lora_rank):
+    records, tok, model_cfg = arithmetic
+    data = tmp_path / "a.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    cfg = F.SFTConfig(epochs=2, batch_size=8, lr=1e-2, lora_rank=lora_rank, lora_dropout=0.1 if lora_rank else 0.0,
+                      checkpoint_interval=3)
+    quiet = dict(progress=False, say=lambda *_: None)
+
+    def fresh():
+        llm = LLM(Model(model_cfg, seed=0), tok)
+        examples = F.read_examples(data, llm)
+        return llm, examples[8:], examples[:8]
+
+    llm, train, val = fresh()
+    whole = F.sft(llm, train, val, cfg, out_dir=tmp_path / "whole", **quiet)
+    llm, train, val = fresh()
+    _interrupt_at_call(llm.model, 5)      # during step 5 of 8: steps 1-5 are kept
+    with pytest.raises(F.FinetuneInterrupted, match="step 5 of 8"):
+        F.sft(llm, train, val, cfg, out_dir=tmp_path / "cut", **quiet)
+    assert (tmp_path / "cut" / "checkpoint" / "state.json").exists()
+    llm, train, val = fresh()
+    with pytest.raises(ValueError, match="lr=0.01"):
+        F.sft(llm, train, val, dataclasses.replace(cfg, lr=1e-3, resume=True), out_dir=tmp_path / "cut", **quiet)
+    with pytest.raises(ValueError, match="data differs"):
+        F.sft(llm, train[1:], val, dataclasses.replace(cfg, resume=True), out_dir=tmp_path / "cut", **quiet)
+    resumed = F.sft(llm, train, val, dataclasses.replace(cfg, resume=True), out_dir=tmp_path / "cut", **quiet)
+    assert _without_times(resumed) == _without_times(whole)
+    assert not (tmp_path / "cut" / "checkpoint").exists()
+    a, b = (LLM.load(tmp_path / d).model for d in ("whole", "cut"))
+    np.testing.assert_array_equal(a.params, b.params)
+
+
+def test_interrupted_and_resumed_dpo_keeps_its_reference(tmp_path):
+    records = F.arithmetic_preferences(24, seed=5)
+    texts = [f"User: {r['prompt']}\nAssistant: {r['chosen']}\n{r['rejected']}\n" for r in records]
+    tok = Tokenizer.train(texts, 400, special_tokens=["<|endoftext|>"], progress=False)
+    path = tmp_path / "prefs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    cfg = F.SFTConfig(epochs=2, batch_size=4, lr=3e-3, checkpoint_interval=2)
+    quiet = dict(progress=False, say=lambda *_: None)
+
+    def fresh():
+        llm = LLM(Model(ModelConfig(vocab_size=tok.vocab_size, block_size=48, n_layer=2, n_head=2, n_embd=32),
+                        seed=0), tok)
+        return llm, F.read_pairs(path, llm)
+
+    llm, pairs = fresh()
+    whole = F.dpo(llm, pairs, cfg, beta=0.5, out_dir=tmp_path / "whole", **quiet)
+    llm, pairs = fresh()
+    _interrupt_at_call(llm.model, 2 * 4 * 7)     # two backward passes per pair, 4 pairs a step: step 7
+    with pytest.raises(F.FinetuneInterrupted, match="step 7 of 12"):
+        F.dpo(llm, pairs, cfg, beta=0.5, out_dir=tmp_path / "cut", **quiet)
+    llm, pairs = fresh()
+    with pytest.raises(ValueError, match="beta"):
+        F.dpo(llm, pairs, dataclasses.replace(cfg, resume=True), beta=0.1, out_dir=tmp_path / "cut", **quiet)
+    resumed = F.dpo(llm, pairs, dataclasses.replace(cfg, resume=True), beta=0.5, out_dir=tmp_path / "cut", **quiet)
+    assert _without_times(resumed) == _without_times(whole)
+
+
+def test_cli_finetune_lora_keeps_a_gguf_base_quantized(tmp_path, smollm2_path, monkeypatch, capsys):
+    from pyllm import cli as C
+
+    seen = {}
+    real = C._finetune_llm
+
+    def spy(model_arg, lora_rank):
+        llm = real(model_arg, lora_rank)
+        seen["quantized"] = bool(llm.model.quantized)
+        return llm
+    monkeypatch.setattr(C, "_finetune_llm", spy)
+    rc = cli(["finetune", "sft", "--model", str(smollm2_path), "--data", str(tmp_path / "ex.jsonl"), "--example", "4",
+              "--out", str(tmp_path / "tuned"), "--epochs", "0.5", "--batch-size", "2", "--lora-rank", "2",
+              "--lora-dropout", "0.05", "--no-progress"])
+    assert rc == 0 and seen["quantized"]
+    assert "kept quantized" in capsys.readouterr().out
+    config = json.loads((tmp_path / "tuned" / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 2 and config["lora_dropout"] == 0.05
+    assert (tmp_path / "tuned" / "model.safetensors").stat().st_size > 500e6     # merged into float32 weights

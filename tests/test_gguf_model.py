@@ -147,6 +147,20 @@ def test_quantized_matmul_equals_its_dequantizing_twin(ggml_type, N, K, M, int8)
     assert np.abs(ours - theirs).max() <= 1e-5 * max(1.0, np.abs(theirs).max())
 
 
+@pytest.mark.parametrize("ggml_type", [G.Q8_0, G.Q4_0, G.Q4_1])
+@pytest.mark.parametrize("N,K,M", [(1, 32, 1), (7, 96, 4), (130, 576, 37), (2000, 576, 5), (17, 160, 3)])
+def test_quantized_input_gradient_equals_its_twin(ggml_type, N, K, M):
+    from pyllm import kernels as K_
+    from pyllm import reference as R
+
+    raw, _ = _blocks(ggml_type, values_per_row=K, rows=N, seed=N + K)
+    dout = (np.random.default_rng(M).standard_normal((M, N)) * 10).astype(np.float32)
+    ours, theirs = K_.matmul_quant_backward(dout, raw, ggml_type, (N, K)), R.matmul_quant_backward(dout, raw, ggml_type, (N, K))
+    assert np.abs(ours - theirs).max() <= 1e-5 * max(1.0, np.abs(theirs).max())
+    with pytest.raises(ValueError, match="dout is"):
+        K_.matmul_quant_backward(dout[:, :-1], raw, ggml_type, (N, K))
+
+
 def test_quantized_matmul_refuses_bad_arguments():
     from pyllm import kernels as K_
 

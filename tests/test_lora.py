@@ -94,3 +94,84 @@ def test_lora_refuses_what_it_cannot_do():
         LoRA(Model(ModelConfig(vocab_size=50, block_size=8, n_layer=1, n_head=2, n_embd=16)))
     with pytest.raises(ValueError, match="targets"):
         LoRAConfig(targets=("wte",))
+
+
+def test_adapter_dropout_equals_peft_with_the_same_masks():
+    model, lora, twin = setup(rank=4)
+    lora.config.dropout = 0.3
+    model.lora = lora
+    lora.dropout_seed = 1234
+    rng = np.random.default_rng(6)
+    ids, targets_ = rng.integers(0, 71, (2, 7)), rng.integers(0, 71, (2, 7))
+
+    class SameMask(torch.nn.Module):   # peft's dropout module, given our mask for its site
+        def __init__(self, base):
+            super().__init__()
+            self.base = base
+
+        def forward(self, x):
+            mask = lora.dropout_mask(self.base, (x.shape[0] * x.shape[1], x.shape[2]))
+            return x * torch.from_numpy(mask).reshape(x.shape)
+
+    for name, module in twin.named_modules():
+        if hasattr(module, "lora_dropout") and "default" in module.lora_dropout:
+            module.lora_dropout["default"] = SameMask(name.replace("base_model.model.", "") + ".weight")
+    t_logits = twin(torch.from_numpy(ids)).logits
+    ours = model(ids)
+    close(ours, t_logits.detach().numpy(), what="logits with dropout")
+    torch.nn.functional.cross_entropy(t_logits.reshape(-1, 71), torch.from_numpy(targets_).reshape(-1)).backward()
+    lora.zero_grad()
+    model.forward_backward(ids, targets_)
+    named = dict(twin.named_parameters())
+    for base in lora.sites:
+        module = "base_model.model." + base[: -len(".weight")]
+        close(lora.gA[base], named[module + ".lora_A.default.weight"].grad.numpy(), what=base + " A")
+        close(lora.gB[base], named[module + ".lora_B.default.weight"].grad.numpy(), what=base + " B")
+    lora.dropout_seed = None      # outside a training step dropout is off
+    assert not np.allclose(model(ids), ours)
+
+
+def _q8_0(weight):
+    """ggml Q8_0 blocks of a float (N, K) matrix: per 32 values a float16 scale and 32 int8s."""
+    from pyllm import reference as R
+
+    q, d = R.quantize_activations(weight)
+    blocks = np.concatenate([d.astype(np.float16).view(np.uint8).reshape(-1, 2), q.view(np.uint8).reshape(-1, 32)], 1)
+    return np.ascontiguousarray(blocks.reshape(weight.shape[0], -1))
+
+
+def test_lora_on_a_quantized_base_equals_lora_on_its_float_twin():
+    from pyllm.model import QuantizedWeight
+
+    cfg = ModelConfig(**LLAMA)
+    dense = Model(cfg, seed=1)
+    quantized = {}
+    for name, w in dense.p.items():
+        if w.ndim == 2 and "norm" not in name:
+            quantized[name] = QuantizedWeight(_q8_0(w), 8, w.shape)
+    h = "model.layers.{}.self_attn."
+    for i in range(cfg.n_layer):     # the fused q, k, v rows, as the GGUF loader keeps them
+        parts = [quantized[h.format(i) + f"{x}_proj.weight"] for x in "qkv"]
+        quantized[h.format(i) + "qkv"] = QuantizedWeight(np.concatenate([p.data for p in parts]), 8,
+                                                         (sum(p.shape[0] for p in parts), cfg.n_embd))
+    kept = Model(cfg, seed=None, quantized=quantized)
+    for name in kept.p:
+        kept.p[name][...] = dense.p[name]
+    kept.int8_activations = False
+    twin = kept.dequantized()            # the same (rounded) weights in float32
+    assert not twin.quantized
+    rng = np.random.default_rng(7)
+    ids, targets_ = rng.integers(0, 71, (2, 9)), rng.integers(0, 71, (2, 9))
+    with pytest.raises(ValueError, match="LoRA"):
+        kept.forward_backward(ids, targets_)
+    for model in (kept, twin):
+        model.lora = LoRA(model, LoRAConfig(rank=4, seed=2))
+        for base in model.lora.sites:
+            model.lora.B[base][...] = np.random.default_rng(len(base)).standard_normal(model.lora.B[base].shape) * 0.05
+    close(kept(ids), twin(ids), rtol=1e-5, what="logits")
+    for model in (kept, twin):
+        model.lora.zero_grad()
+        model.forward_backward(ids, targets_)
+    close(kept.lora.grads, twin.lora.grads, rtol=1e-4, what="adapter gradients")
+    with pytest.raises(ValueError, match="quantized"):
+        kept.lora.merge_into(kept)

@@ -256,6 +256,19 @@ void bind_kernels(py::module_& m) {
     py::gil_scoped_release release;
     kernels().matmul_quant(po, pa, pw, type, M, K, N, int8_activations);
   });
+  m.def("matmul_quant_backward", [](py::array dx, py::array dout, py::array w, int type, int64_t M, int64_t K,
+                                    int64_t N) {
+    check(type == pyllm::kQ8_0 || type == pyllm::kQ4_0 || type == pyllm::kQ4_1, "unsupported quantized type");
+    check(K % 32 == 0, "K must be a multiple of the block size 32");
+    const int64_t row_bytes = K / 32 * (type == pyllm::kQ8_0 ? 34 : type == pyllm::kQ4_0 ? 18 : 20);
+    float* pdx = out(dx, M * K, "dx");
+    const float* pdout = in(dout, M * N, "dout");
+    check(py::dtype::of<uint8_t>().is(w.dtype()) && (w.flags() & py::array::c_style) && w.size() >= N * row_bytes,
+          "w must be a C-contiguous uint8 array of N rows of quantized blocks");
+    const uint8_t* pw = static_cast<const uint8_t*>(w.data());
+    py::gil_scoped_release release;
+    kernels().matmul_quant_backward(pdx, pdout, pw, type, M, K, N);
+  });
   m.def("dequantize_rows", [](py::array o, py::array w, int type, int64_t rows, int64_t K) {
     check(type == pyllm::kQ8_0 || type == pyllm::kQ4_0 || type == pyllm::kQ4_1, "unsupported quantized type");
     check(K % 32 == 0, "K must be a multiple of the block size 32");

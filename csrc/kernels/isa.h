@@ -73,6 +73,8 @@ double fma_peak_gflops(double seconds);
 void matmul_quant(float* out, const float* a, const uint8_t* w, int type, int64_t M, int64_t K, int64_t N,
                   bool int8_activations);
 void dequantize_rows(float* out, const uint8_t* w, int type, int64_t rows, int64_t K);
+void matmul_quant_backward(float* dx, const float* dout, const uint8_t* w, int type, int64_t M, int64_t K,
+                           int64_t N);
 
 }  // namespace PYLLM_ISA
 }  // namespace pyllm

@@ -93,6 +93,9 @@ struct KernelTable {
   void (*matmul_quant)(float* out, const float* a, const uint8_t* w, int type, int64_t M, int64_t K,
                        int64_t N, bool int8_activations);
   void (*dequantize_rows)(float* out, const uint8_t* w, int type, int64_t rows, int64_t K);
+  // The input gradient through a frozen quantized weight: dx (M, K) = dout (M, N) @ W.
+  void (*matmul_quant_backward)(float* dx, const float* dout, const uint8_t* w, int type, int64_t M,
+                                int64_t K, int64_t N);
 };
 
 // Each ISA's copy provides its table (declared here, defined in kernels/table.cpp).

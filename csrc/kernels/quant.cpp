@@ -351,6 +351,19 @@ void matmul_quant_float(float* out, const float* a, const uint8_t* w, int type, 
 
 }  // namespace
 
+void matmul_quant_backward(float* dx, const float* dout, const uint8_t* w, int type, int64_t M, int64_t K,
+                           int64_t N) {
+  // Row chunks of W expanded as in matmul_quant_float; each adds dout[:, chunk] @ W[chunk].
+  const int64_t nb = K / QK, bb = block_bytes(type);
+  const int64_t chunk = imax(1, imin(N, (int64_t(1) << 20) / imax(1, K)));
+  float* wf = expanded_weights.get(size_t(chunk * K));
+  for (int64_t j0 = 0; j0 < N; j0 += chunk) {
+    const int64_t n = imin(chunk, N - j0);
+    dequantize_rows(wf, w + j0 * nb * bb, type, n, K);
+    gemm(M, K, n, MatView{dout + j0, N, 1}, MatView{wf, K, 1}, dx, K, j0 > 0);
+  }
+}
+
 void matmul_quant(float* out, const float* a, const uint8_t* w, int type, int64_t M, int64_t K,
                   int64_t N, bool int8_activations) {
   if (!int8_activations) return matmul_quant_float(out, a, w, type, M, K, N);

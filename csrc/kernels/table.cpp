@@ -36,6 +36,7 @@ KernelTable table() {
   t.fma_peak_gflops = &fma_peak_gflops;
   t.matmul_quant = &matmul_quant;
   t.dequantize_rows = &dequantize_rows;
+  t.matmul_quant_backward = &matmul_quant_backward;
   return t;
 }
 

@@ -23,6 +23,30 @@ def atomic_path(path) -> Iterator[Path]:
             tmp.unlink()
 
 
+def replace_folder(tmp, final) -> None:
+    """Puts the complete folder `tmp` in place of `final`: the old one is renamed aside first and
+    removed last, so a crash leaves one of the two whole (final, or final.old: see latest_folder)."""
+    import shutil
+
+    tmp, final = Path(tmp), Path(final)
+    old = final.with_name(final.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_folder(final, marker: str):
+    """final, or final.old after a crash between replace_folder's renames; None when neither
+    holds the file `marker`."""
+    final = Path(final)
+    for folder in (final, final.with_name(final.name + ".old")):
+        if (folder / marker).is_file():
+            return folder
+    return None
+
+
 def write_text(path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
