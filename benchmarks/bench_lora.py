@@ -1,9 +1,11 @@
 """LoRA fine-tuning speed: one training step (forward, backward into rank-16 adapters on all seven
 projections, AdamW on the adapters) of SmolLM2-135M (float32) in pyllm against peft + transformers
 on the same weights, batch 4 x 128 tokens, the same threads, one run; and the peak memory of each
-(a fresh process that loads the model and runs two steps).
+(a fresh process that loads the model and runs two steps). pyllm also trains the adapters on the
+Q4_1 file's weights kept quantized (what `pyllm finetune --lora-rank` does with a GGUF model), a
+second group against the same peft run (peft has no CPU 4-bit base).
 
-Run as a script for the memory probe: python benchmarks/bench_lora.py {pyllm|peft}.
+Run as a script for the memory probe: python benchmarks/bench_lora.py {pyllm|pyllm-quantized|peft}.
 """
 
 from __future__ import annotations
@@ -25,20 +27,21 @@ def _batch(vocab):
     return rng.integers(0, vocab, (B, T)), rng.integers(0, vocab, (B, T))
 
 
-def _model():
+def _model(dequantize: bool = True):
     from pyllm.hub import smollm2_gguf
     from pyllm.io.gguf_model import load_gguf
 
-    return load_gguf(smollm2_gguf(quiet=True), dequantize=True)[0]
+    return load_gguf(smollm2_gguf(quiet=True), dequantize=dequantize)[0]
 
 
-def pyllm_step():
+def pyllm_step(quantized: bool = False):
     from pyllm import kernels
     from pyllm.lora import LoRA, LoRAConfig
     from pyllm.optim import AdamW
 
     kernels.set_num_threads(THREADS)
-    model = _model()
+    model = _model(dequantize=not quantized)
+    model.int8_activations = False     # as pyllm.finetune trains: exact gradients
     model.lora = LoRA(model, LoRAConfig(rank=RANK, alpha=32.0))
     opt = AdamW(model.lora, lr=1e-3, weight_decay=0.0)
     ids, targets = _batch(model.config.vocab_size)
@@ -90,19 +93,25 @@ except ImportError:
     pytest = None
 
 if pytest is not None:
-    @pytest.mark.parametrize("impl", ["pyllm", "peft"])
-    def test_lora_step(benchmark, impl):
+    GROUPS = {"float": f"SmolLM2 LoRA r={RANK} step, {B}x{T} tokens vs peft",
+              "quantized": f"SmolLM2 LoRA r={RANK} step on the Q4_1 weights kept quantized, {B}x{T} tokens "
+                           f"vs peft (float32 base)"}
+
+    @pytest.mark.parametrize("impl,base", [("pyllm", "float"), ("peft", "float"), ("pyllm", "quantized"),
+                                           ("peft", "quantized")])
+    def test_lora_step(benchmark, impl, base):
         if impl == "peft":
             pytest.importorskip("peft")
-        step = pyllm_step() if impl == "pyllm" else peft_step()
-        benchmark.group = f"SmolLM2 LoRA r={RANK} step, {B}x{T} tokens vs peft"
-        benchmark.extra_info.update(impl=impl, tokens=B * T, target=1.5, peak_mb=peak_memory_mb(impl))
+        step = pyllm_step(base == "quantized") if impl == "pyllm" else peft_step()
+        benchmark.group = GROUPS[base]
+        probe = "pyllm-quantized" if impl == "pyllm" and base == "quantized" else impl
+        benchmark.extra_info.update(impl=impl, tokens=B * T, target=1.5, peak_mb=peak_memory_mb(probe))
         loss = benchmark.pedantic(step, rounds=3, iterations=1, warmup_rounds=1)
         assert np.isfinite(loss)
 
 
 if __name__ == "__main__":
-    step = pyllm_step() if sys.argv[1] == "pyllm" else peft_step()
+    step = peft_step() if sys.argv[1] == "peft" else pyllm_step(sys.argv[1] == "pyllm-quantized")
     step()
     step()
     memory_probe.report()

@@ -543,29 +543,31 @@ def adamw(param, grad, m, v, *, lr: float, step: int, beta1: float = 0.9, beta2:
 # ----------------------------------------------------------------------------- quantized weights
 
 QUANT_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 8}
-QUANT_ROW_BYTES = {2: 18, 3: 20, 8: 34}   # per block of 32 values
-
-
 def _quant_args(w, ggml_type, shape):
-    if ggml_type not in QUANT_ROW_BYTES:
-        raise ValueError(f"quantized type {ggml_type} is not supported (Q4_0=2, Q4_1=3, Q8_0=8)")
+    from pyllm.io.gguf_model import QUANTIZED, TYPES, row_bytes
+
+    if ggml_type not in QUANTIZED:
+        raise ValueError(f"quantized type {ggml_type} is not supported ("
+                         + ", ".join(f"{TYPES[t][0]}={t}" for t in QUANTIZED) + ")")
     N, K = shape
-    if K % 32:
-        raise ValueError(f"rows of {K} values are not whole blocks of 32")
+    name, block_values, _ = TYPES[ggml_type]
+    if K % block_values:
+        raise ValueError(f"rows of {K} values are not whole {name} blocks of {block_values}")
     w = np.asarray(w)
     if w.dtype != np.uint8:
         raise TypeError(f"quantized weights must be uint8 bytes, got {w.dtype}")
-    need = N * K // 32 * QUANT_ROW_BYTES[ggml_type]
+    need = N * row_bytes(ggml_type, K)
     if w.size != need:
         raise ValueError(f"{shape} in type {ggml_type} needs {need} bytes, got {w.size}")
     return np.ascontiguousarray(w).reshape(-1), N, K
 
 
 def matmul_quant(a, w, ggml_type: int, shape: tuple[int, int], int8_activations: bool = False) -> np.ndarray:
-    """a (..., K) @ W^T for W (N, K) = shape stored as ggml blocks (Q8_0, Q4_0, Q4_1) in bytes w.
+    """a (..., K) @ W^T for W (N, K) = shape stored as ggml blocks (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K) in bytes w.
 
     int8_activations rounds a per block of 32 to int8 with a float16 scale first, as llama.cpp
-    does (faster integer dot products when a has few rows; slightly less exact).
+    does (faster integer dot products when a has few rows; slightly less exact). The K-quants
+    always take float activations.
     """
     w, N, K = _quant_args(w, ggml_type, shape)
     a = _floats(a, "a", min_ndim=1)

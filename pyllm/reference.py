@@ -394,7 +394,7 @@ def adamw(param, grad, m, v, *, lr, step, beta1=0.9, beta2=0.95, eps=1e-8, weigh
 # ----------------------------------------------------------------------------- quantized weights
 
 def dequantize(w, ggml_type, shape):
-    """The float32 (N, K) matrix of ggml-quantized bytes w (Q8_0, Q4_0, Q4_1)."""
+    """The float32 (N, K) matrix of ggml-quantized bytes w (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K)."""
     from pyllm.io.gguf_model import dequantize as decode
 
     N, K = shape
@@ -415,7 +415,7 @@ def matmul_quant(a, w, ggml_type, shape, int8_activations=False):
     """a (..., K) @ W^T with W the dequantized (N, K) weights; with int8_activations, a is first
     rounded as quantize_activations does."""
     a = _f32(a)
-    if int8_activations:
+    if int8_activations and ggml_type in (2, 3, 8):   # the other types take float activations
         q, d = quantize_activations(a)
         a = (q.astype(np.float32) * d[:, None]).reshape(a.shape)
     return (a.astype(np.float64) @ dequantize(w, ggml_type, shape).T.astype(np.float64)).astype(np.float32)

@@ -32,7 +32,7 @@ def _blocks(ggml_type, values_per_row=64, rows=3, seed=0):
 @pytest.mark.parametrize("ggml_type", [G.Q8_0, G.Q4_0, G.Q4_1])
 def test_block_formats_decode_as_ggml_defines_them(ggml_type):
     raw, expected = _blocks(ggml_type)
-    assert raw.size == expected.size // G.QK * G.TYPES[ggml_type][1]
+    assert raw.size == G.row_bytes(ggml_type, expected.size)
     np.testing.assert_array_equal(G.dequantize(raw, ggml_type, expected.size), expected)
 
 
@@ -161,6 +161,49 @@ def test_quantized_input_gradient_equals_its_twin(ggml_type, N, K, M):
         K_.matmul_quant_backward(dout[:, :-1], raw, ggml_type, (N, K))
 
 
+KQUANTS = {"Q4_K": G.Q4_K, "Q6_K": G.Q6_K, "Q5_0": G.Q5_0, "Q5_1": G.Q5_1}
+
+
+@pytest.fixture(scope="module")
+def kquants():
+    """Rows quantized by ggml itself and ggml's dequantization of them (tools/make_kquant_fixture.py)."""
+    from pathlib import Path
+
+    return dict(np.load(Path(__file__).parent / "fixtures" / "kquants.npz"))
+
+
+@pytest.mark.parametrize("name", KQUANTS)
+def test_k_quants_decode_as_ggml_decodes_them(kquants, name):
+    from pyllm import kernels as K_
+
+    raw, expected = kquants[name], kquants[name + "_dequantized"]
+    shape = expected.shape
+    theirs = G.dequantize(raw.reshape(-1), KQUANTS[name], expected.size).reshape(shape)
+    np.testing.assert_allclose(theirs, expected, rtol=1e-6, atol=1e-6 * np.abs(expected).max())
+    np.testing.assert_allclose(K_.dequantize(raw, KQUANTS[name], shape), expected, rtol=1e-6,
+                               atol=1e-6 * np.abs(expected).max())
+    assert np.abs(expected - kquants["x"]).max() < 0.2 * np.abs(kquants["x"]).max()   # a sane fixture
+
+
+@pytest.mark.parametrize("name", KQUANTS)
+@pytest.mark.parametrize("M", [1, 3, 4, 5, 37])
+@pytest.mark.parametrize("int8", [False, True])
+def test_k_quant_products_equal_their_twins(kquants, name, M, int8):
+    from pyllm import kernels as K_
+    from pyllm import reference as R
+
+    raw = np.concatenate([kquants[name]] * 3)[:17]      # 17 rows of 512 values
+    N, K = raw.shape[0], kquants["x"].shape[1]
+    rng = np.random.default_rng(M)
+    a = (rng.standard_normal((M, K)) * 10).astype(np.float32)
+    ours, theirs = K_.matmul_quant(a, raw, KQUANTS[name], (N, K), int8), R.matmul_quant(a, raw, KQUANTS[name], (N, K), int8)
+    assert np.abs(ours - theirs).max() <= 1e-5 * max(1.0, np.abs(theirs).max())
+    dout = rng.standard_normal((M, N)).astype(np.float32)
+    ours = K_.matmul_quant_backward(dout, raw, KQUANTS[name], (N, K))
+    theirs = R.matmul_quant_backward(dout, raw, KQUANTS[name], (N, K))
+    assert np.abs(ours - theirs).max() <= 1e-5 * max(1.0, np.abs(theirs).max())
+
+
 def test_quantized_matmul_refuses_bad_arguments():
     from pyllm import kernels as K_
 
@@ -170,7 +213,7 @@ def test_quantized_matmul_refuses_bad_arguments():
     with pytest.raises(ValueError, match="blocks of 32"):
         K_.matmul_quant(np.ones((1, 48), np.float32), raw, G.Q8_0, (2, 48))
     with pytest.raises(ValueError, match="not supported"):
-        K_.matmul_quant(np.ones((1, 64), np.float32), raw, 12, (2, 64))
+        K_.matmul_quant(np.ones((1, 64), np.float32), raw, 13, (2, 64))   # Q5_K
     with pytest.raises(ValueError, match="a is"):
         K_.matmul_quant(np.ones((1, 32), np.float32), raw, G.Q8_0, (2, 64))
 
@@ -191,7 +234,7 @@ def test_smollm2_quantized_equals_the_dequantized_model(smollm2_path, smollm2):
     rounded = quantized(ids)
     assert np.abs(rounded - ref).max() <= 0.1 * np.abs(ref).max()
     assert (rounded[0, -1].argmax() == ref[0, -1].argmax())
-    with pytest.raises(ValueError, match="inference only"):
+    with pytest.raises(ValueError, match="cannot be trained: attach LoRA"):
         quantized.forward_backward(ids, ids)
 
 
@@ -233,3 +276,34 @@ def test_smollm2_agrees_with_llama_cpp(smollm2):
         assert np.abs(logits[case["top5"]] - np.array(case["top5_logits"])).max() < 0.5
         greedy = model.generate(ids, 32, temperature=0)[len(ids):].tolist()
         assert greedy[:3] == case["greedy32"][:3]
+
+
+def test_a_q4_k_m_file_agrees_with_llama_cpp(tmp_path_factory):
+    """SmolLM2 requantized to Q4_K_M by llama.cpp's own quantizer (Q4_K, Q6_K, Q5_0, Q8_0 mixed):
+    loads, and its next-token logits agree with llama.cpp's on the same file. Needs
+    llama-cpp-python (skipped without it: the file cannot be made here otherwise)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from pyllm.io.gguf import GGUFFile
+    from pyllm.llm import LLM
+
+    path = tmp_path_factory.mktemp("q4km") / "smollm2-q4_k_m.gguf"
+    tool = Path(__file__).resolve().parents[1] / "tools" / "make_q4_k_m.py"
+    subprocess.run([sys.executable, str(tool), str(path)], check=True, capture_output=True)
+    with GGUFFile(path) as f:
+        assert {G.Q4_K, G.Q6_K, G.Q5_0} <= {t.type for t in f.tensors.values()}
+    llm = LLM.load(path)
+    ref = llama_cpp.Llama(model_path=str(path), n_ctx=128, n_threads=2, verbose=False)
+    for prompt in ["The capital of France is", "def fibonacci(n):", "Once upon a time, there was a"]:
+        ids = llm.tokenizer.encode(prompt)
+        ours = llm.model(np.array([ids]))[0, -1]
+        ref.reset()
+        ref.eval(ids)
+        theirs = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ref._ctx.ctx, -1), shape=(ref.n_vocab(),))
+        top5, their_top5 = np.argsort(-ours)[:5], np.argsort(-theirs)[:5]
+        assert top5[0] == their_top5[0]
+        assert len(set(top5) & set(their_top5)) >= 4
+        assert np.abs(ours[their_top5] - theirs[their_top5]).max() < 0.5

@@ -243,11 +243,16 @@ void bind_kernels(py::module_& m) {
     py::gil_scoped_release release;
     kernels().adamw_update(pp, pm, pv, pg, n, lr, beta1, beta2, eps, weight_decay, grad_scale, step);
   });
-  m.def("matmul_quant", [](py::array o, py::array a, py::array w, int type, int64_t M, int64_t K, int64_t N,
+  // Bytes per row of K values of a quantized type, after checking the type and that K is whole blocks.
+  auto quant_row_bytes = [](int type, int64_t K) {
+    const int64_t values = pyllm::quant_block_values(type);
+    check(values > 0, "unsupported quantized type");
+    check(K % values == 0, "K must be a multiple of the type's block size");
+    return K / values * pyllm::quant_block_bytes(type);
+  };
+  m.def("matmul_quant", [quant_row_bytes](py::array o, py::array a, py::array w, int type, int64_t M, int64_t K, int64_t N,
                            bool int8_activations) {
-    check(type == pyllm::kQ8_0 || type == pyllm::kQ4_0 || type == pyllm::kQ4_1, "unsupported quantized type");
-    check(K % 32 == 0, "K must be a multiple of the block size 32");
-    const int64_t row_bytes = K / 32 * (type == pyllm::kQ8_0 ? 34 : type == pyllm::kQ4_0 ? 18 : 20);
+    const int64_t row_bytes = quant_row_bytes(type, K);
     float* po = out(o, M * N, "out");
     const float* pa = in(a, M * K, "a");
     check(py::dtype::of<uint8_t>().is(w.dtype()) && (w.flags() & py::array::c_style) && w.size() >= N * row_bytes,
@@ -256,11 +261,9 @@ void bind_kernels(py::module_& m) {
     py::gil_scoped_release release;
     kernels().matmul_quant(po, pa, pw, type, M, K, N, int8_activations);
   });
-  m.def("matmul_quant_backward", [](py::array dx, py::array dout, py::array w, int type, int64_t M, int64_t K,
+  m.def("matmul_quant_backward", [quant_row_bytes](py::array dx, py::array dout, py::array w, int type, int64_t M, int64_t K,
                                     int64_t N) {
-    check(type == pyllm::kQ8_0 || type == pyllm::kQ4_0 || type == pyllm::kQ4_1, "unsupported quantized type");
-    check(K % 32 == 0, "K must be a multiple of the block size 32");
-    const int64_t row_bytes = K / 32 * (type == pyllm::kQ8_0 ? 34 : type == pyllm::kQ4_0 ? 18 : 20);
+    const int64_t row_bytes = quant_row_bytes(type, K);
     float* pdx = out(dx, M * K, "dx");
     const float* pdout = in(dout, M * N, "dout");
     check(py::dtype::of<uint8_t>().is(w.dtype()) && (w.flags() & py::array::c_style) && w.size() >= N * row_bytes,
@@ -269,10 +272,8 @@ void bind_kernels(py::module_& m) {
     py::gil_scoped_release release;
     kernels().matmul_quant_backward(pdx, pdout, pw, type, M, K, N);
   });
-  m.def("dequantize_rows", [](py::array o, py::array w, int type, int64_t rows, int64_t K) {
-    check(type == pyllm::kQ8_0 || type == pyllm::kQ4_0 || type == pyllm::kQ4_1, "unsupported quantized type");
-    check(K % 32 == 0, "K must be a multiple of the block size 32");
-    const int64_t row_bytes = K / 32 * (type == pyllm::kQ8_0 ? 34 : type == pyllm::kQ4_0 ? 18 : 20);
+  m.def("dequantize_rows", [quant_row_bytes](py::array o, py::array w, int type, int64_t rows, int64_t K) {
+    const int64_t row_bytes = quant_row_bytes(type, K);
     float* po = out(o, rows * K, "out");
     check(py::dtype::of<uint8_t>().is(w.dtype()) && (w.flags() & py::array::c_style) && w.size() >= rows * row_bytes,
           "w must be a C-contiguous uint8 array of quantized rows");

@@ -16,7 +16,29 @@
 namespace pyllm {
 
 // ggml's type ids for the block formats matmul_quant reads.
-enum QuantType { kQ4_0 = 2, kQ4_1 = 3, kQ8_0 = 8 };
+enum QuantType { kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8, kQ4_K = 12, kQ6_K = 14 };
+
+// Values per block of a quantized type (32, or 256 for the K-quants' super-blocks), 0 if unknown.
+inline int64_t quant_block_values(int type) {
+  switch (type) {
+    case kQ4_0: case kQ4_1: case kQ5_0: case kQ5_1: case kQ8_0: return 32;
+    case kQ4_K: case kQ6_K: return 256;
+  }
+  return 0;
+}
+// Bytes per block: float16 scale(s) and the packed values.
+inline int64_t quant_block_bytes(int type) {
+  switch (type) {
+    case kQ4_0: return 18;
+    case kQ4_1: return 20;
+    case kQ5_0: return 22;    // d (f16), the 32 fifth bits, 32 nibbles
+    case kQ5_1: return 24;    // d, m (f16), the 32 fifth bits, 32 nibbles
+    case kQ8_0: return 34;
+    case kQ4_K: return 144;   // d, dmin (f16), 8 x (6-bit scale, 6-bit min) in 12 bytes, 256 nibbles
+    case kQ6_K: return 210;   // 256 x (4 low bits + 2 high bits), 16 int8 scales, d (f16)
+  }
+  return 0;
+}
 
 struct KernelTable {
   const char* isa;
@@ -86,10 +108,11 @@ struct KernelTable {
   // GFLOP/s of a register-only FMA loop on every pool thread: the machine's measured fp32 peak.
   double (*fma_peak_gflops)(double seconds);
 
-  // Block-quantized weights (ggml's Q8_0, Q4_0, Q4_1; QuantType below): w holds N rows of K/32
-  // blocks. matmul_quant: out (M, N) = a (M, K) @ W^T. dequantize_rows: out (rows, K) = W.
-  // int8_activations: a is first rounded per block of 32 to int8 with a float16 scale, as
-  // llama.cpp does (integer dot products for decode-sized M).
+  // Block-quantized weights (ggml's Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q6_K; QuantType above): w holds N rows
+  // of K / quant_block_values blocks. matmul_quant: out (M, N) = a (M, K) @ W^T. dequantize_rows:
+  // out (rows, K) = W. int8_activations: a is first rounded per block of 32 to int8 with a float16
+  // scale, as llama.cpp does (integer dot products for decode-sized M; Q8_0/Q4_0/Q4_1 only, the
+  // other types always take float activations).
   void (*matmul_quant)(float* out, const float* a, const uint8_t* w, int type, int64_t M, int64_t K,
                        int64_t N, bool int8_activations);
   void (*dequantize_rows)(float* out, const uint8_t* w, int type, int64_t rows, int64_t K);

@@ -1,5 +1,8 @@
 // Matmul against weights kept in ggml's block-quantized formats (Q8_0, Q4_0, Q4_1: blocks of 32
-// values with a float16 scale, and for Q4_1 a float16 minimum), activations in float32.
+// values with a float16 scale, and for Q4_1 a float16 minimum; Q5_0 and Q5_1 with a fifth bit per
+// value; the K-quants Q4_K and Q6_K: super-blocks of 256 values with per-sub-block scales),
+// activations in float32. Q8_0, Q4_0 and Q4_1 have register-level and integer decode paths; the
+// other types expand each row to floats first.
 // out (M, N) = a (M, K) @ W^T with W (N, K) stored row by row as K/32 blocks.
 //
 // Decode-sized M: each weight block is expanded to 32 floats once and multiplied with every row
@@ -85,13 +88,75 @@ inline vf block_dot(const uint8_t* blk, int type, const float* x) {
 #endif
 }
 
-int64_t block_bytes(int type) {
-  switch (type) {
-    case kQ8_0: return 2 + QK;
-    case kQ4_0: return 2 + QK / 2;
-    case kQ4_1: return 4 + QK / 2;
+int64_t block_bytes(int type) { return quant_block_bytes(type); }
+
+// Bytes of one row of K values.
+int64_t row_bytes_of(int type, int64_t K) { return K / quant_block_values(type) * quant_block_bytes(type); }
+
+// Types without a register-level path: their rows are expanded to floats before any product.
+bool expanded_per_row(int type) { return type == kQ5_0 || type == kQ5_1 || type == kQ4_K || type == kQ6_K; }
+
+// Q4_K's packed 6-bit scale and minimum of sub-block j (of 8) from its 12 bytes.
+inline void k4_scale_min(int j, const uint8_t* s, int& scale, int& min) {
+  if (j < 4) {
+    scale = s[j] & 63;
+    min = s[j + 4] & 63;
+  } else {
+    scale = (s[j + 4] & 0x0F) | ((s[j - 4] >> 6) << 4);
+    min = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
   }
-  return 0;
+}
+
+// The values of one block of an expanded_per_row type, as ggml's dequantize_row_* compute them.
+void expand_block_to_floats(const uint8_t* blk, int type, float* y) {
+  if (type == kQ5_0 || type == kQ5_1) {   // value = (nibble | fifth bit << 4) [- 16] * d [+ m]
+    const float d = half_to_float(blk), m = type == kQ5_1 ? half_to_float(blk + 2) : 0.f;
+    const uint8_t* high = blk + (type == kQ5_1 ? 4 : 2);
+    const uint32_t qh = uint32_t(high[0]) | uint32_t(high[1]) << 8 | uint32_t(high[2]) << 16 | uint32_t(high[3]) << 24;
+    const uint8_t* qs = high + 4;
+    const int offset = type == kQ5_0 ? 16 : 0;
+    for (int j = 0; j < 16; ++j) {
+      const int x0 = int((qs[j] & 0x0F) | (((qh >> j) << 4) & 0x10)) - offset;
+      const int x1 = int((qs[j] >> 4) | ((qh >> (j + 12)) & 0x10)) - offset;
+      y[j] = float(x0) * d + m;
+      y[j + 16] = float(x1) * d + m;
+    }
+    return;
+  }
+  if (type == kQ4_K) {
+    const float d = half_to_float(blk), dmin = half_to_float(blk + 2);
+    const uint8_t* scales = blk + 4;
+    const uint8_t* q = blk + 16;
+    for (int j = 0; j < 8; j += 2, y += 64, q += 32) {   // two sub-blocks share 32 bytes: low, high nibbles
+      int s0, m0, s1, m1;
+      k4_scale_min(j, scales, s0, m0);
+      k4_scale_min(j + 1, scales, s1, m1);
+      const float d0 = d * float(s0), o0 = dmin * float(m0), d1 = d * float(s1), o1 = dmin * float(m1);
+      for (int l = 0; l < 32; ++l) {
+        y[l] = d0 * float(q[l] & 0x0F) - o0;
+        y[l + 32] = d1 * float(q[l] >> 4) - o1;
+      }
+    }
+    return;
+  }
+  // Q6_K: 4 low bits in ql, 2 high bits in qh, 16 signed scales (one per 16 values), offset 32.
+  const uint8_t* ql = blk;
+  const uint8_t* qh = blk + 128;
+  const int8_t* sc = reinterpret_cast<const int8_t*>(blk + 192);
+  const float d = half_to_float(blk + 208);
+  for (int half = 0; half < 2; ++half, y += 128, ql += 64, qh += 32, sc += 8) {
+    for (int l = 0; l < 32; ++l) {
+      const int is = l / 16;
+      const int q1 = int((ql[l] & 0x0F) | (((qh[l] >> 0) & 3) << 4)) - 32;
+      const int q2 = int((ql[l + 32] & 0x0F) | (((qh[l] >> 2) & 3) << 4)) - 32;
+      const int q3 = int((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32;
+      const int q4 = int((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32;
+      y[l] = d * float(sc[is]) * float(q1);
+      y[l + 32] = d * float(sc[is + 2]) * float(q2);
+      y[l + 64] = d * float(sc[is + 4]) * float(q3);
+      y[l + 96] = d * float(sc[is + 6]) * float(q4);
+    }
+  }
 }
 
 // The 32 quantized values of a block as floats (without scale or minimum), and its scale/min.
@@ -119,6 +184,14 @@ thread_local ThreadBuffer block_sums_buffer, expanded_weights;
 }  // namespace
 
 void dequantize_rows(float* out, const uint8_t* w, int type, int64_t rows, int64_t K) {
+  if (expanded_per_row(type)) {
+    const int64_t bv = quant_block_values(type), nb = K / bv, bb = block_bytes(type);
+    parallel_for(rows, imax(1, 16384 / imax(1, K)), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r)
+        for (int64_t b = 0; b < nb; ++b) expand_block_to_floats(w + (r * nb + b) * bb, type, out + r * K + b * bv);
+    });
+    return;
+  }
   const int64_t nb = K / QK, bb = block_bytes(type);
   parallel_for(rows, imax(1, 16384 / imax(1, K)), [&](int64_t r0, int64_t r1) {
     alignas(64) float q[QK];
@@ -305,20 +378,45 @@ void matmul_quant_int8(float* out, const float* a, const uint8_t* w, int type, i
   }
 }
 
+thread_local ThreadBuffer expanded_row;
+
+// Decode-sized M with expanded_per_row weights: each row expanded into a buffer that stays in L1,
+// then dotted with every row of a.
+void matmul_expanded_rows(float* out, const float* a, const uint8_t* w, int type, int64_t M, int64_t K,
+                         int64_t N) {
+  const int64_t rb = row_bytes_of(type, K), bv = quant_block_values(type), nb = K / bv;
+  parallel_for(N, imax(1, 16384 / imax(1, rb)), [&](int64_t j0, int64_t j1) {
+    float* row = expanded_row.get(size_t(K));
+    for (int64_t j = j0; j < j1; ++j) {
+      for (int64_t b = 0; b < nb; ++b) expand_block_to_floats(w + j * rb + b * block_bytes(type), type, row + b * bv);
+      for (int64_t i = 0; i < M; ++i) {
+        const float* x = a + i * K;
+        vf acc0 = splat(0.f), acc1 = splat(0.f);
+        for (int64_t t = 0; t < K; t += 2 * W) {   // K is a multiple of 32, so of 2 W
+          acc0 += load(row + t) * load(x + t);
+          acc1 += load(row + t + W) * load(x + t + W);
+        }
+        out[i * N + j] = hsum(acc0 + acc1);
+      }
+    }
+  });
+}
+
 void matmul_quant_float(float* out, const float* a, const uint8_t* w, int type, int64_t M, int64_t K,
                         int64_t N) {
-  const int64_t nb = K / QK, bb = block_bytes(type);
   if (M > 4) {
     // Row chunks of W expanded into a buffer of about 4 MB, each multiplied by the GEMM.
     const int64_t chunk = imax(1, imin(N, (int64_t(1) << 20) / imax(1, K)));
     float* wf = expanded_weights.get(size_t(chunk * K));
     for (int64_t j0 = 0; j0 < N; j0 += chunk) {
       const int64_t n = imin(chunk, N - j0);
-      dequantize_rows(wf, w + j0 * nb * bb, type, n, K);
+      dequantize_rows(wf, w + j0 * row_bytes_of(type, K), type, n, K);
       gemm(M, n, K, MatView{a, K, 1}, MatView{wf, 1, K}, out + j0, N, false);
     }
     return;
   }
+  if (expanded_per_row(type)) return matmul_expanded_rows(out, a, w, type, M, K, N);
+  const int64_t nb = K / QK, bb = block_bytes(type);
   // Per row of a: the sum of each block of K (for the minimum and the zero point).
   float* sums = block_sums_buffer.get(size_t(M * nb));
   for (int64_t i = 0; i < M; ++i)
@@ -354,19 +452,18 @@ void matmul_quant_float(float* out, const float* a, const uint8_t* w, int type, 
 void matmul_quant_backward(float* dx, const float* dout, const uint8_t* w, int type, int64_t M, int64_t K,
                            int64_t N) {
   // Row chunks of W expanded as in matmul_quant_float; each adds dout[:, chunk] @ W[chunk].
-  const int64_t nb = K / QK, bb = block_bytes(type);
   const int64_t chunk = imax(1, imin(N, (int64_t(1) << 20) / imax(1, K)));
   float* wf = expanded_weights.get(size_t(chunk * K));
   for (int64_t j0 = 0; j0 < N; j0 += chunk) {
     const int64_t n = imin(chunk, N - j0);
-    dequantize_rows(wf, w + j0 * nb * bb, type, n, K);
+    dequantize_rows(wf, w + j0 * row_bytes_of(type, K), type, n, K);
     gemm(M, K, n, MatView{dout + j0, N, 1}, MatView{wf, K, 1}, dx, K, j0 > 0);
   }
 }
 
 void matmul_quant(float* out, const float* a, const uint8_t* w, int type, int64_t M, int64_t K,
                   int64_t N, bool int8_activations) {
-  if (!int8_activations) return matmul_quant_float(out, a, w, type, M, K, N);
+  if (!int8_activations || expanded_per_row(type)) return matmul_quant_float(out, a, w, type, M, K, N);
   if (M <= 4) return matmul_quant_int8(out, a, w, type, M, K, N);
   // Prompts: the activations rounded exactly as the integer path rounds them, then the GEMM.
   float* xf = fake_quantized.get(size_t(M * K));

@@ -15,23 +15,30 @@ import numpy as np
 
 from pyllm.io.gguf import GGUFFile, TensorInfo
 
-F32, F16, Q4_0, Q4_1, Q8_0, BF16 = 0, 1, 2, 3, 8, 30
-QK = 32   # values per quantization block
-# ggml type -> (name, bytes per block of QK values, or per value for the float types)
-TYPES = {F32: ("F32", 4), F16: ("F16", 2), BF16: ("BF16", 2), Q8_0: ("Q8_0", 2 + QK),
-         Q4_0: ("Q4_0", 2 + QK // 2), Q4_1: ("Q4_1", 4 + QK // 2)}
+F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q6_K, BF16 = 0, 1, 2, 3, 6, 7, 8, 12, 14, 30
+QK = 32   # values per quantization block (the K-quants' super-blocks hold 256)
+# ggml type -> (name, values per block, bytes per block); the float types' "blocks" are one value
+TYPES = {F32: ("F32", 1, 4), F16: ("F16", 1, 2), BF16: ("BF16", 1, 2), Q8_0: ("Q8_0", QK, 2 + QK),
+         Q4_0: ("Q4_0", QK, 2 + QK // 2), Q4_1: ("Q4_1", QK, 4 + QK // 2), Q5_0: ("Q5_0", QK, 6 + QK // 2),
+         Q5_1: ("Q5_1", QK, 8 + QK // 2), Q4_K: ("Q4_K", 256, 144),
+         Q6_K: ("Q6_K", 256, 210)}
+
+
+def row_bytes(ggml_type: int, values: int) -> int:
+    """Bytes of `values` consecutive values (whole blocks) of a type."""
+    _, block_values, block_bytes = TYPES[ggml_type]
+    return values // block_values * block_bytes
 
 
 def tensor_nbytes(info: TensorInfo) -> int:
     if info.type not in TYPES:
         raise ValueError(f"tensor {info.name}: ggml type {info.type} is not supported "
-                         f"(supported: {', '.join(n for n, _ in TYPES.values())})")
-    count = int(np.prod(info.shape))
-    if info.type in (F32, F16, BF16):
-        return count * TYPES[info.type][1]
-    if info.shape[0] % QK:
-        raise ValueError(f"tensor {info.name}: rows of {info.shape[0]} values are not whole blocks of {QK}")
-    return count // QK * TYPES[info.type][1]
+                         f"(supported: {', '.join(t[0] for t in TYPES.values())})")
+    name, block_values, _ = TYPES[info.type]
+    if info.shape[0] % block_values:
+        raise ValueError(f"tensor {info.name}: rows of {info.shape[0]} values are not whole {name} blocks "
+                         f"of {block_values}")
+    return row_bytes(info.type, int(np.prod(info.shape)))
 
 
 def raw_tensor(f: GGUFFile, info: TensorInfo) -> np.ndarray:
@@ -52,8 +59,14 @@ def dequantize(raw: np.ndarray, ggml_type: int, count: int) -> np.ndarray:
         return raw.view(np.float16)[:count].astype(np.float32)
     if ggml_type == BF16:
         return (raw.view(np.uint16)[:count].astype(np.uint32) << 16).view(np.float32)
-    _, block_bytes = TYPES[ggml_type]
+    _, _, block_bytes = TYPES[ggml_type]
     blocks = raw.reshape(-1, block_bytes)
+    if ggml_type == Q4_K:
+        return _dequantize_q4_k(blocks).reshape(-1)
+    if ggml_type == Q6_K:
+        return _dequantize_q6_k(blocks).reshape(-1)
+    if ggml_type in (Q5_0, Q5_1):
+        return _dequantize_q5(blocks, ggml_type).reshape(-1)
     d = blocks[:, :2].copy().view(np.float16).astype(np.float32)             # (n, 1) scale
     if ggml_type == Q8_0:
         q = blocks[:, 2:].view(np.int8).astype(np.float32)
@@ -64,6 +77,50 @@ def dequantize(raw: np.ndarray, ggml_type: int, count: int) -> np.ndarray:
         return ((q - 8.0) * d).reshape(-1)
     m = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
     return (q * d + m).reshape(-1)
+
+
+def _halves(blocks: np.ndarray, at: int) -> np.ndarray:
+    return blocks[:, at:at + 2].copy().view(np.float16).astype(np.float32)       # (n, 1)
+
+
+def _dequantize_q5(blocks: np.ndarray, ggml_type: int) -> np.ndarray:
+    """(n, 22 or 24) Q5_0 / Q5_1 blocks -> (n, 32): (nibble | fifth bit << 4) * d, less 16 (Q5_0) or
+    plus the minimum m (Q5_1); value j's fifth bit is bit j of a little-endian uint32."""
+    d = _halves(blocks, 0)
+    at = 4 if ggml_type == Q5_1 else 2
+    high = blocks[:, at:at + 4].copy().view("<u4").astype(np.int64)             # (n, 1)
+    fifth = ((high >> np.arange(32)) & 1).astype(np.int32) << 4                  # (n, 32)
+    packed = blocks[:, at + 4:].astype(np.int32)
+    q = (np.concatenate([packed & 0x0F, packed >> 4], axis=1) | fifth).astype(np.float32)
+    if ggml_type == Q5_0:
+        return (q - 16.0) * d
+    return q * d + _halves(blocks, 2)
+
+
+def _dequantize_q4_k(blocks: np.ndarray) -> np.ndarray:
+    """(n, 144) Q4_K super-blocks -> (n, 256): 8 sub-blocks of 32, each value d * scale * q - dmin * min
+    with 6-bit scales and minima packed into 12 bytes."""
+    d, dmin, s = _halves(blocks, 0), _halves(blocks, 2), blocks[:, 4:16].astype(np.int32)
+    scale = np.concatenate([s[:, 0:4] & 63, (s[:, 8:12] & 0x0F) | ((s[:, 0:4] >> 6) << 4)], axis=1)
+    minimum = np.concatenate([s[:, 4:8] & 63, (s[:, 8:12] >> 4) | ((s[:, 4:8] >> 6) << 4)], axis=1)
+    q = blocks[:, 16:].reshape(-1, 4, 32)                        # 4 groups of 32 bytes: low then high nibbles
+    q = np.stack([q & 0x0F, q >> 4], axis=2).reshape(-1, 8, 32).astype(np.float32)
+    return ((d * scale.astype(np.float32))[:, :, None] * q - (dmin * minimum.astype(np.float32))[:, :, None]
+            ).reshape(-1, 256)
+
+
+def _dequantize_q6_k(blocks: np.ndarray) -> np.ndarray:
+    """(n, 210) Q6_K super-blocks -> (n, 256): 6-bit values (4 low bits in ql, 2 high in qh) minus 32,
+    times d and one signed scale per 16 values."""
+    n = blocks.shape[0]
+    ql = blocks[:, :128].reshape(n, 2, 64).astype(np.int32)
+    qh = blocks[:, 128:192].reshape(n, 2, 32).astype(np.int32)
+    scales = blocks[:, 192:208].view(np.int8).astype(np.float32)
+    d = _halves(blocks, 208)
+    low = [ql[:, :, :32] & 0x0F, ql[:, :, 32:] & 0x0F, ql[:, :, :32] >> 4, ql[:, :, 32:] >> 4]
+    q = np.stack([low[i] | (((qh >> (2 * i)) & 3) << 4) for i in range(4)], axis=2) - 32   # (n, 2, 4, 32)
+    values = q.reshape(n, 256).astype(np.float32)                # half, quarter, l: value 128 h + 32 i + l
+    return d * np.repeat(scales, 16, axis=1) * values
 
 
 def tensor(f: GGUFFile, name: str) -> np.ndarray:
@@ -134,7 +191,7 @@ def hf_name(gguf_name: str) -> Optional[str]:
     return None
 
 
-QUANTIZED = (Q8_0, Q4_0, Q4_1)
+QUANTIZED = (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q6_K)
 
 
 def _quantized_rows(f: GGUFFile, info: TensorInfo) -> np.ndarray:
@@ -194,7 +251,8 @@ def load_gguf(path, dequantize: bool = False) -> tuple:
                 if tuple(weight.shape) != tuple(need or ()):
                     raise ValueError(f"{path}: the tensor for {name} is {weight.shape}; the metadata's sizes "
                                      f"need {need}")
-                if weight.shape[1] % QK or weight.data.shape[1] != weight.shape[1] // QK * TYPES[weight.ggml_type][1]:
+                if weight.shape[1] % TYPES[weight.ggml_type][1] or \
+                        weight.data.shape[1] != row_bytes(weight.ggml_type, weight.shape[1]):
                     raise ValueError(f"{path}: quantized tensor for {name} has rows that do not fit its shape")
         model = Model(cfg, seed=None, quantized=quantized)
         expected = set(model.p)
