@@ -566,8 +566,8 @@ def matmul_quant(a, w, ggml_type: int, shape: tuple[int, int], int8_activations:
     """a (..., K) @ W^T for W (N, K) = shape stored as ggml blocks (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K) in bytes w.
 
     int8_activations rounds a per block of 32 to int8 with a float16 scale first, as llama.cpp
-    does (faster integer dot products when a has few rows; slightly less exact). The K-quants
-    always take float activations.
+    does (faster integer dot products when a has few rows; slightly less exact); for the K-quants
+    (Q4_K, Q6_K) per block of 256 with a float32 scale, as llama.cpp's Q8_K.
     """
     w, N, K = _quant_args(w, ggml_type, shape)
     a = _floats(a, "a", min_ndim=1)

@@ -411,12 +411,23 @@ def quantize_activations(a):
     return q, d
 
 
+def quantize_activations_k(a):
+    """a (..., K) rounded per block of 256 as llama.cpp's Q8_K activations (used with K-quant
+    weights): (q, d float32 per block), the value of largest magnitude mapped to -127."""
+    x = _f32(a).reshape(-1, 256)
+    peak = x[np.arange(len(x)), np.argmax(np.abs(x), axis=1)]        # the first of largest magnitude
+    iscale = np.divide(np.float32(-127), peak, out=np.zeros_like(peak), where=peak != 0)
+    q = np.minimum(np.float32(127), np.rint(iscale[:, None] * x))
+    d = np.divide(np.float32(1), iscale, out=np.zeros_like(iscale), where=iscale != 0)
+    return q, d
+
+
 def matmul_quant(a, w, ggml_type, shape, int8_activations=False):
     """a (..., K) @ W^T with W the dequantized (N, K) weights; with int8_activations, a is first
     rounded as quantize_activations does."""
     a = _f32(a)
-    if int8_activations and ggml_type in (2, 3, 8):   # the other types take float activations
-        q, d = quantize_activations(a)
+    if int8_activations:
+        q, d = quantize_activations_k(a) if ggml_type in (12, 14) else quantize_activations(a)
         a = (q.astype(np.float32) * d[:, None]).reshape(a.shape)
     return (a.astype(np.float64) @ dequantize(w, ggml_type, shape).T.astype(np.float64)).astype(np.float32)
 

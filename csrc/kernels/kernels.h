@@ -111,8 +111,8 @@ struct KernelTable {
   // Block-quantized weights (ggml's Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q6_K; QuantType above): w holds N rows
   // of K / quant_block_values blocks. matmul_quant: out (M, N) = a (M, K) @ W^T. dequantize_rows:
   // out (rows, K) = W. int8_activations: a is first rounded per block of 32 to int8 with a float16
-  // scale, as llama.cpp does (integer dot products for decode-sized M; Q8_0/Q4_0/Q4_1 only, the
-  // other types always take float activations).
+  // scale, as llama.cpp does (integer dot products for decode-sized M; for the K-quants per block
+  // of 256 with a float32 scale, as llama.cpp's Q8_K, then float products).
   void (*matmul_quant)(float* out, const float* a, const uint8_t* w, int type, int64_t M, int64_t K,
                        int64_t N, bool int8_activations);
   void (*dequantize_rows)(float* out, const uint8_t* w, int type, int64_t rows, int64_t K);

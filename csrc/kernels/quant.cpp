@@ -1,8 +1,8 @@
 // Matmul against weights kept in ggml's block-quantized formats (Q8_0, Q4_0, Q4_1: blocks of 32
 // values with a float16 scale, and for Q4_1 a float16 minimum; Q5_0 and Q5_1 with a fifth bit per
 // value; the K-quants Q4_K and Q6_K: super-blocks of 256 values with per-sub-block scales),
-// activations in float32. Q8_0, Q4_0 and Q4_1 have register-level and integer decode paths; the
-// other types expand each row to floats first.
+// activations in float32. Q8_0, Q4_0, Q4_1 (and with int8 activations Q5_0, Q5_1) have
+// register-level decode paths; the other types expand each row to floats first.
 // out (M, N) = a (M, K) @ W^T with W (N, K) stored row by row as K/32 blocks.
 //
 // Decode-sized M: each weight block is expanded to 32 floats once and multiplied with every row
@@ -93,7 +93,8 @@ int64_t block_bytes(int type) { return quant_block_bytes(type); }
 // Bytes of one row of K values.
 int64_t row_bytes_of(int type, int64_t K) { return K / quant_block_values(type) * quant_block_bytes(type); }
 
-// Types without a register-level path: their rows are expanded to floats before any product.
+// Types without a register-level float path: their rows are expanded to floats before a product
+// with float activations (Q5_0 and Q5_1 do have the integer path).
 bool expanded_per_row(int type) { return type == kQ5_0 || type == kQ5_1 || type == kQ4_K || type == kQ6_K; }
 
 // Q4_K's packed 6-bit scale and minimum of sub-block j (of 8) from its 12 bytes.
@@ -249,12 +250,44 @@ void fake_quantize_activations(float* out, const float* a, int64_t M, int64_t K)
     }
 }
 
-// The weight block's scale and (Q4_1) minimum.
+// The activations rounded as llama.cpp's Q8_K (what it multiplies K-quant weights with) rounds
+// them, back in float32: per block of 256, the value of largest magnitude maps to -127, the
+// scale is kept as a float32 (1 / iscale), q = nearest integer (ties even), at most 127.
+void fake_quantize_activations_k(float* out, const float* a, int64_t M, int64_t K) {
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t b = 0; b < K / 256; ++b) {
+      const float* x = a + i * K + b * 256;
+      float* y = out + i * K + b * 256;
+      float amax = 0.f, max = 0.f;
+      for (int t = 0; t < 256; ++t)
+        if (std::fabs(x[t]) > amax) amax = std::fabs(x[t]), max = x[t];
+      if (amax == 0.f) {
+        for (int t = 0; t < 256; ++t) y[t] = 0.f;
+        continue;
+      }
+      const float iscale = -127.f / max, d = 1.f / iscale;
+      for (int t = 0; t < 256; ++t) y[t] = std::fmin(127.f, std::nearbyint(iscale * x[t])) * d;
+    }
+}
+
+// The weight block's scale and (Q4_1, Q5_1) minimum.
 template <int Type>
 inline void block_scales(const uint8_t* blk, float& d, float& m) {
   d = half_to_float(blk);
-  m = Type == kQ4_1 ? half_to_float(blk + 2) : 0.f;
+  m = Type == kQ4_1 || Type == kQ5_1 ? half_to_float(blk + 2) : 0.f;
 }
+
+// Q5's fifth bits of a block, little-endian (bit j belongs to value j).
+template <int Type>
+inline uint32_t fifth_bits(const uint8_t* blk) {
+  uint32_t qh;
+  std::memcpy(&qh, blk + (Type == kQ5_1 ? 4 : 2), 4);
+  return qh;
+}
+
+// Where a block's packed nibbles start.
+template <int Type>
+constexpr int64_t nibbles_at() { return Type == kQ4_0 ? 2 : Type == kQ4_1 ? 4 : Type == kQ5_0 ? 6 : 8; }
 
 #if defined(__AVX2__)
 // Eight partial sums (int32 lanes) of (raw quantized weight) * (quantized activation) over a block.
@@ -265,10 +298,17 @@ inline __m256i block_idot8(const uint8_t* blk, __m256i x) {
     const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
     products = _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(x, wv));
   } else {
-    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + (Type == kQ4_1 ? 4 : 2)));
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + nibbles_at<Type>()));
     const __m128i mask = _mm_set1_epi8(0x0F);
-    const __m256i wv = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bytes, 4), mask), _mm_and_si128(bytes, mask));
-    products = _mm256_maddubs_epi16(wv, x);    // nibbles 0..15 are unsigned
+    __m256i wv = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bytes, 4), mask), _mm_and_si128(bytes, mask));
+    if (Type == kQ5_0 || Type == kQ5_1) {   // byte j gets 16 when bit j of the fifth bits is set
+      __m256i bits = _mm256_shuffle_epi8(_mm256_set1_epi32(int(fifth_bits<Type>(blk))),
+                                         _mm256_setr_epi64x(0, 0x0101010101010101, 0x0202020202020202,
+                                                            0x0303030303030303));
+      bits = _mm256_cmpeq_epi8(_mm256_or_si256(bits, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe)), _mm256_set1_epi64x(-1));
+      wv = _mm256_or_si256(wv, _mm256_and_si256(bits, _mm256_set1_epi8(0x10)));
+    }
+    products = _mm256_maddubs_epi16(wv, x);    // values 0..15 (0..31 for Q5) are unsigned
   }
   return _mm256_madd_epi16(products, _mm256_set1_epi16(1));
 }
@@ -288,8 +328,13 @@ inline int32_t block_idot(const uint8_t* blk, const int8_t* xq) {
     const int8_t* v = reinterpret_cast<const int8_t*>(blk + 2);
     for (int t = 0; t < QK; ++t) s += int32_t(v[t]) * xq[t];
   } else {
-    const uint8_t* packed = blk + (Type == kQ4_1 ? 4 : 2);
-    for (int t = 0; t < QK / 2; ++t) s += int32_t(packed[t] & 0x0F) * xq[t] + int32_t(packed[t] >> 4) * xq[t + QK / 2];
+    const uint8_t* packed = blk + nibbles_at<Type>();
+    const uint32_t qh = Type == kQ5_0 || Type == kQ5_1 ? fifth_bits<Type>(blk) : 0u;
+    for (int t = 0; t < QK / 2; ++t) {
+      const int32_t lo = int32_t(packed[t] & 0x0F) | int32_t((qh >> t) & 1) << 4;
+      const int32_t hi = int32_t(packed[t] >> 4) | int32_t((qh >> (t + 16)) & 1) << 4;
+      s += lo * xq[t] + hi * xq[t + QK / 2];
+    }
   }
   return s;
 }
@@ -300,7 +345,7 @@ inline int32_t block_idot(const uint8_t* blk, const int8_t* xq) {
 template <int Type, int R>
 inline void rows_dot(float* out, const uint8_t* rows, int64_t row_bytes, const ActBlock* x,
                      int64_t nb) {
-  constexpr int64_t bb = Type == kQ8_0 ? 2 + QK : Type == kQ4_0 ? 2 + QK / 2 : 4 + QK / 2;
+  constexpr int64_t bb = Type == kQ8_0 ? 2 + QK : nibbles_at<Type>() + QK / 2;
   float extra[R];   // Q4_0's zero point and Q4_1's minimum, through the activation block sums
 #if defined(__AVX2__)
   __m256 acc[R];
@@ -313,7 +358,8 @@ inline void rows_dot(float* out, const uint8_t* rows, int64_t row_bytes, const A
       block_scales<Type>(blk, dw, mw);
       acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_idot8<Type>(blk, xq)), _mm256_set1_ps(dw * x[b].d), acc[r]);
       if (Type == kQ4_0) extra[r] -= 8.f * dw * x[b].dsum;
-      if (Type == kQ4_1) extra[r] += mw * x[b].dsum;
+      if (Type == kQ5_0) extra[r] -= 16.f * dw * x[b].dsum;
+      if (Type == kQ4_1 || Type == kQ5_1) extra[r] += mw * x[b].dsum;
     }
   }
   for (int r = 0; r < R; ++r) out[r] = hsum256(acc[r]) + extra[r];
@@ -327,7 +373,8 @@ inline void rows_dot(float* out, const uint8_t* rows, int64_t row_bytes, const A
       block_scales<Type>(blk, dw, mw);
       acc[r] += dw * x[b].d * float(block_idot<Type>(blk, x[b].q));
       if (Type == kQ4_0) extra[r] -= 8.f * dw * x[b].dsum;
-      if (Type == kQ4_1) extra[r] += mw * x[b].dsum;
+      if (Type == kQ5_0) extra[r] -= 16.f * dw * x[b].dsum;
+      if (Type == kQ4_1 || Type == kQ5_1) extra[r] += mw * x[b].dsum;
     }
   for (int r = 0; r < R; ++r) out[r] = acc[r] + extra[r];
 #endif
@@ -375,6 +422,8 @@ void matmul_quant_int8(float* out, const float* a, const uint8_t* w, int type, i
     case kQ8_0: return matmul_quant_int8_typed<kQ8_0>(out, xs, w, M, K, N);
     case kQ4_0: return matmul_quant_int8_typed<kQ4_0>(out, xs, w, M, K, N);
     case kQ4_1: return matmul_quant_int8_typed<kQ4_1>(out, xs, w, M, K, N);
+    case kQ5_0: return matmul_quant_int8_typed<kQ5_0>(out, xs, w, M, K, N);
+    case kQ5_1: return matmul_quant_int8_typed<kQ5_1>(out, xs, w, M, K, N);
   }
 }
 
@@ -463,7 +512,12 @@ void matmul_quant_backward(float* dx, const float* dout, const uint8_t* w, int t
 
 void matmul_quant(float* out, const float* a, const uint8_t* w, int type, int64_t M, int64_t K,
                   int64_t N, bool int8_activations) {
-  if (!int8_activations || expanded_per_row(type)) return matmul_quant_float(out, a, w, type, M, K, N);
+  if (!int8_activations) return matmul_quant_float(out, a, w, type, M, K, N);
+  if (type == kQ4_K || type == kQ6_K) {   // rounded as Q8_K, then the float products
+    float* xf = fake_quantized.get(size_t(M * K));
+    fake_quantize_activations_k(xf, a, M, K);
+    return matmul_quant_float(out, xf, w, type, M, K, N);
+  }
   if (M <= 4) return matmul_quant_int8(out, a, w, type, M, K, N);
   // Prompts: the activations rounded exactly as the integer path rounds them, then the GEMM.
   float* xf = fake_quantized.get(size_t(M * K));
