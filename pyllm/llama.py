@@ -65,6 +65,12 @@ def linear(model: "Model", out: np.ndarray, a: np.ndarray, name: str, M: int, K:
     if quantized is not None:
         _C.matmul_quant(out, a, quantized.data, quantized.ggml_type, M, K, N, model.int8_activations)
         return
+    if name.endswith(".self_attn.qkv") and name.replace("qkv", "q_proj.weight") in model.quantized:
+        for part, cols in _qkv_parts(model, name):   # q, k, v quantized in different types
+            piece = np.empty((M, cols.stop - cols.start), np.float32)
+            linear(model, piece, a, part, M, K, piece.shape[1])
+            out[:, cols] = piece
+        return
     if name.endswith(".self_attn.qkv"):
         weight = _qkv_weight(model, int(name.split(".")[2]))
     else:
@@ -77,16 +83,34 @@ def linear_backward(model: "Model", dx: np.ndarray, weight_grad: Optional[np.nda
     """dx (M, K) = dout (M, N) @ W and, unless weight_grad is None (a frozen base), weight_grad +=
     dout^T a, for the forward linear(out, a, name). A quantized weight is always frozen."""
     quantized = model.quantized.get(name)
-    if quantized is not None:
+    if quantized is not None or (name.endswith(".self_attn.qkv") and
+                                 name.replace("qkv", "q_proj.weight") in model.quantized):
         if weight_grad is not None:
             raise ValueError(f"{name} is kept quantized and cannot be trained (train LoRA adapters on it)")
-        _C.matmul_quant_backward(dx, dout, quantized.data, quantized.ggml_type, M, K, N)
+        if quantized is not None:
+            _C.matmul_quant_backward(dx, dout, quantized.data, quantized.ggml_type, M, K, N)
+            return
+        dx.fill(0.0)
+        part_dx = np.empty_like(dx)
+        for part, cols in _qkv_parts(model, name):
+            linear_backward(model, part_dx, None, np.ascontiguousarray(dout[:, cols]), a, part, M, K,
+                            cols.stop - cols.start)
+            dx += part_dx
         return
     if name.endswith(".self_attn.qkv"):
         weight = _qkv_weight(model, int(name.split(".")[2]))
     else:
         weight = model.p[name]
     _C.matmul_backward(dx, weight_grad, None, dout, a, weight, M, K, N, True)
+
+
+def _qkv_parts(model: "Model", name: str) -> list[tuple[str, slice]]:
+    """The q, k and v weights of the fused name "model.layers.i.self_attn.qkv" and their columns."""
+    cfg = model.config
+    nq, nkv = cfg.n_head * cfg.head_size, cfg.n_kv_head * cfg.head_size
+    prefix = name[: -len("qkv")]
+    return [(prefix + "q_proj.weight", slice(0, nq)), (prefix + "k_proj.weight", slice(nq, nq + nkv)),
+            (prefix + "v_proj.weight", slice(nq + nkv, nq + 2 * nkv))]
 
 
 def embed(model: "Model", out: np.ndarray, ids: np.ndarray) -> None:

@@ -140,7 +140,10 @@ def _q8_0(weight):
     return np.ascontiguousarray(blocks.reshape(weight.shape[0], -1))
 
 
-def test_lora_on_a_quantized_base_equals_lora_on_its_float_twin():
+@pytest.mark.parametrize("fused", [True, False], ids=["qkv-fused", "qkv-apart"])
+def test_lora_on_a_quantized_base_equals_lora_on_its_float_twin(fused):
+    """fused: q, k, v in one quantized product (one type, as GGUF loading fuses them), or three
+    (their types differ in llama.cpp's Q4_K_M files)."""
     from pyllm.model import QuantizedWeight
 
     cfg = ModelConfig(**LLAMA)
@@ -150,7 +153,7 @@ def test_lora_on_a_quantized_base_equals_lora_on_its_float_twin():
         if w.ndim == 2 and "norm" not in name:
             quantized[name] = QuantizedWeight(_q8_0(w), 8, w.shape)
     h = "model.layers.{}.self_attn."
-    for i in range(cfg.n_layer):     # the fused q, k, v rows, as the GGUF loader keeps them
+    for i in range(cfg.n_layer if fused else 0):     # the fused q, k, v rows, as the GGUF loader keeps them
         parts = [quantized[h.format(i) + f"{x}_proj.weight"] for x in "qkv"]
         quantized[h.format(i) + "qkv"] = QuantizedWeight(np.concatenate([p.data for p in parts]), 8,
                                                          (sum(p.shape[0] for p in parts), cfg.n_embd))

@@ -108,8 +108,64 @@ inline void k4_scale_min(int j, const uint8_t* s, int& scale, int& min) {
   }
 }
 
+#if defined(__AVX2__)
+// 32 bytes (unsigned) as floats, scale_t * (v[t] - zero) - offset_t with (scale, offset) the first
+// pair for t < 16, the second after (the K-quants' sub-block scales), handed to sink(t, 8 floats).
+template <class Sink>
+inline void bytes_as_floats(__m256i v, int zero, float s0, float o0, float s1, float o1, int base, Sink& sink) {
+  const __m128i lo = _mm256_castsi256_si128(v), hi = _mm256_extracti128_si256(v, 1);
+  const __m256i z = _mm256_set1_epi32(zero);
+  const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+  for (int c = 0; c < 4; ++c) {
+    const __m256 f = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(parts[c]), z));
+    const float s = c < 2 ? s0 : s1, o = c < 2 ? o0 : o1;
+    sink(base + 8 * c, _mm256_sub_ps(_mm256_mul_ps(_mm256_set1_ps(s), f), _mm256_set1_ps(o)));
+  }
+}
+
+// The 256 values of a Q4_K or Q6_K super-block, 8 at a time, to sink(position, values).
+template <class Sink>
+inline void k_block_values(const uint8_t* blk, int type, Sink& sink) {
+  if (type == kQ4_K) {
+    const float d = half_to_float(blk), dmin = half_to_float(blk + 2);
+    const __m256i mask = _mm256_set1_epi8(0x0F);
+    for (int j = 0; j < 8; j += 2) {
+      int s0, m0, s1, m1;
+      k4_scale_min(j, blk + 4, s0, m0);
+      k4_scale_min(j + 1, blk + 4, s1, m1);
+      const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 16 + 16 * j));
+      const float d0 = d * float(s0), o0 = dmin * float(m0), d1 = d * float(s1), o1 = dmin * float(m1);
+      bytes_as_floats(_mm256_and_si256(q, mask), 0, d0, o0, d0, o0, 32 * j, sink);
+      bytes_as_floats(_mm256_and_si256(_mm256_srli_epi16(q, 4), mask), 0, d1, o1, d1, o1, 32 * j + 32, sink);
+    }
+    return;
+  }
+  const uint8_t* ql = blk;
+  const uint8_t* qh = blk + 128;
+  const int8_t* sc = reinterpret_cast<const int8_t*>(blk + 192);
+  const float d = half_to_float(blk + 208);
+  const __m256i low_mask = _mm256_set1_epi8(0x0F), two_bits = _mm256_set1_epi8(3);
+  for (int half = 0; half < 2; ++half, ql += 64, qh += 32, sc += 8) {
+    const __m256i high = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qh));
+    for (int i = 0; i < 4; ++i) {
+      __m256i low = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql + 32 * (i & 1)));
+      if (i >= 2) low = _mm256_srli_epi16(low, 4);
+      const __m256i hb = _mm256_and_si256(_mm256_srl_epi16(high, _mm_cvtsi32_si128(2 * i)), two_bits);
+      const __m256i q = _mm256_or_si256(_mm256_and_si256(low, low_mask), _mm256_slli_epi16(hb, 4));
+      bytes_as_floats(q, 32, d * float(sc[2 * i]), 0.f, d * float(sc[2 * i + 1]), 0.f, 128 * half + 32 * i, sink);
+    }
+  }
+}
+#endif
+
 // The values of one block of an expanded_per_row type, as ggml's dequantize_row_* compute them.
 void expand_block_to_floats(const uint8_t* blk, int type, float* y) {
+#if defined(__AVX2__)
+  if (type == kQ4_K || type == kQ6_K) {
+    auto store_values = [y](int t, __m256 v) { _mm256_storeu_ps(y + t, v); };
+    return k_block_values(blk, type, store_values);
+  }
+#endif
   if (type == kQ5_0 || type == kQ5_1) {   // value = (nibble | fifth bit << 4) [- 16] * d [+ m]
     const float d = half_to_float(blk), m = type == kQ5_1 ? half_to_float(blk + 2) : 0.f;
     const uint8_t* high = blk + (type == kQ5_1 ? 4 : 2);
@@ -145,19 +201,22 @@ void expand_block_to_floats(const uint8_t* blk, int type, float* y) {
   const uint8_t* qh = blk + 128;
   const int8_t* sc = reinterpret_cast<const int8_t*>(blk + 192);
   const float d = half_to_float(blk + 208);
-  for (int half = 0; half < 2; ++half, y += 128, ql += 64, qh += 32, sc += 8) {
-    for (int l = 0; l < 32; ++l) {
-      const int is = l / 16;
-      const int q1 = int((ql[l] & 0x0F) | (((qh[l] >> 0) & 3) << 4)) - 32;
-      const int q2 = int((ql[l + 32] & 0x0F) | (((qh[l] >> 2) & 3) << 4)) - 32;
-      const int q3 = int((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32;
-      const int q4 = int((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32;
-      y[l] = d * float(sc[is]) * float(q1);
-      y[l + 32] = d * float(sc[is + 2]) * float(q2);
-      y[l + 64] = d * float(sc[is + 4]) * float(q3);
-      y[l + 96] = d * float(sc[is + 6]) * float(q4);
-    }
-  }
+  // Value 32 i + l of each half (i = 0..3, l = 0..31): bits of ql[l + 32 (i & 1)] (low nibble for
+  // i < 2) and bits 2i, 2i + 1 of qh[l]; scale sc[2 i + l / 16]. Loops of 16 with one scale each,
+  // so the compiler vectorises them.
+  for (int half = 0; half < 2; ++half, y += 128, ql += 64, qh += 32, sc += 8)
+    for (int i = 0; i < 4; ++i)
+      for (int l0 = 0; l0 < 32; l0 += 16) {
+        const float scale = d * float(sc[2 * i + l0 / 16]);
+        const uint8_t* low = ql + 32 * (i & 1) + l0;
+        const uint8_t* high = qh + l0;
+        const int shift = 4 * (i >> 1);
+        float* out = y + 32 * i + l0;
+        for (int l = 0; l < 16; ++l) {
+          const int q = int(((low[l] >> shift) & 0x0F) | (((high[l] >> (2 * i)) & 3) << 4)) - 32;
+          out[l] = scale * float(q);
+        }
+      }
 }
 
 // The 32 quantized values of a block as floats (without scale or minimum), and its scale/min.
@@ -437,6 +496,18 @@ void matmul_expanded_rows(float* out, const float* a, const uint8_t* w, int type
   parallel_for(N, imax(1, 16384 / imax(1, rb)), [&](int64_t j0, int64_t j1) {
     float* row = expanded_row.get(size_t(K));
     for (int64_t j = j0; j < j1; ++j) {
+#if defined(__AVX2__)
+      if (M == 1 && (type == kQ4_K || type == kQ6_K)) {   // decode: the values go straight into the sums
+        __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+        for (int64_t b = 0; b < nb; ++b) {
+          const float* x = a + b * 256;
+          auto accumulate = [&](int t, __m256 v) { acc[(t >> 3) & 1] = _mm256_fmadd_ps(v, _mm256_loadu_ps(x + t), acc[(t >> 3) & 1]); };
+          k_block_values(w + j * rb + b * block_bytes(type), type, accumulate);
+        }
+        out[j] = hsum256(_mm256_add_ps(acc[0], acc[1]));
+        continue;
+      }
+#endif
       for (int64_t b = 0; b < nb; ++b) expand_block_to_floats(w + j * rb + b * block_bytes(type), type, row + b * bv);
       for (int64_t i = 0; i < M; ++i) {
         const float* x = a + i * K;

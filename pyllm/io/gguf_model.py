@@ -231,18 +231,21 @@ def load_gguf(path, dequantize: bool = False) -> tuple:
                 quantized[target] = QuantizedWeight(_quantized_rows(f, info), info.type, tuple(reversed(info.shape)))
             for i in range(cfg.n_layer):
                 infos = [f.tensors.get(f"blk.{i}.attn_{x}.weight") for x in "qkv"]
-                if any(t is None for t in infos) or len({t.type for t in infos}) != 1 or infos[0].type not in QUANTIZED:
+                if any(t is None or t.type not in QUANTIZED for t in infos):
                     continue
                 q = _unpermute_rows(_quantized_rows(f, infos[0]), cfg.n_head)
                 k = _unpermute_rows(_quantized_rows(f, infos[1]), cfg.n_kv_head)
                 v = _quantized_rows(f, infos[2])
-                fused = np.ascontiguousarray(np.concatenate([q, k, v]))
-                h, t = f"model.layers.{i}.self_attn.", infos[0].type
+                h = f"model.layers.{i}.self_attn."
                 nq, nkv = cfg.n_head * HS, cfg.n_kv_head * HS
-                quantized[h + "qkv"] = QuantizedWeight(fused, t, (nq + 2 * nkv, cfg.n_embd))
-                quantized[h + "q_proj.weight"] = QuantizedWeight(fused[:nq], t, (nq, cfg.n_embd))
-                quantized[h + "k_proj.weight"] = QuantizedWeight(fused[nq:nq + nkv], t, (nkv, cfg.n_embd))
-                quantized[h + "v_proj.weight"] = QuantizedWeight(fused[nq + nkv:], t, (nkv, cfg.n_embd))
+                if len({t.type for t in infos}) == 1:   # one product for the three (views of one copy)
+                    t = infos[0].type
+                    fused = np.ascontiguousarray(np.concatenate([q, k, v]))
+                    quantized[h + "qkv"] = QuantizedWeight(fused, t, (nq + 2 * nkv, cfg.n_embd))
+                    q, k, v = fused[:nq], fused[nq:nq + nkv], fused[nq + nkv:]
+                for name, rows, info, n in (("q", q, infos[0], nq), ("k", k, infos[1], nkv), ("v", v, infos[2], nkv)):
+                    quantized[h + f"{name}_proj.weight"] = QuantizedWeight(np.ascontiguousarray(rows), info.type,
+                                                                           (n, cfg.n_embd))
             from pyllm.model import parameter_specs
 
             shapes = {spec.name: spec.shape for spec in parameter_specs(cfg)}
