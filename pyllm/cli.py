@@ -415,8 +415,8 @@ def main(argv: list[str] | None = None) -> int:
 def _add_finetune_flags(parser) -> None:
     """What SFT and DPO share: adapters, checkpoints and resume."""
     parser.add_argument("--lora-rank", type=int, default=0,
-                        help="train LoRA adapters of this rank on a frozen base (Llama models; a GGUF base stays "
-                             "quantized); 0: all weights")
+                        help="train LoRA adapters of this rank on a frozen base (a GGUF base stays quantized); "
+                             "0: all weights")
     parser.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA scale numerator (default 16)")
     parser.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapters' input (default 0)")
     parser.add_argument("--checkpoint-interval", type=int, default=50, metavar="STEPS",

@@ -205,10 +205,9 @@ def backward(model: "Model", ids: np.ndarray, dlogits: np.ndarray) -> None:
     lora = model.lora
     frozen = lora is not None   # adapters train; the base weights get no gradients
 
-    class _Grads:   # model.g, or None for every base weight while it is frozen
-        def __getitem__(self, name):
-            return None if frozen else model.g[name]
-    g = _Grads()
+    from pyllm.model import _FrozenGrads
+
+    g = _FrozenGrads() if frozen else model.g
     B, T = ids.shape
     C, NH, NKV, HS, F, V = cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.head_size, cfg.intermediate_size, cfg.vocab_size
     N, QKV = B * T, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_size

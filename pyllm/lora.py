@@ -22,8 +22,17 @@ import numpy as np
 
 from pyllm.kernels import _C
 
-TARGETS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-           "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+# The projections adapters may sit on, per architecture: target name (as peft's target_modules
+# spells it) -> the weights it names in layer i. GPT-2's c_proj names both the attention output
+# and the MLP output, as it does in peft.
+TARGETS = {
+    "llama": {t: (f"model.layers.{{i}}.{m}.{t}.weight",) for t, m in
+              (("q_proj", "self_attn"), ("k_proj", "self_attn"), ("v_proj", "self_attn"), ("o_proj", "self_attn"),
+               ("gate_proj", "mlp"), ("up_proj", "mlp"), ("down_proj", "mlp"))},
+    "gpt2": {"c_attn": ("transformer.h.{i}.attn.c_attn.weight",),
+             "c_proj": ("transformer.h.{i}.attn.c_proj.weight", "transformer.h.{i}.mlp.c_proj.weight"),
+             "c_fc": ("transformer.h.{i}.mlp.c_fc.weight",)},
+}
 PEFT_PREFIX = "base_model.model."
 
 
@@ -31,7 +40,7 @@ PEFT_PREFIX = "base_model.model."
 class LoRAConfig:
     rank: int = 8
     alpha: float = 16.0
-    targets: tuple = tuple(TARGETS)
+    targets: Optional[tuple] = None   # None: every projection of the architecture (TARGETS)
     dropout: float = 0.0    # on the adapter's input, in training steps only (as peft's lora_dropout)
     seed: int = 0
 
@@ -40,9 +49,10 @@ class LoRAConfig:
             raise ValueError(f"rank must be an integer >= 1, got {self.rank!r}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must lie in [0, 1), got {self.dropout!r}")
-        unknown = set(self.targets) - set(TARGETS)
-        if unknown or not self.targets:
-            raise ValueError(f"LoRA targets must be among {sorted(TARGETS)}, got {sorted(unknown) or 'none'}")
+        known = {t for table in TARGETS.values() for t in table}
+        if self.targets is not None and (set(self.targets) - known or not self.targets):
+            raise ValueError(f"LoRA targets must be among {sorted(known)}, got "
+                             f"{sorted(set(self.targets) - known) or 'none'}")
 
 
 @dataclass
@@ -55,22 +65,28 @@ class _Site:
 
 
 class LoRA:
-    """Adapters for `model` (Llama family). `params`, `grads` and `num_decayed` make it something
+    """Adapters for `model` (Llama or GPT-2). `params`, `grads` and `num_decayed` make it something
     pyllm.AdamW can train."""
 
     def __init__(self, model, config: LoRAConfig = LoRAConfig()) -> None:
-        if model.config.arch != "llama":
-            raise ValueError("LoRA adapters are written for the llama architecture")
         from pyllm.model import parameter_specs
 
+        table = TARGETS[model.config.arch]
+        self.targets = tuple(config.targets or table)
+        if set(self.targets) - set(table):
+            raise ValueError(f"a {model.config.arch} model's LoRA targets are {sorted(table)}, got "
+                             f"{sorted(set(self.targets) - set(table))}")
         self.config, self.scale = config, config.alpha / config.rank
+        # GPT-2 stores its projections as (in, out) (HF's Conv1D), Llama as (out, in).
+        self.transposed = model.config.arch == "gpt2"
         shapes = {s.name: s.shape for s in parameter_specs(model.config)}   # quantized weights too
         self.sites: dict[str, _Site] = {}
         for i in range(model.config.n_layer):
-            for target in config.targets:
-                base = f"model.layers.{i}.{TARGETS[target]}.{target}.weight"
-                out, inp = shapes[base]
-                self.sites[base] = _Site(base, out, inp, len(self.sites))
+            for target in self.targets:
+                for pattern in table[target]:
+                    base = pattern.format(i=i)
+                    out, inp = shapes[base][::-1] if self.transposed else shapes[base]
+                    self.sites[base] = _Site(base, out, inp, len(self.sites))
         r = config.rank
         sizes = [(s.base, r * s.inp, s.out * r) for s in self.sites.values()]
         self.num_params = sum(a + b for _, a, b in sizes)
@@ -158,8 +174,9 @@ class LoRA:
         if kept:
             raise ValueError(f"{kept[0]} is kept quantized: merge into model.dequantized() instead")
         for base in self.sites:
-            model.p[base][...] += np.float32(self.scale) * (self.B[base].astype(np.float64)
-                                                             @ self.A[base].astype(np.float64)).astype(np.float32)
+            delta = (np.float32(self.scale) * (self.B[base].astype(np.float64) @ self.A[base].astype(np.float64))
+                     ).astype(np.float32)
+            model.p[base][...] += delta.T if self.transposed else delta
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """peft's names: base_model.model.<module>.lora_A.weight / lora_B.weight."""
@@ -182,7 +199,7 @@ class LoRA:
             save_file(self.state_dict(), str(tmp), metadata={"format": "pt"})
         config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": self.config.rank,
                   "lora_alpha": self.config.alpha, "lora_dropout": self.config.dropout, "bias": "none",
-                  "target_modules": sorted(self.config.targets), "fan_in_fan_out": False,
+                  "target_modules": sorted(self.targets), "fan_in_fan_out": self.transposed,
                   "base_model_name_or_path": base_model, "inference_mode": True}
         write_text(directory / "adapter_config.json", json.dumps(config, indent=2) + "\n")
 

@@ -106,6 +106,13 @@ class ParamSpec:
     init: str             # "normal", "residual" (normal scaled by 1/sqrt(2 n_layer)), "zeros", "ones"
 
 
+class _FrozenGrads:
+    """Stands for Model.g while LoRA adapters train: no base weight gets a gradient."""
+
+    def __getitem__(self, name: str) -> None:
+        return None
+
+
 def parameter_specs(cfg: ModelConfig) -> list[ParamSpec]:
     """Every parameter with its Hugging Face name, decayed ones first (AdamW updates two slices)."""
     if cfg.arch == "llama":
@@ -369,6 +376,8 @@ class Model:
             _C.layernorm_forward(ln1, m1, r1, x, p[h + "ln_1.weight"], p[h + "ln_1.bias"], N, C, eps)
             qkv = ws.get("qkv", (N, 3 * C))
             _C.matmul_forward(qkv, ln1, p[h + "attn.c_attn.weight"], p[h + "attn.c_attn.bias"], N, C, 3 * C, False)
+            if self.lora is not None:
+                self.lora.forward(qkv, ln1, h + "attn.c_attn.weight")
             q, k, v = (ws.get(f"{n}.{i}", (B, NH, T, HS)) for n in "qkv")
             heads = qkv.reshape(B, T, 3, NH, HS)
             for j, dst in enumerate((q, k, v)):
@@ -379,15 +388,21 @@ class Model:
             np.copyto(atty.reshape(B, T, NH, HS), att.transpose(0, 2, 1, 3))
             proj = ws.get("proj", (N, C))
             _C.matmul_forward(proj, atty, p[h + "attn.c_proj.weight"], p[h + "attn.c_proj.bias"], N, C, C, False)
+            if self.lora is not None:
+                self.lora.forward(proj, atty, h + "attn.c_proj.weight")
             x_mid = ws.get(f"xmid.{i}", (N, C))
             np.add(x, proj, out=x_mid)
             ln2, m2, r2 = ws.get(f"ln2.{i}", (N, C)), ws.get(f"ln2m.{i}", (N,)), ws.get(f"ln2r.{i}", (N,))
             _C.layernorm_forward(ln2, m2, r2, x_mid, p[h + "ln_2.weight"], p[h + "ln_2.bias"], N, C, eps)
             fc = ws.get(f"fc.{i}", (N, F))
             _C.matmul_forward(fc, ln2, p[h + "mlp.c_fc.weight"], p[h + "mlp.c_fc.bias"], N, C, F, False)
+            if self.lora is not None:
+                self.lora.forward(fc, ln2, h + "mlp.c_fc.weight")
             act = ws.get(f"gelu.{i}", (N, F))
             _C.gelu_forward(act, fc)
             _C.matmul_forward(proj, act, p[h + "mlp.c_proj.weight"], p[h + "mlp.c_proj.bias"], N, F, C, False)
+            if self.lora is not None:
+                self.lora.forward(proj, act, h + "mlp.c_proj.weight")
             x = ws.get(f"x{i + 1}", (N, C))
             np.add(x_mid, proj, out=x)
         lnf, mf, rf = ws.get("lnf", (N, C)), ws.get("lnfm", (N,)), ws.get("lnfr", (N,))
@@ -414,13 +429,14 @@ class Model:
             from pyllm import llama
 
             return llama.backward(self, ids, dlogits)
-        cfg, p, g, ws = self.config, self.p, self.g, self._ws
+        cfg, p, ws, lora = self.config, self.p, self._ws, self.lora
+        g = _FrozenGrads() if lora is not None else self.g   # with adapters, the base gets no gradients
         B, T = ids.shape
         C, NH, HS, F, V = cfg.n_embd, cfg.n_head, cfg.head_size, cfg.intermediate_size, cfg.vocab_size
         N = B * T
         dlnf = ws.get("dln", (N, C))
-        _C.matmul_backward(dlnf, self._head_grad(), None, dlogits, ws.get("lnf", (N, C)), self._head(),
-                           N, C, V, True)
+        _C.matmul_backward(dlnf, None if lora is not None else self._head_grad(), None, dlogits,
+                           ws.get("lnf", (N, C)), self._head(), N, C, V, True)
         dx = ws.get("dx", (N, C))
         _C.layernorm_backward(dx, g["transformer.ln_f.weight"], g["transformer.ln_f.bias"], dlnf,
                               ws.get(f"x{cfg.n_layer}", (N, C)), p["transformer.ln_f.weight"],
@@ -432,11 +448,15 @@ class Model:
             dact = ws.get("dact", (N, F))
             _C.matmul_backward(dact, g[h + "mlp.c_proj.weight"], g[h + "mlp.c_proj.bias"], dx,
                                ws.get(f"gelu.{i}", (N, F)), p[h + "mlp.c_proj.weight"], N, F, C, False)
+            if lora is not None:
+                lora.backward(dact, dx, ws.get(f"gelu.{i}", (N, F)), h + "mlp.c_proj.weight")
             dfc = ws.get("dfc", (N, F))
             _C.gelu_backward(dfc, dact, ws.get(f"fc.{i}", (N, F)))
             dln = ws.get("dln", (N, C))
             _C.matmul_backward(dln, g[h + "mlp.c_fc.weight"], g[h + "mlp.c_fc.bias"], dfc,
                                ws.get(f"ln2.{i}", (N, C)), p[h + "mlp.c_fc.weight"], N, C, F, False)
+            if lora is not None:
+                lora.backward(dln, dfc, ws.get(f"ln2.{i}", (N, C)), h + "mlp.c_fc.weight")
             _C.layernorm_backward(dtmp, g[h + "ln_2.weight"], g[h + "ln_2.bias"], dln,
                                   ws.get(f"xmid.{i}", (N, C)), p[h + "ln_2.weight"],
                                   ws.get(f"ln2m.{i}", (N,)), ws.get(f"ln2r.{i}", (N,)), N, C)
@@ -445,6 +465,8 @@ class Model:
             datty = ws.get("datty", (N, C))
             _C.matmul_backward(datty, g[h + "attn.c_proj.weight"], g[h + "attn.c_proj.bias"], dx,
                                ws.get(f"atty.{i}", (N, C)), p[h + "attn.c_proj.weight"], N, C, C, False)
+            if lora is not None:
+                lora.backward(datty, dx, ws.get(f"atty.{i}", (N, C)), h + "attn.c_proj.weight")
             datt = ws.get("datt", (B, NH, T, HS))
             np.copyto(datt, datty.reshape(B, T, NH, HS).transpose(0, 2, 1, 3))
             dq, dk, dv = (ws.get(f"d{n}", (B, NH, T, HS)) for n in "qkv")
@@ -457,12 +479,15 @@ class Model:
                 np.copyto(heads[:, :, j], src.transpose(0, 2, 1, 3))
             _C.matmul_backward(dln, g[h + "attn.c_attn.weight"], g[h + "attn.c_attn.bias"], dqkv,
                                ws.get(f"ln1.{i}", (N, C)), p[h + "attn.c_attn.weight"], N, C, 3 * C, False)
+            if lora is not None:
+                lora.backward(dln, dqkv, ws.get(f"ln1.{i}", (N, C)), h + "attn.c_attn.weight")
             _C.layernorm_backward(dtmp, g[h + "ln_1.weight"], g[h + "ln_1.bias"], dln,
                                   ws.get(f"x{i}" if i else "x0", (N, C)), p[h + "ln_1.weight"],
                                   ws.get(f"ln1m.{i}", (N,)), ws.get(f"ln1r.{i}", (N,)), N, C)
             dx += dtmp     # now d x_i
-        g["transformer.wpe.weight"][:T] += dx.reshape(B, T, C).sum(axis=0)
-        _C.embedding_backward(g["transformer.wte.weight"], dx, ids, N, V, C)
+        if lora is None:
+            g["transformer.wpe.weight"][:T] += dx.reshape(B, T, C).sum(axis=0)
+            _C.embedding_backward(g["transformer.wte.weight"], dx, ids, N, V, C)
 
     def forward_step(self, ids: np.ndarray, cache: "KVCache", rows: Optional[slice] = None) -> np.ndarray:
         """Appends ids (B, Tq) to the KV cache (its rows `rows`, default all) and returns the logits
@@ -503,6 +528,8 @@ class Model:
             h = f"transformer.h.{i}."
             _C.layernorm_forward(ln, mean, rstd, x, p[h + "ln_1.weight"], p[h + "ln_1.bias"], N, C, eps)
             _C.matmul_forward(qkv, ln, p[h + "attn.c_attn.weight"], p[h + "attn.c_attn.bias"], N, C, 3 * C, False)
+            if self.lora is not None:
+                self.lora.forward(qkv, ln, h + "attn.c_attn.weight")
             heads = qkv.reshape(B, Tq, 3, NH, HS)
             np.copyto(q, heads[:, :, 0].transpose(0, 2, 1, 3))
             k_cache, v_cache = cache.k[i][rows], cache.v[i][rows]
@@ -513,11 +540,17 @@ class Model:
                                  new_lengths)
             np.copyto(atty.reshape(B, Tq, NH, HS), att.transpose(0, 2, 1, 3))
             _C.matmul_forward(proj, atty, p[h + "attn.c_proj.weight"], p[h + "attn.c_proj.bias"], N, C, C, False)
+            if self.lora is not None:
+                self.lora.forward(proj, atty, h + "attn.c_proj.weight")
             x += proj
             _C.layernorm_forward(ln, mean, rstd, x, p[h + "ln_2.weight"], p[h + "ln_2.bias"], N, C, eps)
             _C.matmul_forward(fc, ln, p[h + "mlp.c_fc.weight"], p[h + "mlp.c_fc.bias"], N, C, F, False)
+            if self.lora is not None:
+                self.lora.forward(fc, ln, h + "mlp.c_fc.weight")
             _C.gelu_forward(fc, fc)
             _C.matmul_forward(proj, fc, p[h + "mlp.c_proj.weight"], p[h + "mlp.c_proj.bias"], N, F, C, False)
+            if self.lora is not None:
+                self.lora.forward(proj, fc, h + "mlp.c_proj.weight")
             x += proj
         last = np.ascontiguousarray(x.reshape(B, Tq, C)[:, -1])
         lnf = np.empty((B, C), np.float32)

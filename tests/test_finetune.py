@@ -78,6 +78,13 @@ def test_cli_finetune_sft(tmp_path, llm, capsys):
     out = capsys.readouterr().out
     assert "validation loss before" in out and "validation loss after" in out
     assert (tmp_path / "tuned" / "model.safetensors").exists()
+    rc = cli(["finetune", "sft", "--model", str(folder), "--data", str(tmp_path / "ex.jsonl"), "--lora-rank", "4",
+              "--out", str(tmp_path / "lora"), "--epochs", "1", "--no-progress"])     # a GPT-2 model's adapters
+    assert rc == 0
+    config = json.loads((tmp_path / "lora" / "adapter" / "adapter_config.json").read_text())
+    assert config["fan_in_fan_out"] and sorted(config["target_modules"]) == ["c_attn", "c_fc", "c_proj"]
+    tuned = LLM.load(tmp_path / "lora")
+    assert not np.array_equal(tuned.model.params, LLM.load(folder).model.params)
 
 
 def test_answer_accuracy_checks_the_final_number(llm, monkeypatch):

@@ -90,8 +90,9 @@ def test_merged_equals_unmerged_and_peft_loads_the_saved_adapter(tmp_path):
 
 
 def test_lora_refuses_what_it_cannot_do():
-    with pytest.raises(ValueError, match="llama"):
-        LoRA(Model(ModelConfig(vocab_size=50, block_size=8, n_layer=1, n_head=2, n_embd=16)))
+    with pytest.raises(ValueError, match="gpt2 model's LoRA targets"):
+        LoRA(Model(ModelConfig(vocab_size=50, block_size=8, n_layer=1, n_head=2, n_embd=16)),
+             LoRAConfig(targets=("q_proj",)))
     with pytest.raises(ValueError, match="targets"):
         LoRAConfig(targets=("wte",))
 
@@ -178,3 +179,54 @@ def test_lora_on_a_quantized_base_equals_lora_on_its_float_twin(fused):
     close(kept.lora.grads, twin.lora.grads, rtol=1e-4, what="adapter gradients")
     with pytest.raises(ValueError, match="quantized"):
         kept.lora.merge_into(kept)
+
+
+def test_gpt2_adapters_equal_peft_and_merge(tmp_path):
+    """GPT-2 (pyllm's own trained models): adapters on c_attn, both c_proj and c_fc, whose weights
+    are stored (in, out) as HF's Conv1D; peft treats them with fan_in_fan_out."""
+    from pyllm.io.hf import config_to_hf
+
+    model = Model(ModelConfig(vocab_size=71, block_size=32, n_layer=2, n_head=4, n_embd=32), seed=1)
+    lora = LoRA(model, LoRAConfig(rank=4, alpha=8.0, seed=2))
+    assert len(lora.sites) == 2 * 4
+    rng = np.random.default_rng(3)
+    for base in lora.sites:
+        lora.B[base][...] = rng.standard_normal(lora.B[base].shape).astype(np.float32) * 0.05
+    cfg = transformers.GPT2Config(**config_to_hf(model.config))
+    cfg._attn_implementation = "eager"
+    base = transformers.GPT2LMHeadModel(cfg)
+    base.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in model.state_dict().items()}, strict=False)
+    base.tie_weights()
+    twin = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8.0, target_modules=["c_attn", "c_proj", "c_fc"],
+                                                     lora_dropout=0.0, bias="none", fan_in_fan_out=True))
+    twin.load_state_dict({k.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight",
+                                                                                           ".lora_B.default.weight"):
+                          torch.from_numpy(v.copy()) for k, v in lora.state_dict().items()}, strict=False)
+    twin.eval()
+    model.lora = lora
+    ids, targets_ = rng.integers(0, 71, (2, 11)), rng.integers(0, 71, (2, 11))
+    t_logits = twin(torch.from_numpy(ids)).logits
+    close(model(ids), t_logits.detach().numpy(), what="logits")
+    torch.nn.functional.cross_entropy(t_logits.reshape(-1, 71), torch.from_numpy(targets_).reshape(-1)).backward()
+    lora.zero_grad()
+    model.zero_grad()
+    model.forward_backward(ids, targets_)
+    named = dict(twin.named_parameters())
+    for site in lora.sites:
+        module = "base_model.model." + site[: -len(".weight")]
+        close(lora.gA[site], named[module + ".lora_A.default.weight"].grad.numpy(), what=site + " A")
+        close(lora.gB[site], named[module + ".lora_B.default.weight"].grad.numpy(), what=site + " B")
+    assert not model.grads.any(), "the frozen base weights received gradients"
+    from pyllm.model import KVCache
+
+    cache = KVCache(model.config, 1, 16)                  # cached decoding sees the adapters too
+    close(model.forward_step(ids[:1], cache), model(ids[:1])[:, -1], rtol=1e-5, what="cached decode")
+    adapted = model(ids)
+    lora.save(tmp_path / "adapter")
+    loaded = peft.PeftModel.from_pretrained(twin.unload(), tmp_path / "adapter")
+    loaded.eval()
+    with torch.no_grad():
+        close(adapted, loaded(torch.from_numpy(ids)).logits.numpy(), what="peft with our saved adapter")
+    model.lora = None
+    lora.merge_into(model)
+    close(model(ids), adapted, rtol=1e-5, what="merged")
