@@ -20,26 +20,50 @@ def close(ours, theirs, rtol=1e-4, what=""):
     assert err <= rtol, f"{what}: max error {err:.2e} of the largest magnitude"
 
 
-def setup(targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), rank=4):
+GPT2 = dict(vocab_size=71, block_size=32, n_layer=2, n_head=4, n_embd=32)
+
+
+def setup(targets=None, rank=4, arch="llama"):
+    """A model with a trained-looking adapter (B no longer zero) and its peft + transformers twin."""
     from pyllm.io.hf import config_to_hf
 
-    model = Model(ModelConfig(**LLAMA), seed=1)
+    model = Model(ModelConfig(**(LLAMA if arch == "llama" else GPT2)), seed=1)
     lora = LoRA(model, LoRAConfig(rank=rank, alpha=8.0, targets=targets, seed=2))
     rng = np.random.default_rng(3)
-    for base in lora.sites:       # a trained-looking adapter: B no longer zero
+    for base in lora.sites:
         lora.B[base][...] = rng.standard_normal(lora.B[base].shape).astype(np.float32) * 0.05
-    cfg = transformers.LlamaConfig(**config_to_hf(model.config))
+    hf_config, hf_model = ((transformers.LlamaConfig, transformers.LlamaForCausalLM) if arch == "llama" else
+                           (transformers.GPT2Config, transformers.GPT2LMHeadModel))
+    cfg = hf_config(**config_to_hf(model.config))
     cfg._attn_implementation = "eager"
-    base = transformers.LlamaForCausalLM(cfg)
+    base = hf_model(cfg)
     base.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in model.state_dict().items()}, strict=False)
     base.tie_weights()
-    twin = peft.get_peft_model(base, peft.LoraConfig(r=rank, lora_alpha=8.0, target_modules=list(targets),
-                                                     lora_dropout=0.0, bias="none"))
+    twin = peft.get_peft_model(base, peft.LoraConfig(r=rank, lora_alpha=8.0, target_modules=list(lora.targets),
+                                                     lora_dropout=0.0, bias="none", fan_in_fan_out=lora.transposed))
     twin.load_state_dict({k.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight",
                                                                                            ".lora_B.default.weight"):
                           torch.from_numpy(v.copy()) for k, v in lora.state_dict().items()}, strict=False)
     twin.eval()
     return model, lora, twin
+
+
+def assert_equal_to_peft(model, lora, twin, seed=4):
+    """Logits and every adapter gradient equal the twin's on a random batch; no base gradients."""
+    rng = np.random.default_rng(seed)
+    ids, targets = rng.integers(0, 71, (2, 11)), rng.integers(0, 71, (2, 11))
+    t_logits = twin(torch.from_numpy(ids)).logits
+    close(model(ids), t_logits.detach().numpy(), what="logits")
+    torch.nn.functional.cross_entropy(t_logits.reshape(-1, 71), torch.from_numpy(targets).reshape(-1)).backward()
+    lora.zero_grad()
+    model.zero_grad()
+    model.forward_backward(ids, targets)
+    named = dict(twin.named_parameters())
+    for base in lora.sites:
+        module = "base_model.model." + base[: -len(".weight")]
+        close(lora.gA[base], named[module + ".lora_A.default.weight"].grad.numpy(), what=base + " A")
+        close(lora.gB[base], named[module + ".lora_B.default.weight"].grad.numpy(), what=base + " B")
+    assert not model.grads.any(), "the frozen base weights received gradients"
 
 
 def test_a_fresh_adapter_changes_nothing():
@@ -55,20 +79,7 @@ def test_a_fresh_adapter_changes_nothing():
 def test_logits_and_adapter_gradients_equal_peft(targets):
     model, lora, twin = setup(targets)
     model.lora = lora
-    rng = np.random.default_rng(4)
-    ids, targets_ = rng.integers(0, 71, (2, 11)), rng.integers(0, 71, (2, 11))
-    t_logits = twin(torch.from_numpy(ids)).logits
-    close(model(ids), t_logits.detach().numpy(), what="logits")
-    torch.nn.functional.cross_entropy(t_logits.reshape(-1, 71), torch.from_numpy(targets_).reshape(-1)).backward()
-    lora.zero_grad()
-    model.zero_grad()
-    model.forward_backward(ids, targets_)
-    named = dict(twin.named_parameters())
-    for base in lora.sites:
-        module = "base_model.model." + base[: -len(".weight")]
-        close(lora.gA[base], named[module + ".lora_A.default.weight"].grad.numpy(), what=base + " A")
-        close(lora.gB[base], named[module + ".lora_B.default.weight"].grad.numpy(), what=base + " B")
-    assert not model.grads.any(), "the frozen base weights received gradients"
+    assert_equal_to_peft(model, lora, twin)
 
 
 def test_merged_equals_unmerged_and_peft_loads_the_saved_adapter(tmp_path):
@@ -184,43 +195,15 @@ def test_lora_on_a_quantized_base_equals_lora_on_its_float_twin(fused):
 def test_gpt2_adapters_equal_peft_and_merge(tmp_path):
     """GPT-2 (pyllm's own trained models): adapters on c_attn, both c_proj and c_fc, whose weights
     are stored (in, out) as HF's Conv1D; peft treats them with fan_in_fan_out."""
-    from pyllm.io.hf import config_to_hf
-
-    model = Model(ModelConfig(vocab_size=71, block_size=32, n_layer=2, n_head=4, n_embd=32), seed=1)
-    lora = LoRA(model, LoRAConfig(rank=4, alpha=8.0, seed=2))
-    assert len(lora.sites) == 2 * 4
-    rng = np.random.default_rng(3)
-    for base in lora.sites:
-        lora.B[base][...] = rng.standard_normal(lora.B[base].shape).astype(np.float32) * 0.05
-    cfg = transformers.GPT2Config(**config_to_hf(model.config))
-    cfg._attn_implementation = "eager"
-    base = transformers.GPT2LMHeadModel(cfg)
-    base.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in model.state_dict().items()}, strict=False)
-    base.tie_weights()
-    twin = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8.0, target_modules=["c_attn", "c_proj", "c_fc"],
-                                                     lora_dropout=0.0, bias="none", fan_in_fan_out=True))
-    twin.load_state_dict({k.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight",
-                                                                                           ".lora_B.default.weight"):
-                          torch.from_numpy(v.copy()) for k, v in lora.state_dict().items()}, strict=False)
-    twin.eval()
-    model.lora = lora
-    ids, targets_ = rng.integers(0, 71, (2, 11)), rng.integers(0, 71, (2, 11))
-    t_logits = twin(torch.from_numpy(ids)).logits
-    close(model(ids), t_logits.detach().numpy(), what="logits")
-    torch.nn.functional.cross_entropy(t_logits.reshape(-1, 71), torch.from_numpy(targets_).reshape(-1)).backward()
-    lora.zero_grad()
-    model.zero_grad()
-    model.forward_backward(ids, targets_)
-    named = dict(twin.named_parameters())
-    for site in lora.sites:
-        module = "base_model.model." + site[: -len(".weight")]
-        close(lora.gA[site], named[module + ".lora_A.default.weight"].grad.numpy(), what=site + " A")
-        close(lora.gB[site], named[module + ".lora_B.default.weight"].grad.numpy(), what=site + " B")
-    assert not model.grads.any(), "the frozen base weights received gradients"
     from pyllm.model import KVCache
 
+    model, lora, twin = setup(arch="gpt2")
+    assert len(lora.sites) == 2 * 4
+    model.lora = lora
+    assert_equal_to_peft(model, lora, twin)
+    ids = np.random.default_rng(5).integers(0, 71, (1, 12))
     cache = KVCache(model.config, 1, 16)                  # cached decoding sees the adapters too
-    close(model.forward_step(ids[:1], cache), model(ids[:1])[:, -1], rtol=1e-5, what="cached decode")
+    close(model.forward_step(ids, cache), model(ids)[:, -1], rtol=1e-5, what="cached decode")
     adapted = model(ids)
     lora.save(tmp_path / "adapter")
     loaded = peft.PeftModel.from_pretrained(twin.unload(), tmp_path / "adapter")
