@@ -142,7 +142,8 @@ def _split_heads(qkv: np.ndarray, B: int, T: int, cfg, q, k, v) -> None:
     np.copyto(v, rows[:, :, NH + NKV:].transpose(0, 2, 1, 3))
 
 
-def forward(model: "Model", ids: np.ndarray) -> np.ndarray:
+def forward(model: "Model", ids: np.ndarray, rows: Optional[np.ndarray] = None) -> np.ndarray:
+    """Logits (B, T, V), or with rows (flat positions) only theirs, (len(rows), V)."""
     cfg, p, ws = model.config, model.p, model._ws
     B, T = ids.shape
     C, NH, NKV, HS, F, V = cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.head_size, cfg.intermediate_size, cfg.vocab_size
@@ -195,12 +196,19 @@ def forward(model: "Model", ids: np.ndarray) -> np.ndarray:
         np.add(x_mid, proj, out=x)
     lnf, rf = ws.get("lnf", (N, C)), ws.get("lnfr", (N,))
     _C.rmsnorm_forward(lnf, rf, x, p["model.norm.weight"], N, C, eps)
+    if rows is not None:
+        head_in = ws.get("head_in", (rows.size, C))
+        np.take(lnf, rows, axis=0, out=head_in)
+        logits = ws.get("logits", (rows.size, V))
+        linear(model, logits, head_in, model._head_name(), rows.size, C, V)
+        return logits
     logits = ws.get("logits", (B, T, V))
     linear(model, logits, lnf, model._head_name(), N, C, V)
     return logits
 
 
-def backward(model: "Model", ids: np.ndarray, dlogits: np.ndarray) -> None:
+def backward(model: "Model", ids: np.ndarray, dlogits: np.ndarray, rows: Optional[np.ndarray] = None) -> None:
+    """Gradients from dlogits: (N, V), or (len(rows), V) for the forward that computed only rows."""
     cfg, p, ws = model.config, model.p, model._ws
     lora = model.lora
     frozen = lora is not None   # adapters train; the base weights get no gradients
@@ -213,8 +221,15 @@ def backward(model: "Model", ids: np.ndarray, dlogits: np.ndarray) -> None:
     N, QKV = B * T, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_size
     cos, sin = (np.ascontiguousarray(t[:T]) for t in _rope_cache(model, T))
     dln = ws.get("dln", (N, C))
-    linear_backward(model, dln, None if frozen else model._head_grad(), dlogits, ws.get("lnf", (N, C)),
-                    model._head_name(), N, C, V)
+    if rows is None:
+        linear_backward(model, dln, None if frozen else model._head_grad(), dlogits, ws.get("lnf", (N, C)),
+                        model._head_name(), N, C, V)
+    else:
+        dhead = ws.get("dhead_in", (rows.size, C))
+        linear_backward(model, dhead, None if frozen else model._head_grad(), dlogits,
+                        ws.get("head_in", (rows.size, C)), model._head_name(), rows.size, C, V)
+        dln.fill(0.0)
+        dln[rows] = dhead
     dx = ws.get("dx", (N, C))
     _C.rmsnorm_backward(dx, g["model.norm.weight"], dln, ws.get(f"x{cfg.n_layer}", (N, C)), p["model.norm.weight"],
                         ws.get("lnfr", (N,)), N, C)

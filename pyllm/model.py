@@ -317,11 +317,13 @@ class Model:
     def loss(self, ids, targets) -> float:
         """Mean next-token cross-entropy of targets (ignore_index -100) given ids."""
         ids = self._check_ids(ids)
-        targets = self._check_targets(targets, ids.shape)
-        logits = self._forward(ids)
-        B, T = ids.shape
-        V = self.config.vocab_size
-        return float(kernels.cross_entropy(logits.reshape(B * T, V), targets.reshape(-1)))
+        targets = self._check_targets(targets, ids.shape).reshape(-1)
+        learned = np.flatnonzero(targets != -100)
+        if not learned.size:
+            return 0.0
+        rows = learned if learned.size < 0.9 * targets.size else None
+        logits = self._forward(ids, rows).reshape(-1, self.config.vocab_size)
+        return float(kernels.cross_entropy(logits, targets[rows] if rows is not None else targets))
 
     def _check_targets(self, targets, shape: tuple) -> np.ndarray:
         targets = np.asarray(targets)
@@ -343,24 +345,31 @@ class Model:
         targets = self._check_targets(targets, ids.shape)
         B, T = ids.shape
         V = self.config.vocab_size
-        N = B * T
-        logits = self._forward(ids).reshape(N, V)
+        flat_targets = targets.reshape(-1)
+        learned = np.flatnonzero(flat_targets != -100)
+        # Logits only where a target is learned, when that saves work (fine-tuning prompts).
+        rows = learned if 0 < learned.size < 0.9 * flat_targets.size else None
+        if rows is not None:
+            flat_targets = np.ascontiguousarray(flat_targets[rows])
+        N = flat_targets.size
+        logits = self._forward(ids, rows).reshape(N, V)
         ws = self._ws
         losses, lse = ws.get("losses", (N,)), ws.get("lse", (N,))
-        flat_targets = targets.reshape(-1)
         _C.cross_entropy_forward(losses, lse, logits, flat_targets, N, V, -100)
-        count = int(np.count_nonzero(flat_targets != -100))
+        count = int(learned.size)
         loss = float(losses.sum(dtype=np.float64) / count) if count else 0.0
         scale = float(loss_scale) / count if count else 0.0
         _C.cross_entropy_backward(logits, logits, lse, flat_targets, scale, N, V, -100)  # in place
-        self._backward(ids, logits)
+        self._backward(ids, logits, rows)
         return loss
 
-    def _forward(self, ids: np.ndarray) -> np.ndarray:
+    def _forward(self, ids: np.ndarray, rows: Optional[np.ndarray] = None) -> np.ndarray:
+        """Logits (B, T, V), or with rows (flat positions b * T + t) only theirs, (len(rows), V):
+        training needs no logits where the target is ignored (a fine-tuning prompt)."""
         if self.config.arch == "llama":
             from pyllm import llama
 
-            return llama.forward(self, ids)
+            return llama.forward(self, ids, rows)
         cfg, p, ws = self.config, self.p, self._ws
         B, T = ids.shape
         C, NH, HS, F, V = cfg.n_embd, cfg.n_head, cfg.head_size, cfg.intermediate_size, cfg.vocab_size
@@ -407,6 +416,12 @@ class Model:
             np.add(x_mid, proj, out=x)
         lnf, mf, rf = ws.get("lnf", (N, C)), ws.get("lnfm", (N,)), ws.get("lnfr", (N,))
         _C.layernorm_forward(lnf, mf, rf, x, p["transformer.ln_f.weight"], p["transformer.ln_f.bias"], N, C, eps)
+        if rows is not None:
+            head_in = ws.get("head_in", (rows.size, C))
+            np.take(lnf, rows, axis=0, out=head_in)
+            logits = ws.get("logits", (rows.size, V))
+            _C.matmul_forward(logits, head_in, self._head(), None, rows.size, C, V, True)
+            return logits
         logits = ws.get("logits", (B, T, V))
         _C.matmul_forward(logits, lnf, self._head(), None, N, C, V, True)
         return logits
@@ -423,20 +438,28 @@ class Model:
     def _head_grad(self) -> np.ndarray:
         return self.g[self._embedding_name() if self.config.tie_word_embeddings else "lm_head.weight"]
 
-    def _backward(self, ids: np.ndarray, dlogits: np.ndarray) -> None:
-        """Gradients from dlogits (N, V) back through the saved activations of the last _forward."""
+    def _backward(self, ids: np.ndarray, dlogits: np.ndarray, rows: Optional[np.ndarray] = None) -> None:
+        """Gradients from dlogits (N, V), or (len(rows), V) after _forward(ids, rows), back through
+        the saved activations of the last _forward."""
         if self.config.arch == "llama":
             from pyllm import llama
 
-            return llama.backward(self, ids, dlogits)
+            return llama.backward(self, ids, dlogits, rows)
         cfg, p, ws, lora = self.config, self.p, self._ws, self.lora
         g = _FrozenGrads() if lora is not None else self.g   # with adapters, the base gets no gradients
         B, T = ids.shape
         C, NH, HS, F, V = cfg.n_embd, cfg.n_head, cfg.head_size, cfg.intermediate_size, cfg.vocab_size
         N = B * T
         dlnf = ws.get("dln", (N, C))
-        _C.matmul_backward(dlnf, None if lora is not None else self._head_grad(), None, dlogits,
-                           ws.get("lnf", (N, C)), self._head(), N, C, V, True)
+        if rows is None:
+            _C.matmul_backward(dlnf, None if lora is not None else self._head_grad(), None, dlogits,
+                               ws.get("lnf", (N, C)), self._head(), N, C, V, True)
+        else:
+            dhead = ws.get("dhead_in", (rows.size, C))
+            _C.matmul_backward(dhead, None if lora is not None else self._head_grad(), None, dlogits,
+                               ws.get("head_in", (rows.size, C)), self._head(), rows.size, C, V, True)
+            dlnf.fill(0.0)
+            dlnf[rows] = dhead
         dx = ws.get("dx", (N, C))
         _C.layernorm_backward(dx, g["transformer.ln_f.weight"], g["transformer.ln_f.bias"], dlnf,
                               ws.get(f"x{cfg.n_layer}", (N, C)), p["transformer.ln_f.weight"],

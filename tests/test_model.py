@@ -43,8 +43,10 @@ def batch(cfg, B, T, seed=1):
     return ids, targets
 
 
-@pytest.mark.parametrize("B,T", [(2, 24), (1, 1), (3, 7)])
-def test_logits_loss_and_every_gradient_match_torch_autograd(B, T):
+@pytest.mark.parametrize("B,T,prompt", [(2, 24, 0), (1, 1, 0), (3, 7, 0), (2, 24, 15), (3, 7, 5)])
+def test_logits_loss_and_every_gradient_match_torch_autograd(B, T, prompt):
+    """prompt: the first positions of every row are not learned (target -100), as in fine-tuning,
+    where logits are computed for the learned positions only."""
     cfg = ModelConfig(**SMALL)
     model = Model(cfg, seed=3)
     # Non-trivial norms and biases, so their gradients and uses are really checked.
@@ -55,6 +57,7 @@ def test_logits_loss_and_every_gradient_match_torch_autograd(B, T):
     ids, targets = batch(cfg, B, T)
     if T > 1:
         targets[0, 0] = -100  # ignored positions take no part in the mean
+    targets[:, :prompt] = -100
     twin = torch_twin(model)
 
     logits = model(ids)
@@ -198,7 +201,8 @@ def llama_twin(model: Model):
 
 @pytest.mark.parametrize("tied", [True, False])
 @pytest.mark.parametrize("n_kv_head", [2, 4, 1])
-def test_llama_matches_transformers_logits_loss_and_gradients(tied, n_kv_head):
+@pytest.mark.parametrize("prompt", [0, 10], ids=["all-learned", "prompt-masked"])
+def test_llama_matches_transformers_logits_loss_and_gradients(tied, n_kv_head, prompt):
     cfg = ModelConfig(**{**LLAMA, "n_kv_head": n_kv_head}, tie_word_embeddings=tied)
     model = Model(cfg, seed=2)
     rng = np.random.default_rng(0)
@@ -207,9 +211,11 @@ def test_llama_matches_transformers_logits_loss_and_gradients(tied, n_kv_head):
             model.p[spec.name][...] += rng.standard_normal(spec.shape).astype(np.float32) * 0.2
     twin = llama_twin(model)
     ids, targets = batch(cfg, 2, 17)
+    targets[:, :prompt] = -100
     t_logits = twin(torch.from_numpy(ids)).logits
     assert_close(model(ids), t_logits.detach().numpy(), what="logits")
-    t_loss = torch.nn.functional.cross_entropy(t_logits.reshape(-1, cfg.vocab_size), torch.from_numpy(targets).reshape(-1))
+    t_loss = torch.nn.functional.cross_entropy(t_logits.reshape(-1, cfg.vocab_size), torch.from_numpy(targets).reshape(-1),
+                                               ignore_index=-100)
     t_loss.backward()
     loss = model.forward_backward(ids, targets)
     assert loss == pytest.approx(t_loss.item(), rel=1e-5)
