@@ -181,8 +181,9 @@ def _cmd_finetune_sft(args: argparse.Namespace) -> int:
     cfg = _finetune_config(args)
     train, val = finetune.split(examples, cfg.val_fraction, cfg.seed)
     print(f"{len(train)} training and {len(val)} validation examples; {llm.model}")
-    if val and not args.resume:
-        print(f"validation loss before: {finetune.masked_loss(llm.model, val):.4f}")
+    if val and not args.resume:   # on float activations, as training and the saved float model compute
+        with finetune.exact_products(llm.model):
+            print(f"validation loss before: {finetune.masked_loss(llm.model, val):.4f}")
     try:
         records = finetune.sft(llm, train, val, cfg, out_dir=args.out, progress=not args.no_progress)
     except finetune.FinetuneInterrupted as exc:
@@ -227,7 +228,8 @@ def _cmd_finetune_dpo(args: argparse.Namespace) -> int:
     pairs = finetune.read_pairs(args.data, llm, skip_bad=args.skip_bad)
     train, val = finetune.split(pairs, 0.1, args.seed)
     if val and not args.resume:
-        print(f"held-out preference accuracy before: {finetune.preference_accuracy(llm.model, val):.1%}")
+        with finetune.exact_products(llm.model):
+            print(f"held-out preference accuracy before: {finetune.preference_accuracy(llm.model, val):.1%}")
     try:
         records = finetune.dpo(llm, train, _finetune_config(args), beta=args.beta, out_dir=args.out,
                                progress=not args.no_progress)

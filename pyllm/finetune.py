@@ -204,7 +204,7 @@ def _loop(llm, n_items: int, fingerprint: str, cfg: SFTConfig, step_fn, eval_fn,
     stop = _StopRequest() if checkpoint is not None else None
     start = time.perf_counter()
     try:
-        with _exact_products(model), tqdm(total=total, initial=step, desc=desc, unit="step",
+        with exact_products(model), tqdm(total=total, initial=step, desc=desc, unit="step",
                                           disable=not progress) as bar:
             while step < total and not (stop and stop.requested):
                 if step and step % steps_per_epoch == 0:
@@ -244,7 +244,8 @@ def _loop(llm, n_items: int, fingerprint: str, cfg: SFTConfig, step_fn, eval_fn,
         _save(llm, out_dir, records)
         import shutil
 
-        shutil.rmtree(checkpoint, ignore_errors=True)   # the finished run needs no checkpoint
+        for folder in (checkpoint, checkpoint.with_name(checkpoint.name + ".old")):
+            shutil.rmtree(folder, ignore_errors=True)   # the finished run needs no checkpoint
     return records
 
 
@@ -299,17 +300,18 @@ def _load_checkpoint(folder: Path, trained, opt, cfg: SFTConfig, fingerprint: st
                          + ", ".join(f"{k}={saved[k]!r} (now {getattr(cfg, k)!r})" for k in changed))
     if state["data"] != fingerprint:
         raise ValueError("resume: the training data differs from the checkpoint's")
+    changed = [k for k in extra if k in state["extra"] and state["extra"][k] != extra[k]]
+    if changed:
+        raise ValueError(f"resume: the checkpoint was made with {changed[0]}={state['extra'][changed[0]]!r}")
     arrays = load_state(found / "trained.safetensors")
     if arrays["params"].shape != trained.params.shape:
         raise ValueError(f"resume: the checkpoint holds {arrays['params'].size} trained values, "
                          f"this model {trained.params.size}: not the same model")
+    # Every check passed: only now is anything of the caller's changed.
     trained.params[...] = arrays["params"]
     opt.load_state_dict({"m": arrays["m"], "v": arrays["v"], "step": state["optimizer_step"]})
     rng = np.random.default_rng()
     rng.bit_generator.state = state["rng"]
-    changed = [k for k in extra if k in state["extra"] and state["extra"][k] != extra[k]]
-    if changed:
-        raise ValueError(f"resume: the checkpoint was made with {changed[0]}={state['extra'][changed[0]]!r}")
     extra.update(state["extra"])
     return int(state["step"]), rng, np.asarray(state["order"], np.int64), state["records"]
 
@@ -332,7 +334,7 @@ def _trained_parameters(model, cfg: SFTConfig, say: Callable[[str], None]):
 
 
 @contextlib.contextmanager
-def _exact_products(model):
+def exact_products(model):
     """Training computes products with a quantized base on float activations (not rounded to int8
     as decoding does), so the gradients are those of the loss being reported."""
     saved = model.int8_activations
@@ -458,14 +460,34 @@ def dpo_forward_backward(model, pair: Pair, ref: tuple[float, float], beta: floa
     d loss / d logp(chosen) = -beta * sigmoid(-z) and the opposite for rejected, so each side is a
     masked cross-entropy backward (whose loss is -logp / count) weighted by +-beta sigmoid(-z) count.
     """
-    chosen, rejected = sequence_logprob(model, pair.chosen), sequence_logprob(model, pair.rejected)
+    with _dropout_for(model, 0):
+        chosen = sequence_logprob(model, pair.chosen)
+    with _dropout_for(model, 1):
+        rejected = sequence_logprob(model, pair.rejected)
     loss, weight = dpo_loss(chosen, rejected, ref[0], ref[1], beta)
-    for example, sign in ((pair.chosen, 1.0), (pair.rejected, -1.0)):
+    for side, (example, sign) in enumerate(((pair.chosen, 1.0), (pair.rejected, -1.0))):
         count = int(np.count_nonzero(example.targets != IGNORE))
-        model.forward_backward(example.ids[None, :], example.targets[None, :],
-                               loss_scale=sign * scale * beta * weight * count)
+        with _dropout_for(model, side):   # the same masks as its log-probability's forward
+            model.forward_backward(example.ids[None, :], example.targets[None, :],
+                                   loss_scale=sign * scale * beta * weight * count)
     margin = (chosen - ref[0]) - (rejected - ref[1])
     return {"loss": loss, "margin": margin, "correct": margin > 0}
+
+
+@contextlib.contextmanager
+def _dropout_for(model, part: int):
+    """While adapter dropout is on, masks of their own for one part of a step (a pair's side, a
+    pair): derived from the step's seed, so a part's forward and backward draw the same."""
+    lora = getattr(model, "lora", None)
+    if lora is None or lora.dropout_seed is None:
+        yield
+        return
+    step_seed = lora.dropout_seed
+    lora.dropout_seed = (step_seed * 7919 + 1 + part) % (1 << 63)
+    try:
+        yield
+    finally:
+        lora.dropout_seed = step_seed
 
 
 def reference_logprobs(model, pairs: list[Pair]) -> list[tuple[float, float]]:
@@ -486,12 +508,14 @@ def dpo(llm, train: list[Pair], cfg: SFTConfig, beta: float = 0.1, out_dir=None,
     if not cfg.resume:
         if llm.model.quantized and not cfg.lora_rank:
             _trained_parameters(llm.model, cfg, say)   # refuses, before the reference pass
-        with _exact_products(llm.model):
+        with exact_products(llm.model):
             extra["reference"] = reference_logprobs(llm.model, train)
 
     def step(chunk: list[int], record: dict) -> float:
-        stats = [dpo_forward_backward(llm.model, train[i], extra["reference"][i], beta, 1.0 / len(chunk))
-                 for i in chunk]
+        stats = []
+        for k, i in enumerate(chunk):
+            with _dropout_for(llm.model, 2 + k):    # each pair its own masks
+                stats.append(dpo_forward_backward(llm.model, train[i], extra["reference"][i], beta, 1.0 / len(chunk)))
         record["reward_margin"] = round(float(np.mean([s["margin"] for s in stats])) * beta, 5)
         record["accuracy"] = round(float(np.mean([s["correct"] for s in stats])), 3)
         return float(np.mean([s["loss"] for s in stats]))

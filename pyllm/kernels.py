@@ -542,7 +542,8 @@ def adamw(param, grad, m, v, *, lr: float, step: int, beta1: float = 0.9, beta2:
 
 # ----------------------------------------------------------------------------- quantized weights
 
-QUANT_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 8}
+QUANT_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q4_K": 12, "Q6_K": 14}   # ggml's ids
+
 def _quant_args(w, ggml_type, shape):
     from pyllm.io.gguf_model import QUANTIZED, TYPES, row_bytes
 
@@ -563,7 +564,8 @@ def _quant_args(w, ggml_type, shape):
 
 
 def matmul_quant(a, w, ggml_type: int, shape: tuple[int, int], int8_activations: bool = False) -> np.ndarray:
-    """a (..., K) @ W^T for W (N, K) = shape stored as ggml blocks (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K) in bytes w.
+    """a (..., K) @ W^T for W (N, K) = shape stored as ggml blocks (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K,
+    Q6_K) in bytes w.
 
     int8_activations rounds a per block of 32 to int8 with a float16 scale first, as llama.cpp
     does (faster integer dot products when a has few rows; slightly less exact); for the K-quants

@@ -251,9 +251,9 @@ def test_interrupted_and_resumed_dpo_keeps_its_reference(tmp_path):
     cfg = F.SFTConfig(epochs=2, batch_size=4, lr=3e-3, checkpoint_interval=2)
     quiet = dict(progress=False, say=lambda *_: None)
 
-    def fresh():
+    def fresh(seed=0):
         llm = LLM(Model(ModelConfig(vocab_size=tok.vocab_size, block_size=48, n_layer=2, n_head=2, n_embd=32),
-                        seed=0), tok)
+                        seed=seed), tok)
         return llm, F.read_pairs(path, llm)
 
     llm, pairs = fresh()
@@ -262,9 +262,13 @@ def test_interrupted_and_resumed_dpo_keeps_its_reference(tmp_path):
     _interrupt_at_call(llm.model, 2 * 4 * 7)     # two backward passes per pair, 4 pairs a step: step 7
     with pytest.raises(F.FinetuneInterrupted, match="step 7 of 12"):
         F.dpo(llm, pairs, cfg, beta=0.5, out_dir=tmp_path / "cut", **quiet)
-    llm, pairs = fresh()
+    # Resumed on another model: the checkpoint's weights and its stored reference (not one
+    # recomputed from this model) give the uninterrupted run's records.
+    llm, pairs = fresh(seed=1)
+    before = llm.model.params.copy()
     with pytest.raises(ValueError, match="beta"):
         F.dpo(llm, pairs, dataclasses.replace(cfg, resume=True), beta=0.1, out_dir=tmp_path / "cut", **quiet)
+    np.testing.assert_array_equal(llm.model.params, before)     # a refused resume changes nothing
     resumed = F.dpo(llm, pairs, dataclasses.replace(cfg, resume=True), beta=0.5, out_dir=tmp_path / "cut", **quiet)
     assert _without_times(resumed) == _without_times(whole)
 

@@ -135,7 +135,7 @@ def test_alias_resolves_to_the_default_model(smollm2_path, monkeypatch):
 @pytest.mark.parametrize("N,K,M", [(1, 32, 1), (3, 64, 1), (7, 96, 4), (5, 32, 9), (130, 576, 2), (50, 576, 37),
                                    (17, 160, 3)])
 @pytest.mark.parametrize("int8", [False, True], ids=["float-activations", "int8-activations"])
-def test_quantized_matmul_equals_its_dequantizing_twin(ggml_type, N, K, M, int8):
+def test_quantized_matmul_equals_its_dequantizing_twin(ggml_type, N, K, M, int8, isa):
     from pyllm import kernels as K_
     from pyllm import reference as R
 
@@ -149,7 +149,7 @@ def test_quantized_matmul_equals_its_dequantizing_twin(ggml_type, N, K, M, int8)
 
 @pytest.mark.parametrize("ggml_type", [G.Q8_0, G.Q4_0, G.Q4_1])
 @pytest.mark.parametrize("N,K,M", [(1, 32, 1), (7, 96, 4), (130, 576, 37), (2000, 576, 5), (17, 160, 3)])
-def test_quantized_input_gradient_equals_its_twin(ggml_type, N, K, M):
+def test_quantized_input_gradient_equals_its_twin(ggml_type, N, K, M, isa):
     from pyllm import kernels as K_
     from pyllm import reference as R
 
@@ -173,7 +173,7 @@ def kquants():
 
 
 @pytest.mark.parametrize("name", KQUANTS)
-def test_k_quants_decode_as_ggml_decodes_them(kquants, name):
+def test_k_quants_decode_as_ggml_decodes_them(kquants, name, isa):
     from pyllm import kernels as K_
 
     raw, expected = kquants[name], kquants[name + "_dequantized"]
@@ -188,7 +188,7 @@ def test_k_quants_decode_as_ggml_decodes_them(kquants, name):
 @pytest.mark.parametrize("name", KQUANTS)
 @pytest.mark.parametrize("M", [1, 3, 4, 5, 37])
 @pytest.mark.parametrize("int8", [False, True])
-def test_k_quant_products_equal_their_twins(kquants, name, M, int8):
+def test_k_quant_products_equal_their_twins(kquants, name, M, int8, isa):
     from pyllm import kernels as K_
     from pyllm import reference as R
 

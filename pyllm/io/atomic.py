@@ -30,8 +30,8 @@ def replace_folder(tmp, final) -> None:
 
     tmp, final = Path(tmp), Path(final)
     old = final.with_name(final.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
+    if final.exists():   # (without it, a crash left .old as the only whole copy: kept until tmp is in)
+        shutil.rmtree(old, ignore_errors=True)
         final.rename(old)
     tmp.rename(final)
     shutil.rmtree(old, ignore_errors=True)
