@@ -320,15 +320,23 @@ def forward_step(model: "Model", ids: np.ndarray, cache: "KVCache", rows: slice)
             nq, nkv = NH * HS, NKV * HS
             for name, cols in (("q", slice(0, nq)), ("k", slice(nq, nq + nkv)), ("v", slice(nq + nkv, QKV))):
                 model.lora.forward(qkv, ln, h + f"self_attn.{name}_proj.weight", cols)
-        _split_heads(qkv, B, Tq, cfg, q0, k0, v)
         k_cache, v_cache = cache.k[i][rows], cache.v[i][rows]
-        if same_length:
+        if B == 1 and Tq == 1:   # decoding one sequence: qkv's rows are already the heads, no copies
+            heads = qkv.reshape(NH + 2 * NKV, HS)
+            cos, sin = tables[0]
+            _C.rope_forward(q, heads[:NH], cos, sin, NH, 1, HS)
+            _C.rope_forward(k, heads[NH:NH + NKV], cos, sin, NKV, 1, HS)
+            k_cache[0, :, start] = k[0, :, 0]
+            v_cache[0, :, start] = heads[NH + NKV:]
+        elif same_length:
+            _split_heads(qkv, B, Tq, cfg, q0, k0, v)
             cos, sin = tables[0]
             _C.rope_forward(q, q0, cos, sin, B * NH, Tq, HS)
             _C.rope_forward(k, k0, cos, sin, B * NKV, Tq, HS)
             k_cache[:, :, start:start + Tq] = k
             v_cache[:, :, start:start + Tq] = v
         else:
+            _split_heads(qkv, B, Tq, cfg, q0, k0, v)
             for b, (cos, sin) in enumerate(tables):
                 _C.rope_forward(q[b], q0[b], cos, sin, NH, Tq, HS)
                 _C.rope_forward(k[b], k0[b], cos, sin, NKV, Tq, HS)
@@ -336,7 +344,10 @@ def forward_step(model: "Model", ids: np.ndarray, cache: "KVCache", rows: slice)
             v_cache[batch_index, :, positions] = v.transpose(0, 2, 1, 3)
         _C.attention_forward(att, lse, q, k_cache, v_cache, B, NH, NKV, Tq, Tk, HS, True, cache.capacity,
                              new_lengths)
-        np.copyto(atty.reshape(B, Tq, NH, HS), att.transpose(0, 2, 1, 3))
+        if Tq == 1:
+            atty = att.reshape(B, NH * HS)    # (B, NH, 1, HS) is already (B, NH HS)
+        else:
+            np.copyto(atty.reshape(B, Tq, NH, HS), att.transpose(0, 2, 1, 3))
         linear(model, proj, atty, h + "self_attn.o_proj.weight", N, NH * HS, C)
         if model.lora is not None:
             model.lora.forward(proj, atty, h + "self_attn.o_proj.weight")
