@@ -4,8 +4,9 @@ SFT examples are JSONL lines of chat `messages` (system/user/assistant) or `prom
 pairs. Each is formatted with the model's chat template, and only the assistant's tokens are
 trained on: every other position's target is -100, which the loss ignores. Examples are padded
 into batches (padding ignored too). DPO pairs are `prompt`/`chosen`/`rejected` lines, trained
-against the model's own log-probabilities from before training. Float32 models only (a GGUF
-model is expanded first); adapters live in pyllm.lora.
+against the model's own log-probabilities from before training. Every weight of a float32 model
+trains, or LoRA adapters (pyllm.lora) on a frozen base, which may stay quantized (GGUF). With an
+output folder, runs checkpoint every few steps, save one on Ctrl-C, and resume exactly.
 """
 
 from __future__ import annotations
