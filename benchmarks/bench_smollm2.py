@@ -123,7 +123,7 @@ if pytest is not None:
         impl, quant, ids, prefill, decode = runner
         benchmark.group = f"SmolLM2 {quant} decode {DECODE} tokens vs llama.cpp"
         benchmark.extra_info.update(impl=impl, tokens=DECODE, target=0.8)
-        tokens = benchmark.pedantic(decode, setup=lambda: ((prefill(ids), DECODE), {}), rounds=3)
+        tokens = benchmark.pedantic(decode, setup=lambda: ((prefill(ids), DECODE), {}), rounds=5)
         assert len(tokens) == DECODE
 
 

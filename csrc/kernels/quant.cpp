@@ -486,6 +486,117 @@ void matmul_quant_int8(float* out, const float* a, const uint8_t* w, int type, i
   }
 }
 
+#if defined(__AVX2__)
+// A block of 256 activations rounded as llama.cpp's Q8_K: int8 values, a float32 scale, and the
+// sum of every 16 values (what the K-quants' minima and Q6_K's offset multiply).
+struct ActBlockK {
+  alignas(32) int8_t q[256];
+  float d;
+  int32_t bsums[16];
+};
+
+void quantize_activations_k(ActBlockK* out, const float* a, int64_t M, int64_t K) {
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t b = 0; b < K / 256; ++b) {
+      const float* x = a + i * K + b * 256;
+      ActBlockK& blk = out[i * (K / 256) + b];
+      float amax = 0.f, max = 0.f;
+      for (int t = 0; t < 256; ++t)
+        if (std::fabs(x[t]) > amax) amax = std::fabs(x[t]), max = x[t];
+      const float iscale = amax != 0.f ? -127.f / max : 0.f;
+      blk.d = amax != 0.f ? 1.f / iscale : 0.f;
+      for (int t = 0; t < 256; ++t) blk.q[t] = int8_t(std::fmin(127.f, std::nearbyint(iscale * x[t])));
+      for (int k = 0; k < 16; ++k) {
+        int32_t s = 0;
+        for (int t = 0; t < 16; ++t) s += blk.q[16 * k + t];
+        blk.bsums[k] = s;
+      }
+    }
+}
+
+inline int32_t hsum_epi32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
+}
+
+// One K-quant super-block of weights against one of activations, in integers as llama.cpp does:
+// sum over values of (d sc q - dmin m) (Q4_K) or d sc (q - 32) (Q6_K), times q_x d_x.
+template <int Type>
+inline float k_block_idot(const uint8_t* blk, const ActBlockK& x) {
+  const __m256i ones = _mm256_set1_epi16(1), nibble = _mm256_set1_epi8(0x0F);
+  __m256i isum = _mm256_setzero_si256();
+  if (Type == kQ4_K) {
+    int32_t mins = 0;
+    for (int g = 0; g < 4; ++g) {
+      int s0, m0, s1, m1;
+      k4_scale_min(2 * g, blk + 4, s0, m0);
+      k4_scale_min(2 * g + 1, blk + 4, s1, m1);
+      const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 16 + 32 * g));
+      const __m256i ylo = _mm256_load_si256(reinterpret_cast<const __m256i*>(x.q + 64 * g));
+      const __m256i yhi = _mm256_load_si256(reinterpret_cast<const __m256i*>(x.q + 64 * g + 32));
+      const __m256i plo = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_and_si256(q, nibble), ylo), ones);
+      const __m256i phi = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(q, 4), nibble),
+                                                                 yhi), ones);
+      isum = _mm256_add_epi32(isum, _mm256_add_epi32(_mm256_mullo_epi32(plo, _mm256_set1_epi32(s0)),
+                                                     _mm256_mullo_epi32(phi, _mm256_set1_epi32(s1))));
+      mins += m0 * (x.bsums[4 * g] + x.bsums[4 * g + 1]) + m1 * (x.bsums[4 * g + 2] + x.bsums[4 * g + 3]);
+    }
+    const float d = half_to_float(blk), dmin = half_to_float(blk + 2);
+    return d * x.d * float(hsum_epi32(isum)) - dmin * x.d * float(mins);
+  }
+  const uint8_t* ql = blk;
+  const uint8_t* qh = blk + 128;
+  const int8_t* sc = reinterpret_cast<const int8_t*>(blk + 192);
+  const __m256i two_bits = _mm256_set1_epi8(3);
+  int32_t offset = 0;   // 32 times the scaled activation sums: the values are q - 32
+  for (int half = 0; half < 2; ++half) {
+    const __m256i high = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qh + 32 * half));
+    for (int i = 0; i < 4; ++i) {
+      __m256i low = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql + 64 * half + 32 * (i & 1)));
+      if (i >= 2) low = _mm256_srli_epi16(low, 4);
+      const __m256i hb = _mm256_and_si256(_mm256_srl_epi16(high, _mm_cvtsi32_si128(2 * i)), two_bits);
+      const __m256i q = _mm256_or_si256(_mm256_and_si256(low, nibble), _mm256_slli_epi16(hb, 4));   // 0..63
+      const __m256i y = _mm256_load_si256(reinterpret_cast<const __m256i*>(x.q + 128 * half + 32 * i));
+      const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(q, y), ones);   // lanes 0-3: values 0-15
+      const int k = 8 * half + 2 * i;                                          // the scale of values 0-15
+      isum = _mm256_add_epi32(isum, _mm256_mullo_epi32(p, _mm256_setr_epi32(sc[k], sc[k], sc[k], sc[k], sc[k + 1],
+                                                                            sc[k + 1], sc[k + 1], sc[k + 1])));
+      offset += 32 * (sc[k] * x.bsums[k] + sc[k + 1] * x.bsums[k + 1]);
+    }
+  }
+  return half_to_float(blk + 208) * x.d * float(hsum_epi32(isum) - offset);
+}
+
+thread_local std::vector<ActBlockK> act_blocks_k;
+
+template <int Type>
+void matmul_k_quant_int8_typed(float* out, const ActBlockK* xs, const uint8_t* w, int64_t M, int64_t K, int64_t N) {
+  const int64_t nb = K / 256, rb = row_bytes_of(Type, K);
+  const int64_t ahead = (2048 + rb - 1) / rb;
+  parallel_for(N, imax(1, 32768 / rb), [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) {
+      const uint8_t* row = w + j * rb;
+      if (j + ahead < j1)
+        for (int64_t off = 0; off < rb; off += 64) __builtin_prefetch(row + ahead * rb + off, 0, 3);
+      for (int64_t i = 0; i < M; ++i) {
+        float acc = 0.f;
+        for (int64_t b = 0; b < nb; ++b) acc += k_block_idot<Type>(row + b * block_bytes(Type), xs[i * nb + b]);
+        out[i * N + j] = acc;
+      }
+    }
+  });
+}
+
+void matmul_k_quant_int8(float* out, const float* a, const uint8_t* w, int type, int64_t M, int64_t K, int64_t N) {
+  act_blocks_k.resize(size_t(M * (K / 256)));
+  quantize_activations_k(act_blocks_k.data(), a, M, K);
+  if (type == kQ4_K) return matmul_k_quant_int8_typed<kQ4_K>(out, act_blocks_k.data(), w, M, K, N);
+  return matmul_k_quant_int8_typed<kQ6_K>(out, act_blocks_k.data(), w, M, K, N);
+}
+#endif
+
 thread_local ThreadBuffer expanded_row;
 
 // Decode-sized M with expanded_per_row weights: each row expanded into a buffer that stays in L1,
@@ -584,7 +695,10 @@ void matmul_quant_backward(float* dx, const float* dout, const uint8_t* w, int t
 void matmul_quant(float* out, const float* a, const uint8_t* w, int type, int64_t M, int64_t K,
                   int64_t N, bool int8_activations) {
   if (!int8_activations) return matmul_quant_float(out, a, w, type, M, K, N);
-  if (type == kQ4_K || type == kQ6_K) {   // rounded as Q8_K, then the float products
+  if (type == kQ4_K || type == kQ6_K) {   // rounded as Q8_K: integer products, or the float ones
+#if defined(__AVX2__)
+    if (M <= 4) return matmul_k_quant_int8(out, a, w, type, M, K, N);
+#endif
     float* xf = fake_quantized.get(size_t(M * K));
     fake_quantize_activations_k(xf, a, M, K);
     return matmul_quant_float(out, xf, w, type, M, K, N);
