@@ -422,6 +422,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, OSError, FloatingPointError, RuntimeError) as exc:  # bad input: a message, not a traceback
         print(f"pyllm {args.command}: error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:   # Ctrl-C outside the loops that save first (loading, preparing data)
+        print(f"\npyllm {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 def _add_finetune_flags(parser) -> None:

@@ -292,3 +292,13 @@ def test_cli_finetune_lora_keeps_a_gguf_base_quantized(tmp_path, smollm2_path, m
     config = json.loads((tmp_path / "tuned" / "adapter" / "adapter_config.json").read_text())
     assert config["r"] == 2 and config["lora_dropout"] == 0.05
     assert (tmp_path / "tuned" / "model.safetensors").stat().st_size > 500e6     # merged into float32 weights
+
+
+def test_cli_ctrl_c_before_training_is_a_message(tmp_path, monkeypatch, capsys):
+    from pyllm import cli as C
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(C, "_finetune_llm", interrupted)
+    rc = cli(["finetune", "sft", "--data", str(tmp_path / "x.jsonl"), "--out", str(tmp_path / "o")])
+    assert rc == 130 and "interrupted" in capsys.readouterr().err
