@@ -1,6 +1,7 @@
 #include "sampling/sampler.h"
 
 #include <algorithm>
+#include <functional>
 #include <cmath>
 #include <limits>
 
@@ -15,10 +16,16 @@ uint64_t splitmix64(uint64_t x) {
   return x ^ (x >> 31);
 }
 
+// Per-thread work arrays, reused from call to call (a call per token: no allocation per token).
+thread_local std::vector<double> z_buffer, w_buffer;
+thread_local std::vector<std::pair<double, int64_t>> heap_buffer;
+thread_local std::vector<int64_t> order_buffer;
+
 // Penalised logits as doubles: each distinct id of history changed once, by its count.
-std::vector<double> penalised(const float* logits, int64_t V, const int64_t* history, int64_t n,
-                              const Params& p) {
-  std::vector<double> x(logits, logits + V);
+std::vector<double>& penalised(const float* logits, int64_t V, const int64_t* history, int64_t n,
+                               const Params& p) {
+  std::vector<double>& x = z_buffer;
+  x.assign(logits, logits + V);
   const bool any = p.repetition_penalty != 1.0 || p.presence_penalty != 0.0 || p.frequency_penalty != 0.0;
   if (!any || n == 0) return x;
   std::vector<int64_t> seen;
@@ -44,7 +51,7 @@ double uniform(uint64_t seed, uint64_t step) {
 
 int64_t sample_row(const float* logits, int64_t V, const int64_t* history, int64_t n_history,
                    const Params& p, uint64_t seed, uint64_t step, float* probs) {
-  std::vector<double> z = penalised(logits, V, history, n_history, p);
+  std::vector<double>& z = penalised(logits, V, history, n_history, p);
   if (p.temperature == 0.0) {
     const int64_t best = std::max_element(z.begin(), z.end()) - z.begin();
     if (probs) {
@@ -55,30 +62,57 @@ int64_t sample_row(const float* logits, int64_t V, const int64_t* history, int64
   }
   // Shifted by the largest logit before dividing, so a tiny temperature cannot overflow to inf.
   const double xmax = *std::max_element(z.begin(), z.end());
-  if (xmax != -std::numeric_limits<double>::infinity())
-    for (double& v : z) v = (v - xmax) / p.temperature;
-  // Candidates ordered by logit, largest first (ties: smaller id first); only as many are
-  // ordered as top-k and top-p need.
-  std::vector<int64_t> order(V);
-  for (int64_t i = 0; i < V; ++i) order[i] = i;
+  const bool shift = xmax != -std::numeric_limits<double>::infinity();
+  // The kept candidates (top-k: the k largest logits, ties to the smaller id) in order[0, kept),
+  // in ascending id order; top-p orders only as many of them by logit as it needs.
+  std::vector<int64_t>& order = order_buffer;
   auto before = [&](int64_t a, int64_t b) { return z[a] > z[b] || (z[a] == z[b] && a < b); };
   int64_t kept = V;
   if (p.top_k > 0 && p.top_k < V) {
-    std::nth_element(order.begin(), order.begin() + p.top_k, order.end(), before);
+    // One pass keeping the k best seen so far in a heap whose front is the worst of them; on the
+    // raw logits, whose order the shift and the division below keep.
+    using Entry = std::pair<double, int64_t>;
+    auto better = [](const Entry& a, const Entry& b) { return a.first > b.first || (a.first == b.first && a.second < b.second); };
+    std::vector<Entry>& heap = heap_buffer;
+    heap.clear();
+    for (int64_t i = 0; i < V; ++i) {
+      if (int64_t(heap.size()) < p.top_k) {
+        heap.emplace_back(z[i], i);
+        std::push_heap(heap.begin(), heap.end(), better);
+      } else if (better(Entry(z[i], i), heap.front())) {
+        std::pop_heap(heap.begin(), heap.end(), better);
+        heap.back() = Entry(z[i], i);
+        std::push_heap(heap.begin(), heap.end(), better);
+      }
+    }
+    order.clear();
+    for (const Entry& e : heap) order.push_back(e.second);
+    std::sort(order.begin(), order.end());
     kept = p.top_k;
+  } else {
+    order.resize(V);
+    for (int64_t i = 0; i < V; ++i) order[i] = i;
   }
-  const double zmax = *std::max_element(z.begin(), z.end());
+  if (shift)
+    for (int64_t r = 0; r < kept; ++r) z[order[r]] = (z[order[r]] - xmax) / p.temperature;
+  double zmax = -std::numeric_limits<double>::infinity();
+  for (int64_t r = 0; r < kept; ++r) zmax = std::max(zmax, z[order[r]]);
   if (zmax == -std::numeric_limits<double>::infinity()) {
     // Every logit is -inf: nothing is possible but a uniform choice.
-    for (double& v : z) v = 0.0;
+    for (int64_t r = 0; r < kept; ++r) z[order[r]] = 0.0;
   }
   const double top = zmax == -std::numeric_limits<double>::infinity() ? 0.0 : zmax;
-  std::vector<double> w(V, 0.0);   // unnormalised probabilities of the kept tokens
+  // Unnormalised probabilities of the kept tokens, 0 elsewhere: the buffer is all zeros between
+  // calls (the kept entries are cleared before returning), so only they are written.
+  std::vector<double>& w = w_buffer;
+  if (int64_t(w.size()) != V) w.assign(V, 0.0);
   for (int64_t r = 0; r < kept; ++r) w[order[r]] = std::exp(z[order[r]] - top);
-  // Sums run in ascending id order, as the numpy twin's cumsum does, so both round alike.
+  // The kept ids in ascending order (the others weigh 0): sums run in that order, as the numpy
+  // twin's cumsum does, so both round alike.
+  std::vector<int64_t> ids(order.begin(), order.begin() + kept);
   auto sum = [&] {
     double t = 0.0;
-    for (int64_t i = 0; i < V; ++i) t += w[i];
+    for (int64_t i : ids) t += w[i];
     return t;
   };
   double total = sum();
@@ -109,7 +143,7 @@ int64_t sample_row(const float* logits, int64_t V, const int64_t* history, int64
   const double target = uniform(seed, step) * total;
   int64_t chosen = -1, last = -1;
   double cumulative = 0.0;
-  for (int64_t i = 0; i < V; ++i) {
+  for (int64_t i : ids) {
     if (w[i] == 0.0) continue;
     last = i;
     cumulative += w[i];
@@ -118,6 +152,7 @@ int64_t sample_row(const float* logits, int64_t V, const int64_t* history, int64
   if (chosen < 0) chosen = last;   // rounding at the very top of the range
   if (probs)
     for (int64_t i = 0; i < V; ++i) probs[i] = float(w[i] / total);
+  for (int64_t i : ids) w[i] = 0.0;
   return chosen;
 }
 
