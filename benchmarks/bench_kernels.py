@@ -292,8 +292,23 @@ def adamw_cases() -> list[Case]:
                  18.0 * ADAMW_N, inplace=True)]   # moments 7, bias corrections 2, sqrt/div 3, decay+step 6
 
 
+def sampling_cases() -> list[Case]:
+    """One draw per decode step from a vocabulary-sized row: chat's default (temperature 0.8,
+    top-k 50) and nucleus sampling (top-p 0.9), with a repetition penalty over 200 tokens."""
+    def row(r):
+        return (randn(r, 1, V, scale=3.0),)
+
+    def draw(options):
+        history = np.arange(0, 2000, 10)[None, :]
+        return lambda m, logits: m.sample(logits, seed=np.array([7], np.uint64), step=3, history=history, **options)
+
+    return [Case("sample", f"(1, {V}) {label}", seeded(row), draw(options), ("sample",), 5.0 * V, rtol=0, atol=0)
+            for label, options in (("top-k 50", dict(temperature=0.8, top_k=50, repetition_penalty=1.1)),
+                                   ("top-p 0.9", dict(temperature=0.8, top_p=0.9, repetition_penalty=1.1)))]
+
+
 CASES = (matmul_cases() + softmax_cases() + norm_cases() + activation_cases() + rope_cases()
-         + attention_cases() + cross_entropy_cases() + embedding_cases() + adamw_cases())
+         + attention_cases() + cross_entropy_cases() + embedding_cases() + adamw_cases() + sampling_cases())
 
 
 # ----------------------------------------------------------------------------- the benchmark
