@@ -211,16 +211,22 @@ class LoRA:
         config = json.loads((directory / "adapter_config.json").read_text())
         if config.get("peft_type") != "LORA":
             raise ValueError(f"{directory}: not a LoRA adapter (peft_type {config.get('peft_type')!r})")
-        unsupported = [k for k in ("use_dora", "use_rslora", "rank_pattern", "alpha_pattern", "layers_to_transform",
-                                   "modules_to_save") if config.get(k)]
-        if unsupported or config.get("bias", "none") != "none":
-            raise ValueError(f"{directory}: adapter options pyllm does not apply: "
-                             f"{', '.join(unsupported + (['bias'] if config.get('bias', 'none') != 'none' else []))}")
+        unsupported = [k for k in ("use_dora", "use_rslora", "lora_bias") if config.get(k)]
+        unsupported += [k for k in ("rank_pattern", "alpha_pattern") if config.get(k)]     # {} means none
+        unsupported += [k for k in ("layers_to_transform", "modules_to_save") if config.get(k) is not None]
+        if config.get("bias", "none") != "none":
+            unsupported.append("bias")
+        if unsupported:
+            raise ValueError(f"{directory}: adapter options pyllm does not apply: {', '.join(unsupported)}")
         targets = config["target_modules"]
         lora = cls(model, LoRAConfig(rank=int(config["r"]), alpha=float(config["lora_alpha"]),
                                      targets=tuple(targets) if isinstance(targets, list) else (targets,),
                                      dropout=float(config.get("lora_dropout") or 0.0)))
         state = load_state(directory / "adapter_model.safetensors")
+        expected = set(lora.state_dict())
+        unexpected = sorted(set(state) - expected)
+        if unexpected:
+            raise ValueError(f"{directory}: tensors pyllm's adapters do not have: {', '.join(unexpected[:3])}")
         for base in lora.sites:
             module = base[: -len(".weight")]
             for part, views in (("lora_A", lora.A), ("lora_B", lora.B)):

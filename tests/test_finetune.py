@@ -292,6 +292,14 @@ def test_cli_finetune_lora_keeps_a_gguf_base_quantized(tmp_path, smollm2_path, m
     config = json.loads((tmp_path / "tuned" / "adapter" / "adapter_config.json").read_text())
     assert config["r"] == 2 and config["lora_dropout"] == 0.05
     assert (tmp_path / "tuned" / "model.safetensors").stat().st_size > 500e6     # merged into float32 weights
+    # The adapter on its own, on the quantized file: the same greedy text as the merged model.
+    args = ["generate", "What is 2 plus 3?", "--temperature", "0", "--max-new-tokens", "6"]
+    assert cli(args + ["--model", str(smollm2_path), "--adapter", str(tmp_path / "tuned" / "adapter")]) == 0
+    adapted = capsys.readouterr().out
+    assert cli(args + ["--model", str(tmp_path / "tuned")]) == 0
+    merged = capsys.readouterr().out
+    assert adapted.startswith("What is 2 plus 3?") and len(adapted) > len("What is 2 plus 3?")
+    assert adapted == merged or sum(a != b for a, b in zip(adapted, merged)) < 10   # int8 vs float products
 
 
 def test_cli_ctrl_c_before_training_is_a_message(tmp_path, monkeypatch, capsys):

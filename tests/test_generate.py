@@ -44,6 +44,21 @@ def test_sampler_equals_its_numpy_twin(settings, V):
     assert K.sample(logits[0], **settings) == R.sample(logits[0], **settings)
 
 
+@pytest.mark.parametrize("top_k", [1, 2, 3, 5])
+def test_top_k_ties_go_to_the_smaller_id_as_in_the_twin(top_k):
+    """Equal logits at the top-k boundary, and logits that become equal only once scaled by the
+    temperature (0 and 1e-30 are both 1 below the largest, 1): the smaller ids are kept."""
+    cases = [np.array([0.0, 1e-30, 1.0], np.float32), np.array([2, 5, 5, 1, 5, 2, 5, 0], np.float32),
+             np.round(np.random.default_rng(top_k).standard_normal(500) * 2).astype(np.float32)]
+    for logits in cases:
+        for step in range(20):
+            for settings in (dict(temperature=1.0, top_k=top_k), dict(temperature=0.7, top_k=top_k, top_p=0.8)):
+                ours, p_ours = K.sample(logits, seed=3, step=step, return_probs=True, **settings)
+                theirs, p_theirs = R.sample(logits, seed=3, step=step, return_probs=True, **settings)
+                assert ours == theirs
+                np.testing.assert_allclose(p_ours, p_theirs, rtol=1e-6, atol=1e-9)
+
+
 def test_uniform_numbers_agree():
     from pyllm import _C
 

@@ -89,6 +89,10 @@ def test_merged_equals_unmerged_and_peft_loads_the_saved_adapter(tmp_path):
     model.lora = lora
     ids = np.random.default_rng(5).integers(0, 71, (1, 12))
     adapted = model(ids)
+    twin.save_pretrained(tmp_path / "from-peft")            # peft's own files load in pyllm
+    model.lora = LoRA.load(model, tmp_path / "from-peft")
+    close(model(ids), adapted, rtol=1e-6, what="peft's saved adapter in pyllm")
+    model.lora = lora
     lora.save(tmp_path / "adapter")
     loaded = peft.PeftModel.from_pretrained(twin.unload(), tmp_path / "adapter")   # the bare base + our file
     loaded.eval()
@@ -243,3 +247,18 @@ def test_cli_applies_an_adapter_folder(tmp_path, capsys):
     (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
     assert cli(args + ["--adapter", str(tmp_path / "adapter")]) == 1
     assert "use_dora" in capsys.readouterr().err
+
+
+def test_llama_decoding_token_by_token_sees_the_adapters():
+    """One sequence, one token per step (forward_step's view-only path): the logits of each step
+    equal the full forward's at that position, with and without adapters."""
+    from pyllm.model import KVCache
+
+    model, lora, _ = setup()
+    ids = np.random.default_rng(8).integers(0, 71, (1, 10))
+    for adapters in (None, lora):
+        model.lora = adapters
+        full = model(ids)[0]
+        cache = KVCache(model.config, 1, 16)
+        for t in range(ids.shape[1]):
+            close(model.forward_step(ids[:, t:t + 1], cache)[0], full[t], rtol=1e-5, what=f"step {t}")

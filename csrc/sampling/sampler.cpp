@@ -19,7 +19,7 @@ uint64_t splitmix64(uint64_t x) {
 // Per-thread work arrays, reused from call to call (a call per token: no allocation per token).
 thread_local std::vector<double> z_buffer, w_buffer;
 thread_local std::vector<std::pair<double, int64_t>> heap_buffer;
-thread_local std::vector<int64_t> order_buffer;
+thread_local std::vector<int64_t> order_buffer, ids_buffer;
 
 // Penalised logits as doubles: each distinct id of history changed once, by its count.
 std::vector<double>& penalised(const float* logits, int64_t V, const int64_t* history, int64_t n,
@@ -62,15 +62,16 @@ int64_t sample_row(const float* logits, int64_t V, const int64_t* history, int64
   }
   // Shifted by the largest logit before dividing, so a tiny temperature cannot overflow to inf.
   const double xmax = *std::max_element(z.begin(), z.end());
-  const bool shift = xmax != -std::numeric_limits<double>::infinity();
+  if (xmax != -std::numeric_limits<double>::infinity())
+    for (double& v : z) v = (v - xmax) / p.temperature;
   // The kept candidates (top-k: the k largest logits, ties to the smaller id) in order[0, kept),
   // in ascending id order; top-p orders only as many of them by logit as it needs.
   std::vector<int64_t>& order = order_buffer;
   auto before = [&](int64_t a, int64_t b) { return z[a] > z[b] || (z[a] == z[b] && a < b); };
   int64_t kept = V;
   if (p.top_k > 0 && p.top_k < V) {
-    // One pass keeping the k best seen so far in a heap whose front is the worst of them; on the
-    // raw logits, whose order the shift and the division below keep.
+    // One pass keeping the k best seen so far in a heap whose front is the worst of them (on the
+    // scaled logits: scaling can make two logits equal, and equals go to the smaller id).
     using Entry = std::pair<double, int64_t>;
     auto better = [](const Entry& a, const Entry& b) { return a.first > b.first || (a.first == b.first && a.second < b.second); };
     std::vector<Entry>& heap = heap_buffer;
@@ -93,8 +94,6 @@ int64_t sample_row(const float* logits, int64_t V, const int64_t* history, int64
     order.resize(V);
     for (int64_t i = 0; i < V; ++i) order[i] = i;
   }
-  if (shift)
-    for (int64_t r = 0; r < kept; ++r) z[order[r]] = (z[order[r]] - xmax) / p.temperature;
   double zmax = -std::numeric_limits<double>::infinity();
   for (int64_t r = 0; r < kept; ++r) zmax = std::max(zmax, z[order[r]]);
   if (zmax == -std::numeric_limits<double>::infinity()) {
@@ -102,14 +101,15 @@ int64_t sample_row(const float* logits, int64_t V, const int64_t* history, int64
     for (int64_t r = 0; r < kept; ++r) z[order[r]] = 0.0;
   }
   const double top = zmax == -std::numeric_limits<double>::infinity() ? 0.0 : zmax;
+  // The kept ids in ascending order (the others weigh 0): sums run in that order, as the numpy
+  // twin's cumsum does, so both round alike.
+  std::vector<int64_t>& ids = ids_buffer;
+  ids.assign(order.begin(), order.begin() + kept);
   // Unnormalised probabilities of the kept tokens, 0 elsewhere: the buffer is all zeros between
-  // calls (the kept entries are cleared before returning), so only they are written.
+  // calls (the kept entries are cleared before returning; nothing below allocates or throws).
   std::vector<double>& w = w_buffer;
   if (int64_t(w.size()) != V) w.assign(V, 0.0);
   for (int64_t r = 0; r < kept; ++r) w[order[r]] = std::exp(z[order[r]] - top);
-  // The kept ids in ascending order (the others weigh 0): sums run in that order, as the numpy
-  // twin's cumsum does, so both round alike.
-  std::vector<int64_t> ids(order.begin(), order.begin() + kept);
   auto sum = [&] {
     double t = 0.0;
     for (int64_t i : ids) t += w[i];
