@@ -491,9 +491,12 @@ def _dropout_for(model, part: int):
         lora.dropout_seed = step_seed
 
 
-def reference_logprobs(model, pairs: list[Pair]) -> list[tuple[float, float]]:
+def reference_logprobs(model, pairs: list[Pair], progress: bool = False) -> list[tuple[float, float]]:
     """The frozen reference: log-probabilities of every pair under the model before training."""
-    return [(sequence_logprob(model, p.chosen), sequence_logprob(model, p.rejected)) for p in pairs]
+    from tqdm.auto import tqdm
+
+    return [(sequence_logprob(model, p.chosen), sequence_logprob(model, p.rejected))
+            for p in tqdm(pairs, desc="reference log-probabilities", unit="pair", disable=not progress)]
 
 
 def preference_accuracy(model, pairs: list[Pair]) -> float:
@@ -510,7 +513,7 @@ def dpo(llm, train: list[Pair], cfg: SFTConfig, beta: float = 0.1, out_dir=None,
         if llm.model.quantized and not cfg.lora_rank:
             _trained_parameters(llm.model, cfg, say)   # refuses, before the reference pass
         with exact_products(llm.model):
-            extra["reference"] = reference_logprobs(llm.model, train)
+            extra["reference"] = reference_logprobs(llm.model, train, progress)
 
     def step(chunk: list[int], record: dict) -> float:
         stats = []
