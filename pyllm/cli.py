@@ -192,11 +192,7 @@ def _cmd_finetune_sft(args: argparse.Namespace) -> int:
     if val and not args.resume:   # on float activations, as training and the saved float model compute
         with finetune.exact_products(llm.model):
             print(f"validation loss before: {finetune.masked_loss(llm.model, val):.4f}")
-    try:
-        records = finetune.sft(llm, train, val, cfg, out_dir=args.out, progress=not args.no_progress)
-    except finetune.FinetuneInterrupted as exc:
-        print(f"\npyllm finetune: {exc}", file=sys.stderr)
-        return 130
+    records = finetune.sft(llm, train, val, cfg, out_dir=args.out, progress=not args.no_progress)
     if val:
         print(f"validation loss after: {records[-1]['val_loss']:.4f}")
     print(f"fine-tuned model in {args.out} (pyllm chat --model {args.out})")
@@ -238,12 +234,8 @@ def _cmd_finetune_dpo(args: argparse.Namespace) -> int:
     if val and not args.resume:
         with finetune.exact_products(llm.model):
             print(f"held-out preference accuracy before: {finetune.preference_accuracy(llm.model, val):.1%}")
-    try:
-        records = finetune.dpo(llm, train, _finetune_config(args), beta=args.beta, out_dir=args.out,
-                               progress=not args.no_progress)
-    except finetune.FinetuneInterrupted as exc:
-        print(f"\npyllm finetune: {exc}", file=sys.stderr)
-        return 130
+    records = finetune.dpo(llm, train, _finetune_config(args), beta=args.beta, out_dir=args.out,
+                           progress=not args.no_progress)
     print(f"last step: loss {records[-1]['loss']:.4f}, reward margin {records[-1]['reward_margin']:.4f}, "
           f"accuracy {records[-1]['accuracy']:.2f}")
     if val:
@@ -422,8 +414,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, OSError, FloatingPointError, RuntimeError) as exc:  # bad input: a message, not a traceback
         print(f"pyllm {args.command}: error: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:   # Ctrl-C outside the loops that save first (loading, preparing data)
-        print(f"\npyllm {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:   # a loop's own (it saved first, and says where), or any other
+        print(f"\npyllm {args.command}: {str(exc) or 'interrupted'}", file=sys.stderr)
         return 130
 
 

@@ -35,19 +35,20 @@ class Example:
     line: int
 
 
-def read_examples(path, llm, skip_bad: bool = False, say: Callable[[str], None] = print) -> list[Example]:
-    """Examples from a JSONL file, checked line by line; the first bad line stops the run (with its
-    number) unless skip_bad, which drops bad lines with a notice."""
+def _read_jsonl(path, parse: Callable, what: str, skip_bad: bool, say: Callable[[str], None]) -> list:
+    """parse(record, line number) of every JSONL line, checked line by line; the first bad line
+    (invalid JSON, or a DataError from parse) stops the run with its number, unless skip_bad,
+    which drops bad lines with a notice."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such data file: {path}")
-    examples, skipped = [], 0
+    items, skipped = [], 0
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                examples.append(_example(json.loads(line), llm, number))
+                items.append(parse(json.loads(line), number))
             except (json.JSONDecodeError, DataError) as exc:
                 reason = f"not valid JSON ({exc.msg})" if isinstance(exc, json.JSONDecodeError) else str(exc)
                 message = f"{path}:{number}: {reason}"
@@ -57,9 +58,14 @@ def read_examples(path, llm, skip_bad: bool = False, say: Callable[[str], None] 
                 say(f"skipping {message}")
     if skipped:
         say(f"skipped {skipped} bad line(s) of {path}")
-    if not examples:
-        raise DataError(f"{path}: no usable examples")
-    return examples
+    if not items:
+        raise DataError(f"{path}: no usable {what}")
+    return items
+
+
+def read_examples(path, llm, skip_bad: bool = False, say: Callable[[str], None] = print) -> list[Example]:
+    """Examples from a JSONL file of "messages" or "prompt"/"completion" lines (see _read_jsonl)."""
+    return _read_jsonl(path, lambda record, number: _example(record, llm, number), "examples", skip_bad, say)
 
 
 def _messages(record) -> list[dict]:
@@ -415,30 +421,15 @@ class Pair:
 
 
 def read_pairs(path, llm, skip_bad: bool = False, say: Callable[[str], None] = print) -> list[Pair]:
-    """Preference pairs from JSONL lines of "prompt", "chosen" and "rejected" strings."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such data file: {path}")
-    pairs = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                if not isinstance(record, dict) or not all(isinstance(record.get(k), str)
-                                                           for k in ("prompt", "chosen", "rejected")):
-                    raise DataError('a line needs "prompt", "chosen" and "rejected" strings')
-                make = lambda answer: _example({"prompt": record["prompt"], "completion": answer}, llm, number)
-                pairs.append(Pair(make(record["chosen"]), make(record["rejected"]), number))
-            except (json.JSONDecodeError, DataError) as exc:
-                reason = f"not valid JSON ({exc.msg})" if isinstance(exc, json.JSONDecodeError) else str(exc)
-                if not skip_bad:
-                    raise DataError(f"{path}:{number}: {reason} (or pass --skip-bad to leave such lines out)") from None
-                say(f"skipping {path}:{number}: {reason}")
-    if not pairs:
-        raise DataError(f"{path}: no usable preference pairs")
-    return pairs
+    """Preference pairs from JSONL lines of "prompt", "chosen" and "rejected" strings (see _read_jsonl)."""
+    def parse(record, number: int) -> Pair:
+        if not isinstance(record, dict) or not all(isinstance(record.get(k), str)
+                                                   for k in ("prompt", "chosen", "rejected")):
+            raise DataError('a line needs "prompt", "chosen" and "rejected" strings')
+        make = lambda answer: _example({"prompt": record["prompt"], "completion": answer}, llm, number)
+        return Pair(make(record["chosen"]), make(record["rejected"]), number)
+
+    return _read_jsonl(path, parse, "preference pairs", skip_bad, say)
 
 
 def sequence_logprob(model, example: Example) -> float:

@@ -111,6 +111,11 @@ class LoRA:
         # follows from (seed, site), so backward regenerates it instead of keeping it.
         self.dropout_seed: Optional[int] = None
 
+    def _dropped(self, x: np.ndarray, base: str) -> tuple[np.ndarray, Optional[np.ndarray]]:
+        """(x after this step's dropout for the site, the mask) or (x, None) when dropout is off."""
+        mask = self.dropout_mask(base, x.shape)
+        return (x, None) if mask is None else (x * mask, mask)
+
     def dropout_mask(self, base: str, shape: tuple) -> Optional[np.ndarray]:
         """The kept inputs scaled by 1 / (1 - p) (dropout's mask), or None when dropout is off."""
         p = self.config.dropout
@@ -128,9 +133,7 @@ class LoRA:
         if site is None:
             return
         M, r = x.shape[0], self.config.rank
-        mask = self.dropout_mask(base, x.shape)
-        if mask is not None:
-            x = x * mask
+        x, mask = self._dropped(x, base)
         u = np.empty((M, r), np.float32)
         _C.matmul_forward(u, x, self.A[base], None, M, site.inp, r, True)
         delta = np.empty((M, site.out), np.float32)
@@ -148,9 +151,7 @@ class LoRA:
         if site is None:
             return
         M, r = x.shape[0], self.config.rank
-        mask = self.dropout_mask(base, x.shape)
-        if mask is not None:
-            x = x * mask
+        x, mask = self._dropped(x, base)
         dy = np.ascontiguousarray(dy) * np.float32(self.scale)
         u = site.saved["u"]
         _C.matmul_backward(None, self.gB[base], None, dy, u, self.B[base], M, r, site.out, True)   # gB += dy^T u
