@@ -29,7 +29,7 @@ def _batch(vocab):
 
 def _model(dequantize: bool = True):
     from pyllm.hub import smollm2_gguf
-    from pyllm.io.gguf_model import load_gguf
+    from pyllm.llm import load_gguf
 
     return load_gguf(smollm2_gguf(quiet=True), dequantize=dequantize)[0]
 

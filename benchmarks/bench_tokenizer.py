@@ -15,7 +15,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 
 from pyllm.data import read_default_corpus  # noqa: E402
-from pyllm.tokenizer import HF_PATTERNS, PATTERNS, Tokenizer  # noqa: E402
+from pyllm.io.tokenizer_files import HF_PATTERNS  # noqa: E402
+from pyllm.pretokenize import PATTERNS  # noqa: E402
+from pyllm.tokenizer import Tokenizer  # noqa: E402
 
 ENCODE_BYTES = 10_000_000    # the scale: ~10 MB of standard-library sources
 ENCODE_VOCAB = 32768

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from pyllm import finetune as F
 from pyllm.hub import smollm2_gguf
-from pyllm.io.gguf_model import load_gguf
+from pyllm.llm import load_gguf
 from pyllm.llm import LLM
 
 

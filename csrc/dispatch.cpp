@@ -74,4 +74,14 @@ void select_isa(const char* name) {
   check(false, std::string("unknown ISA '") + name + "'");
 }
 
+const char* const* kernel_names(int* count) {
+  static const char* const names[] = {
+#define PYLLM_KERNEL_NAME(name, ret, params) #name,
+      PYLLM_KERNELS(PYLLM_KERNEL_NAME)
+#undef PYLLM_KERNEL_NAME
+  };
+  *count = static_cast<int>(sizeof(names) / sizeof(names[0]));
+  return names;
+}
+
 }  // namespace pyllm

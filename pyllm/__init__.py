@@ -11,12 +11,15 @@ __all__ = ["Tokenizer", "Model", "ModelConfig", "AdamW", "LLM", "kernels", "refe
 
 def __getattr__(name: str):
     # Imported on first use, so `pyllm.reference` (pure numpy) works without the built extension.
-    if name in ("kernels", "reference", "bench", "tokenizer", "data", "hub", "model", "optim", "train", "generate", "llm"):
+    if name in ("kernels", "reference", "bench", "tokenizer", "data", "hub", "model", "models", "optim", "train",
+                "generate", "llm", "lora", "finetune", "io", "pretokenize"):
         return importlib.import_module(f"pyllm.{name}")
     if name == "Tokenizer":
         return importlib.import_module("pyllm.tokenizer").Tokenizer
-    if name in ("Model", "ModelConfig"):
-        return getattr(importlib.import_module("pyllm.model"), name)
+    if name == "Model":
+        return importlib.import_module("pyllm.model").Model
+    if name == "ModelConfig":
+        return importlib.import_module("pyllm.models").ModelConfig
     if name == "LLM":
         return importlib.import_module("pyllm.llm").LLM
     if name == "AdamW":

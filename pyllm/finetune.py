@@ -12,16 +12,29 @@ output folder, runs checkpoint every few steps, save one on Ctrl-C, and resume e
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
 import json
 import math
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
+from tqdm.auto import tqdm
 
-IGNORE = -100
+from pyllm.interrupt import StopRequest
+from pyllm.io.atomic import write_text
+from pyllm.io.checkpoint import read_checkpoint, remove_checkpoint, rng_from, rng_state, write_checkpoint
+from pyllm.lora import LoRA, LoRAConfig
+from pyllm.models import IGNORE
+from pyllm.optim import AdamW, cosine_lr
+
+CHECKPOINT = "checkpoint"
+STATE = "state.json"                  # in the checkpoint: step, RNG, data order, log, settings
+TRAINED = "trained.safetensors"       # in the checkpoint: the trained values and AdamW's m and v
 
 
 class DataError(ValueError):
@@ -190,11 +203,6 @@ def _loop(llm, n_items: int, fingerprint: str, cfg: SFTConfig, step_fn, eval_fn,
     step_fn(indices, record) adds the batch's gradients, returns its loss and may add to the
     record; fingerprint identifies the training data; `extra` is state kept in the checkpoint
     (DPO's reference log-probabilities)."""
-    from tqdm.auto import tqdm
-
-    from pyllm.optim import AdamW, cosine_lr
-    from pyllm.train import _StopRequest
-
     model = llm.model
     trained = _trained_parameters(model, cfg, say)
     opt = AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip)
@@ -202,13 +210,13 @@ def _loop(llm, n_items: int, fingerprint: str, cfg: SFTConfig, step_fn, eval_fn,
     total = max(1, int(round(cfg.epochs * steps_per_epoch)))
     rng = np.random.default_rng(cfg.seed)
     order, step, records = rng.permutation(n_items), 0, []
-    checkpoint = Path(out_dir) / "checkpoint" if out_dir is not None else None
+    checkpoint = Path(out_dir) / CHECKPOINT if out_dir is not None else None
     if cfg.resume:
         if checkpoint is None:
             raise ValueError("resume needs the output folder that holds the checkpoint")
         step, rng, order, records = _load_checkpoint(checkpoint, trained, opt, cfg, fingerprint, extra)
         say(f"resuming from {checkpoint} at step {step} of {total}")
-    stop = _StopRequest() if checkpoint is not None else None
+    stop = StopRequest() if checkpoint is not None else None
     start = time.perf_counter()
     try:
         with exact_products(model), tqdm(total=total, initial=step, desc=desc, unit="step",
@@ -249,17 +257,12 @@ def _loop(llm, n_items: int, fingerprint: str, cfg: SFTConfig, step_fn, eval_fn,
                                   f"(go on with --resume)")
     if out_dir is not None:
         _save(llm, out_dir, records)
-        import shutil
-
-        for folder in (checkpoint, checkpoint.with_name(checkpoint.name + ".old")):
-            shutil.rmtree(folder, ignore_errors=True)   # the finished run needs no checkpoint
+        remove_checkpoint(checkpoint)   # the finished run needs no checkpoint
     return records
 
 
 def _fingerprint(data: list[np.ndarray]) -> str:
     """A hash of the training tokens, so a resumed run can tell that its data changed."""
-    import hashlib
-
     h = hashlib.sha256()
     for array in data:
         h.update(np.ascontiguousarray(array, np.int64).tobytes())
@@ -274,53 +277,35 @@ def _save_checkpoint(folder: Path, trained, opt, cfg: SFTConfig, step: int, rng,
                      extra: dict) -> None:
     """The trained values (the model's or the adapters'), AdamW's moments and everything that
     decides the next step, written whole into a new folder and swapped in."""
-    import dataclasses
-    import shutil
-
-    from safetensors.numpy import save_file
-
-    from pyllm.io.atomic import replace_folder, write_text
-
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({"params": trained.params, "m": opt.m, "v": opt.v}, str(tmp / "trained.safetensors"))
-    state = {"step": step, "optimizer_step": opt.step_count, "rng": rng.bit_generator.state,
+    state = {"step": step, "optimizer_step": opt.step_count, "rng": rng_state(rng),
              "order": [int(i) for i in order], "records": records, "data": fingerprint,
              "config": dataclasses.asdict(cfg), "extra": extra}
-    write_text(tmp / "state.json", json.dumps(state))
-    replace_folder(tmp, folder)
+    write_checkpoint(folder, {"params": trained.params, "m": opt.m, "v": opt.v}, state, TRAINED, STATE)
 
 
 def _load_checkpoint(folder: Path, trained, opt, cfg: SFTConfig, fingerprint: str, extra: dict):
-    from pyllm.io.atomic import latest_folder
-    from pyllm.io.hf import load_state
-
-    found = latest_folder(folder, "state.json")
+    found = read_checkpoint(folder, TRAINED, STATE)
     if found is None:
         raise FileNotFoundError(f"resume: no checkpoint in {folder}")
-    state = json.loads((found / "state.json").read_text())
+    state, arrays = found.state, found.tensors
     saved = state["config"]
     changed = [k for k, v in saved.items() if k not in _RESUME_FREE and getattr(cfg, k, v) != v]
     if changed:
-        raise ValueError(f"resume: the checkpoint was made with other settings: "
+        raise ValueError("resume: the checkpoint was made with other settings: "
                          + ", ".join(f"{k}={saved[k]!r} (now {getattr(cfg, k)!r})" for k in changed))
     if state["data"] != fingerprint:
         raise ValueError("resume: the training data differs from the checkpoint's")
     changed = [k for k in extra if k in state["extra"] and state["extra"][k] != extra[k]]
     if changed:
         raise ValueError(f"resume: the checkpoint was made with {changed[0]}={state['extra'][changed[0]]!r}")
-    arrays = load_state(found / "trained.safetensors")
     if arrays["params"].shape != trained.params.shape:
         raise ValueError(f"resume: the checkpoint holds {arrays['params'].size} trained values, "
                          f"this model {trained.params.size}: not the same model")
     # Every check passed: only now is anything of the caller's changed.
     trained.params[...] = arrays["params"]
     opt.load_state_dict({"m": arrays["m"], "v": arrays["v"], "step": state["optimizer_step"]})
-    rng = np.random.default_rng()
-    rng.bit_generator.state = state["rng"]
     extra.update(state["extra"])
-    return int(state["step"]), rng, np.asarray(state["order"], np.int64), state["records"]
+    return int(state["step"]), rng_from(state["rng"]), np.asarray(state["order"], np.int64), state["records"]
 
 
 def _trained_parameters(model, cfg: SFTConfig, say: Callable[[str], None]):
@@ -331,8 +316,6 @@ def _trained_parameters(model, cfg: SFTConfig, say: Callable[[str], None]):
             raise ValueError("training every weight needs float32 weights: load the GGUF model with "
                              "dequantize=True, or train LoRA adapters (lora_rank) on the quantized base")
         return model
-    from pyllm.lora import LoRA, LoRAConfig
-
     model.lora = LoRA(model, LoRAConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                                         seed=cfg.seed))
     say(f"LoRA rank {cfg.lora_rank}: {model.lora.num_params:,} trained parameters, the base frozen"
@@ -369,8 +352,6 @@ def _save(llm, out_dir, records: list[dict]) -> None:
 
 def write_jsonl(path, records) -> None:
     """One JSON object per line, written atomically."""
-    from pyllm.io.atomic import write_text
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text(path, "".join(json.dumps(r) + "\n" for r in records))
@@ -400,8 +381,6 @@ def arithmetic_examples(n: int, seed: int = 0) -> list[dict]:
 def answer_accuracy(llm, records: list[dict], max_new_tokens: int = 24) -> float:
     """Share of conversations whose greedy reply to the last user turn contains the reference
     answer's final number (for the generated arithmetic set)."""
-    import re
-
     hits = 0
     for record in records:
         messages = _messages(record)
@@ -484,8 +463,6 @@ def _dropout_for(model, part: int):
 
 def reference_logprobs(model, pairs: list[Pair], progress: bool = False) -> list[tuple[float, float]]:
     """The frozen reference: log-probabilities of every pair under the model before training."""
-    from tqdm.auto import tqdm
-
     return [(sequence_logprob(model, p.chosen), sequence_logprob(model, p.rejected))
             for p in tqdm(pairs, desc="reference log-probabilities", unit="pair", disable=not progress)]
 

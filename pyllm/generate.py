@@ -1,9 +1,11 @@
 """Text generation: the model gives a probability for every next token, one is sampled, appended,
 and the step repeats.
 
-One prefill pass per prompt fills the KV cache; each later step computes only the new position.
-Sampling (penalties, temperature, top-k, top-p, min-p, a seeded draw) runs in C++
-(`pyllm.kernels.sample`, twin `pyllm.reference.sample`).
+One prefill pass fills the KV cache for every prompt at once (prompts of different lengths
+right-padded, each row's logits taken at its own last token); each later step computes only the
+new position of every row. Sampling (penalties, temperature, top-k, top-p, min-p, a seeded draw)
+runs in C++ (`pyllm.kernels.sample`, twin `pyllm.reference.sample`); the history the penalties
+read is one padded array, appended in place. Not the model (pyllm.models) nor text (pyllm.llm).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 import numpy as np
 
 from pyllm import kernels
+from pyllm.models import KVCache
 
 
 @dataclass
@@ -77,6 +80,16 @@ def seeds_for(seed: Optional[int], batch: int) -> np.ndarray:
     return np.random.SeedSequence(seed).generate_state(batch, np.uint64)
 
 
+def prefill(model, prompts: list[np.ndarray], cache: KVCache) -> np.ndarray:
+    """Every prompt into its row of the cache in one pass (right-padded to the longest); the logits
+    of each prompt's last token, (B, vocab)."""
+    counts = np.array([p.size for p in prompts], np.int64)
+    padded = np.zeros((len(prompts), int(counts.max())), np.int64)
+    for b, p in enumerate(prompts):
+        padded[b, :p.size] = p
+    return model.forward_step(padded, cache, counts=None if (counts == counts[0]).all() else counts)
+
+
 def generate_stream(model, ids, max_new_tokens: int, sampling: SamplingConfig = SamplingConfig(),
                     stop_tokens: Sequence[int] = (), seed: Optional[int] = None,
                     with_probs: bool = False) -> Iterator[np.ndarray]:
@@ -86,8 +99,6 @@ def generate_stream(model, ids, max_new_tokens: int, sampling: SamplingConfig = 
     Stops after max_new_tokens, when every sequence has met a stop token, or when the context
     window is full.
     """
-    from pyllm.model import KVCache
-
     prompts, _ = _prompts(model, ids)
     if int(max_new_tokens) != max_new_tokens or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
@@ -95,22 +106,25 @@ def generate_stream(model, ids, max_new_tokens: int, sampling: SamplingConfig = 
     longest = max(p.size for p in prompts)
     capacity = min(model.config.block_size, longest + int(max_new_tokens))
     cache = KVCache(model.config, B, capacity)
-    logits = np.empty((B, model.config.vocab_size), np.float32)
-    for b, p in enumerate(prompts):            # prefill, one prompt at a time (lengths differ)
-        logits[b] = model.forward_step(p[None, :], cache, rows=slice(b, b + 1))[0]
+    logits = prefill(model, prompts, cache)
     seeds = seeds_for(seed, B)
-    history = [list(p) for p in prompts]
+    # What the penalties read: each row's prompt and tokens so far, padded with -1, grown in place.
+    history = np.full((B, capacity), -1, np.int64)
+    for b, p in enumerate(prompts):
+        history[b, :p.size] = p
+    filled = np.array([p.size for p in prompts], np.int64)
     done = np.zeros(B, bool)
-    stops = set(int(t) for t in stop_tokens)
+    stops = np.array(sorted(set(int(t) for t in stop_tokens)), np.int64)
+    rows = np.arange(B)
     for step in range(int(max_new_tokens)):
         drawn = sampling.sample(logits, history, seeds, step, return_probs=with_probs)
         tokens = np.asarray(drawn[0] if with_probs else drawn, np.int64).reshape(B)
         tokens[done] = -1
         yield (tokens, drawn[1]) if with_probs else tokens
-        for b in np.flatnonzero(~done):
-            history[b].append(int(tokens[b]))
-            if int(tokens[b]) in stops:
-                done[b] = True
+        live = ~done
+        history[rows[live], filled[live]] = tokens[live]
+        filled[live] += 1
+        done |= live & np.isin(tokens, stops)
         # The same rule as recomputing: stop once the longest sequence fills the context window.
         if done.all() or int(cache.lengths.max()) + 1 >= model.config.block_size or step + 1 == max_new_tokens:
             return

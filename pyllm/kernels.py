@@ -2,6 +2,8 @@
 
 Not where arithmetic happens: this module checks and converts arguments (dtype, shape,
 contiguity, id ranges), allocates the outputs, and calls `pyllm._C` with the GIL released.
+No other module of pyllm imports `pyllm._C`: the model's hot path goes through `unchecked`
+(below), the tokenizer through the classes re-exported at the end.
 
 Conventions: floating inputs of any float dtype or memory layout are converted to
 C-contiguous float32; anything else (ints, bools, objects) where floats are expected is a
@@ -13,7 +15,8 @@ HS head size, N rows.
 from __future__ import annotations
 
 import math
-from typing import Optional
+import types
+from typing import NamedTuple, Optional
 
 import numpy as np
 
@@ -26,17 +29,16 @@ except ImportError as exc:  # pragma: no cover - only without a built extension
         "from outside the source folder."
     ) from exc
 
-from pyllm.reference import rope_tables  # noqa: F401  (numpy set-up, not a kernel)
-
 __all__ = [
     "matmul", "matmul_backward", "softmax", "softmax_backward",
     "layernorm", "layernorm_forward", "layernorm_backward",
     "rmsnorm", "rmsnorm_forward", "rmsnorm_backward",
     "gelu", "gelu_backward", "silu", "silu_backward", "swiglu", "swiglu_backward",
-    "rope_tables", "rope", "rope_backward",
+    "rope_tables", "rope", "rope_backward", "rope_at", "kv_write",
     "attention", "attention_forward", "attention_backward", "sample",
     "cross_entropy", "cross_entropy_forward", "cross_entropy_backward",
     "embedding", "embedding_backward", "adamw", "matmul_quant", "matmul_quant_backward", "dequantize",
+    "GGML_TYPES", "QUANT_TYPES", "GgmlType", "row_bytes", "unchecked",
     "set_num_threads", "get_num_threads", "available_isas", "get_isa", "set_isa",
     "measure_fma_peak",
 ]
@@ -327,6 +329,34 @@ def swiglu_backward(dout, gate, up):
 
 # ----------------------------------------------------------------------------- rotary embedding
 
+def rope_tables(positions, head_size: int, theta: float = 10000.0) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin tables for rotary embeddings, each (T, HS/2): angle p / theta^(2i / HS) at each
+    position p (an int T means 0 .. T-1, or a 1-D array of integer positions).
+
+    >>> cos, sin = rope_tables(4, 8)
+    >>> cos.shape
+    (4, 4)
+    """
+    if isinstance(head_size, bool) or int(head_size) != head_size or head_size < 2 or head_size % 2:
+        raise ValueError(f"rope needs an even head size, got {head_size!r}")
+    if not (isinstance(theta, (int, float)) and math.isfinite(theta) and theta > 0):
+        raise ValueError(f"rope theta must be a finite number > 0, got {theta!r}")
+    if np.ndim(positions) == 0:
+        if isinstance(positions, bool) or int(positions) != positions or positions < 0:
+            raise ValueError(f"positions must be a count >= 0 or a 1-D array, got {positions!r}")
+        table_positions, P = None, int(positions)
+    else:
+        arr = np.asarray(positions)
+        if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
+            raise ValueError(f"positions must be a 1-D array of integers, got {arr.dtype} {arr.shape}")
+        table_positions, P = np.ascontiguousarray(arr, np.int64), arr.size
+    cos = np.empty((P, int(head_size) // 2), np.float32)
+    sin = np.empty_like(cos)
+    if cos.size:
+        _C.rope_tables(cos, sin, table_positions, P, int(head_size), float(theta))
+    return cos, sin
+
+
 def _rope_args(x, cos, sin, xname):
     x = _floats(x, xname, min_ndim=2)
     T, HS = x.shape[-2], x.shape[-1]
@@ -335,8 +365,16 @@ def _rope_args(x, cos, sin, xname):
     cos, sin = _floats(cos, "cos"), _floats(sin, "sin")
     _same_shape("cos", cos, (T, HS // 2))
     _same_shape("sin", sin, (T, HS // 2))
-    BH = x.size // (T * HS) if x.size else 0
-    return x, cos, sin, BH, T, HS
+    return x, cos, sin
+
+
+def _rope(kernel, x, cos, sin, xname) -> np.ndarray:
+    x, cos, sin = _rope_args(x, cos, sin, xname)
+    out = np.empty_like(x)
+    if x.size:   # rows of any leading shape are (batch, T, one head, HS) for the kernel
+        T, HS = x.shape[-2:]
+        kernel(out.reshape(-1, T, 1, HS), x.reshape(-1, T, 1, HS), cos, sin, None)
+    return out
 
 
 def rope(x, cos, sin) -> np.ndarray:
@@ -346,20 +384,61 @@ def rope(x, cos, sin) -> np.ndarray:
     >>> rope(np.ones((1, 1, 1, 2), np.float32), cos, sin)
     array([[[[1., 1.]]]], dtype=float32)
     """
-    x, cos, sin, BH, T, HS = _rope_args(x, cos, sin, "x")
-    out = np.empty_like(x)
-    if x.size:
-        _C.rope_forward(out, x, cos, sin, BH, T, HS)
-    return out
+    return _rope(_C.rope_forward, x, cos, sin, "x")
 
 
 def rope_backward(dout, cos, sin) -> np.ndarray:
     """dx for rope: the rotation by the negative angle."""
-    dout, cos, sin, BH, T, HS = _rope_args(dout, cos, sin, "dout")
-    dx = np.empty_like(dout)
-    if dout.size:
-        _C.rope_backward(dx, dout, cos, sin, BH, T, HS)
-    return dx
+    return _rope(_C.rope_backward, dout, cos, sin, "dout")
+
+
+def _positions_from(pos0, B: int, T: int, limit: int, what: str) -> np.ndarray:
+    pos0 = _ints(pos0, "pos0", limit)
+    _same_shape("pos0", pos0, (B,))
+    if B and int(pos0.max()) + T > limit:
+        raise ValueError(f"pos0 + {T} new positions run past the {what} ({limit} positions)")
+    return pos0
+
+
+def rope_at(x, cos, sin, pos0) -> np.ndarray:
+    """rope on x (B, T, H, HS), tokens first (as a projection writes them), batch row b starting
+    at position pos0[b] of the tables cos/sin (P, HS/2): a ragged batch, each row at its own length.
+
+    >>> cos, sin = rope_tables(4, 2)
+    >>> rope_at(np.ones((1, 1, 1, 2), np.float32), cos, sin, [0])
+    array([[[[1., 1.]]]], dtype=float32)
+    """
+    x = _floats(x, "x", ndim=4)
+    B, T, H, HS = x.shape
+    if HS % 2:
+        raise ValueError(f"rope needs an even head size HS, x has shape {x.shape}")
+    cos, sin = _floats(cos, "cos", ndim=2), _floats(sin, "sin", ndim=2)
+    if cos.shape[1] != HS // 2:
+        raise ValueError(f"cos must be (P, HS/2 = {HS // 2}), got {cos.shape}")
+    _same_shape("sin", sin, cos.shape)
+    pos0 = _positions_from(pos0, B, T, cos.shape[0], "tables")
+    out = np.empty_like(x)
+    if x.size:
+        _C.rope_forward(out, x, cos, sin, pos0)
+    return out
+
+
+def kv_write(cache, src, pos0) -> None:
+    """Appends src (B, T, H, HS) (new keys or values, tokens first) to cache (B, H, capacity, HS) in
+    place: row (b, t, h) goes to cache[b, h, pos0[b] + t], each batch row at its own length.
+
+    >>> cache = np.zeros((1, 1, 4, 2), np.float32)
+    >>> kv_write(cache, np.ones((1, 1, 1, 2), np.float32), [2]); cache[0, 0, 2]
+    array([1., 1.], dtype=float32)
+    """
+    cache = _inplace(cache, "cache")
+    src = _floats(src, "src", ndim=4)
+    B, T, H, HS = src.shape
+    if cache.ndim != 4 or cache.shape[0] != B or cache.shape[1] != H or cache.shape[3] != HS:
+        raise ValueError(f"cache must be (B={B}, H={H}, capacity, HS={HS}), got {cache.shape}")
+    pos0 = _positions_from(pos0, B, T, cache.shape[2], "cache")
+    if src.size:
+        _C.kv_write(cache, src, pos0)
 
 
 # ----------------------------------------------------------------------------- attention
@@ -400,7 +479,7 @@ def attention_forward(q, k, v, causal: bool = True, kv_lengths=None):
     out = np.empty_like(q)
     lse = np.empty((B, NH, Tq), np.float32)
     if q.size and Tk and HS:
-        _C.attention_forward(out, lse, q, k, v, *dims, bool(causal), Tk, kv_lengths)
+        _C.attention_forward(out, lse, q, k, v, bool(causal), kv_lengths)
     elif q.size:  # no keys or no width: nothing to attend to
         out.fill(0.0)
         lse.fill(-np.inf if Tk == 0 else math.log(Tk))
@@ -429,7 +508,7 @@ def attention_backward(dout, q, k, v, out, lse, causal: bool = True):
     if not (q.size and Tk and HS):
         return np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
     dq, dk, dv = np.empty_like(q), np.empty_like(k), np.empty_like(v)
-    _C.attention_backward(dq, dk, dv, dout, q, k, v, out, lse, *dims, bool(causal))
+    _C.attention_backward(dq, dk, dv, dout, q, k, v, out, lse, bool(causal))
     return dq, dk, dv
 
 
@@ -542,18 +621,38 @@ def adamw(param, grad, m, v, *, lr: float, step: int, beta1: float = 0.9, beta2:
 
 # ----------------------------------------------------------------------------- quantized weights
 
-QUANT_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q4_K": 12, "Q6_K": 14}   # ggml's ids
+class GgmlType(NamedTuple):
+    """A ggml tensor type (the table is csrc/kernels/quant_types.h, read from the module)."""
+
+    name: str
+    id: int
+    block_values: int    # values per block (1 for the float types)
+    block_bytes: int
+    quantized: bool      # matmul_quant, dequantize and matmul_quant_backward take it
+
+
+GGML_TYPES: dict[int, GgmlType] = {t[1]: GgmlType(*t) for t in _C.ggml_types()}
+QUANT_TYPES: dict[str, int] = {t.name: t.id for t in GGML_TYPES.values() if t.quantized}   # name -> ggml id
+
+
+def row_bytes(ggml_type: int, values: int) -> int:
+    """Bytes of `values` consecutive values (whole blocks) of a ggml type.
+
+    >>> row_bytes(QUANT_TYPES["Q8_0"], 64)
+    68
+    """
+    t = GGML_TYPES[ggml_type]
+    return values // t.block_values * t.block_bytes
+
 
 def _quant_args(w, ggml_type, shape):
-    from pyllm.io.gguf_model import QUANTIZED, TYPES, row_bytes
-
-    if ggml_type not in QUANTIZED:
+    t = GGML_TYPES.get(ggml_type)
+    if t is None or not t.quantized:
         raise ValueError(f"quantized type {ggml_type} is not supported ("
-                         + ", ".join(f"{TYPES[t][0]}={t}" for t in QUANTIZED) + ")")
+                         + ", ".join(f"{name}={i}" for name, i in QUANT_TYPES.items()) + ")")
     N, K = shape
-    name, block_values, _ = TYPES[ggml_type]
-    if K % block_values:
-        raise ValueError(f"rows of {K} values are not whole {name} blocks of {block_values}")
+    if K % t.block_values:
+        raise ValueError(f"rows of {K} values are not whole {t.name} blocks of {t.block_values}")
     w = np.asarray(w)
     if w.dtype != np.uint8:
         raise TypeError(f"quantized weights must be uint8 bytes, got {w.dtype}")
@@ -630,6 +729,13 @@ def _sampling_args(logits, temperature, top_k, top_p, min_p, repetition_penalty,
     B, V = logits.shape
     if history is None:
         hist = np.full((B, 0), -1, np.int64)
+    elif isinstance(history, np.ndarray) and history.ndim == 2 and history.dtype == np.int64 and not squeeze:
+        # Already padded (B, H) (what generation keeps, appending in place): checked, not rebuilt.
+        if history.shape[0] != B:
+            raise ValueError(f"history needs one row per row of logits ({B}), got {history.shape[0]}")
+        if history.size and (int(history.max()) >= V or int(history.min()) < -1):
+            raise ValueError(f"history holds ids outside [0, {V}) (-1 pads a row)")
+        hist = np.ascontiguousarray(history)
     else:
         rows = [history] if squeeze or (B == 1 and np.ndim(history) == 1) else list(history)
         if len(rows) != B:
@@ -650,6 +756,7 @@ def sample(logits, *, temperature: float = 1.0, top_k: Optional[int] = None, top
            frequency_penalty: float = 0.0, history=None, seed=0, step: int = 0, return_probs: bool = False):
     """Next-token ids sampled from logits (V,) or (B, V): an int, or (B,) ids.
 
+    history is a sequence of ids per row, or a (B, H) int64 array whose rows are padded with -1.
     Penalties (on the ids in `history`) apply to the raw logits, then temperature (0: greedy),
     top-k, top-p (smallest set reaching the mass), min-p (relative to the most likely token).
     The draw uses a uniform number that depends only on (seed, step), so a seeded generation
@@ -711,3 +818,23 @@ def set_isa(name: str) -> None:
 def measure_fma_peak(seconds: float = 0.5) -> float:
     """GFLOP/s of a register-only FMA loop on all kernel threads: the measured fp32 peak."""
     return float(_C.fma_peak_gflops(float(seconds)))
+
+
+# ----------------------------------------------------------------------------- the unchecked entrance
+
+unchecked = types.SimpleNamespace(**{name: getattr(_C, name) for name in _C.kernel_names()})
+unchecked.__doc__ = """The model's hot path: every kernel of csrc/kernels/kernel_list.h, as bound, with nothing
+checked here. Arguments follow the kernel's C++ order (outputs, saved values, inputs, weights,
+dims); outputs are preallocated float32 arrays, C-contiguous unless the kernel reads heads at
+strides (attention_*, rope_*, kv_write: numpy views whose last axis is contiguous). The bindings
+still refuse any buffer too small for the dims given, so a wrong call raises instead of reading
+out of bounds; wrong shapes that fit give wrong numbers. Users call the checked functions above."""
+
+# The tokenizer's C++ (csrc/tokenizer/): byte-level BPE encode/decode and training, and the
+# built-in pre-tokenizer patterns. Checked by their bindings; pyllm.tokenizer drives them.
+BpeModel = _C.BpeModel
+PieceCounter = _C.PieceCounter
+train_bpe = _C.train_bpe
+pretokenize = _C.pretokenize
+pretokenize_offsets = _C.pretokenize_offsets
+sample_uniform = _C.sample_uniform

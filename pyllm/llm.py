@@ -10,13 +10,21 @@ until it is known not to.
 from __future__ import annotations
 
 import codecs
-import json
+import datetime
 from pathlib import Path
 from typing import Iterator, Optional, Sequence, Union
 
+import jinja2
 import numpy as np
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from pyllm.generate import SamplingConfig, generate_stream
+from pyllm.hub import DEFAULT_MODEL, resolve_model
+from pyllm.io.gguf import GGUFFile
+from pyllm.io.hf import TOKENIZER
+from pyllm.io.tokenizer_files import ChatFormat, gguf_chat, gguf_tokenizer, read_hf_chat, write_hf_chat
+from pyllm.model import Model
+from pyllm.tokenizer import Tokenizer
 
 # Used for models that carry no template (e.g. those `pyllm train` makes): readable turns.
 PLAIN_TEMPLATE = (
@@ -49,43 +57,29 @@ class LLM:
     # ------------------------------------------------------------------ loading
 
     @classmethod
-    def load(cls, source: Union[str, Path] = "smollm2-135m-instruct") -> "LLM":
+    def load(cls, source: Union[str, Path] = DEFAULT_MODEL, dequantize: bool = False) -> "LLM":
         """A model with its tokenizer and chat template: a Hugging Face folder (config.json,
         model.safetensors, tokenizer.json, and tokenizer_config.json for the template), such as
-        `pyllm train` writes; a .gguf file; or the alias "smollm2-135m-instruct" (the default)."""
-        from pyllm.model import Model, resolve_model
-        from pyllm.tokenizer import Tokenizer
-
+        `pyllm train` writes; a .gguf file (dequantize=True: every weight float32, trainable); or the
+        alias "smollm2-135m-instruct" (the default)."""
         folder = resolve_model(source)
         if folder.suffix == ".gguf":
-            from pyllm.io.gguf_model import load_gguf
-
-            model, tokenizer, template, eos = load_gguf(folder)
-            bos = _gguf_bos(folder, tokenizer)
-            return cls(model, tokenizer, template, [eos] if eos is not None else None, bos)
+            model, tokenizer, chat = _read_gguf(folder, dequantize)
+            return cls(model, tokenizer, chat.template, [chat.eos_id] if chat.eos_id is not None else None,
+                       chat.bos_token)
         if folder.is_file():
             raise ValueError(f"{folder}: give a model folder (config.json, model.safetensors, tokenizer.json) "
                              f"or a .gguf file")
         model = Model.from_pretrained(folder)
-        if not (folder / "tokenizer.json").is_file():
-            raise FileNotFoundError(f"{folder}: no tokenizer.json beside the model")
-        tokenizer = Tokenizer.load(folder / "tokenizer.json")
+        if not (folder / TOKENIZER).is_file():
+            raise FileNotFoundError(f"{folder}: no {TOKENIZER} beside the model")
+        tokenizer = Tokenizer.load(folder / TOKENIZER)
         if tokenizer.vocab_size > model.config.vocab_size:
             raise ValueError(f"{folder}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                              f"{model.config.vocab_size}")
-        template, stops, bos = None, None, ""
-        config_path = folder / "tokenizer_config.json"
-        if config_path.is_file():
-            doc = json.loads(config_path.read_text(encoding="utf-8"))
-            template = doc.get("chat_template") if isinstance(doc.get("chat_template"), str) else None
-            eos = doc.get("eos_token")
-            eos = eos.get("content") if isinstance(eos, dict) else eos
-            if isinstance(eos, str) and eos in tokenizer.special_tokens:
-                stops = [tokenizer.special_tokens[eos]]
-            bos_doc = doc.get("bos_token")
-            bos_doc = bos_doc.get("content") if isinstance(bos_doc, dict) else bos_doc
-            bos = bos_doc if isinstance(bos_doc, str) and bos_doc in tokenizer.special_tokens else ""
-        return cls(model, tokenizer, template, stops, bos)
+        chat = read_hf_chat(folder)
+        bos = chat.bos_token if chat.bos_token in tokenizer.special_tokens else ""
+        return cls(model, tokenizer, chat.template, _ids(tokenizer, [chat.eos_token]), bos)
 
     # ------------------------------------------------------------------ generation
 
@@ -136,16 +130,11 @@ class LLM:
     def apply_chat_template(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
         """The conversation as the text the model was trained to continue."""
         _check_messages(messages)
-        import jinja2
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
         if self._template is None:
             def raise_exception(message):
                 raise ValueError(f"chat template: {message}")
 
             def strftime_now(fmt):
-                import datetime
-
                 return datetime.datetime.now().strftime(fmt)
 
             # As Hugging Face renders templates: a sandbox, loop controls, missing names undefined.
@@ -183,26 +172,35 @@ class LLM:
 
     def save(self, folder: Union[str, Path]) -> None:
         """The model folder, plus tokenizer_config.json with the chat template and end token."""
-        from pyllm.io.atomic import write_text
-
         self.model.save_pretrained(folder, tokenizer=self.tokenizer)
         names = {v: k for k, v in self.tokenizer.special_tokens.items()}
-        doc = {"chat_template": self.chat_template,
-               "eos_token": names.get(self.stop_token_ids[0]) if self.stop_token_ids else None,
-               "bos_token": self.bos_token or None}
-        write_text(Path(folder) / "tokenizer_config.json", json.dumps(doc, indent=2) + "\n")
+        write_hf_chat(folder, ChatFormat(self.chat_template,
+                                         names.get(self.stop_token_ids[0]) if self.stop_token_ids else None,
+                                         self.bos_token))
 
 
-def _gguf_bos(path: Path, tokenizer) -> str:
-    """The beginning-of-text token's text, when the GGUF file says to add it."""
-    from pyllm.io.gguf import GGUFFile
+def load_gguf(path, dequantize: bool = False) -> tuple:
+    """(Model, Tokenizer, chat template or None, end-of-turn token id or None) from a GGUF file.
 
-    with GGUFFile(path) as f:
-        if not f.metadata.get("tokenizer.ggml.add_bos_token", False):
-            return ""
-        bos_id = f.metadata.get("tokenizer.ggml.bos_token_id")
-    names = {v: k for k, v in tokenizer.special_tokens.items()}
-    return names.get(bos_id, "")
+    Quantized matrices (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q6_K) stay quantized (inference only, a
+    fraction of the memory) unless dequantize=True, which gives a float32 model that can be trained.
+    """
+    model, tokenizer, chat = _read_gguf(path, dequantize)
+    return model, tokenizer, chat.template, chat.eos_id
+
+
+def _read_gguf(path, dequantize: bool) -> tuple:
+    """The model, tokenizer and chat format of a GGUF file, its header parsed once."""
+    f = GGUFFile(path)
+    model = Model.from_gguf(f, dequantize)
+    data = gguf_tokenizer(f)
+    return model, Tokenizer(**vars(data)), gguf_chat(f, data)
+
+
+def _ids(tokenizer: Tokenizer, names: Sequence[Optional[str]]) -> Optional[list[int]]:
+    """The ids of the named special tokens the tokenizer has; None when none of them is named."""
+    ids = [tokenizer.special_tokens[n] for n in names if n is not None and n in tokenizer.special_tokens]
+    return ids or None
 
 
 def _check_messages(messages) -> None:

@@ -1,4 +1,4 @@
-"""LoRA: low-rank adapters on a Llama-family model's projection matrices, trained while the base
+"""LoRA: low-rank adapters on a model's projection matrices (Llama or GPT-2), trained while the base
 weights stay frozen.
 
 The base may be kept quantized (a GGUF model): its products, forward and the input gradient
@@ -7,20 +7,22 @@ backward, run on the quantized blocks while the adapters train in float32.
 A projection y = x W^T becomes y = x W^T + (alpha / r) (x A^T) B^T with A (r, in) and B (out, r);
 B starts at zero, so a fresh adapter changes nothing. The adapters live in one flat buffer (and
 their gradients in another) like the model's parameters, so AdamW trains them with the same fused
-kernel. Names and files follow `peft` (adapter_model.safetensors, adapter_config.json).
+kernel. Names and files follow `peft` (pyllm.io.peft). The model's `linear` (pyllm.models.layers)
+calls forward and backward for every projection it computes; this module is not imported by it.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
-from pyllm.kernels import _C
+from pyllm.io.peft import PREFIX as PEFT_PREFIX
+from pyllm.io.peft import read_adapter, write_adapter
+from pyllm.kernels import unchecked as fast
+from pyllm.models import parameter_specs
 
 # The projections adapters may sit on, per architecture: target name (as peft's target_modules
 # spells it) -> the weights it names in layer i. GPT-2's c_proj names both the attention output
@@ -33,7 +35,6 @@ TARGETS = {
              "c_proj": ("transformer.h.{i}.attn.c_proj.weight", "transformer.h.{i}.mlp.c_proj.weight"),
              "c_fc": ("transformer.h.{i}.mlp.c_fc.weight",)},
 }
-PEFT_PREFIX = "base_model.model."
 
 
 @dataclass
@@ -69,8 +70,6 @@ class LoRA:
     pyllm.AdamW can train."""
 
     def __init__(self, model, config: LoRAConfig = LoRAConfig()) -> None:
-        from pyllm.model import parameter_specs
-
         table = TARGETS[model.config.arch]
         self.targets = tuple(config.targets or table)
         if set(self.targets) - set(table):
@@ -125,7 +124,7 @@ class LoRA:
         keep = rng.random(shape, dtype=np.float32) >= np.float32(p)
         return keep * np.float32(1.0 / (1.0 - p))
 
-    # ------------------------------------------------------------------ used by llama.py
+    # ------------------------------------------------------------------ called by the model's linear
 
     def forward(self, out: np.ndarray, x: np.ndarray, base: str, columns: Optional[slice] = None) -> None:
         """out[:, columns] += scale (x A^T) B^T for the projection `base`; saves x A^T."""
@@ -135,9 +134,9 @@ class LoRA:
         M, r = x.shape[0], self.config.rank
         x, mask = self._dropped(x, base)
         u = np.empty((M, r), np.float32)
-        _C.matmul_forward(u, x, self.A[base], None, M, site.inp, r, True)
+        fast.matmul_forward(u, x, self.A[base], None, M, site.inp, r, True)
         delta = np.empty((M, site.out), np.float32)
-        _C.matmul_forward(delta, u, self.B[base], None, M, r, site.out, True)
+        fast.matmul_forward(delta, u, self.B[base], None, M, r, site.out, True)
         delta *= np.float32(self.scale)
         if columns is None:
             out += delta
@@ -154,12 +153,12 @@ class LoRA:
         x, mask = self._dropped(x, base)
         dy = np.ascontiguousarray(dy) * np.float32(self.scale)
         u = site.saved["u"]
-        _C.matmul_backward(None, self.gB[base], None, dy, u, self.B[base], M, r, site.out, True)   # gB += dy^T u
+        fast.matmul_backward(None, self.gB[base], None, dy, u, self.B[base], M, r, site.out, True)   # gB += dy^T u
         du = np.empty((M, r), np.float32)
-        _C.matmul_forward(du, dy, self.B[base], None, M, site.out, r, False)                      # du = dy B
-        _C.matmul_backward(None, self.gA[base], None, du, x, self.A[base], M, site.inp, r, True)   # gA += du^T x
+        fast.matmul_forward(du, dy, self.B[base], None, M, site.out, r, False)                      # du = dy B
+        fast.matmul_backward(None, self.gA[base], None, du, x, self.A[base], M, site.inp, r, True)   # gA += du^T x
         dxa = np.empty((M, site.inp), np.float32)
-        _C.matmul_forward(dxa, du, self.A[base], None, M, r, site.inp, False)                     # du A
+        fast.matmul_forward(dxa, du, self.A[base], None, M, r, site.inp, False)                     # du A
         if mask is not None:
             dxa *= mask
         dx += dxa
@@ -190,26 +189,16 @@ class LoRA:
 
     def save(self, directory, base_model: str = "") -> None:
         """adapter_model.safetensors and adapter_config.json, as `peft` writes and reads them."""
-        from safetensors.numpy import save_file
-
-        from pyllm.io.atomic import atomic_path, write_text
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        with atomic_path(directory / "adapter_model.safetensors") as tmp:
-            save_file(self.state_dict(), str(tmp), metadata={"format": "pt"})
         config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": self.config.rank,
                   "lora_alpha": self.config.alpha, "lora_dropout": self.config.dropout, "bias": "none",
                   "target_modules": sorted(self.targets), "fan_in_fan_out": self.transposed,
                   "base_model_name_or_path": base_model, "inference_mode": True}
-        write_text(directory / "adapter_config.json", json.dumps(config, indent=2) + "\n")
+        write_adapter(directory, config, self.state_dict())
 
     @classmethod
     def load(cls, model, directory) -> "LoRA":
-        from pyllm.io.hf import load_state
-
-        directory = Path(directory)
-        config = json.loads((directory / "adapter_config.json").read_text())
+        """The adapters of a peft (or pyllm) adapter folder, for `model`."""
+        config, state = read_adapter(directory)
         if config.get("peft_type") != "LORA":
             raise ValueError(f"{directory}: not a LoRA adapter (peft_type {config.get('peft_type')!r})")
         unsupported = [k for k in ("use_dora", "use_rslora", "lora_bias") if config.get(k)]
@@ -223,7 +212,6 @@ class LoRA:
         lora = cls(model, LoRAConfig(rank=int(config["r"]), alpha=float(config["lora_alpha"]),
                                      targets=tuple(targets) if isinstance(targets, list) else (targets,),
                                      dropout=float(config.get("lora_dropout") or 0.0)))
-        state = load_state(directory / "adapter_model.safetensors")
         expected = set(lora.state_dict())
         unexpected = sorted(set(state) - expected)
         if unexpected:

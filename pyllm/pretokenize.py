@@ -6,6 +6,10 @@ package gives; a pattern of your own runs in `regex`. Not BPE itself (pyllm.toke
 
 from __future__ import annotations
 
+import regex
+
+from pyllm import kernels
+
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 # cl100k_base's pat_str as tiktoken (0.12 and later) ships it.
 GPT4_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
@@ -29,8 +33,7 @@ def split(text: str, pattern: str = "gpt4") -> list[str]:
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}")
     if pattern in BUILTIN:
-        from pyllm import _C
-        return _C.pretokenize(text, pattern)
+        return kernels.pretokenize(text, pattern)
     return split_reference(text, pattern)
 
 
@@ -40,8 +43,6 @@ def split_reference(text: str, pattern: str) -> list[str]:
     >>> split_reference("x  1", "gpt2_digits")
     ['x', '  ', '1']
     """
-    import regex
-
     if pattern in PIPELINES:
         inner = regex.compile(PATTERNS[PIPELINES[pattern]])
         return [piece for segment in regex.findall(r"\p{N}|\P{N}+", text)

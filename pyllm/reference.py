@@ -237,6 +237,24 @@ def rope_backward(dout, cos, sin):
     return rope(dout, cos, -_f32(sin))
 
 
+def rope_at(x, cos, sin, pos0):
+    """rope on x (B, T, H, HS), tokens first, batch row b rotated from position pos0[b] of the
+    tables cos/sin (P, HS/2)."""
+    x = _f32(x)
+    T = x.shape[1]
+    rows = [rope(x[b].transpose(1, 0, 2), cos[p:p + T], sin[p:p + T]).transpose(1, 0, 2)
+            for b, p in enumerate(np.asarray(pos0, np.int64))]
+    return np.stack(rows).astype(np.float32) if rows else x.copy()
+
+
+def kv_write(cache, src, pos0):
+    """cache (B, H, capacity, HS)[b, :, pos0[b] + t] = src (B, T, H, HS)[b, t], in place."""
+    src = _f32(src)
+    T = src.shape[1]
+    for b, p in enumerate(np.asarray(pos0, np.int64)):
+        cache[b, :, p:p + T] = src[b].transpose(1, 0, 2)
+
+
 # ----------------------------------------------------------------------------- attention
 
 def _causal_mask(Tq, Tk):
@@ -393,12 +411,91 @@ def adamw(param, grad, m, v, *, lr, step, beta1=0.9, beta2=0.95, eps=1e-8, weigh
 
 # ----------------------------------------------------------------------------- quantized weights
 
-def dequantize(w, ggml_type, shape):
-    """The float32 (N, K) matrix of ggml-quantized bytes w (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K)."""
-    from pyllm.io.gguf_model import dequantize as decode
+# ggml's block layouts, restated here on purpose: this is the readable spec the C++ decoders are
+# tested against (the C++ table is csrc/kernels/quant_types.h; a test checks the two agree).
+F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q6_K, BF16 = 0, 1, 2, 3, 6, 7, 8, 12, 14, 30
+BLOCKS = {F32: (1, 4), F16: (1, 2), BF16: (1, 2), Q8_0: (32, 34), Q4_0: (32, 18), Q4_1: (32, 20),
+          Q5_0: (32, 22), Q5_1: (32, 24), Q4_K: (256, 144), Q6_K: (256, 210)}   # (values, bytes) per block
 
+
+def dequantize(w, ggml_type, shape):
+    """The float32 (N, K) matrix of ggml-quantized bytes w (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q6_K)."""
     N, K = shape
-    return decode(np.asarray(w, np.uint8).reshape(-1), ggml_type, N * K).reshape(N, K)
+    return dequantize_values(w, ggml_type, N * K).reshape(N, K)
+
+
+def dequantize_values(raw, ggml_type, count):
+    """float32 values of `count` elements stored as ggml_type in raw bytes (any type of BLOCKS)."""
+    raw = np.asarray(raw, np.uint8).reshape(-1)
+    if ggml_type == F32:
+        return raw.view(np.float32)[:count].copy()
+    if ggml_type == F16:
+        return raw.view(np.float16)[:count].astype(np.float32)
+    if ggml_type == BF16:
+        return (raw.view(np.uint16)[:count].astype(np.uint32) << 16).view(np.float32)
+    if ggml_type not in BLOCKS:
+        raise ValueError(f"ggml type {ggml_type} has no numpy decoder")
+    blocks = raw.reshape(-1, BLOCKS[ggml_type][1])
+    if ggml_type == Q4_K:
+        return _dequantize_q4_k(blocks).reshape(-1)
+    if ggml_type == Q6_K:
+        return _dequantize_q6_k(blocks).reshape(-1)
+    if ggml_type in (Q5_0, Q5_1):
+        return _dequantize_q5(blocks, ggml_type).reshape(-1)
+    d = blocks[:, :2].copy().view(np.float16).astype(np.float32)             # (n, 1) scale
+    if ggml_type == Q8_0:
+        q = blocks[:, 2:].view(np.int8).astype(np.float32)
+        return (q * d).reshape(-1)
+    packed = blocks[:, 4:] if ggml_type == Q4_1 else blocks[:, 2:]
+    q = np.concatenate([packed & 0x0F, packed >> 4], axis=1).astype(np.float32)   # low nibbles first
+    if ggml_type == Q4_0:
+        return ((q - 8.0) * d).reshape(-1)
+    m = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
+    return (q * d + m).reshape(-1)
+
+
+def _halves(blocks: np.ndarray, at: int) -> np.ndarray:
+    return blocks[:, at:at + 2].copy().view(np.float16).astype(np.float32)       # (n, 1)
+
+
+def _dequantize_q5(blocks: np.ndarray, ggml_type: int) -> np.ndarray:
+    """(n, 22 or 24) Q5_0 / Q5_1 blocks -> (n, 32): (nibble | fifth bit << 4) * d, less 16 (Q5_0) or
+    plus the minimum m (Q5_1); value j's fifth bit is bit j of a little-endian uint32."""
+    d = _halves(blocks, 0)
+    at = 4 if ggml_type == Q5_1 else 2
+    high = blocks[:, at:at + 4].copy().view("<u4").astype(np.int64)             # (n, 1)
+    fifth = ((high >> np.arange(32)) & 1).astype(np.int32) << 4                  # (n, 32)
+    packed = blocks[:, at + 4:].astype(np.int32)
+    q = (np.concatenate([packed & 0x0F, packed >> 4], axis=1) | fifth).astype(np.float32)
+    if ggml_type == Q5_0:
+        return (q - 16.0) * d
+    return q * d + _halves(blocks, 2)
+
+
+def _dequantize_q4_k(blocks: np.ndarray) -> np.ndarray:
+    """(n, 144) Q4_K super-blocks -> (n, 256): 8 sub-blocks of 32, each value d * scale * q - dmin * min
+    with 6-bit scales and minima packed into 12 bytes."""
+    d, dmin, s = _halves(blocks, 0), _halves(blocks, 2), blocks[:, 4:16].astype(np.int32)
+    scale = np.concatenate([s[:, 0:4] & 63, (s[:, 8:12] & 0x0F) | ((s[:, 0:4] >> 6) << 4)], axis=1)
+    minimum = np.concatenate([s[:, 4:8] & 63, (s[:, 8:12] >> 4) | ((s[:, 4:8] >> 6) << 4)], axis=1)
+    q = blocks[:, 16:].reshape(-1, 4, 32)                        # 4 groups of 32 bytes: low then high nibbles
+    q = np.stack([q & 0x0F, q >> 4], axis=2).reshape(-1, 8, 32).astype(np.float32)
+    return ((d * scale.astype(np.float32))[:, :, None] * q - (dmin * minimum.astype(np.float32))[:, :, None]
+            ).reshape(-1, 256)
+
+
+def _dequantize_q6_k(blocks: np.ndarray) -> np.ndarray:
+    """(n, 210) Q6_K super-blocks -> (n, 256): 6-bit values (4 low bits in ql, 2 high in qh) minus 32,
+    times d and one signed scale per 16 values."""
+    n = blocks.shape[0]
+    ql = blocks[:, :128].reshape(n, 2, 64).astype(np.int32)
+    qh = blocks[:, 128:192].reshape(n, 2, 32).astype(np.int32)
+    scales = blocks[:, 192:208].view(np.int8).astype(np.float32)
+    d = _halves(blocks, 208)
+    low = [ql[:, :, :32] & 0x0F, ql[:, :, 32:] & 0x0F, ql[:, :, :32] >> 4, ql[:, :, 32:] >> 4]
+    q = np.stack([low[i] | (((qh >> (2 * i)) & 3) << 4) for i in range(4)], axis=2) - 32   # (n, 2, 4, 32)
+    values = q.reshape(n, 256).astype(np.float32)                # half, quarter, l: value 128 h + 32 i + l
+    return d * np.repeat(scales, 16, axis=1) * values
 
 
 def quantize_activations(a):
@@ -427,7 +524,7 @@ def matmul_quant(a, w, ggml_type, shape, int8_activations=False):
     rounded as quantize_activations does."""
     a = _f32(a)
     if int8_activations:
-        q, d = quantize_activations_k(a) if ggml_type in (12, 14) else quantize_activations(a)
+        q, d = quantize_activations_k(a) if ggml_type in (Q4_K, Q6_K) else quantize_activations(a)
         a = (q.astype(np.float32) * d[:, None]).reshape(a.shape)
     return (a.astype(np.float64) @ dequantize(w, ggml_type, shape).T.astype(np.float64)).astype(np.float32)
 

@@ -1,7 +1,8 @@
 """pyllm.Tokenizer: byte-level BPE, trained and applied in C++, with tiktoken's special-token rules.
 
 Not a general tokenizers library: byte-level BPE only (what GPT-2, GPT-4, Llama 3 and SmolLM2
-use). Files: pyllm's own versioned JSON, Hugging Face's tokenizer.json, tiktoken's ranks.
+use). Files (pyllm.io.tokenizer_files): pyllm's own versioned JSON, Hugging Face's tokenizer.json,
+the vocabulary of a GGUF file; tiktoken's ranks (mergeable_ranks).
 
 Shape of the model: `vocab[id]` is the bytes of token id; `merges[r] = (left, right)` is the
 merge of rank r; special tokens are strings with ids of their own, never produced by BPE.
@@ -9,7 +10,6 @@ merge of rank r; special tokens are strings with ids of their own, never produce
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -18,65 +18,17 @@ from typing import Callable, Collection, Iterable, Literal, Sequence, Union
 
 import numpy as np
 
-from pyllm.io.atomic import write_text
+from tqdm.auto import tqdm
 
-# The split patterns live with the pre-tokenizer (the built-in ones run in C++); re-exported here.
-from pyllm.pretokenize import BUILTIN, GPT2_PATTERN, GPT4_PATTERN, PATTERNS, PIPELINES  # noqa: F401
-from pyllm.pretokenize import split_reference
-
-# Oniguruma, the regex engine of Hugging Face `tokenizers`, reads `{1,3}+` as `({1,3})+` (any
-# number of digits), not as a possessive `{1,3}`. Without that `+` the GPT-4 pattern means the
-# same to `regex` and tiktoken, so tokenizer.json files carry this spelling.
-HF_PATTERNS = {**PATTERNS, "gpt4": GPT4_PATTERN.replace(r"\p{N}{1,3}+", r"\p{N}{1,3}")}
-# GGUF's tokenizer.ggml.pre -> pattern name
-GGUF_PRE = {"default": "gpt2", "gpt-2": "gpt2", "gpt2": "gpt2", "smollm": "gpt2_digits"}
-
-FORMAT_NAME = "pyllm.tokenizer"
-FORMAT_VERSION = 1
+from pyllm import kernels
+from pyllm.io.gguf import GGUFFile
+from pyllm.io.tokenizer_files import TokenizerData, gguf_tokenizer, read_tokenizer, write_tokenizer
+from pyllm.pretokenize import BUILTIN, split_reference
 
 TextSource = Union[str, os.PathLike, Iterable[Union[str, os.PathLike]]]
 
 
-def _C():
-    from pyllm import _C as module  # imported on first use, like pyllm.kernels
-    return module
-
-
-# ----------------------------------------------------------------------------- bytes <-> text
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's printable stand-in character for every byte (how tokenizer.json spells tokens).
-
-    >>> bytes_to_unicode()[ord(" ")]
-    'Ġ'
-    """
-    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-                 + list(range(ord("®"), ord("ÿ") + 1)))
-    mapping, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            mapping[b] = chr(b)
-        else:
-            mapping[b] = chr(256 + extra)
-            extra += 1
-    return mapping
-
-
-_BYTE_TO_CHAR = bytes_to_unicode()
-_CHAR_TO_BYTE = {c: b for b, c in _BYTE_TO_CHAR.items()}
-
-
-def _token_to_str(token: bytes) -> str:
-    return "".join(_BYTE_TO_CHAR[b] for b in token)
-
-
-def _str_to_token(text: str, where: str) -> bytes:
-    try:
-        return bytes(_CHAR_TO_BYTE[c] for c in text)
-    except KeyError as exc:
-        raise ValueError(f"{where}: token {text!r} has a character outside the byte-level "
-                         f"alphabet ({exc.args[0]!r}); is this a byte-level BPE tokenizer?") from None
-
+# ----------------------------------------------------------------------------- text -> bytes
 
 def _utf8(text: str, what: str = "text") -> bytes:
     try:
@@ -91,7 +43,7 @@ def _utf8(text: str, what: str = "text") -> bytes:
 def piece_ends(data: bytes, text: str, pattern: str) -> np.ndarray:
     """End byte offsets (uint32) of the pieces `pattern` splits text into (data is text's UTF-8)."""
     if pattern in BUILTIN:
-        return _C().pretokenize_offsets(data, pattern).astype(np.uint32)
+        return kernels.pretokenize_offsets(data, pattern).astype(np.uint32)
     pieces = split_reference(text, pattern)
     ends = np.fromiter((len(p.encode("utf-8")) for p in pieces), np.int64, len(pieces)).cumsum()
     if len(ends) and ends[-1] != len(data) or not len(ends) and data:
@@ -160,7 +112,7 @@ class Tokenizer:
         self.unk_token_id = unk_token_id
         if unk_token_id is not None and not 0 <= unk_token_id < len(self.vocab):
             raise ValueError(f"unk_token_id {unk_token_id} is outside the vocabulary")
-        self._model = _C().BpeModel(self.vocab, merges_arr.astype(np.uint32),
+        self._model = kernels.BpeModel(self.vocab, merges_arr.astype(np.uint32),
                                     -1 if unk_token_id is None else int(unk_token_id))
         self._special_by_id = {sid: name for name, sid in self.special_tokens.items()}
         self._special_split = (re.compile("(" + "|".join(re.escape(s) for s in sorted(
@@ -185,14 +137,14 @@ class Tokenizer:
                              f"(special tokens), got {vocab_size!r}")
         if vocab_size > 2 ** 32 - 1:
             raise ValueError(f"vocab_size {vocab_size} does not fit 32-bit token ids")
-        counter = _C().PieceCounter()
+        counter = kernels.PieceCounter()
         for text in _read_sources(text_or_iterable):
             data = _utf8(text)
             counter.add(data, piece_ends(data, text, pattern))
         pieces, counts = counter.items()
         num_merges = int(vocab_size) - 256 - len(special_tokens)
         report = _progress_reporter(progress, num_merges)
-        merges = _C().train_bpe(pieces, counts, num_merges, int(min_frequency),
+        merges = kernels.train_bpe(pieces, counts, num_merges, int(min_frequency),
                                 max(1, num_merges // 100), report)
         vocab = [bytes([b]) for b in range(256)]
         for a, b in merges.tolist():
@@ -309,196 +261,30 @@ class Tokenizer:
 
     # --------------------------------------------------------------------- files
 
+    def data(self) -> TokenizerData:
+        """What the tokenizer files hold (Tokenizer(**vars(data)) builds it again)."""
+        return TokenizerData(list(self.vocab), list(self.merges), self.pattern, dict(self.special_tokens),
+                             self.unk_token_id)
+
     def save(self, path: str | os.PathLike, format: Literal["pyllm", "hf"] = "pyllm") -> None:
         """Writes pyllm's JSON, or with format="hf" a tokenizer.json the `tokenizers` package reads.
 
         The write is atomic: a temporary file is written, synced and renamed over path.
         """
-        if format == "pyllm":
-            doc = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "pattern": self.pattern,
-                   "vocab": [_token_to_str(t) for t in self.vocab], "merges": self.merges,
-                   "special_tokens": self.special_tokens, "unk_token_id": self.unk_token_id}
-        elif format == "hf":
-            doc = self._hf_document()
-        else:
-            raise ValueError(f"format must be 'pyllm' or 'hf', got {format!r}")
-        write_text(Path(path), json.dumps(doc, ensure_ascii=False))
+        write_tokenizer(path, self.data(), format)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Tokenizer":
         """Reads pyllm's JSON or a Hugging Face tokenizer.json (byte-level BPE)."""
-        path = Path(path)
-        try:
-            doc = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ValueError(f"{path} is not a tokenizer file (not valid JSON: {exc})") from None
-        if not isinstance(doc, dict):
-            raise ValueError(f"{path} is not a tokenizer file (a JSON {type(doc).__name__})")
-        if doc.get("format") == FORMAT_NAME:
-            return cls._from_pyllm(doc, path)
-        if isinstance(doc.get("model"), dict):
-            return cls._from_hf(doc, path)
-        raise ValueError(f"{path} is neither pyllm's tokenizer JSON nor a Hugging Face tokenizer.json")
+        return cls(**vars(read_tokenizer(path)))
 
     @classmethod
-    def from_gguf(cls, path: str | os.PathLike) -> "Tokenizer":
+    def from_gguf(cls, source: Union[str, os.PathLike, GGUFFile]) -> "Tokenizer":
         """The tokenizer stored in a GGUF file's metadata (tokens, merges, token types, pattern)."""
-        return _tokenizer_from_gguf(cls, path)
-
-    @classmethod
-    def _from_pyllm(cls, doc: dict, path: Path) -> "Tokenizer":
-        if doc.get("version") != FORMAT_VERSION:
-            raise ValueError(f"{path}: tokenizer format version {doc.get('version')!r} is not "
-                             f"supported (this pyllm reads version {FORMAT_VERSION})")
-        try:
-            vocab = [_str_to_token(t, str(path)) for t in doc["vocab"]]
-            merges = [(int(a), int(b)) for a, b in doc["merges"]]
-            specials = {str(k): int(v) for k, v in doc.get("special_tokens", {}).items()}
-            pattern = str(doc["pattern"])
-            unk = doc.get("unk_token_id")
-            unk = None if unk is None else int(unk)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"{path}: corrupt or truncated tokenizer file ({exc!r})") from None
-        return cls(vocab, merges, pattern, specials, unk)
-
-    # Hugging Face tokenizer.json ---------------------------------------------------------
-
-    def _hf_document(self) -> dict:
-        ordinary = {_token_to_str(t): i for i, t in enumerate(self.vocab) if i not in self._special_by_id}
-        ordinary.update(self.special_tokens)
-        return {
-            "version": "1.0", "truncation": None, "padding": None,
-            "added_tokens": [{"id": sid, "content": name, "single_word": False, "lstrip": False,
-                              "rstrip": False, "normalized": False, "special": True}
-                             for name, sid in sorted(self.special_tokens.items(), key=lambda kv: kv[1])],
-            "normalizer": None,
-            "pre_tokenizer": _hf_pre_tokenizer(self.pattern),
-            "post_processor": None,
-            "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
-            "model": {"type": "BPE", "dropout": None, "unk_token": self._unk_name(),
-                      "continuing_subword_prefix": None,
-                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
-                      "ignore_merges": False, "vocab": ordinary,
-                      "merges": [[_token_to_str(self.vocab[a]), _token_to_str(self.vocab[b])]
-                                 for a, b in self.merges]},
-        }
-
-    def _unk_name(self) -> str | None:
-        if self.unk_token_id is None:
-            return None
-        return self._special_by_id.get(self.unk_token_id) or _token_to_str(self.vocab[self.unk_token_id])
-
-    @classmethod
-    def _from_hf(cls, doc: dict, path: Path) -> "Tokenizer":
-        model = doc["model"]
-        if model.get("type", "BPE") != "BPE":
-            raise ValueError(f"{path}: only BPE tokenizers are supported, this one is {model.get('type')!r}")
-        try:
-            by_str: dict[str, int] = {str(k): int(v) for k, v in model["vocab"].items()}
-            raw_merges = model.get("merges", [])
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise ValueError(f"{path}: corrupt tokenizer.json model ({exc!r})") from None
-        added = {t["content"]: int(t["id"]) for t in doc.get("added_tokens") or []}
-        size = max(list(by_str.values()) + [-1]) + 1
-        vocab: list[bytes | None] = [None] * size
-        specials: dict[str, int] = {}
-        for text, tid in by_str.items():
-            if text in added and added[text] == tid:
-                continue
-            vocab[tid] = _str_to_token(text, str(path))
-        for name, tid in added.items():
-            specials[name] = tid
-        for name, tid in specials.items():  # placeholders, see __init__
-            if tid < size and vocab[tid] is None:
-                vocab[tid] = b""
-        if any(t is None for t in vocab):
-            missing = next(i for i, t in enumerate(vocab) if t is None)
-            raise ValueError(f"{path}: token id {missing} is missing from the vocabulary")
-        ids = {t: i for i, t in reversed(list(enumerate(vocab)))}
-        merges = []
-        for r, m in enumerate(raw_merges):
-            left, right = m.split(" ", 1) if isinstance(m, str) else m
-            try:
-                merges.append((ids[_str_to_token(left, str(path))], ids[_str_to_token(right, str(path))]))
-            except KeyError:
-                raise ValueError(f"{path}: merge {r} ({left!r}, {right!r}) names a token not in the "
-                                 f"vocabulary") from None
-        unk_name = model.get("unk_token")
-        unk = None
-        if unk_name is not None:
-            unk = added.get(unk_name, by_str.get(unk_name))
-            if unk is None:
-                raise ValueError(f"{path}: unk_token {unk_name!r} is not in the vocabulary")
-        return cls(vocab, merges, _hf_pattern(doc.get("pre_tokenizer"), path), specials, unk)
-
-
-def _hf_pre_tokenizer(pattern: str) -> dict:
-    """The tokenizer.json pre_tokenizer that splits like `pattern`, then maps bytes to characters."""
-    if pattern == "gpt2_digits":
-        return {"type": "Sequence", "pretokenizers": [
-            {"type": "Digits", "individual_digits": True},
-            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}]}
-    return {"type": "Sequence", "pretokenizers": [
-        {"type": "Split", "pattern": {"Regex": HF_PATTERNS.get(pattern, pattern)}, "behavior": "Isolated",
-         "invert": False},
-        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
-
-
-def _hf_pattern(pre: dict | None, path: Path) -> str:
-    """The split pattern of a tokenizer.json pre_tokenizer: a Split regex, or ByteLevel's GPT-2."""
-    steps = pre.get("pretokenizers", []) if pre and pre.get("type") == "Sequence" else [pre] if pre else []
-    types = [s.get("type") for s in steps]
-    if (types == ["Digits", "ByteLevel"] and steps[0].get("individual_digits")
-            and steps[1].get("use_regex", True)):
-        return "gpt2_digits"
-    for step in steps:
-        if step.get("type") == "Split" and "Regex" in step.get("pattern", {}):
-            regex_text = step["pattern"]["Regex"]
-            for name in PATTERNS:
-                if regex_text in (PATTERNS[name], HF_PATTERNS[name]):
-                    return name
-            return regex_text
-        if step.get("type") == "ByteLevel" and step.get("use_regex", True):
-            return "gpt2"
-    raise ValueError(f"{path}: unsupported pre_tokenizer {pre!r} (need a Split regex or ByteLevel)")
-
-
-def _tokenizer_from_gguf(cls, path: str | os.PathLike) -> "Tokenizer":
-    from pyllm.io.gguf import GGUFFile
-
-    with GGUFFile(path) as f:
-        meta = f.metadata
-    model = meta.get("tokenizer.ggml.model")
-    if model != "gpt2":
-        raise ValueError(f"{path}: tokenizer.ggml.model is {model!r}; pyllm reads byte-level BPE "
-                         f"('gpt2') tokenizers")
-    pre = meta.get("tokenizer.ggml.pre", "default")
-    if pre not in GGUF_PRE:
-        raise ValueError(f"{path}: pre-tokenizer {pre!r} is not supported (supported: {sorted(GGUF_PRE)})")
-    try:
-        tokens: list[str] = meta["tokenizer.ggml.tokens"]
-        merges_text: list[str] = meta.get("tokenizer.ggml.merges", [])
-    except KeyError as exc:
-        raise ValueError(f"{path}: missing tokenizer metadata {exc.args[0]!r}") from None
-    types = meta.get("tokenizer.ggml.token_type", [1] * len(tokens))
-    if len(types) != len(tokens):
-        raise ValueError(f"{path}: {len(tokens)} tokens but {len(types)} token types")
-    # Types: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte. Control and
-    # user-defined tokens are matched as whole strings: pyllm's special tokens.
-    specials = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty in (3, 4)}
-    vocab = [b"" if i in specials.values() else _str_to_token(t, str(path)) for i, t in enumerate(tokens)]
-    ids = {t: i for i, t in reversed(list(enumerate(vocab))) if t}
-    merges = []
-    for r, m in enumerate(merges_text):
-        try:
-            left, right = m.split(" ", 1)
-            merges.append((ids[_str_to_token(left, str(path))], ids[_str_to_token(right, str(path))]))
-        except (ValueError, KeyError):
-            raise ValueError(f"{path}: merge {r} ({m!r}) is malformed or names an unknown token") from None
-    unk = meta.get("tokenizer.ggml.unknown_token_id")
-    return cls(vocab, merges, GGUF_PRE[pre], specials, unk if isinstance(unk, int) else None)
+        if isinstance(source, GGUFFile):
+            return cls(**vars(gguf_tokenizer(source)))
+        with GGUFFile(source) as f:
+            return cls(**vars(gguf_tokenizer(f)))
 
 
 def _progress_reporter(progress, total: int):
@@ -506,10 +292,6 @@ def _progress_reporter(progress, total: int):
     if callable(progress):
         return lambda done: progress(done, total)
     if not progress or total < 1000:
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
         return None
     bar = tqdm(total=total, desc="training BPE", unit="merge")
 

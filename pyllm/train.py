@@ -11,24 +11,27 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import shutil
-import signal
-import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from pyllm import kernels
 from pyllm.data import EOT, TokenData, default_documents, id_dtype, iter_documents
-from pyllm.io.atomic import latest_folder, replace_folder, write_text
-from pyllm.model import Model, ModelConfig
+from pyllm.interrupt import StopRequest
+from pyllm.io.atomic import write_text
+from pyllm.io.checkpoint import Checkpoint, read_checkpoint, rng_from, rng_state, write_checkpoint
+from pyllm.model import Model
+from pyllm.models import ModelConfig
 from pyllm.optim import AdamW, cosine_lr
+from pyllm.tokenizer import Tokenizer
 
 CHECKPOINT = "checkpoint"
+STATE = "trainer_state.json"          # in the checkpoint: step, RNG, settings
+MOMENTS = "optimizer.safetensors"     # in the checkpoint: AdamW's m and v (beside the model folder)
 LOG = "log.jsonl"
 
 
@@ -103,8 +106,6 @@ class TrainResult:
 
 def prepare_data(cfg: TrainConfig, say: Callable[[str], None] = print):
     """(tokenizer, TokenData) for cfg: tokenizes into out_dir/data once; later runs reuse it."""
-    from pyllm.tokenizer import Tokenizer
-
     out = Path(cfg.out_dir)
     data_dir = out / "data"
     tok_path = out / "tokenizer.json"
@@ -148,51 +149,34 @@ def evaluate(model: Model, data: TokenData, cfg: TrainConfig, block_size: int) -
 
 def save_checkpoint(out_dir: Path, model: Model, tokenizer, opt: AdamW, step: int,
                     rng: np.random.Generator, cfg: TrainConfig) -> Path:
-    """Writes out_dir/checkpoint as a whole: into a temporary folder, then swapped in by rename."""
-    from safetensors.numpy import save_file
-
-    tmp = out_dir / (CHECKPOINT + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, tokenizer=tokenizer)
-    save_file({"m": opt.m, "v": opt.v}, str(tmp / "optimizer.safetensors"))
-    state = {"step": step, "optimizer_step": opt.step_count, "rng": rng.bit_generator.state,
+    """Writes out_dir/checkpoint as a whole: the model folder, AdamW's moments and the trainer state."""
+    state = {"step": step, "optimizer_step": opt.step_count, "rng": rng_state(rng),
              "train_config": dataclasses.asdict(cfg), "model_config": model.config.to_dict()}
-    write_text(tmp / "trainer_state.json", json.dumps(state, indent=1))
-    replace_folder(tmp, out_dir / CHECKPOINT)
-    return out_dir / CHECKPOINT
+    return write_checkpoint(out_dir / CHECKPOINT, {"m": opt.m, "v": opt.v}, state, MOMENTS, STATE,
+                            extra=lambda tmp: model.save_pretrained(tmp, tokenizer=tokenizer))
 
 
-def _latest_checkpoint(out_dir: Path) -> Optional[Path]:
-    return latest_folder(out_dir / CHECKPOINT, "trainer_state.json")
-
-
-def load_checkpoint(path: Path, model: Model, opt: AdamW) -> tuple[int, np.random.Generator]:
-    from pyllm.io.hf import load_state
-
-    state = json.loads((path / "trainer_state.json").read_text())
-    saved = Model.from_pretrained(path)
+def load_checkpoint(checkpoint: Checkpoint, model: Model, opt: AdamW) -> tuple[int, np.random.Generator]:
+    """The checkpoint's weights and moments into model and opt; (its step, its data RNG)."""
+    saved = Model.from_pretrained(checkpoint.path)
     model.params[...] = saved.params
-    moments = load_state(path / "optimizer.safetensors")
-    opt.load_state_dict({"m": moments["m"], "v": moments["v"], "step": state["optimizer_step"]})
-    rng = np.random.default_rng()
-    rng.bit_generator.state = state["rng"]
-    return int(state["step"]), rng
+    opt.load_state_dict({"m": checkpoint.tensors["m"], "v": checkpoint.tensors["v"],
+                         "step": checkpoint.state["optimizer_step"]})
+    return int(checkpoint.state["step"]), rng_from(checkpoint.state["rng"])
 
 
 # ----------------------------------------------------------------------------- the loop
 
 def train(cfg: TrainConfig, say: Callable[[str], None] = print) -> TrainResult:
     """Runs (or resumes) training; returns the model, the tokenizer and this run's log records."""
-    from tqdm.auto import tqdm
-
     if cfg.threads:
         kernels.set_num_threads(cfg.threads)
     out = Path(cfg.out_dir)
-    checkpoint = _latest_checkpoint(out) if cfg.resume else None
+    checkpoint = read_checkpoint(out / CHECKPOINT, MOMENTS, STATE) if cfg.resume else None
     if cfg.resume and checkpoint is None:
         raise FileNotFoundError(f"--resume: no checkpoint in {out}")
     if checkpoint is not None:
-        saved = json.loads((checkpoint / "trainer_state.json").read_text())["train_config"]
+        saved = checkpoint.state["train_config"]
         # The checkpoint's settings win, except where this call changes how long to go on.
         defaults = TrainConfig()
         run_length = {k for k in ("max_steps", "max_minutes", "stop_at_step")
@@ -206,7 +190,7 @@ def train(cfg: TrainConfig, say: Callable[[str], None] = print) -> TrainResult:
     step, rng = 0, np.random.default_rng(cfg.seed)
     if checkpoint is not None:
         step, rng = load_checkpoint(checkpoint, model, opt)
-        say(f"resuming from {checkpoint} at step {step}")
+        say(f"resuming from {checkpoint.path} at step {step}")
     say(f"{model}; {cfg.batch_size}x{model_cfg.block_size} tokens per micro-batch, "
         f"{cfg.grad_accum} micro-batch(es) per step, {kernels.get_num_threads()} threads")
     for split, tokens in (("training", data.train), ("validation", data.val)):
@@ -223,7 +207,7 @@ def train(cfg: TrainConfig, say: Callable[[str], None] = print) -> TrainResult:
                dynamic_ncols=True)
     plan_from_time = cfg.max_minutes is not None and checkpoint is None
     max_steps_asked = cfg.max_steps
-    stop = _StopRequest()
+    stop = StopRequest()
     try:
         with open(log_path, "a", encoding="utf-8") as log:
             out_of_time = False
@@ -288,29 +272,6 @@ def train(cfg: TrainConfig, say: Callable[[str], None] = print) -> TrainResult:
         raise TrainingInterrupted(f"interrupted at step {step}; saved {out / CHECKPOINT} "
                                   f"(continue with --resume)")
     return TrainResult(model, tokenizer, step, history)
-
-
-class _StopRequest:
-    """The first Ctrl-C asks the loop to stop after the current step (then it saves); a second one
-    interrupts at once, leaving the last checkpoint as it was."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous = None
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nCtrl-C: finishing this step, then saving a checkpoint (Ctrl-C again to quit now)",
-              file=sys.stderr, flush=True)
-
-    def restore(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
 
 
 def _truncate_log(path: Path, step: int) -> None:

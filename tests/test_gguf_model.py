@@ -219,7 +219,7 @@ def test_quantized_matmul_refuses_bad_arguments():
 
 
 def test_smollm2_quantized_equals_the_dequantized_model(smollm2_path, smollm2):
-    from pyllm.io.gguf_model import load_gguf
+    from pyllm.llm import load_gguf
 
     quantized = load_gguf(smollm2_path)[0]
     assert quantized.quantized and quantized.num_params < 100_000   # only the norms are float32

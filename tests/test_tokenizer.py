@@ -16,7 +16,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pyllm import reference as R
-from pyllm.tokenizer import GPT2_PATTERN, GPT4_PATTERN, HF_PATTERNS, Tokenizer, piece_ends
+from pyllm.io.tokenizer_files import HF_PATTERNS
+from pyllm.pretokenize import GPT2_PATTERN, GPT4_PATTERN
+from pyllm.tokenizer import Tokenizer, piece_ends
 
 SPECIAL = "<|endoftext|>"
 # pyllm's "gpt4" before it took tiktoken's spelling: files saved then may carry it.

@@ -4,6 +4,7 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
 
@@ -45,6 +46,46 @@ float* maybe_out(py::object o, int64_t n, const char* name) {
 const int64_t* ids(const py::array& a, int64_t n, const char* name) {
   check_buffer<int64_t>(a, n, name, "int64");
   return static_cast<const int64_t*>(a.data());
+}
+
+// A tensor of heads seen as (d0, d1, d2, HS) with the values of a row contiguous and the other
+// axes at any strides (a numpy view of a fused projection or of a KV cache): its data and its
+// HeadStrides, axes (batch, head, pos) taken from positions (0, head_axis, pos_axis).
+struct Heads {
+  float* p;
+  int64_t dims[4];
+  pyllm::HeadStrides s;
+};
+
+Heads heads(const py::array& a, const char* name, bool write, int head_axis) {
+  check(py::dtype::of<float>().is(a.dtype()), std::string(name) + " must be a float32 array");
+  check(a.ndim() == 4, std::string(name) + " must have 4 dimensions");
+  check(a.shape(3) == 1 || a.strides(3) == sizeof(float), std::string(name) + "'s last axis must be contiguous");
+  for (int d = 0; d < 3; ++d)
+    check(a.strides(d) % sizeof(float) == 0 && a.strides(d) >= 0, std::string(name) + " has unusable strides");
+  if (write) check(a.writeable(), std::string(name) + " must be writeable");
+  const int pos_axis = head_axis == 1 ? 2 : 1;
+  auto stride = [&](int d) { return int64_t(a.strides(d) / sizeof(float)); };
+  return Heads{static_cast<float*>(const_cast<void*>(a.data())),
+               {a.shape(0), a.shape(1), a.shape(2), a.shape(3)},
+               {stride(0), stride(head_axis), stride(pos_axis)}};
+}
+
+bool same_layout(const Heads& x, const Heads& y) {
+  return x.dims[0] == y.dims[0] && x.dims[1] == y.dims[1] && x.dims[2] == y.dims[2] && x.dims[3] == y.dims[3] &&
+         x.s.batch == y.s.batch && x.s.head == y.s.head && x.s.pos == y.s.pos;
+}
+
+// Per-row starting positions (B,) int64, each with `need` rows after it below `limit`.
+const int64_t* starts(py::object o, int64_t B, int64_t need, int64_t limit, const char* name) {
+  if (o.is_none()) {
+    check(need <= limit, std::string(name) + ": more positions than the table holds");
+    return nullptr;
+  }
+  const int64_t* p = ids(o.cast<py::array>(), B, name);
+  for (int64_t b = 0; b < B; ++b)
+    check(p[b] >= 0 && p[b] + need <= limit, std::string(name) + " runs past the end");
+  return p;
 }
 
 }  // namespace
@@ -169,51 +210,87 @@ void bind_kernels(py::module_& m) {
     py::gil_scoped_release release;
     kernels().swiglu_backward(pdg, pdu, pdout, pg, pu, n);
   });
-  m.def("rope_forward", [](py::array o, py::array x, py::array cos, py::array sin, int64_t BH,
-                           int64_t T, int64_t HS) {
-    check(HS % 2 == 0, "rope needs an even head size");
-    float* po = out(o, BH * T * HS, "out");
-    const float *px = in(x, BH * T * HS, "x"), *pc = in(cos, T * HS / 2, "cos"), *ps = in(sin, T * HS / 2, "sin");
+  m.def("rope_tables", [](py::array cos, py::array sin, py::object positions, int64_t P, int64_t HS, double theta) {
+    check(HS % 2 == 0 && HS > 0 && P >= 0, "rope tables need an even head size");
+    float *pc = out(cos, P * HS / 2, "cos"), *ps = out(sin, P * HS / 2, "sin");
+    const int64_t* pp = positions.is_none() ? nullptr : ids(positions.cast<py::array>(), P, "positions");
     py::gil_scoped_release release;
-    kernels().rope_forward(po, px, pc, ps, BH, T, HS);
+    kernels().rope_tables(pc, ps, pp, P, HS, theta);
   });
-  m.def("rope_backward", [](py::array dx, py::array dout, py::array cos, py::array sin,
-                            int64_t BH, int64_t T, int64_t HS) {
-    check(HS % 2 == 0, "rope needs an even head size");
-    float* pdx = out(dx, BH * T * HS, "dx");
-    const float *pd = in(dout, BH * T * HS, "dout"), *pc = in(cos, T * HS / 2, "cos"), *ps = in(sin, T * HS / 2, "sin");
+  // rope_*(out, inp, cos, sin, pos0): out and inp (B, T, H, HS) views, cos and sin (P, HS/2).
+  auto bind_rope = [&m](const char* name, decltype(pyllm::KernelTable::rope_forward) pyllm::KernelTable::*fn) {
+    m.def(name, [fn](py::array o, py::array x, py::array cos, py::array sin, py::object pos0) {
+      const Heads ho = heads(o, "out", true, 2), hx = heads(x, "inp", false, 2);
+      check(std::equal(ho.dims, ho.dims + 4, hx.dims), "rope: out and inp differ in shape");
+      const int64_t B = hx.dims[0], T = hx.dims[1], H = hx.dims[2], HS = hx.dims[3];
+      check(HS % 2 == 0, "rope needs an even head size");
+      check(cos.ndim() == 2 && cos.shape(1) == HS / 2, "cos must be (P, HS/2)");
+      const int64_t P = cos.shape(0);
+      const float *pc = in(cos, P * HS / 2, "cos"), *ps = in(sin, P * HS / 2, "sin");
+      const int64_t* p0 = starts(pos0, B, T, P, "pos0");
+      py::gil_scoped_release release;
+      (kernels().*fn)(ho.p, hx.p, pc, ps, p0, B, T, H, HS, ho.s, hx.s);
+    });
+  };
+  bind_rope("rope_forward", &pyllm::KernelTable::rope_forward);
+  bind_rope("rope_backward", &pyllm::KernelTable::rope_backward);
+  m.def("kv_write", [](py::array cache, py::array src, py::array pos0) {
+    check(cache.ndim() == 4, "cache must be (B, H, capacity, HS)");
+    const Heads hs = heads(src, "src", false, 2);
+    const int64_t B = hs.dims[0], T = hs.dims[1], H = hs.dims[2], HS = hs.dims[3], cap = cache.shape(2);
+    check(cache.shape(0) == B && cache.shape(1) == H && cache.shape(3) == HS, "kv_write: cache and src differ");
+    float* pc = out(cache, B * H * cap * HS, "cache");
+    const int64_t* p0 = starts(pos0, B, T, cap, "pos0");
     py::gil_scoped_release release;
-    kernels().rope_backward(pdx, pd, pc, ps, BH, T, HS);
+    kernels().kv_write(pc, hs.p, p0, B, T, H, HS, cap, hs.s);
   });
+  // q, out (B, NH, Tq, HS) and k, v (B, NKV, Tk, HS): views at any strides (values contiguous).
   m.def("attention_forward", [](py::array o, py::array lse, py::array q, py::array k, py::array v,
-                                int64_t B, int64_t NH, int64_t NKV, int64_t Tq, int64_t Tk,
-                                int64_t HS, bool causal, int64_t kv_stride, py::object kv_lengths) {
-    if (kv_stride == 0) kv_stride = Tk;
-    check(NKV >= 1 && NH % NKV == 0 && (!causal || Tk >= Tq) && kv_stride >= Tk,
-          "inconsistent attention shape");
-    float *po = out(o, B * NH * Tq * HS, "out"), *pl = out(lse, B * NH * Tq, "lse");
-    const float* pq = in(q, B * NH * Tq * HS, "q");
-    const float *pk = in(k, B * NKV * kv_stride * HS, "k"), *pv = in(v, B * NKV * kv_stride * HS, "v");
+                                bool causal, py::object kv_lengths) {
+    const Heads ho = heads(o, "out", true, 1), hq = heads(q, "q", false, 1);
+    const Heads hk = heads(k, "k", false, 1), hv = heads(v, "v", false, 1);
+    const int64_t B = hq.dims[0], NH = hq.dims[1], Tq = hq.dims[2], HS = hq.dims[3];
+    const int64_t NKV = hk.dims[1], Tk = hk.dims[2];
+    check(std::equal(ho.dims, ho.dims + 4, hq.dims) && hk.dims[0] == B && hk.dims[3] == HS &&
+              std::equal(hk.dims, hk.dims + 4, hv.dims) && NKV >= 1 && NH % NKV == 0,
+          "inconsistent attention shapes");
+    float* pl = out(lse, B * NH * Tq, "lse");
     const int64_t* plen = nullptr;
     if (!kv_lengths.is_none()) {
       plen = ids(kv_lengths.cast<py::array>(), B, "kv_lengths");
       for (int64_t b = 0; b < B; ++b)
         check(plen[b] <= Tk && plen[b] >= (causal ? Tq : 1), "kv_lengths outside [Tq, Tk]");
+    } else {
+      check(!causal || Tk >= Tq, "causal attention needs Tk >= Tq");
     }
     py::gil_scoped_release release;
-    kernels().attention_forward(po, pl, pq, pk, pv, B, NH, NKV, Tq, Tk, HS, causal, kv_stride, plen);
+    kernels().attention_forward(ho.p, pl, hq.p, hk.p, hv.p, B, NH, NKV, Tq, Tk, HS, causal, plen, ho.s, hq.s,
+                                hk.s, hv.s);
   });
+  // The gradients of q, k and v at their strides (each None when not wanted), dout at out's.
   m.def("attention_backward", [](py::object dq, py::object dk, py::object dv, py::array dout,
                                  py::array q, py::array k, py::array v, py::array o, py::array lse,
-                                 int64_t B, int64_t NH, int64_t NKV, int64_t Tq, int64_t Tk,
-                                 int64_t HS, bool causal) {
-    check(NKV >= 1 && NH % NKV == 0 && (!causal || Tk >= Tq), "inconsistent attention shape");
-    const int64_t nq = B * NH * Tq * HS, nkv = B * NKV * Tk * HS;
-    float *pdq = maybe_out(dq, nq, "dq"), *pdk = maybe_out(dk, nkv, "dk"), *pdv = maybe_out(dv, nkv, "dv");
-    const float *pdout = in(dout, nq, "dout"), *pq = in(q, nq, "q"), *po = in(o, nq, "out");
-    const float *pk = in(k, nkv, "k"), *pv = in(v, nkv, "v"), *pl = in(lse, B * NH * Tq, "lse");
+                                 bool causal) {
+    const Heads hq = heads(q, "q", false, 1), hk = heads(k, "k", false, 1), hv = heads(v, "v", false, 1);
+    const Heads ho = heads(o, "out", false, 1), hg = heads(dout, "dout", false, 1);
+    const int64_t B = hq.dims[0], NH = hq.dims[1], Tq = hq.dims[2], HS = hq.dims[3];
+    const int64_t NKV = hk.dims[1], Tk = hk.dims[2];
+    check(same_layout(ho, hg) && std::equal(ho.dims, ho.dims + 4, hq.dims) && hk.dims[0] == B &&
+              hk.dims[3] == HS && std::equal(hk.dims, hk.dims + 4, hv.dims) && NKV >= 1 && NH % NKV == 0 &&
+              (!causal || Tk >= Tq),
+          "inconsistent attention shapes");
+    const float* pl = in(lse, B * NH * Tq, "lse");
+    // A gradient has the layout of its input, so one HeadStrides serves both.
+    auto grad = [](py::object g, const Heads& like, const char* name) -> float* {
+      if (g.is_none()) return nullptr;
+      const Heads hd = heads(g.cast<py::array>(), name, true, 1);
+      check(same_layout(hd, like), std::string(name) + " must have the shape and strides of its input");
+      return hd.p;
+    };
+    float *pdq = grad(dq, hq, "dq"), *pdk = grad(dk, hk, "dk"), *pdv = grad(dv, hv, "dv");
     py::gil_scoped_release release;
-    kernels().attention_backward(pdq, pdk, pdv, pdout, pq, pk, pv, po, pl, B, NH, NKV, Tq, Tk, HS, causal);
+    kernels().attention_backward(pdq, pdk, pdv, hg.p, hq.p, hk.p, hv.p, ho.p, pl, B, NH, NKV, Tq, Tk, HS, causal,
+                                 ho.s, hq.s, hk.s, hv.s);
   });
   m.def("embedding_forward", [](py::array o, py::array idx, py::array w, int64_t N, int64_t V,
                                 int64_t C) {
@@ -245,7 +322,7 @@ void bind_kernels(py::module_& m) {
   });
   // Bytes per row of K values of a quantized type, after checking the type and that K is whole blocks.
   auto quant_row_bytes = [](int type, int64_t K) {
-    const int64_t values = pyllm::quant_block_values(type);
+    const int64_t values = pyllm::quant_block_values(type);   // 0 for a float or unknown type
     check(values > 0, "unsupported quantized type");
     check(K % values == 0, "K must be a multiple of the type's block size");
     return K / values * pyllm::quant_block_bytes(type);

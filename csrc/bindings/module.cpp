@@ -29,6 +29,19 @@ PYBIND11_MODULE(_C, m) {
   }, "SIMD levels compiled in and supported by this CPU, worst to best.");
   m.def("select_isa", [](const std::string& name) { pyllm::select_isa(name.c_str()); },
         py::arg("name"), "Switches the SIMD level in use.");
+  m.def("kernel_names", [] {
+    int count = 0;
+    const char* const* names = pyllm::kernel_names(&count);
+    py::list out;
+    for (int i = 0; i < count; ++i) out.append(names[i]);
+    return out;
+  }, "The kernels of the table (csrc/kernels/kernel_list.h), in order.");
+  m.def("ggml_types", [] {
+    py::list out;
+    for (const pyllm::GgmlType& t : pyllm::kGgmlTypes)
+      out.append(py::make_tuple(t.name, t.id, t.block_values, t.block_bytes, t.quantized));
+    return out;
+  }, "(name, ggml id, values per block, bytes per block, quantized) of every type pyllm reads.");
   bind_kernels(m);
   bind_bpe(m);
   bind_sampling(m);

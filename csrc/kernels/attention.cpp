@@ -1,6 +1,8 @@
 // Fused causal multi-head attention, flash-attention style: scores, mask, online softmax and the
 // weighted sum of values in BQ x BK tiles, so no T x T matrix is ever held. Grouped-query heads
 // (NKV < NH) and a query block that sits at the end of a longer key sequence (KV cache) included.
+// Every tensor is read and written at its own HeadStrides, so q, k and v can be the column blocks
+// of a fused qkv projection and out the input of the output projection: no head is ever copied.
 // Not a general sparse/masked attention: the only masks are none and causal.
 //
 // The tile products are small GEMMs on strided views (gemm_serial), so the register-blocked
@@ -76,35 +78,37 @@ inline void prefetch_rows(const float* p, int64_t n) {
   for (int64_t i = 0; i < n; i += 16) __builtin_prefetch(p + i, 0, 3);
 }
 
-void few_query_scores(float* S, const float* q, const float* k, int64_t nq, int64_t nk, int64_t HS) {
+// S (nq x nk, row stride BK) = q k^T for nq query rows (row stride qs) and nk key rows (ks).
+void few_query_scores(float* S, const float* q, int64_t qs, const float* k, int64_t ks, int64_t nq,
+                      int64_t nk, int64_t HS) {
   for (int64_t r = 0; r < nq; ++r) {
-    const float* x = q + r * HS;
+    const float* x = q + r * qs;
     int64_t j = 0;
     for (; j + 4 <= nk; j += 4) {   // four keys at a time: four independent sums in flight
-      const float* y = k + j * HS;
-      prefetch_rows(y + kPrefetchKeys * HS, 4 * HS);
+      const float *y0 = k + j * ks, *y1 = y0 + ks, *y2 = y1 + ks, *y3 = y2 + ks;
+      for (int64_t a = 0; a < 4; ++a) prefetch_rows(y0 + (kPrefetchKeys + a) * ks, HS);
       vf a0 = splat(0.f), a1 = a0, a2 = a0, a3 = a0;
       int64_t d = 0;
       for (; d + W <= HS; d += W) {
         const vf xv = load(x + d);
-        a0 += xv * load(y + d);
-        a1 += xv * load(y + HS + d);
-        a2 += xv * load(y + 2 * HS + d);
-        a3 += xv * load(y + 3 * HS + d);
+        a0 += xv * load(y0 + d);
+        a1 += xv * load(y1 + d);
+        a2 += xv * load(y2 + d);
+        a3 += xv * load(y3 + d);
       }
       if (d < HS) {
         const int64_t w = HS - d;
         const vf xv = load_partial(x + d, w);
-        a0 += xv * load_partial(y + d, w);
-        a1 += xv * load_partial(y + HS + d, w);
-        a2 += xv * load_partial(y + 2 * HS + d, w);
-        a3 += xv * load_partial(y + 3 * HS + d, w);
+        a0 += xv * load_partial(y0 + d, w);
+        a1 += xv * load_partial(y1 + d, w);
+        a2 += xv * load_partial(y2 + d, w);
+        a3 += xv * load_partial(y3 + d, w);
       }
       float* out = S + r * BK + j;
       out[0] = hsum(a0), out[1] = hsum(a1), out[2] = hsum(a2), out[3] = hsum(a3);
     }
     for (; j < nk; ++j) {
-      const float* y = k + j * HS;
+      const float* y = k + j * ks;
       vf acc = splat(0.f);
       int64_t d = 0;
       for (; d + W <= HS; d += W) acc += load(x + d) * load(y + d);
@@ -114,22 +118,24 @@ void few_query_scores(float* S, const float* q, const float* k, int64_t nq, int6
   }
 }
 
-// O (nq x HS) += P V: key by key, up to kSpan vectors of a row of O held in registers at once, so
-// the sums are independent (not one chain through every key).
-void few_query_values(float* O, const float* P, const float* v, int64_t nq, int64_t nk, int64_t HS) {
+// O (nq x HS, row stride os) += P V (value rows at stride vs): key by key, up to kSpan vectors of
+// a row of O held in registers at once, so the sums are independent (not one chain through every
+// key).
+void few_query_values(float* O, int64_t os, const float* P, const float* v, int64_t vs, int64_t nq,
+                      int64_t nk, int64_t HS) {
   constexpr int64_t kSpan = 8;
   for (int64_t r = 0; r < nq; ++r)
     for (int64_t d0 = 0; d0 < HS; d0 += kSpan * W) {
       const int64_t width = imin(kSpan * W, HS - d0);
       const int64_t full = width / W, tail = width % W;
       vf acc[kSpan + 1];
-      float* o = O + r * HS + d0;
+      float* o = O + r * os + d0;
       for (int64_t c = 0; c < full; ++c) acc[c] = load(o + c * W);
       if (tail) acc[full] = load_partial(o + full * W, tail);
       for (int64_t j = 0; j < nk; ++j) {
         const vf p = splat(P[r * BK + j]);
-        const float* vj = v + j * HS + d0;
-        prefetch_rows(vj + kPrefetchKeys * HS, width);
+        const float* vj = v + j * vs + d0;
+        prefetch_rows(vj + kPrefetchKeys * vs, width);
         for (int64_t c = 0; c < full; ++c) acc[c] += p * load(vj + c * W);
         if (tail) acc[full] += p * load_partial(vj + full * W, tail);
       }
@@ -138,37 +144,52 @@ void few_query_values(float* O, const float* P, const float* v, int64_t nq, int6
     }
 }
 
+// Row t of head (b, h) of a tensor at strides st.
+inline const float* row_of(const float* p, HeadStrides st, int64_t b, int64_t h, int64_t t) {
+  return p + b * st.batch + h * st.head + t * st.pos;
+}
+inline float* row_of(float* p, HeadStrides st, int64_t b, int64_t h, int64_t t) {
+  return p + b * st.batch + h * st.head + t * st.pos;
+}
+
+// Zeroes n rows of HS values from p, at row stride rs.
+inline void zero_rows(float* p, int64_t rs, int64_t n, int64_t HS) {
+  for (int64_t r = 0; r < n; ++r) std::memset(p + r * rs, 0, sizeof(float) * HS);
+}
+
 }  // namespace
 
 void attention_forward(float* out, float* lse, const float* q, const float* k, const float* v,
                        int64_t B, int64_t NH, int64_t NKV, int64_t Tq, int64_t Tk, int64_t HS,
-                       bool causal, int64_t kv_stride, const int64_t* kv_lengths) {
+                       bool causal, const int64_t* kv_lengths, HeadStrides out_s, HeadStrides q_s,
+                       HeadStrides k_s, HeadStrides v_s) {
   const Shape all{B, NH, NKV, Tq, Tk, HS, causal};
   const float scale = 1.0f / std::sqrt(float(HS));
+  const int64_t qs = q_s.pos, ks = k_s.pos, vs = v_s.pos, os = out_s.pos;
   parallel_for(B * NH * all.q_blocks(), 1, [&](int64_t u0, int64_t u1) {
     float* S = scores_buffer.get(BQ * BK);
     float* stats = rowstat_buffer.get(2 * BQ);
     for (int64_t u = u0; u < u1; ++u) {
       const int64_t bh = u / all.q_blocks(), i0 = (u % all.q_blocks()) * BQ;
+      const int64_t b = bh / NH, h = bh % NH, kvh = h / all.group();
       Shape s = all;
-      if (kv_lengths) s.Tk = kv_lengths[bh / NH];
+      if (kv_lengths) s.Tk = kv_lengths[b];
       const int64_t nq = imin(BQ, Tq - i0);
-      const int64_t bkv = (bh / NH) * NKV + (bh % NH) / s.group();
-      const float* qb = q + (bh * Tq + i0) * HS;
-      const float* kh = k + bkv * kv_stride * HS;
-      const float* vh = v + bkv * kv_stride * HS;
-      float* O = out + (bh * Tq + i0) * HS;  // accumulates un-normalised, divided by l at the end
+      const float* qb = row_of(q, q_s, b, h, i0);
+      const float* kh = row_of(k, k_s, b, kvh, 0);
+      const float* vh = row_of(v, v_s, b, kvh, 0);
+      float* O = row_of(out, out_s, b, h, i0);  // accumulates un-normalised, divided by l at the end
       float *m = stats, *l = stats + BQ;
       for (int64_t r = 0; r < nq; ++r) m[r] = -INFINITY, l[r] = 0.f;
-      std::memset(O, 0, sizeof(float) * nq * HS);
+      zero_rows(O, os, nq, HS);
       const int64_t key_end = s.key_end(i0 + nq);
       for (int64_t j0 = 0; j0 < key_end; j0 += BK) {
         const int64_t nk = imin(BK, key_end - j0);
         // S = Q K^T: K^T is K's rows read as columns.
         if (nq <= kFewQueries)
-          few_query_scores(S, qb, kh + j0 * HS, nq, nk, HS);
+          few_query_scores(S, qb, qs, kh + j0 * ks, ks, nq, nk, HS);
         else
-          gemm_serial(nq, nk, HS, MatView{qb, HS, 1}, MatView{kh + j0 * HS, 1, HS}, S, BK, false);
+          gemm_serial(nq, nk, HS, MatView{qb, qs, 1}, MatView{kh + j0 * ks, 1, ks}, S, BK, false);
         // Online softmax: fold this block into the running max m and sum l of each row,
         // rescaling what O already holds by exp(m_old - m_new). Rows are BK floats wide, so
         // whole vectors are read; lanes past the n visible keys are masked to -inf.
@@ -203,7 +224,7 @@ void attention_forward(float* out, float* lse, const float* q, const float* k, c
           m[r] = m_new;
           if (alpha != 1.0f) {
             const vf a = splat(alpha);
-            float* o = O + r * HS;
+            float* o = O + r * os;
             for (int64_t d = 0; d < HS; d += W) {
               const int64_t w = imin(W, HS - d);
               store_partial(o + d, load_partial(o + d, w) * a, w);
@@ -212,14 +233,14 @@ void attention_forward(float* out, float* lse, const float* q, const float* k, c
         }
         // O += P V
         if (nq <= kFewQueries)
-          few_query_values(O, S, vh + j0 * HS, nq, nk, HS);
+          few_query_values(O, os, S, vh + j0 * vs, vs, nq, nk, HS);
         else
-          gemm_serial(nq, HS, nk, MatView{S, BK, 1}, MatView{vh + j0 * HS, HS, 1}, O, HS, true);
+          gemm_serial(nq, HS, nk, MatView{S, BK, 1}, MatView{vh + j0 * vs, vs, 1}, O, os, true);
       }
       float* lse_b = lse + bh * Tq + i0;
       for (int64_t r = 0; r < nq; ++r) {
         const vf inv = splat(1.0f / l[r]);
-        float* o = O + r * HS;
+        float* o = O + r * os;
         for (int64_t d = 0; d < HS; d += W) {
           const int64_t w = imin(W, HS - d);
           store_partial(o + d, load_partial(o + d, w) * inv, w);
@@ -233,18 +254,22 @@ void attention_forward(float* out, float* lse, const float* q, const float* k, c
 void attention_backward(float* dq, float* dk, float* dv, const float* dout, const float* q,
                         const float* k, const float* v, const float* out, const float* lse,
                         int64_t B, int64_t NH, int64_t NKV, int64_t Tq, int64_t Tk, int64_t HS,
-                        bool causal) {
+                        bool causal, HeadStrides out_s, HeadStrides q_s, HeadStrides k_s,
+                        HeadStrides v_s) {
   const Shape s{B, NH, NKV, Tq, Tk, HS, causal};
   const float scale = 1.0f / std::sqrt(float(HS));
+  const int64_t qs = q_s.pos, ks = k_s.pos, vs = v_s.pos, os = out_s.pos;
   // D[i] = dout[i] . out[i], the softmax-backward term shared by every key of row i.
   Scratch Dbuf(size_t(B * NH * Tq));
   float* D = Dbuf.data();
   parallel_for(B * NH * Tq, 256, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
+      const int64_t t = r % Tq, bh = r / Tq;
+      const float *g = row_of(dout, out_s, bh / NH, bh % NH, t), *o = row_of(out, out_s, bh / NH, bh % NH, t);
       vf acc = splat(0.f);
       for (int64_t d = 0; d < HS; d += W) {
         const int64_t n = imin(W, HS - d);
-        acc += load_partial(dout + r * HS + d, n) * load_partial(out + r * HS + d, n);
+        acc += load_partial(g + d, n) * load_partial(o + d, n);
       }
       D[r] = hsum(acc);
     }
@@ -255,17 +280,19 @@ void attention_backward(float* dq, float* dk, float* dv, const float* dout, cons
   auto tile_backward = [&](float* P, float* dP, int64_t bh, int64_t bkv, int64_t i0, int64_t j0,
                            bool want_dq, bool want_dkv) {
     const int64_t nq = imin(BQ, Tq - i0), nk = imin(BK, Tk - j0), row = bh * Tq + i0;
-    const float *kb = k + (bkv * Tk + j0) * HS, *vb = v + (bkv * Tk + j0) * HS;
-    gemm_serial(nq, nk, HS, MatView{q + row * HS, HS, 1}, MatView{kb, 1, HS}, P, BK, false);
+    const int64_t b = bh / NH, h = bh % NH, kvh = bkv % NKV;
+    const float *qb = row_of(q, q_s, b, h, i0), *gb = row_of(dout, out_s, b, h, i0);
+    const float *kb = row_of(k, k_s, b, kvh, j0), *vb = row_of(v, v_s, b, kvh, j0);
+    gemm_serial(nq, nk, HS, MatView{qb, qs, 1}, MatView{kb, 1, ks}, P, BK, false);
     probabilities(P, lse + row, s, i0, nq, j0, nk, scale);
     if (want_dkv && dv)
-      gemm_serial(nk, HS, nq, MatView{P, 1, BK}, MatView{dout + row * HS, HS, 1}, dv + (bkv * Tk + j0) * HS, HS, true);
-    gemm_serial(nq, nk, HS, MatView{dout + row * HS, HS, 1}, MatView{vb, 1, HS}, dP, BK, false);
+      gemm_serial(nk, HS, nq, MatView{P, 1, BK}, MatView{gb, os, 1}, row_of(dv, v_s, b, kvh, j0), vs, true);
+    gemm_serial(nq, nk, HS, MatView{gb, os, 1}, MatView{vb, 1, vs}, dP, BK, false);
     score_gradients(dP, P, D + row, nq, nk, scale);
     if (want_dkv && dk)
-      gemm_serial(nk, HS, nq, MatView{dP, 1, BK}, MatView{q + row * HS, HS, 1}, dk + (bkv * Tk + j0) * HS, HS, true);
+      gemm_serial(nk, HS, nq, MatView{dP, 1, BK}, MatView{qb, qs, 1}, row_of(dk, k_s, b, kvh, j0), ks, true);
     if (want_dq && dq)
-      gemm_serial(nq, HS, nk, MatView{dP, BK, 1}, MatView{kb, HS, 1}, dq + row * HS, HS, true);
+      gemm_serial(nq, HS, nk, MatView{dP, BK, 1}, MatView{kb, ks, 1}, row_of(dq, q_s, b, h, i0), qs, true);
   };
   auto head_of = [&](int64_t bkv, int64_t hg) { return (bkv / NKV) * NH + (bkv % NKV) * s.group() + hg; };
   // Query blocks that see key block j0: with causal, those ending after row j0 - offset.
@@ -282,11 +309,12 @@ void attention_backward(float* dq, float* dk, float* dv, const float* dout, cons
       float* P = scores_buffer.get(BQ * BK);
       float* dP = dscores_buffer.get(BQ * BK);
       for (int64_t bkv = u0; bkv < u1; ++bkv) {
+        const int64_t b = bkv / NKV, kvh = bkv % NKV;
         if (dq)
           for (int64_t hg = 0; hg < s.group(); ++hg)
-            std::memset(dq + head_of(bkv, hg) * Tq * HS, 0, sizeof(float) * Tq * HS);
-        if (dk) std::memset(dk + bkv * Tk * HS, 0, sizeof(float) * Tk * HS);
-        if (dv) std::memset(dv + bkv * Tk * HS, 0, sizeof(float) * Tk * HS);
+            zero_rows(row_of(dq, q_s, b, head_of(bkv, hg) % NH, 0), qs, Tq, HS);
+        if (dk) zero_rows(row_of(dk, k_s, b, kvh, 0), ks, Tk, HS);
+        if (dv) zero_rows(row_of(dv, v_s, b, kvh, 0), vs, Tk, HS);
         for (int64_t j0 = 0; j0 < Tk; j0 += BK)
           for (int64_t hg = 0; hg < s.group(); ++hg)
             for (int64_t i0 = first_query_block(j0); i0 < Tq; i0 += BQ)
@@ -305,7 +333,7 @@ void attention_backward(float* dq, float* dk, float* dv, const float* dout, cons
       for (int64_t u = u0; u < u1; ++u) {
         const int64_t bh = u / s.q_blocks(), i0 = (u % s.q_blocks()) * BQ;
         const int64_t bkv = (bh / NH) * NKV + (bh % NH) / s.group();
-        std::memset(dq + (bh * Tq + i0) * HS, 0, sizeof(float) * imin(BQ, Tq - i0) * HS);
+        zero_rows(row_of(dq, q_s, bh / NH, bh % NH, i0), qs, imin(BQ, Tq - i0), HS);
         const int64_t key_end = s.key_end(imin(Tq, i0 + BQ));
         for (int64_t j0 = 0; j0 < key_end; j0 += BK) tile_backward(P, dP, bh, bkv, i0, j0, true, false);
       }
@@ -317,9 +345,9 @@ void attention_backward(float* dq, float* dk, float* dv, const float* dout, cons
       float* dP = dscores_buffer.get(BQ * BK);
       for (int64_t u = u0; u < u1; ++u) {
         const int64_t bkv = u / s.k_blocks(), j0 = (u % s.k_blocks()) * BK;
-        const int64_t nk = imin(BK, Tk - j0);
-        if (dk) std::memset(dk + (bkv * Tk + j0) * HS, 0, sizeof(float) * nk * HS);
-        if (dv) std::memset(dv + (bkv * Tk + j0) * HS, 0, sizeof(float) * nk * HS);
+        const int64_t nk = imin(BK, Tk - j0), b = bkv / NKV, kvh = bkv % NKV;
+        if (dk) zero_rows(row_of(dk, k_s, b, kvh, j0), ks, nk, HS);
+        if (dv) zero_rows(row_of(dv, v_s, b, kvh, j0), vs, nk, HS);
         for (int64_t hg = 0; hg < s.group(); ++hg)
           for (int64_t i0 = first_query_block(j0); i0 < Tq; i0 += BQ)
             tile_backward(P, dP, head_of(bkv, hg), bkv, i0, j0, false, true);

@@ -1,5 +1,10 @@
 // Rotary position embedding, Hugging Face's "rotate half" layout: the pair (x[i], x[i + HS/2])
-// is rotated by angle[t, i]. Not the interleaved GPT-J layout (a GGUF loader permutes to this).
+// is rotated by angle[p, i] at position p. Heads are read and written at any strides, so rope
+// runs in place on the q and k columns of a fused qkv projection, each batch row at its own
+// starting position (a ragged batch). Not the interleaved GPT-J layout (a GGUF loader permutes
+// to this one); KV-cache writes are kv_write's (kv_cache.cpp).
+#include <cmath>
+
 #include "kernels/isa.h"
 #include "threads.h"
 
@@ -7,15 +12,16 @@ namespace pyllm {
 namespace PYLLM_ISA {
 namespace {
 
-// out = R(sign * angle) inp for inp (BH, T, HS), cos/sin (T, HS/2); out may be inp.
-void rotate(float* out, const float* inp, const float* cos, const float* sin, int64_t BH,
-            int64_t T, int64_t HS, float sign) {
+// out = R(sign * angle) inp, rows (b, t, h) of (B, T, H, HS); out may be inp.
+void rotate(float* out, const float* inp, const float* cos, const float* sin, const int64_t* pos0,
+            int64_t B, int64_t T, int64_t H, int64_t HS, HeadStrides os, HeadStrides is, float sign) {
   const int64_t half = HS / 2;
-  parallel_for(BH * T, imax(1, 4096 / imax(1, HS)), [&](int64_t r0, int64_t r1) {
+  parallel_for(B * T * H, imax(1, 4096 / imax(1, HS)), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      const int64_t t = r % T;
-      const float *x = inp + r * HS, *c = cos + t * half, *s = sin + t * half;
-      float* y = out + r * HS;
+      const int64_t h = r % H, t = (r / H) % T, b = r / (H * T);
+      const int64_t p = (pos0 ? pos0[b] : 0) + t;
+      const float *x = inp + b * is.batch + t * is.pos + h * is.head, *c = cos + p * half, *s = sin + p * half;
+      float* y = out + b * os.batch + t * os.pos + h * os.head;
       for (int64_t i = 0; i < half; i += W) {
         const int64_t n = imin(W, half - i);
         const vf x1 = load_partial(x + i, n), x2 = load_partial(x + half + i, n);
@@ -29,14 +35,28 @@ void rotate(float* out, const float* inp, const float* cos, const float* sin, in
 }
 }  // namespace
 
-void rope_forward(float* out, const float* inp, const float* cos, const float* sin, int64_t BH,
-                  int64_t T, int64_t HS) {
-  rotate(out, inp, cos, sin, BH, T, HS, 1.0f);
+void rope_tables(float* cos, float* sin, const int64_t* positions, int64_t P, int64_t HS, double theta) {
+  const int64_t half = HS / 2;
+  parallel_for(P, imax(1, 4096 / imax(1, half)), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const double p = double(positions ? positions[r] : r);
+      for (int64_t i = 0; i < half; ++i) {
+        const double angle = p * (1.0 / std::pow(theta, double(2 * i) / double(HS)));
+        cos[r * half + i] = float(std::cos(angle));
+        sin[r * half + i] = float(std::sin(angle));
+      }
+    }
+  });
 }
 
-void rope_backward(float* dinp, const float* dout, const float* cos, const float* sin, int64_t BH,
-                   int64_t T, int64_t HS) {
-  rotate(dinp, dout, cos, sin, BH, T, HS, -1.0f);  // the inverse rotation
+void rope_forward(float* out, const float* inp, const float* cos, const float* sin, const int64_t* pos0,
+                  int64_t B, int64_t T, int64_t H, int64_t HS, HeadStrides out_s, HeadStrides inp_s) {
+  rotate(out, inp, cos, sin, pos0, B, T, H, HS, out_s, inp_s, 1.0f);
+}
+
+void rope_backward(float* dinp, const float* dout, const float* cos, const float* sin, const int64_t* pos0,
+                   int64_t B, int64_t T, int64_t H, int64_t HS, HeadStrides dinp_s, HeadStrides dout_s) {
+  rotate(dinp, dout, cos, sin, pos0, B, T, H, HS, dinp_s, dout_s, -1.0f);  // the inverse rotation
 }
 
 }  // namespace PYLLM_ISA

@@ -1,18 +1,24 @@
 """A GGUF reader: the header, every metadata key and the tensor table, each read checked against
-the file's size, so a truncated or corrupt file is a clear ValueError, never an out-of-bounds read.
+the file's size, so a truncated or corrupt file is a clear ValueError, never an out-of-bounds read;
+and each tensor's bytes, located and checked against the file.
 
-Not a writer, and not tensor decoding: tensors are located (name, shape, type, byte range) for
-the model loader to map; see https://github.com/ggml-org/ggml/blob/master/docs/gguf.md.
+Not a writer, and not what the tensors mean (gguf_model.py maps them to a model, tokenizer_files.py
+reads the vocabulary); see https://github.com/ggml-org/ggml/blob/master/docs/gguf.md.
 """
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+
+from pyllm.kernels import GGML_TYPES
 
 MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -77,6 +83,26 @@ class GGUFFile:
 
     def close(self) -> None:
         self._buf.close()
+
+    def nbytes(self, info: TensorInfo) -> int:
+        """Bytes of a tensor of a type pyllm reads (whole blocks), else a ValueError naming it."""
+        t = GGML_TYPES.get(info.type)
+        if t is None:
+            raise ValueError(f"{self.path}: tensor {info.name} has ggml type {info.type}, which pyllm does not "
+                             f"read (it reads {', '.join(t.name for t in GGML_TYPES.values())})")
+        if not info.shape or info.shape[0] % t.block_values:
+            raise ValueError(f"{self.path}: tensor {info.name}: rows of {info.shape[:1]} values are not whole "
+                             f"{t.name} blocks of {t.block_values}")
+        return math.prod(info.shape) // t.block_values * t.block_bytes   # Python ints: no overflow
+
+    def raw(self, info: TensorInfo) -> np.ndarray:
+        """The tensor's bytes: a uint8 view of the mapped file, after checking they lie inside it."""
+        start = self.data_offset + info.offset
+        end = start + self.nbytes(info)
+        if info.offset < 0 or end > len(self._buf):
+            raise ValueError(f"{self.path}: tensor {info.name} spans bytes {start}..{end}, past the end of the "
+                             f"file ({len(self._buf)} bytes): truncated or corrupt")
+        return np.frombuffer(self._buf, np.uint8, end - start, start)
 
     def __enter__(self) -> "GGUFFile":
         return self

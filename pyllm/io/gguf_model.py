@@ -1,54 +1,63 @@
-"""Llama-family models from GGUF files (llama.cpp's format): configuration from the metadata,
-tensors decoded from F32, F16, BF16, Q8_0, Q4_0 and Q4_1, and the chat template.
+"""Models in GGUF files (llama.cpp's format), architectures llama and gpt2: the config from the
+metadata and every tensor under its Hugging Face name, quantized matrices kept in their blocks.
 
-Every tensor's byte range and size is checked against the file before it is read. The decoding
-functions here are the numpy reference for the quantized formats (block layouts from ggml:
-https://github.com/ggml-org/ggml/blob/master/docs/gguf.md).
+Every tensor's byte range is checked against the file before it is read (GGUFFile.raw). A reader
+returns data (pyllm.io.tensors.ModelWeights) and never builds a model. The vocabulary and the chat
+template are tokenizer_files.py's. Layouts: llama.cpp stores every matrix as (out, in) rows, and
+q/k projections with their rows permuted for its interleaved rope (undone here); GPT-2's Conv1D
+weights are transposed back to Hugging Face's (in, out) when read as floats.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
+from pyllm import kernels
 from pyllm.io.gguf import GGUFFile, TensorInfo
+from pyllm.io.tensors import LazyTensors, ModelWeights
+from pyllm.models import ModelConfig, QuantizedWeight, parameter_specs
 
-F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q6_K, BF16 = 0, 1, 2, 3, 6, 7, 8, 12, 14, 30
-QK = 32   # values per quantization block (the K-quants' super-blocks hold 256)
-# ggml type -> (name, values per block, bytes per block); the float types' "blocks" are one value
-TYPES = {F32: ("F32", 1, 4), F16: ("F16", 1, 2), BF16: ("BF16", 1, 2), Q8_0: ("Q8_0", QK, 2 + QK),
-         Q4_0: ("Q4_0", QK, 2 + QK // 2), Q4_1: ("Q4_1", QK, 4 + QK // 2), Q5_0: ("Q5_0", QK, 6 + QK // 2),
-         Q5_1: ("Q5_1", QK, 8 + QK // 2), Q4_K: ("Q4_K", 256, 144),
-         Q6_K: ("Q6_K", 256, 210)}
+_ID = {t.name: t.id for t in kernels.GGML_TYPES.values()}
+F32, F16, BF16 = _ID["F32"], _ID["F16"], _ID["BF16"]
+Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q6_K = (_ID[n] for n in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q6_K"))
+QK = kernels.GGML_TYPES[Q8_0].block_values    # values per block of the 32-value types
+QUANTIZED = tuple(t.id for t in kernels.GGML_TYPES.values() if t.quantized)
+row_bytes = kernels.row_bytes
+
+ARCHITECTURES = ("llama", "gpt2")
+# GGUF tensor name -> Hugging Face name: per layer ({i}) and global, per architecture.
+_LAYER_NAMES = {
+    "llama": {"attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
+              "attn_q.weight": "self_attn.q_proj.weight", "attn_k.weight": "self_attn.k_proj.weight",
+              "attn_v.weight": "self_attn.v_proj.weight", "attn_output.weight": "self_attn.o_proj.weight",
+              "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
+              "ffn_down.weight": "mlp.down_proj.weight"},
+    "gpt2": {f"{g}.{part}": f"{h}.{part}" for g, h in
+             (("attn_norm", "ln_1"), ("attn_qkv", "attn.c_attn"), ("attn_output", "attn.c_proj"),
+              ("ffn_norm", "ln_2"), ("ffn_up", "mlp.c_fc"), ("ffn_down", "mlp.c_proj")) for part in ("weight", "bias")},
+}
+_LAYER_PREFIX = {"llama": "model.layers.{i}.", "gpt2": "transformer.h.{i}."}
+_GLOBAL_NAMES = {
+    "llama": {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+              "output.weight": "lm_head.weight"},
+    "gpt2": {"token_embd.weight": "transformer.wte.weight", "position_embd.weight": "transformer.wpe.weight",
+             "output_norm.weight": "transformer.ln_f.weight", "output_norm.bias": "transformer.ln_f.bias",
+             "output.weight": "lm_head.weight"},
+}
+# GPT-2 matrices that Hugging Face stores (in, out) (Conv1D) and GGUF (out, in).
+_GPT2_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
-def row_bytes(ggml_type: int, values: int) -> int:
-    """Bytes of `values` consecutive values (whole blocks) of a type."""
-    _, block_values, block_bytes = TYPES[ggml_type]
-    return values // block_values * block_bytes
-
-
-def tensor_nbytes(info: TensorInfo) -> int:
-    if info.type not in TYPES:
-        raise ValueError(f"tensor {info.name}: ggml type {info.type} is not supported "
-                         f"(supported: {', '.join(t[0] for t in TYPES.values())})")
-    name, block_values, _ = TYPES[info.type]
-    if info.shape[0] % block_values:
-        raise ValueError(f"tensor {info.name}: rows of {info.shape[0]} values are not whole {name} blocks "
-                         f"of {block_values}")
-    return row_bytes(info.type, int(np.prod(info.shape)))
-
-
-def raw_tensor(f: GGUFFile, info: TensorInfo) -> np.ndarray:
-    """The tensor's bytes (a uint8 view of the mapped file), after checking they lie inside it."""
-    start = f.data_offset + info.offset
-    end = start + tensor_nbytes(info)
-    if info.offset < 0 or end > len(f._buf):
-        raise ValueError(f"{f.path}: tensor {info.name} spans bytes {start}..{end}, past the end of the "
-                         f"file ({len(f._buf)} bytes): truncated or corrupt")
-    return np.frombuffer(f._buf, np.uint8, end - start, start)
+def hf_name(arch: str, gguf_name: str) -> Optional[str]:
+    """The Hugging Face name of a GGUF tensor, or None for one pyllm does not use."""
+    if gguf_name in _GLOBAL_NAMES[arch]:
+        return _GLOBAL_NAMES[arch][gguf_name]
+    parts = gguf_name.split(".", 2)
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LAYER_NAMES[arch]:
+        return _LAYER_PREFIX[arch].format(i=int(parts[1])) + _LAYER_NAMES[arch][parts[2]]
+    return None
 
 
 def dequantize(raw: np.ndarray, ggml_type: int, count: int) -> np.ndarray:
@@ -59,68 +68,7 @@ def dequantize(raw: np.ndarray, ggml_type: int, count: int) -> np.ndarray:
         return raw.view(np.float16)[:count].astype(np.float32)
     if ggml_type == BF16:
         return (raw.view(np.uint16)[:count].astype(np.uint32) << 16).view(np.float32)
-    _, _, block_bytes = TYPES[ggml_type]
-    blocks = raw.reshape(-1, block_bytes)
-    if ggml_type == Q4_K:
-        return _dequantize_q4_k(blocks).reshape(-1)
-    if ggml_type == Q6_K:
-        return _dequantize_q6_k(blocks).reshape(-1)
-    if ggml_type in (Q5_0, Q5_1):
-        return _dequantize_q5(blocks, ggml_type).reshape(-1)
-    d = blocks[:, :2].copy().view(np.float16).astype(np.float32)             # (n, 1) scale
-    if ggml_type == Q8_0:
-        q = blocks[:, 2:].view(np.int8).astype(np.float32)
-        return (q * d).reshape(-1)
-    packed = blocks[:, 4:] if ggml_type == Q4_1 else blocks[:, 2:]
-    q = np.concatenate([packed & 0x0F, packed >> 4], axis=1).astype(np.float32)   # low nibbles first
-    if ggml_type == Q4_0:
-        return ((q - 8.0) * d).reshape(-1)
-    m = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
-    return (q * d + m).reshape(-1)
-
-
-def _halves(blocks: np.ndarray, at: int) -> np.ndarray:
-    return blocks[:, at:at + 2].copy().view(np.float16).astype(np.float32)       # (n, 1)
-
-
-def _dequantize_q5(blocks: np.ndarray, ggml_type: int) -> np.ndarray:
-    """(n, 22 or 24) Q5_0 / Q5_1 blocks -> (n, 32): (nibble | fifth bit << 4) * d, less 16 (Q5_0) or
-    plus the minimum m (Q5_1); value j's fifth bit is bit j of a little-endian uint32."""
-    d = _halves(blocks, 0)
-    at = 4 if ggml_type == Q5_1 else 2
-    high = blocks[:, at:at + 4].copy().view("<u4").astype(np.int64)             # (n, 1)
-    fifth = ((high >> np.arange(32)) & 1).astype(np.int32) << 4                  # (n, 32)
-    packed = blocks[:, at + 4:].astype(np.int32)
-    q = (np.concatenate([packed & 0x0F, packed >> 4], axis=1) | fifth).astype(np.float32)
-    if ggml_type == Q5_0:
-        return (q - 16.0) * d
-    return q * d + _halves(blocks, 2)
-
-
-def _dequantize_q4_k(blocks: np.ndarray) -> np.ndarray:
-    """(n, 144) Q4_K super-blocks -> (n, 256): 8 sub-blocks of 32, each value d * scale * q - dmin * min
-    with 6-bit scales and minima packed into 12 bytes."""
-    d, dmin, s = _halves(blocks, 0), _halves(blocks, 2), blocks[:, 4:16].astype(np.int32)
-    scale = np.concatenate([s[:, 0:4] & 63, (s[:, 8:12] & 0x0F) | ((s[:, 0:4] >> 6) << 4)], axis=1)
-    minimum = np.concatenate([s[:, 4:8] & 63, (s[:, 8:12] >> 4) | ((s[:, 4:8] >> 6) << 4)], axis=1)
-    q = blocks[:, 16:].reshape(-1, 4, 32)                        # 4 groups of 32 bytes: low then high nibbles
-    q = np.stack([q & 0x0F, q >> 4], axis=2).reshape(-1, 8, 32).astype(np.float32)
-    return ((d * scale.astype(np.float32))[:, :, None] * q - (dmin * minimum.astype(np.float32))[:, :, None]
-            ).reshape(-1, 256)
-
-
-def _dequantize_q6_k(blocks: np.ndarray) -> np.ndarray:
-    """(n, 210) Q6_K super-blocks -> (n, 256): 6-bit values (4 low bits in ql, 2 high in qh) minus 32,
-    times d and one signed scale per 16 values."""
-    n = blocks.shape[0]
-    ql = blocks[:, :128].reshape(n, 2, 64).astype(np.int32)
-    qh = blocks[:, 128:192].reshape(n, 2, 32).astype(np.int32)
-    scales = blocks[:, 192:208].view(np.int8).astype(np.float32)
-    d = _halves(blocks, 208)
-    low = [ql[:, :, :32] & 0x0F, ql[:, :, 32:] & 0x0F, ql[:, :, :32] >> 4, ql[:, :, 32:] >> 4]
-    q = np.stack([low[i] | (((qh >> (2 * i)) & 3) << 4) for i in range(4)], axis=2) - 32   # (n, 2, 4, 32)
-    values = q.reshape(n, 256).astype(np.float32)                # half, quarter, l: value 128 h + 32 i + l
-    return d * np.repeat(scales, 16, axis=1) * values
+    return kernels.dequantize(raw[:row_bytes(ggml_type, count)], ggml_type, (1, count)).reshape(-1)
 
 
 def tensor(f: GGUFFile, name: str) -> np.ndarray:
@@ -128,7 +76,7 @@ def tensor(f: GGUFFile, name: str) -> np.ndarray:
     info = f.tensors.get(name)
     if info is None:
         raise ValueError(f"{f.path}: the tensor {name!r} is missing")
-    values = dequantize(raw_tensor(f, info), info.type, int(np.prod(info.shape)))
+    values = dequantize(f.raw(info), info.type, int(np.prod(info.shape)))
     return values.reshape(tuple(reversed(info.shape)))
 
 
@@ -143,61 +91,40 @@ def _meta(f: GGUFFile, key: str, default=None, kind=None):
     value = f.metadata.get(key, default)
     if value is None:
         raise ValueError(f"{f.path}: metadata key {key!r} is missing")
-    if kind is not None and not isinstance(value, kind):
+    if kind is not None and (not isinstance(value, kind) or isinstance(value, bool)):
         raise ValueError(f"{f.path}: metadata key {key!r} is {value!r}, expected {kind.__name__}")
     return value
 
 
-def config_from_gguf(f: GGUFFile):
-    from pyllm.model import ModelConfig
-
+def config_from_gguf(f: GGUFFile) -> ModelConfig:
     arch = f.metadata.get("general.architecture")
-    if arch != "llama":
-        raise ValueError(f"{f.path}: architecture {arch!r} is not supported (llama is)")
-    n_embd = _meta(f, "llama.embedding_length", kind=int)
-    n_head = _meta(f, "llama.attention.head_count", kind=int)
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"{f.path}: architecture {arch!r} is not supported (supported: {', '.join(ARCHITECTURES)})")
+    n_embd = _meta(f, f"{arch}.embedding_length", kind=int)
+    n_head = _meta(f, f"{arch}.attention.head_count", kind=int)
+    vocab = f.metadata.get(f"{arch}.vocab_size") or len(_meta(f, "tokenizer.ggml.tokens", kind=list))
+    sizes = dict(vocab_size=int(vocab), block_size=_meta(f, f"{arch}.context_length", kind=int),
+                 n_layer=_meta(f, f"{arch}.block_count", kind=int), n_head=n_head, n_embd=n_embd,
+                 intermediate_size=_meta(f, f"{arch}.feed_forward_length", kind=int),
+                 tie_word_embeddings="output.weight" not in f.tensors)
+    if arch == "gpt2":
+        return ModelConfig(arch="gpt2", norm_eps=float(_meta(f, "gpt2.attention.layer_norm_epsilon", 1e-5)),
+                           **sizes)
     rope_dims = f.metadata.get("llama.rope.dimension_count", n_embd // n_head)
     if rope_dims != n_embd // n_head:
         raise ValueError(f"{f.path}: partial rotary embeddings ({rope_dims} of {n_embd // n_head}) are not supported")
-    vocab = f.metadata.get("llama.vocab_size") or len(_meta(f, "tokenizer.ggml.tokens", kind=list))
-    return ModelConfig(arch="llama", vocab_size=int(vocab), block_size=_meta(f, "llama.context_length", kind=int),
-                       n_layer=_meta(f, "llama.block_count", kind=int), n_head=n_head, n_embd=n_embd,
-                       n_kv_head=int(f.metadata.get("llama.attention.head_count_kv", n_head)),
-                       intermediate_size=_meta(f, "llama.feed_forward_length", kind=int),
+    if "rope_freqs.weight" in f.tensors:
+        raise ValueError(f"{f.path}: rope_freqs.weight (scaled rotary frequencies) is not supported")
+    return ModelConfig(arch="llama", n_kv_head=int(f.metadata.get("llama.attention.head_count_kv", n_head)),
                        norm_eps=float(_meta(f, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
-                       rope_theta=float(f.metadata.get("llama.rope.freq_base", 10000.0)),
-                       tie_word_embeddings="output.weight" not in f.tensors)
+                       rope_theta=float(f.metadata.get("llama.rope.freq_base", 10000.0)), **sizes)
 
 
-# GGUF tensor name -> Hugging Face name, per layer ({i}) and global
-_LAYER_NAMES = {
-    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-
-
-def hf_name(gguf_name: str) -> Optional[str]:
-    if gguf_name == "token_embd.weight":
-        return "model.embed_tokens.weight"
-    if gguf_name == "output_norm.weight":
-        return "model.norm.weight"
-    if gguf_name == "output.weight":
-        return "lm_head.weight"
-    parts = gguf_name.split(".")
-    if len(parts) == 4 and parts[0] == "blk" and parts[2] in _LAYER_NAMES and parts[3] == "weight":
-        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.weight"
-    return None
-
-
-QUANTIZED = (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q6_K)
-
-
-def _quantized_rows(f: GGUFFile, info: TensorInfo) -> np.ndarray:
+def _rows(f: GGUFFile, info: TensorInfo) -> np.ndarray:
     """The tensor's blocks as (rows, bytes per row) uint8, a view of the mapped file."""
-    rows = int(np.prod(info.shape[1:]))
-    return raw_tensor(f, info).reshape(rows, -1)
+    if len(info.shape) != 2:
+        raise ValueError(f"{f.path}: tensor {info.name} has {len(info.shape)} dimensions, a matrix needs 2")
+    return f.raw(info).reshape(info.shape[1], -1)
 
 
 def _unpermute_rows(rows: np.ndarray, n_head: int) -> np.ndarray:
@@ -206,89 +133,64 @@ def _unpermute_rows(rows: np.ndarray, n_head: int) -> np.ndarray:
     return rows[order]
 
 
-def load_gguf(path, dequantize: bool = False) -> tuple:
-    """(Model, Tokenizer, chat template or None, end-of-turn token id or None) from a GGUF file.
-
-    Quantized matrices (Q8_0, Q4_0, Q4_1) stay quantized (inference only, a fraction of the
-    memory) unless dequantize=True, which gives a float32 model that can be trained.
-    """
-    from pyllm.model import Model, QuantizedWeight
-    from pyllm.tokenizer import Tokenizer
-
-    path = Path(path)
-    f = GGUFFile(path)
+def read_weights(f: GGUFFile, dequantize: bool = False) -> ModelWeights:
+    """The config, the float tensors (read lazily) and, unless dequantize, the quantized matrices
+    (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q6_K) kept as views of the mapped file: inference only, a
+    fraction of the memory. With dequantize=True every weight is float32 (trainable)."""
+    cfg = config_from_gguf(f)
+    arch = cfg.arch
+    names = {}   # HF name -> GGUF tensor info
+    for name, info in f.tensors.items():
+        target = hf_name(arch, name)
+        if target is not None:
+            names[target] = info
+    shapes = {s.name: s.shape for s in parameter_specs(cfg)}
     quantized: dict[str, QuantizedWeight] = {}
-    try:
-        cfg = config_from_gguf(f)
-        HS = cfg.head_size
-        if not dequantize:
-            for name, info in f.tensors.items():
-                target = hf_name(name)
-                if target is None or info.type not in QUANTIZED or len(info.shape) != 2:
-                    continue
-                if target.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight")):
-                    continue   # fused below
-                quantized[target] = QuantizedWeight(_quantized_rows(f, info), info.type, tuple(reversed(info.shape)))
-            for i in range(cfg.n_layer):
-                infos = [f.tensors.get(f"blk.{i}.attn_{x}.weight") for x in "qkv"]
-                if any(t is None or t.type not in QUANTIZED for t in infos):
-                    continue
-                q = _unpermute_rows(_quantized_rows(f, infos[0]), cfg.n_head)
-                k = _unpermute_rows(_quantized_rows(f, infos[1]), cfg.n_kv_head)
-                v = _quantized_rows(f, infos[2])
-                h = f"model.layers.{i}.self_attn."
-                nq, nkv = cfg.n_head * HS, cfg.n_kv_head * HS
-                if len({t.type for t in infos}) == 1:   # one product for the three (views of one copy)
-                    t = infos[0].type
-                    fused = np.ascontiguousarray(np.concatenate([q, k, v]))
-                    quantized[h + "qkv"] = QuantizedWeight(fused, t, (nq + 2 * nkv, cfg.n_embd))
-                    q, k, v = fused[:nq], fused[nq:nq + nkv], fused[nq + nkv:]
-                for name, rows, info, n in (("q", q, infos[0], nq), ("k", k, infos[1], nkv), ("v", v, infos[2], nkv)):
-                    quantized[h + f"{name}_proj.weight"] = QuantizedWeight(np.ascontiguousarray(rows), info.type,
-                                                                           (n, cfg.n_embd))
-            from pyllm.model import parameter_specs
+    if not dequantize:
+        for target, info in names.items():
+            if info.type not in QUANTIZED or len(info.shape) != 2 or target == "transformer.wpe.weight":
+                continue   # float tensors, and GPT-2's position table (added, not multiplied), are read as floats
+            if arch == "llama" and target.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight")):
+                continue   # fused below
+            quantized[target] = QuantizedWeight(_rows(f, info), info.type, (info.shape[1], info.shape[0]))
+        if arch == "llama":
+            _fuse_qkv(f, cfg, names, quantized)
+    kept = set(quantized)
 
-            shapes = {spec.name: spec.shape for spec in parameter_specs(cfg)}
-            for name, weight in quantized.items():
-                need = ((cfg.n_head + 2 * cfg.n_kv_head) * HS, cfg.n_embd) if name.endswith(".qkv") else shapes.get(name)
-                if tuple(weight.shape) != tuple(need or ()):
-                    raise ValueError(f"{path}: the tensor for {name} is {weight.shape}; the metadata's sizes "
-                                     f"need {need}")
-                if weight.shape[1] % TYPES[weight.ggml_type][1] or \
-                        weight.data.shape[1] != row_bytes(weight.ggml_type, weight.shape[1]):
-                    raise ValueError(f"{path}: quantized tensor for {name} has rows that do not fit its shape")
-        model = Model(cfg, seed=None, quantized=quantized)
-        expected = set(model.p)
-        seen = set()
-        for name, info in f.tensors.items():
-            target = hf_name(name)
-            if target is None or target not in expected:
-                if name.startswith("rope_freqs"):
-                    raise ValueError(f"{path}: {name} (scaled rotary frequencies) is not supported")
-                continue
-            values = tensor(f, name)
-            if target.endswith("q_proj.weight"):
-                values = unpermute_rope(values, cfg.n_head)
-            elif target.endswith("k_proj.weight"):
-                values = unpermute_rope(values, cfg.n_kv_head)
-            if values.shape != model.p[target].shape:
-                raise ValueError(f"{path}: tensor {name} has shape {values.shape}, the model needs "
-                                 f"{model.p[target].shape}")
-            model.p[target][...] = values
-            seen.add(target)
-        missing = sorted(expected - seen)
-        if missing:
-            raise ValueError(f"{path}: tensors missing for {missing[:4]}{' ...' if len(missing) > 4 else ''}")
-        template = f.metadata.get("tokenizer.chat_template")
-        eos = f.metadata.get("tokenizer.ggml.eos_token_id")
-    except BaseException:
-        quantized.clear()
-        try:
-            f.close()
-        except BufferError:   # a view of the mapping is still referenced (by the traceback): let GC close it
-            pass
-        raise
-    if not quantized:
-        f.close()       # otherwise the quantized weights are views of the file's mapping: it stays open
-    tokenizer = Tokenizer.from_gguf(path)
-    return model, tokenizer, template if isinstance(template, str) else None, eos
+    def read(target: str) -> np.ndarray:
+        values = tensor(f, names[target].name)
+        if target.endswith("q_proj.weight"):
+            values = unpermute_rope(values, cfg.n_head)
+        elif target.endswith("k_proj.weight"):
+            values = unpermute_rope(values, cfg.n_kv_head)
+        elif arch == "gpt2" and target.endswith(_GPT2_CONV1D):
+            values = np.ascontiguousarray(values.T)
+        if target in shapes and values.shape != tuple(shapes[target]):
+            raise ValueError(f"{f.path}: tensor {names[target].name} has shape {values.shape}, the model needs "
+                             f"{tuple(shapes[target])}")
+        return values
+
+    floats = [t for t in names if t not in kept and t in shapes]
+    return ModelWeights(cfg, LazyTensors(floats, read), quantized)
+
+
+def _fuse_qkv(f: GGUFFile, cfg: ModelConfig, names: dict, quantized: dict) -> None:
+    """Llama's q, k and v of each layer, quantized: rows unpermuted, and as one fused block (one
+    product for the three) when they share a type, the parts views of it."""
+    HS = cfg.head_size
+    nq, nkv = cfg.n_head * HS, cfg.n_kv_head * HS
+    for i in range(cfg.n_layer):
+        h = f"model.layers.{i}.self_attn."
+        infos = [names.get(h + f"{x}_proj.weight") for x in "qkv"]
+        if any(t is None or t.type not in QUANTIZED or len(t.shape) != 2 for t in infos):
+            continue   # read as floats (and a missing one reported by the model)
+        q = _unpermute_rows(_rows(f, infos[0]), cfg.n_head)
+        k = _unpermute_rows(_rows(f, infos[1]), cfg.n_kv_head)
+        v = _rows(f, infos[2])
+        if len({t.type for t in infos}) == 1:
+            fused = np.ascontiguousarray(np.concatenate([q, k, v]))
+            quantized[h + "qkv"] = QuantizedWeight(fused, infos[0].type, (nq + 2 * nkv, cfg.n_embd))
+            q, k, v = fused[:nq], fused[nq:nq + nkv], fused[nq + nkv:]
+        for x, rows, info, n in (("q", q, infos[0], nq), ("k", k, infos[1], nkv), ("v", v, infos[2], nkv)):
+            quantized[h + f"{x}_proj.weight"] = QuantizedWeight(np.ascontiguousarray(rows), info.type,
+                                                                (rows.shape[0], info.shape[0]))

@@ -1,17 +1,26 @@
-"""Hugging Face model folders: config.json + model.safetensors (+ tokenizer.json), GPT-2 and Llama.
+"""Hugging Face model folders: config.json + model.safetensors, GPT-2 and Llama, and safetensors
+files in general.
 
-What save_pretrained writes, `transformers` loads as GPT2LMHeadModel with the same logits; what
-`transformers` writes (or the hub's GPT-2 files), load_pretrained reads.
+What write_folder writes, `transformers` loads as GPT2LMHeadModel / LlamaForCausalLM with the same
+logits; what `transformers` writes (or the hub's GPT-2 files), read_folder reads. Readers return
+data (pyllm.io.tensors.ModelWeights) and never build a model; the tokenizer's files are
+tokenizer_files.py's.
 """
 
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
 
 from pyllm.io.atomic import atomic_path, write_text
+from pyllm.io.tensors import LazyTensors, ModelWeights
+from pyllm.models import ModelConfig
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -20,7 +29,7 @@ TOKENIZER = "tokenizer.json"
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 
 
-def config_to_hf(cfg) -> dict:
+def config_to_hf(cfg: ModelConfig) -> dict:
     if cfg.arch == "llama":
         return {
             "architectures": ["LlamaForCausalLM"], "model_type": "llama",
@@ -43,9 +52,7 @@ def config_to_hf(cfg) -> dict:
     }
 
 
-def config_from_hf(doc: dict, where: str = CONFIG):
-    from pyllm.model import ModelConfig
-
+def config_from_hf(doc: dict, where: str = CONFIG) -> ModelConfig:
     model_type = doc.get("model_type")
     if model_type == "llama":
         return _llama_config_from_hf(doc, where)
@@ -67,9 +74,7 @@ def config_from_hf(doc: dict, where: str = CONFIG):
         raise ValueError(f"{where}: missing key {exc.args[0]!r}") from None
 
 
-def _llama_config_from_hf(doc: dict, where: str):
-    from pyllm.model import ModelConfig
-
+def _llama_config_from_hf(doc: dict, where: str) -> ModelConfig:
     if doc.get("hidden_act", "silu") != "silu":
         raise ValueError(f"{where}: hidden_act {doc.get('hidden_act')!r} is not supported (silu is)")
     # transformers 5 writes rope settings as rope_parameters; earlier ones as rope_theta/rope_scaling.
@@ -96,17 +101,19 @@ def _llama_config_from_hf(doc: dict, where: str):
         raise ValueError(f"{where}: missing key {exc.args[0]!r}") from None
 
 
-def save_pretrained(model, directory, tokenizer=None) -> None:
-    from safetensors.numpy import save_file
+def write_safetensors(path, tensors: dict[str, np.ndarray]) -> None:
+    """A safetensors file (PyTorch's "pt" format tag, as transformers and peft expect), written atomically."""
+    with atomic_path(path) as tmp:
+        save_file({name: np.ascontiguousarray(arr) for name, arr in tensors.items()}, str(tmp),
+                  metadata={"format": "pt"})
 
+
+def write_folder(directory, config: ModelConfig, state: dict[str, np.ndarray]) -> None:
+    """config.json and model.safetensors: a folder transformers loads."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {name: np.ascontiguousarray(arr) for name, arr in model.state_dict().items()}
-    with atomic_path(directory / WEIGHTS) as tmp:
-        save_file(state, str(tmp), metadata={"format": "pt"})
-    write_text(directory / CONFIG, json.dumps(config_to_hf(model.config), indent=2) + "\n")
-    if tokenizer is not None:
-        tokenizer.save(directory / TOKENIZER, format="hf")
+    write_safetensors(directory / WEIGHTS, state)
+    write_text(directory / CONFIG, json.dumps(config_to_hf(config), indent=2) + "\n")
 
 
 def _normalise_name(name: str) -> str:
@@ -116,75 +123,88 @@ def _normalise_name(name: str) -> str:
     return name
 
 
-def load_state(path: Path) -> dict[str, np.ndarray]:
-    """Tensors of a safetensors file as float32 arrays (F32, F16 and BF16 accepted)."""
-    from safetensors import SafetensorError, safe_open
+def load_state(path) -> dict[str, np.ndarray]:
+    """Every tensor of a safetensors file as float32 arrays (F32, F16 and BF16 accepted)."""
+    names, read = _tensor_reader(Path(path))
+    return {name: read(name) for name in names}
 
-    state = {}
+
+def _tensor_reader(path: Path):
+    """(names, read(name) -> float32 array) for a safetensors file, reading one tensor per call."""
     try:
         with safe_open(str(path), framework="numpy") as f:
-            for name in f.keys():
-                state[name] = f.get_tensor(name)
+            names = list(f.keys())
     except SafetensorError as exc:
         raise ValueError(f"{path}: not a readable safetensors file ({exc})") from None
-    except Exception as exc:  # bf16 and other dtypes numpy lacks land here
-        if "bf16" in str(exc).lower() or "bfloat16" in str(exc).lower():
-            return _load_state_bf16(path)
+    except OSError as exc:
         raise ValueError(f"{path}: could not read ({exc})") from None
-    return {name: np.asarray(arr, dtype=np.float32) for name, arr in state.items()}
+
+    def read(name: str) -> np.ndarray:
+        try:
+            with safe_open(str(path), framework="numpy") as f:
+                return np.asarray(f.get_tensor(name), dtype=np.float32)
+        except SafetensorError as exc:
+            raise ValueError(f"{path}: tensor {name} is not readable ({exc})") from None
+        except Exception as exc:   # bf16 and other dtypes numpy lacks land here, as various errors
+            if "bf16" in str(exc).lower() or "bfloat16" in str(exc).lower():
+                return _read_bf16(path, name)
+            raise ValueError(f"{path}: tensor {name} could not be read ({exc})") from None
+
+    return names, read
 
 
-def _load_state_bf16(path: Path) -> dict[str, np.ndarray]:
-    """Reads a safetensors file by its JSON header, widening BF16 to float32 by hand."""
-    import struct
-
-    data = path.read_bytes()
-    if len(data) < 8:
-        raise ValueError(f"{path}: truncated safetensors file")
-    (header_len,) = struct.unpack("<Q", data[:8])
-    if 8 + header_len > len(data):
-        raise ValueError(f"{path}: header length {header_len} runs past the end of the file")
-    header = json.loads(data[8:8 + header_len])
-    body = memoryview(data)[8 + header_len:]
-    dtypes = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
-    state = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        dtype = dtypes.get(info["dtype"])
-        if dtype is None:
-            raise ValueError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+def _read_bf16(path: Path, name: str) -> np.ndarray:
+    """One tensor of a safetensors file by its JSON header, BF16 widened to float32 by hand."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{path}: truncated safetensors file")
+        (header_len,) = struct.unpack("<Q", head)
+        size = path.stat().st_size
+        if 8 + header_len > size:
+            raise ValueError(f"{path}: header length {header_len} runs past the end of the file")
+        header = json.loads(f.read(header_len))
+        info = header.get(name)
+        dtypes = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
+        if not isinstance(info, dict) or info.get("dtype") not in dtypes:
+            raise ValueError(f"{path}: tensor {name} has an unsupported dtype")
         start, end = info["data_offsets"]
         shape = tuple(info["shape"])
-        if not 0 <= start <= end <= len(body) or end - start != np.dtype(dtype).itemsize * int(np.prod(shape)):
+        dtype = dtypes[info["dtype"]]
+        if not 0 <= start <= end <= size - 8 - header_len or end - start != np.dtype(dtype).itemsize * int(np.prod(shape)):
             raise ValueError(f"{path}: tensor {name} has offsets {start}..{end} that do not fit its shape")
-        raw = np.frombuffer(body[start:end], dtype=dtype).reshape(shape)
-        if info["dtype"] == "BF16":
-            state[name] = (raw.astype(np.uint32) << 16).view(np.float32)
-        else:
-            state[name] = raw.astype(np.float32)
-    return state
+        f.seek(8 + header_len + start)
+        raw = np.frombuffer(f.read(end - start), dtype=dtype).reshape(shape)
+    if info["dtype"] == "BF16":
+        return (raw.astype(np.uint32) << 16).view(np.float32)
+    return raw.astype(np.float32)
 
 
-def load_pretrained(source):
-    from pyllm.model import Model
-
-    directory = Path(source)
-    if directory.is_file():
-        directory = directory.parent
+def read_config(directory) -> ModelConfig:
+    """The ModelConfig of a Hugging Face folder's config.json."""
+    directory = Path(directory)
     if not (directory / CONFIG).is_file():
         raise FileNotFoundError(f"{directory}: no {CONFIG} (expected a Hugging Face model folder)")
     try:
         doc = json.loads((directory / CONFIG).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{directory / CONFIG}: not valid JSON ({exc})") from None
-    cfg = config_from_hf(doc, str(directory / CONFIG))
+    if not isinstance(doc, dict):
+        raise ValueError(f"{directory / CONFIG}: not a JSON object")
+    return config_from_hf(doc, str(directory / CONFIG))
+
+
+def read_folder(source, config: Optional[ModelConfig] = None) -> ModelWeights:
+    """The config and the tensors (read lazily, under pyllm's names) of a Hugging Face folder."""
+    directory = Path(source)
+    if directory.is_file():
+        directory = directory.parent
+    cfg = config or read_config(directory)
     weights = directory / WEIGHTS
     if not weights.is_file():
         raise FileNotFoundError(f"{directory}: no {WEIGHTS}")
-    state = {_normalise_name(k): v for k, v in load_state(weights).items() if not k.endswith(_IGNORED_SUFFIXES)}
+    names, read = _tensor_reader(weights)
+    by_name = {_normalise_name(n): n for n in names if not n.endswith(_IGNORED_SUFFIXES)}
     if cfg.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    model = Model(cfg, seed=None)
-    model.load_state_dict(state)
-    return model
+        by_name.pop("lm_head.weight", None)
+    return ModelWeights(cfg, LazyTensors(by_name, lambda name: read(by_name[name])))

@@ -1,30 +1,20 @@
-// Matmul against weights kept in ggml's block-quantized formats (Q8_0, Q4_0, Q4_1: blocks of 32
-// values with a float16 scale, and for Q4_1 a float16 minimum; Q5_0 and Q5_1 with a fifth bit per
-// value; the K-quants Q4_K and Q6_K: super-blocks of 256 values with per-sub-block scales),
-// activations in float32. Q8_0, Q4_0, Q4_1 (and with int8 activations Q5_0, Q5_1) have
-// register-level decode paths; the other types expand each row to floats first.
-// out (M, N) = a (M, K) @ W^T with W (N, K) stored row by row as K/32 blocks.
-//
-// Decode-sized M: each weight block is expanded to 32 floats once and multiplied with every row
-// of a; the scale is applied per block, and Q4_1's minimum (and Q4_0's offset of 8) through the
-// per-block sums of a, computed once per call. Larger M: the weights are expanded to float32
-// in parallel and the GEMM does the product.
-#include <cmath>
+// The block layouts of ggml's quantized types (quant_types.h), one block at a time: decoded to
+// floats, and dotted with float activations (block_dot) or with int8 activations rounded as
+// llama.cpp rounds them (block_idot*, k_block_idot). Kernel-internal (per ISA, inline); not the
+// strategies that run them over whole matrices (quant_matmul.cpp).
+#pragma once
+
+#include <cstdint>
 #include <cstring>
-#include <vector>
 
 #if defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
-#include "kernels/isa.h"
-#include "threads.h"
+#include "kernels/quant_activations.h"
 
 namespace pyllm {
 namespace PYLLM_ISA {
-namespace {
-
-constexpr int64_t QK = 32;
 
 inline float half_to_float(const uint8_t* p) {
   _Float16 h;   // one vcvtph2ps where the ISA has F16C, a library conversion elsewhere
@@ -88,14 +78,14 @@ inline vf block_dot(const uint8_t* blk, int type, const float* x) {
 #endif
 }
 
-int64_t block_bytes(int type) { return quant_block_bytes(type); }
+inline int64_t block_bytes(int type) { return quant_block_bytes(type); }
 
 // Bytes of one row of K values.
-int64_t row_bytes_of(int type, int64_t K) { return K / quant_block_values(type) * quant_block_bytes(type); }
+inline int64_t row_bytes_of(int type, int64_t K) { return K / quant_block_values(type) * quant_block_bytes(type); }
 
 // Types without a register-level float path: their rows are expanded to floats before a product
 // with float activations (Q5_0 and Q5_1 do have the integer path).
-bool expanded_per_row(int type) { return type == kQ5_0 || type == kQ5_1 || type == kQ4_K || type == kQ6_K; }
+inline bool expanded_per_row(int type) { return type == kQ5_0 || type == kQ5_1 || type == kQ4_K || type == kQ6_K; }
 
 // Q4_K's packed 6-bit scale and minimum of sub-block j (of 8) from its 12 bytes.
 inline void k4_scale_min(int j, const uint8_t* s, int& scale, int& min) {
@@ -159,7 +149,7 @@ inline void k_block_values(const uint8_t* blk, int type, Sink& sink) {
 #endif
 
 // The values of one block of an expanded_per_row type, as ggml's dequantize_row_* compute them.
-void expand_block_to_floats(const uint8_t* blk, int type, float* y) {
+inline void expand_block_to_floats(const uint8_t* blk, int type, float* y) {
 #if defined(__AVX2__)
   if (type == kQ4_K || type == kQ6_K) {
     auto store_values = [y](int t, __m256 v) { _mm256_storeu_ps(y + t, v); };
@@ -239,96 +229,6 @@ inline void expand_block(const uint8_t* blk, int type, float* q, float& d, float
 // The offset added to every value of a block before the scale: -8 for Q4_0, else 0.
 inline float zero_point(int type) { return type == kQ4_0 ? -8.f : 0.f; }
 
-thread_local ThreadBuffer block_sums_buffer, expanded_weights;
-
-}  // namespace
-
-void dequantize_rows(float* out, const uint8_t* w, int type, int64_t rows, int64_t K) {
-  if (expanded_per_row(type)) {
-    const int64_t bv = quant_block_values(type), nb = K / bv, bb = block_bytes(type);
-    parallel_for(rows, imax(1, 16384 / imax(1, K)), [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r)
-        for (int64_t b = 0; b < nb; ++b) expand_block_to_floats(w + (r * nb + b) * bb, type, out + r * K + b * bv);
-    });
-    return;
-  }
-  const int64_t nb = K / QK, bb = block_bytes(type);
-  parallel_for(rows, imax(1, 16384 / imax(1, K)), [&](int64_t r0, int64_t r1) {
-    alignas(64) float q[QK];
-    for (int64_t r = r0; r < r1; ++r)
-      for (int64_t b = 0; b < nb; ++b) {
-        float d, m;
-        expand_block(w + (r * nb + b) * bb, type, q, d, m);
-        const float z = zero_point(type);
-        float* o = out + r * K + b * QK;
-        for (int t = 0; t < QK; ++t) o[t] = (q[t] + z) * d + m;
-      }
-  });
-}
-
-namespace {
-
-// One block of activations quantized as llama.cpp's Q8_0/Q8_1 do: d = max|x| / 127 (stored as
-// float16), q = x / d rounded to the nearest integer (ties to even), and d times the sum of the q
-// (what Q4_0's zero point and Q4_1's minimum multiply).
-struct ActBlock {
-  alignas(32) int8_t q[QK];
-  float d;
-  float dsum;
-};
-
-inline float round_to_half(float x) { return float(_Float16(x)); }
-
-void quantize_activations(ActBlock* out, const float* a, int64_t M, int64_t K) {
-  const int64_t nb = K / QK;
-  for (int64_t i = 0; i < M; ++i)
-    for (int64_t b = 0; b < nb; ++b) {
-      const float* x = a + i * K + b * QK;
-      float amax = 0.f;
-      for (int t = 0; t < QK; ++t) amax = std::fmax(amax, std::fabs(x[t]));
-      ActBlock& blk = out[i * nb + b];
-      blk.d = round_to_half(amax / 127.f);
-      const float inv = blk.d != 0.f ? 1.f / blk.d : 0.f;
-      int32_t sum = 0;
-      for (int t = 0; t < QK; ++t) {
-        const int v = int(std::nearbyint(x[t] * inv));
-        blk.q[t] = int8_t(v < -127 ? -127 : v > 127 ? 127 : v);
-        sum += blk.q[t];
-      }
-      blk.dsum = blk.d * float(sum);
-    }
-}
-
-// The activations rounded as quantize_activations does, back in float32 (for the GEMM path).
-void fake_quantize_activations(float* out, const float* a, int64_t M, int64_t K) {
-  ActBlock blk;
-  for (int64_t i = 0; i < M; ++i)
-    for (int64_t b = 0; b < K / QK; ++b) {
-      quantize_activations(&blk, a + i * K + b * QK, 1, QK);
-      for (int t = 0; t < QK; ++t) out[i * K + b * QK + t] = float(blk.q[t]) * blk.d;
-    }
-}
-
-// The activations rounded as llama.cpp's Q8_K (what it multiplies K-quant weights with) rounds
-// them, back in float32: per block of 256, the value of largest magnitude maps to -127, the
-// scale is kept as a float32 (1 / iscale), q = nearest integer (ties even), at most 127.
-void fake_quantize_activations_k(float* out, const float* a, int64_t M, int64_t K) {
-  for (int64_t i = 0; i < M; ++i)
-    for (int64_t b = 0; b < K / 256; ++b) {
-      const float* x = a + i * K + b * 256;
-      float* y = out + i * K + b * 256;
-      float amax = 0.f, max = 0.f;
-      for (int t = 0; t < 256; ++t)
-        if (std::fabs(x[t]) > amax) amax = std::fabs(x[t]), max = x[t];
-      if (amax == 0.f) {
-        for (int t = 0; t < 256; ++t) y[t] = 0.f;
-        continue;
-      }
-      const float iscale = -127.f / max, d = 1.f / iscale;
-      for (int t = 0; t < 256; ++t) y[t] = std::fmin(127.f, std::nearbyint(iscale * x[t])) * d;
-    }
-}
-
 // The weight block's scale and (Q4_1, Q5_1) minimum.
 template <int Type>
 inline void block_scales(const uint8_t* blk, float& d, float& m) {
@@ -399,127 +299,14 @@ inline int32_t block_idot(const uint8_t* blk, const int8_t* xq) {
 }
 #endif
 
-// out[r] for R consecutive weight rows against one row of quantized activations: each
-// activation block is loaded once for the R rows, which also gives R independent sums.
-template <int Type, int R>
-inline void rows_dot(float* out, const uint8_t* rows, int64_t row_bytes, const ActBlock* x,
-                     int64_t nb) {
-  constexpr int64_t bb = Type == kQ8_0 ? 2 + QK : nibbles_at<Type>() + QK / 2;
-  float extra[R];   // Q4_0's zero point and Q4_1's minimum, through the activation block sums
 #if defined(__AVX2__)
-  __m256 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps(), extra[r] = 0.f;
-  for (int64_t b = 0; b < nb; ++b) {
-    const __m256i xq = _mm256_load_si256(reinterpret_cast<const __m256i*>(x[b].q));
-    for (int r = 0; r < R; ++r) {
-      const uint8_t* blk = rows + r * row_bytes + b * bb;
-      float dw, mw;
-      block_scales<Type>(blk, dw, mw);
-      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_idot8<Type>(blk, xq)), _mm256_set1_ps(dw * x[b].d), acc[r]);
-      if (Type == kQ4_0) extra[r] -= 8.f * dw * x[b].dsum;
-      if (Type == kQ5_0) extra[r] -= 16.f * dw * x[b].dsum;
-      if (Type == kQ4_1 || Type == kQ5_1) extra[r] += mw * x[b].dsum;
-    }
-  }
-  for (int r = 0; r < R; ++r) out[r] = hsum256(acc[r]) + extra[r];
-#else
-  float acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = 0.f, extra[r] = 0.f;
-  for (int64_t b = 0; b < nb; ++b)
-    for (int r = 0; r < R; ++r) {
-      const uint8_t* blk = rows + r * row_bytes + b * bb;
-      float dw, mw;
-      block_scales<Type>(blk, dw, mw);
-      acc[r] += dw * x[b].d * float(block_idot<Type>(blk, x[b].q));
-      if (Type == kQ4_0) extra[r] -= 8.f * dw * x[b].dsum;
-      if (Type == kQ5_0) extra[r] -= 16.f * dw * x[b].dsum;
-      if (Type == kQ4_1 || Type == kQ5_1) extra[r] += mw * x[b].dsum;
-    }
-  for (int r = 0; r < R; ++r) out[r] = acc[r] + extra[r];
-#endif
-}
-
-thread_local std::vector<ActBlock> act_blocks;
-thread_local ThreadBuffer fake_quantized;
-
-template <int Type>
-void matmul_quant_int8_typed(float* out, const ActBlock* xs, const uint8_t* w, int64_t M, int64_t K, int64_t N) {
-  constexpr int R = Type == kQ8_0 ? 1 : 4;
-  const int64_t nb = K / QK, row_bytes = nb * block_bytes(Type);
-  // Prefetch distance: about 2 KB of weights ahead, in whole groups.
-  const int64_t ahead = (2048 + R * row_bytes - 1) / (R * row_bytes);
-  // Work items are groups of R weight rows.
-  const int64_t groups = (N + R - 1) / R;
-  parallel_for(groups, imax(1, 32768 / (R * row_bytes)), [&](int64_t g0, int64_t g1) {
-    for (int64_t g = g0; g < g1; ++g) {
-      const int64_t j = g * R;
-      const uint8_t* rows = w + j * row_bytes;
-      // The next groups' rows, requested now: decode streams the weights from memory once per
-      // token, and the hardware prefetcher alone leaves the loads waiting.
-      if (g + ahead < g1) {
-        const uint8_t* next = rows + ahead * R * row_bytes;
-        for (int64_t off = 0; off < R * row_bytes; off += 64) __builtin_prefetch(next + off, 0, 3);
-      }
-      for (int64_t i = 0; i < M; ++i) {
-        if (j + R <= N) {
-          rows_dot<Type, R>(out + i * N + j, rows, row_bytes, xs + i * nb, nb);
-        } else {
-          for (int64_t jj = j; jj < N; ++jj)
-            rows_dot<Type, 1>(out + i * N + jj, w + jj * row_bytes, row_bytes, xs + i * nb, nb);
-        }
-      }
-    }
-  });
-}
-
-void matmul_quant_int8(float* out, const float* a, const uint8_t* w, int type, int64_t M, int64_t K,
-                       int64_t N) {
-  act_blocks.resize(size_t(M * (K / QK)));
-  ActBlock* xs = act_blocks.data();
-  quantize_activations(xs, a, M, K);
-  switch (type) {
-    case kQ8_0: return matmul_quant_int8_typed<kQ8_0>(out, xs, w, M, K, N);
-    case kQ4_0: return matmul_quant_int8_typed<kQ4_0>(out, xs, w, M, K, N);
-    case kQ4_1: return matmul_quant_int8_typed<kQ4_1>(out, xs, w, M, K, N);
-    case kQ5_0: return matmul_quant_int8_typed<kQ5_0>(out, xs, w, M, K, N);
-    case kQ5_1: return matmul_quant_int8_typed<kQ5_1>(out, xs, w, M, K, N);
-  }
-}
-
-#if defined(__AVX2__)
-// A block of 256 activations rounded as llama.cpp's Q8_K: int8 values, a float32 scale, and the
-// sum of every 16 values (what the K-quants' minima and Q6_K's offset multiply).
-struct ActBlockK {
-  alignas(32) int8_t q[256];
-  float d;
-  int32_t bsums[16];
-};
-
-void quantize_activations_k(ActBlockK* out, const float* a, int64_t M, int64_t K) {
-  for (int64_t i = 0; i < M; ++i)
-    for (int64_t b = 0; b < K / 256; ++b) {
-      const float* x = a + i * K + b * 256;
-      ActBlockK& blk = out[i * (K / 256) + b];
-      float amax = 0.f, max = 0.f;
-      for (int t = 0; t < 256; ++t)
-        if (std::fabs(x[t]) > amax) amax = std::fabs(x[t]), max = x[t];
-      const float iscale = amax != 0.f ? -127.f / max : 0.f;
-      blk.d = amax != 0.f ? 1.f / iscale : 0.f;
-      for (int t = 0; t < 256; ++t) blk.q[t] = int8_t(std::fmin(127.f, std::nearbyint(iscale * x[t])));
-      for (int k = 0; k < 16; ++k) {
-        int32_t s = 0;
-        for (int t = 0; t < 16; ++t) s += blk.q[16 * k + t];
-        blk.bsums[k] = s;
-      }
-    }
-}
-
 inline int32_t hsum_epi32(__m256i v) {
   __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
   s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
   s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
   return _mm_cvtsi128_si32(s);
 }
+
 
 // One K-quant super-block of weights against one of activations, in integers as llama.cpp does:
 // sum over values of (d sc q - dmin m) (Q4_K) or d sc (q - 32) (Q6_K), times q_x d_x.
@@ -569,146 +356,7 @@ inline float k_block_idot(const uint8_t* blk, const ActBlockK& x) {
   return half_to_float(blk + 208) * x.d * float(hsum_epi32(isum) - offset);
 }
 
-thread_local std::vector<ActBlockK> act_blocks_k;
-
-template <int Type>
-void matmul_k_quant_int8_typed(float* out, const ActBlockK* xs, const uint8_t* w, int64_t M, int64_t K, int64_t N) {
-  const int64_t nb = K / 256, rb = row_bytes_of(Type, K);
-  const int64_t ahead = (2048 + rb - 1) / rb;
-  parallel_for(N, imax(1, 32768 / rb), [&](int64_t j0, int64_t j1) {
-    for (int64_t j = j0; j < j1; ++j) {
-      const uint8_t* row = w + j * rb;
-      if (j + ahead < j1)
-        for (int64_t off = 0; off < rb; off += 64) __builtin_prefetch(row + ahead * rb + off, 0, 3);
-      for (int64_t i = 0; i < M; ++i) {
-        float acc = 0.f;
-        for (int64_t b = 0; b < nb; ++b) acc += k_block_idot<Type>(row + b * block_bytes(Type), xs[i * nb + b]);
-        out[i * N + j] = acc;
-      }
-    }
-  });
-}
-
-void matmul_k_quant_int8(float* out, const float* a, const uint8_t* w, int type, int64_t M, int64_t K, int64_t N) {
-  act_blocks_k.resize(size_t(M * (K / 256)));
-  quantize_activations_k(act_blocks_k.data(), a, M, K);
-  if (type == kQ4_K) return matmul_k_quant_int8_typed<kQ4_K>(out, act_blocks_k.data(), w, M, K, N);
-  return matmul_k_quant_int8_typed<kQ6_K>(out, act_blocks_k.data(), w, M, K, N);
-}
 #endif
-
-thread_local ThreadBuffer expanded_row;
-
-// Decode-sized M with expanded_per_row weights: each row expanded into a buffer that stays in L1,
-// then dotted with every row of a.
-void matmul_expanded_rows(float* out, const float* a, const uint8_t* w, int type, int64_t M, int64_t K,
-                         int64_t N) {
-  const int64_t rb = row_bytes_of(type, K), bv = quant_block_values(type), nb = K / bv;
-  parallel_for(N, imax(1, 16384 / imax(1, rb)), [&](int64_t j0, int64_t j1) {
-    float* row = expanded_row.get(size_t(K));
-    for (int64_t j = j0; j < j1; ++j) {
-#if defined(__AVX2__)
-      if (M == 1 && (type == kQ4_K || type == kQ6_K)) {   // decode: the values go straight into the sums
-        __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
-        for (int64_t b = 0; b < nb; ++b) {
-          const float* x = a + b * 256;
-          auto accumulate = [&](int t, __m256 v) { acc[(t >> 3) & 1] = _mm256_fmadd_ps(v, _mm256_loadu_ps(x + t), acc[(t >> 3) & 1]); };
-          k_block_values(w + j * rb + b * block_bytes(type), type, accumulate);
-        }
-        out[j] = hsum256(_mm256_add_ps(acc[0], acc[1]));
-        continue;
-      }
-#endif
-      for (int64_t b = 0; b < nb; ++b) expand_block_to_floats(w + j * rb + b * block_bytes(type), type, row + b * bv);
-      for (int64_t i = 0; i < M; ++i) {
-        const float* x = a + i * K;
-        vf acc0 = splat(0.f), acc1 = splat(0.f);
-        for (int64_t t = 0; t < K; t += 2 * W) {   // K is a multiple of 32, so of 2 W
-          acc0 += load(row + t) * load(x + t);
-          acc1 += load(row + t + W) * load(x + t + W);
-        }
-        out[i * N + j] = hsum(acc0 + acc1);
-      }
-    }
-  });
-}
-
-void matmul_quant_float(float* out, const float* a, const uint8_t* w, int type, int64_t M, int64_t K,
-                        int64_t N) {
-  if (M > 4) {
-    // Row chunks of W expanded into a buffer of about 4 MB, each multiplied by the GEMM.
-    const int64_t chunk = imax(1, imin(N, (int64_t(1) << 20) / imax(1, K)));
-    float* wf = expanded_weights.get(size_t(chunk * K));
-    for (int64_t j0 = 0; j0 < N; j0 += chunk) {
-      const int64_t n = imin(chunk, N - j0);
-      dequantize_rows(wf, w + j0 * row_bytes_of(type, K), type, n, K);
-      gemm(M, n, K, MatView{a, K, 1}, MatView{wf, 1, K}, out + j0, N, false);
-    }
-    return;
-  }
-  if (expanded_per_row(type)) return matmul_expanded_rows(out, a, w, type, M, K, N);
-  const int64_t nb = K / QK, bb = block_bytes(type);
-  // Per row of a: the sum of each block of K (for the minimum and the zero point).
-  float* sums = block_sums_buffer.get(size_t(M * nb));
-  for (int64_t i = 0; i < M; ++i)
-    for (int64_t b = 0; b < nb; ++b) {
-      vf s = splat(0.f);
-      for (int64_t t = 0; t < QK; t += W) s += load(a + i * K + b * QK + t);
-      sums[i * nb + b] = hsum(s);
-    }
-  const float z = zero_point(type);
-  parallel_for(N, imax(1, 8192 / imax(1, K)), [&](int64_t j0, int64_t j1) {
-    for (int64_t j = j0; j < j1; ++j) {
-      vf acc[4];
-      float extra[4] = {0.f, 0.f, 0.f, 0.f};
-      for (int64_t i = 0; i < M; ++i) acc[i] = splat(0.f);
-      const uint8_t* row = w + j * nb * bb;
-      for (int64_t b = 0; b < nb; ++b) {
-        const uint8_t* blk = row + b * bb;
-        const float d = half_to_float(blk);
-        const float m = type == kQ4_1 ? half_to_float(blk + 2) : 0.f;
-        const vf dv = splat(d);
-        for (int64_t i = 0; i < M; ++i) {
-          acc[i] += block_dot(blk, type, a + i * K + b * QK) * dv;
-          extra[i] += (m + z * d) * sums[i * nb + b];
-        }
-      }
-      for (int64_t i = 0; i < M; ++i) out[i * N + j] = hsum(acc[i]) + extra[i];
-    }
-  });
-}
-
-}  // namespace
-
-void matmul_quant_backward(float* dx, const float* dout, const uint8_t* w, int type, int64_t M, int64_t K,
-                           int64_t N) {
-  // Row chunks of W expanded as in matmul_quant_float; each adds dout[:, chunk] @ W[chunk].
-  const int64_t chunk = imax(1, imin(N, (int64_t(1) << 20) / imax(1, K)));
-  float* wf = expanded_weights.get(size_t(chunk * K));
-  for (int64_t j0 = 0; j0 < N; j0 += chunk) {
-    const int64_t n = imin(chunk, N - j0);
-    dequantize_rows(wf, w + j0 * row_bytes_of(type, K), type, n, K);
-    gemm(M, K, n, MatView{dout + j0, N, 1}, MatView{wf, K, 1}, dx, K, j0 > 0);
-  }
-}
-
-void matmul_quant(float* out, const float* a, const uint8_t* w, int type, int64_t M, int64_t K,
-                  int64_t N, bool int8_activations) {
-  if (!int8_activations) return matmul_quant_float(out, a, w, type, M, K, N);
-  if (type == kQ4_K || type == kQ6_K) {   // rounded as Q8_K: integer products, or the float ones
-#if defined(__AVX2__)
-    if (M <= 4) return matmul_k_quant_int8(out, a, w, type, M, K, N);
-#endif
-    float* xf = fake_quantized.get(size_t(M * K));
-    fake_quantize_activations_k(xf, a, M, K);
-    return matmul_quant_float(out, xf, w, type, M, K, N);
-  }
-  if (M <= 4) return matmul_quant_int8(out, a, w, type, M, K, N);
-  // Prompts: the activations rounded exactly as the integer path rounds them, then the GEMM.
-  float* xf = fake_quantized.get(size_t(M * K));
-  fake_quantize_activations(xf, a, M, K);
-  matmul_quant_float(out, xf, w, type, M, K, N);
-}
 
 }  // namespace PYLLM_ISA
 }  // namespace pyllm

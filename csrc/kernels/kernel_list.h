@@ -1,0 +1,90 @@
+// Every kernel's signature, written once: PYLLM_KERNELS(X) calls X(name, return type, (parameters))
+// for each, and kernels.h expands it into the KernelTable, isa.h into each ISA's declarations,
+// table.cpp into the table entries. Not documentation of the arguments' meaning: that sits beside
+// each entry here, and the conventions at the top of kernels.h.
+//
+// Order of arguments (llm.c's): outputs, saved values, inputs, weights, then dims.
+#pragma once
+
+#define PYLLM_KERNELS(X)                                                                              \
+  /* out (M, N) = a (M, K) @ b (K, N) + bias (N) [bias may be null]; trans_b: b is (N, K). */        \
+  X(matmul_forward, void, (float* out, const float* a, const float* b, const float* bias,            \
+                           int64_t M, int64_t K, int64_t N, bool trans_b))                            \
+  /* da (M, K) = dout @ b^T; db (K, N) [(N, K) if trans_b] += a^T @ dout; dbias (N) += row sums. */   \
+  X(matmul_backward, void, (float* da, float* db, float* dbias, const float* dout, const float* a,   \
+                            const float* b, int64_t M, int64_t K, int64_t N, bool trans_b))           \
+  X(softmax_forward, void, (float* out, const float* inp, int64_t N, int64_t C))                      \
+  X(softmax_backward, void, (float* dinp, const float* dout, const float* out, int64_t N, int64_t C)) \
+  /* losses (N), lse (N) from logits (N, V); rows whose target is ignore_index get loss 0. */          \
+  X(cross_entropy_forward, void, (float* losses, float* lse, const float* logits,                    \
+                                  const int64_t* targets, int64_t N, int64_t V, int64_t ignore_index)) \
+  /* dlogits = (softmax(logits) - onehot(target)) * scale for kept rows, 0 for ignored rows. */        \
+  X(cross_entropy_backward, void, (float* dlogits, const float* logits, const float* lse,            \
+                                   const int64_t* targets, float scale, int64_t N, int64_t V,         \
+                                   int64_t ignore_index))                                             \
+  X(layernorm_forward, void, (float* out, float* mean, float* rstd, const float* inp, const float* w, \
+                              const float* b, int64_t N, int64_t C, float eps))                       \
+  X(layernorm_backward, void, (float* dinp, float* dw, float* db, const float* dout,                 \
+                               const float* inp, const float* w, const float* mean,                   \
+                               const float* rstd, int64_t N, int64_t C))                              \
+  X(rmsnorm_forward, void, (float* out, float* rstd, const float* inp, const float* w, int64_t N,    \
+                            int64_t C, float eps))                                                    \
+  X(rmsnorm_backward, void, (float* dinp, float* dw, const float* dout, const float* inp,            \
+                             const float* w, const float* rstd, int64_t N, int64_t C))                \
+  X(gelu_forward, void, (float* out, const float* inp, int64_t n))                                    \
+  X(gelu_backward, void, (float* dinp, const float* dout, const float* inp, int64_t n))               \
+  X(silu_forward, void, (float* out, const float* inp, int64_t n))                                    \
+  X(silu_backward, void, (float* dinp, const float* dout, const float* inp, int64_t n))               \
+  X(swiglu_forward, void, (float* out, const float* gate, const float* up, int64_t n))                \
+  X(swiglu_backward, void, (float* dgate, float* dup, const float* dout, const float* gate,          \
+                            const float* up, int64_t n))                                              \
+  /* cos, sin (P, HS/2): the rotation angles p / theta^(2i / HS) of positions p = positions[r]    \
+     [positions null: r], computed in double precision. */                                          \
+  X(rope_tables, void, (float* cos, float* sin, const int64_t* positions, int64_t P, int64_t HS,     \
+                        double theta))                                                                \
+  /* inp, out (B, T, H, HS) at any strides (values contiguous), HS even; the rotation of (b, t) is  \
+     row pos0[b] + t of cos, sin (P, HS/2) [pos0 null: t]. out may be inp (in place). */             \
+  X(rope_forward, void, (float* out, const float* inp, const float* cos, const float* sin,           \
+                         const int64_t* pos0, int64_t B, int64_t T, int64_t H, int64_t HS,            \
+                         HeadStrides out_s, HeadStrides inp_s))                                        \
+  X(rope_backward, void, (float* dinp, const float* dout, const float* cos, const float* sin,        \
+                          const int64_t* pos0, int64_t B, int64_t T, int64_t H, int64_t HS,           \
+                          HeadStrides dinp_s, HeadStrides dout_s))                                     \
+  /* cache (B, H, capacity, HS) row (b, h, pos0[b] + t) = src (B, T, H, HS) row (b, t, h): new keys  \
+     or values appended to a KV cache (src at any strides, values contiguous). */                     \
+  X(kv_write, void, (float* cache, const float* src, const int64_t* pos0, int64_t B, int64_t T,      \
+                     int64_t H, int64_t HS, int64_t capacity, HeadStrides src_s))                      \
+  /* q, out (B, NH, Tq, HS) and k, v (B, NKV, Tk, HS), each at its own strides (values contiguous); \
+     lse (B, NH, Tq). kv_lengths, if not null, gives batch row b its own key count (<= Tk), for     \
+     ragged batches. Causal aligns the last query with the last key: query i sees keys            \
+     j <= i + Tk - Tq (Tk the row's own count). */                                                    \
+  X(attention_forward, void, (float* out, float* lse, const float* q, const float* k, const float* v, \
+                              int64_t B, int64_t NH, int64_t NKV, int64_t Tq, int64_t Tk, int64_t HS, \
+                              bool causal, const int64_t* kv_lengths, HeadStrides out_s,              \
+                              HeadStrides q_s, HeadStrides k_s, HeadStrides v_s))                      \
+  /* dq, dk, dv at the strides of q, k, v; dout and out at out_s. */                                   \
+  X(attention_backward, void, (float* dq, float* dk, float* dv, const float* dout, const float* q,   \
+                               const float* k, const float* v, const float* out, const float* lse,    \
+                               int64_t B, int64_t NH, int64_t NKV, int64_t Tq, int64_t Tk,            \
+                               int64_t HS, bool causal, HeadStrides out_s, HeadStrides q_s,           \
+                               HeadStrides k_s, HeadStrides v_s))                                      \
+  X(embedding_forward, void, (float* out, const int64_t* ids, const float* weight, int64_t N,        \
+                              int64_t V, int64_t C))                                                  \
+  X(embedding_backward, void, (float* dweight, const float* dout, const int64_t* ids, int64_t N,     \
+                               int64_t V, int64_t C))                                                 \
+  X(adamw_update, void, (float* param, float* m, float* v, const float* grad, int64_t n, double lr,  \
+                         double beta1, double beta2, double eps, double weight_decay,                 \
+                         double grad_scale, int64_t step))                                            \
+  /* GFLOP/s of a register-only FMA loop on every pool thread: the machine's measured fp32 peak. */   \
+  X(fma_peak_gflops, double, (double seconds))                                                        \
+  /* Block-quantized weights (quant_types.h): w holds N rows of K / block_values blocks.           \
+     out (M, N) = a (M, K) @ W^T. int8_activations: a is first rounded as llama.cpp rounds it (per  \
+     block of 32 to int8 with a float16 scale; for the K-quants per block of 256 with a float32     \
+     scale, as Q8_K), for integer dot products at decode-sized M. */                                  \
+  X(matmul_quant, void, (float* out, const float* a, const uint8_t* w, int type, int64_t M,          \
+                         int64_t K, int64_t N, bool int8_activations))                                \
+  /* out (rows, K) = the float32 values of `rows` rows of blocks. */                                  \
+  X(dequantize_rows, void, (float* out, const uint8_t* w, int type, int64_t rows, int64_t K))         \
+  /* The input gradient through a frozen quantized weight: dx (M, K) = dout (M, N) @ W. */            \
+  X(matmul_quant_backward, void, (float* dx, const float* dout, const uint8_t* w, int type,          \
+                                  int64_t M, int64_t K, int64_t N))

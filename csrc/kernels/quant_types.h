@@ -1,0 +1,61 @@
+// The ggml tensor types pyllm reads, written once: ggml's id, values per block, bytes per block, and
+// whether matmul_quant multiplies it. Python reads this table from the module (pyllm.kernels.
+// GGML_TYPES), so a type's layout is known in one place. Not the block decoders (quant_blocks.h).
+#pragma once
+
+#include <cstdint>
+
+// X(name, ggml id, values per block, bytes per block, quantized)
+#define PYLLM_GGML_TYPES(X)                                                                         \
+  X(F32, 0, 1, 4, false)                                                                            \
+  X(F16, 1, 1, 2, false)                                                                            \
+  X(Q4_0, 2, 32, 18, true)     /* d (f16), 32 nibbles */                                            \
+  X(Q4_1, 3, 32, 20, true)     /* d, m (f16), 32 nibbles */                                         \
+  X(Q5_0, 6, 32, 22, true)     /* d (f16), the 32 fifth bits, 32 nibbles */                         \
+  X(Q5_1, 7, 32, 24, true)     /* d, m (f16), the 32 fifth bits, 32 nibbles */                      \
+  X(Q8_0, 8, 32, 34, true)     /* d (f16), 32 int8 */                                               \
+  X(Q4_K, 12, 256, 144, true)  /* d, dmin (f16), 8 x (6-bit scale, 6-bit min) in 12 bytes, 256 nibbles */ \
+  X(Q6_K, 14, 256, 210, true)  /* 256 x (4 low + 2 high bits), 16 int8 scales, d (f16) */           \
+  X(BF16, 30, 1, 2, false)
+
+namespace pyllm {
+
+enum QuantType : int {
+#define PYLLM_TYPE_ID(name, id, values, bytes, quantized) k##name = id,
+  PYLLM_GGML_TYPES(PYLLM_TYPE_ID)
+#undef PYLLM_TYPE_ID
+};
+
+struct GgmlType {
+  const char* name;
+  int id;
+  int64_t block_values;
+  int64_t block_bytes;
+  bool quantized;   // matmul_quant, dequantize_rows and matmul_quant_backward take it
+};
+
+inline constexpr GgmlType kGgmlTypes[] = {
+#define PYLLM_TYPE_ENTRY(name, id, values, bytes, quantized) {#name, id, values, bytes, quantized},
+    PYLLM_GGML_TYPES(PYLLM_TYPE_ENTRY)
+#undef PYLLM_TYPE_ENTRY
+};
+
+// Internal linkage (static): kernel sources include this with -m flags, and an inline function
+// shared with baseline code could be linked in its AVX-512 form (see simd.h).
+// The entry of a quantized type id, or null for a float type or an unknown id.
+static inline const GgmlType* quant_type(int id) {
+  for (const GgmlType& t : kGgmlTypes)
+    if (t.id == id) return t.quantized ? &t : nullptr;
+  return nullptr;
+}
+// Values per block (32, or 256 for the K-quants' super-blocks) of a quantized type, 0 if not one.
+static inline int64_t quant_block_values(int id) {
+  const GgmlType* t = quant_type(id);
+  return t ? t->block_values : 0;
+}
+static inline int64_t quant_block_bytes(int id) {
+  const GgmlType* t = quant_type(id);
+  return t ? t->block_bytes : 0;
+}
+
+}  // namespace pyllm

@@ -1,0 +1,73 @@
+"""Training checkpoints, for `pyllm train` and `pyllm finetune` alike: a folder of named arrays (a
+safetensors file) and a JSON state, written whole into a temporary folder and swapped in, so an
+interrupted save leaves the previous checkpoint intact; read back from the newest complete one.
+
+Not what goes into a checkpoint (train.py and finetune.py decide) nor the model folder format
+(hf.py, which train.py adds through `extra`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from pyllm.io.atomic import latest_folder, replace_folder, write_text
+from pyllm.io.hf import load_state, write_safetensors
+
+
+@dataclass
+class Checkpoint:
+    path: Path                       # the folder it was read from (the .old one after a crash)
+    state: dict                      # the JSON state
+    tensors: dict[str, np.ndarray]   # the named arrays
+
+
+def write_checkpoint(folder, tensors: dict[str, np.ndarray], state: dict, tensors_file: str, state_file: str,
+                     extra: Optional[Callable[[Path], None]] = None) -> Path:
+    """Writes folder as a whole: tensors_file (safetensors), state_file (JSON) and whatever extra(tmp)
+    adds, into folder.tmp first, then swapped in (see pyllm.io.atomic.replace_folder)."""
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    if extra is not None:
+        extra(tmp)
+    write_safetensors(tmp / tensors_file, tensors)
+    write_text(tmp / state_file, json.dumps(state))
+    replace_folder(tmp, folder)
+    return folder
+
+
+def read_checkpoint(folder, tensors_file: str, state_file: str) -> Optional[Checkpoint]:
+    """The newest complete checkpoint in folder (or folder.old after a crash mid-swap), or None."""
+    found = latest_folder(Path(folder), state_file)
+    if found is None:
+        return None
+    try:
+        state = json.loads((found / state_file).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{found / state_file}: not valid JSON ({exc})") from None
+    return Checkpoint(found, state, load_state(found / tensors_file))
+
+
+def remove_checkpoint(folder) -> None:
+    """Deletes a checkpoint folder and its .old copy (a finished run needs neither)."""
+    folder = Path(folder)
+    for path in (folder, folder.with_name(folder.name + ".old")):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def rng_state(rng: np.random.Generator) -> dict:
+    """A numpy generator's state as JSON-ready data."""
+    return rng.bit_generator.state
+
+
+def rng_from(state: dict) -> np.random.Generator:
+    rng = np.random.default_rng()
+    rng.bit_generator.state = state
+    return rng

@@ -1,0 +1,227 @@
+"""The pre-norm decoder block both architectures share, written once for the three ways a model
+runs: the training forward (saving what backward needs), its backward, and the cached decode step.
+
+    x_mid = x + attention(norm1(x)) W_o        x_next = x_mid + mlp(norm2(x_mid))
+
+q, k and v come from one fused product; attention and rope read them as strided views of its output
+(no head is copied), and the decode step appends k and v to the KV cache with kv_write. What differs
+between architectures (norm kind, positions, the feed-forward, names) is an `Architecture`
+(gpt2.py, llama.py). Not parameter storage or input checks (transformer.py).
+Shape legend: B batch, T time, C channels, NH query heads, NKV key/value heads, HS head size,
+N = B*T rows, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from pyllm.kernels import unchecked as fast
+from pyllm.models.config import ModelConfig
+from pyllm.models.layers import Layer, Norm, Projection, Weights, Workspace, linear, linear_backward
+
+
+class Architecture:
+    """What an architecture adds to the shared block: its parameters, norm, positions and MLP."""
+
+    name: str
+    norm: str               # "layernorm" or "rmsnorm"
+    rotary: bool            # rope on q and k (else positions are added to the embedding)
+    embedding: str          # the token embedding's parameter name
+    final_norm: tuple       # (weight, bias or None)
+
+    def parameter_specs(self, cfg: ModelConfig) -> list:
+        """Every parameter (ParamSpec) with its Hugging Face name, decayed ones first."""
+        raise NotImplementedError
+
+    def layers(self, cfg: ModelConfig) -> list[Layer]:
+        raise NotImplementedError
+
+    def embed(self, model: Weights, out: np.ndarray, ids: np.ndarray, pos0: Optional[np.ndarray]) -> None:
+        """out (N, C) = the input of the first block for ids (B, T), row b at positions pos0[b] + t
+        (pos0 None: from 0)."""
+        raise NotImplementedError
+
+    def embed_backward(self, model: Weights, grads, dx: np.ndarray, ids: np.ndarray) -> None:
+        """Accumulates the embeddings' gradients from dx (N, C) for ids (B, T) at positions 0 .. T-1."""
+        raise NotImplementedError
+
+    def mlp_forward(self, model: Weights, layer: Layer, ws: Workspace, tag: Optional[str], x: np.ndarray,
+                    out: np.ndarray) -> None:
+        """out (N, C) = mlp(x); with a tag, what backward needs is kept in ws under it (else the
+        buffers are shared by every layer and overwritten in place)."""
+        raise NotImplementedError
+
+    def mlp_backward(self, model: Weights, layer: Layer, ws: Workspace, tag: str, dx: np.ndarray,
+                     dout: np.ndarray, x: np.ndarray) -> None:
+        """dx (N, C) = d mlp(x) (overwritten), the projections' gradients accumulated."""
+        raise NotImplementedError
+
+
+def head_projection(cfg: ModelConfig, arch: Architecture) -> Projection:
+    """The output head: logits = x E^T with E the token embedding (tied) or lm_head, both (V, C)."""
+    name = arch.embedding if cfg.tie_word_embeddings else "lm_head.weight"
+    return Projection(name, cfg.n_embd, cfg.vocab_size)
+
+
+def _head_views(qkv: np.ndarray, B: int, T: int, cfg: ModelConfig) -> tuple:
+    """q (B, T, NH, HS), k and v (B, T, NKV, HS): views of the fused projection's columns."""
+    NH, NKV = cfg.n_head, cfg.n_kv_head
+    heads = qkv.reshape(B, T, NH + 2 * NKV, cfg.head_size)
+    return heads[:, :, :NH], heads[:, :, NH:NH + NKV], heads[:, :, NH + NKV:]
+
+
+def _by_head(x: np.ndarray) -> np.ndarray:
+    """(B, T, H, HS) -> the same memory as (B, H, T, HS), what attention takes."""
+    return x.transpose(0, 2, 1, 3)
+
+
+class Runner:
+    """The shared block run over a model's weights: forward, backward, decode step."""
+
+    def __init__(self, cfg: ModelConfig, arch: Architecture) -> None:
+        self.cfg, self.arch = cfg, arch
+        self.norm = Norm(arch.norm, cfg.norm_eps)
+        self.layers = arch.layers(cfg)
+        self.head = head_projection(cfg, arch)
+        self.qkv_width = (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_size
+
+    # ------------------------------------------------------------------ training
+
+    def forward(self, model: Weights, ws: Workspace, ids: np.ndarray, rope: Optional[tuple],
+                rows: Optional[np.ndarray] = None) -> np.ndarray:
+        """Logits (B, T, V), or with rows (flat positions b * T + t) only theirs, (len(rows), V),
+        keeping every activation backward needs in ws. rope: (cos, sin) tables from position 0."""
+        cfg, arch, norm = self.cfg, self.arch, self.norm
+        B, T = ids.shape
+        N, C, NH, HS = B * T, cfg.n_embd, cfg.n_head, cfg.head_size
+        ws.reset((B, T))
+        x = ws.get("x0", (N, C))
+        arch.embed(model, x, ids, None)
+        for i, layer in enumerate(self.layers):
+            ln1 = ws.get(f"ln1.{i}", (N, C))
+            norm.forward(model, ws, f"ln1.{i}", ln1, x, layer.norm1)
+            qkv = ws.get(f"qkv.{i}", (N, self.qkv_width))
+            linear(model, layer.qkv, qkv, ln1)
+            q, k, v = _head_views(qkv, B, T, cfg)
+            if rope is not None:   # in place: the saved qkv holds the rotated q and k backward needs
+                fast.rope_forward(q, q, rope[0], rope[1], None)
+                fast.rope_forward(k, k, rope[0], rope[1], None)
+            atty = ws.get(f"atty.{i}", (N, NH * HS))
+            fast.attention_forward(_by_head(atty.reshape(B, T, NH, HS)), ws.get(f"attlse.{i}", (B, NH, T)),
+                                   _by_head(q), _by_head(k), _by_head(v), True, None)
+            proj = ws.get("proj", (N, C))
+            linear(model, layer.o, proj, atty)
+            x_mid = ws.get(f"xmid.{i}", (N, C))
+            np.add(x, proj, out=x_mid)
+            ln2 = ws.get(f"ln2.{i}", (N, C))
+            norm.forward(model, ws, f"ln2.{i}", ln2, x_mid, layer.norm2)
+            arch.mlp_forward(model, layer, ws, str(i), ln2, proj)
+            x = ws.get(f"x{i + 1}", (N, C))
+            np.add(x_mid, proj, out=x)
+        lnf = ws.get("lnf", (N, C))
+        norm.forward(model, ws, "lnf", lnf, x, arch.final_norm)
+        if rows is not None:   # training needs no logits where the target is ignored (a prompt)
+            head_in = ws.get("head_in", (rows.size, C))
+            np.take(lnf, rows, axis=0, out=head_in)
+            logits = ws.get("logits", (rows.size, cfg.vocab_size))
+            linear(model, self.head, logits, head_in)
+            return logits
+        logits = ws.get("logits", (B, T, cfg.vocab_size))
+        linear(model, self.head, logits.reshape(N, cfg.vocab_size), lnf)
+        return logits
+
+    def backward(self, model: Weights, grads, ws: Workspace, ids: np.ndarray, dlogits: np.ndarray,
+                 rope: Optional[tuple], rows: Optional[np.ndarray] = None) -> None:
+        """Gradients from dlogits (N, V), or (len(rows), V) after forward(ids, rows), back through the
+        activations the last forward kept; grads None: frozen (adapters only)."""
+        cfg, arch, norm = self.cfg, self.arch, self.norm
+        B, T = ids.shape
+        N, C, NH, HS = B * T, cfg.n_embd, cfg.n_head, cfg.head_size
+        dln = ws.get("dln", (N, C))
+        if rows is None:
+            linear_backward(model, self.head, dln, dlogits, ws.get("lnf", (N, C)))
+        else:
+            dhead = ws.get("dhead_in", (rows.size, C))
+            linear_backward(model, self.head, dhead, dlogits, ws.get("head_in", (rows.size, C)))
+            dln.fill(0.0)
+            dln[rows] = dhead
+        dx = ws.get("dx", (N, C))
+        norm.backward(model, grads, ws, "lnf", dx, dln, ws.get(f"x{cfg.n_layer}", (N, C)), arch.final_norm)
+        dtmp = ws.get("dtmp", (N, C))
+        for i in reversed(range(cfg.n_layer)):
+            layer = self.layers[i]
+            # x_next = x_mid + mlp(norm2(x_mid))
+            arch.mlp_backward(model, layer, ws, str(i), dln, dx, ws.get(f"ln2.{i}", (N, C)))
+            norm.backward(model, grads, ws, f"ln2.{i}", dtmp, dln, ws.get(f"xmid.{i}", (N, C)), layer.norm2)
+            dx += dtmp     # now d x_mid
+            # x_mid = x + attention(q, k, v of norm1(x)) W_o
+            atty = ws.get(f"atty.{i}", (N, NH * HS))
+            datty = ws.get("datty", (N, NH * HS))
+            linear_backward(model, layer.o, datty, dx, atty)
+            q, k, v = _head_views(ws.get(f"qkv.{i}", (N, self.qkv_width)), B, T, cfg)
+            dqkv = ws.get("dqkv", (N, self.qkv_width))
+            dq, dk, dv = _head_views(dqkv, B, T, cfg)
+            fast.attention_backward(_by_head(dq), _by_head(dk), _by_head(dv), _by_head(datty.reshape(B, T, NH, HS)),
+                                    _by_head(q), _by_head(k), _by_head(v), _by_head(atty.reshape(B, T, NH, HS)),
+                                    ws.get(f"attlse.{i}", (B, NH, T)), True)
+            if rope is not None:
+                fast.rope_backward(dq, dq, rope[0], rope[1], None)
+                fast.rope_backward(dk, dk, rope[0], rope[1], None)
+            linear_backward(model, layer.qkv, dln, dqkv, ws.get(f"ln1.{i}", (N, C)))
+            norm.backward(model, grads, ws, f"ln1.{i}", dtmp, dln, ws.get(f"x{i}", (N, C)), layer.norm1)
+            dx += dtmp     # now d x
+        if grads is not None:
+            arch.embed_backward(model, grads, dx, ids)
+
+    # ------------------------------------------------------------------ decoding
+
+    def step(self, model: Weights, ws: Workspace, ids: np.ndarray, cache, rows: slice, lengths: np.ndarray,
+             counts: Optional[np.ndarray], rope: Optional[tuple]) -> np.ndarray:
+        """Appends ids (B, Tq) to the cache rows `rows` (holding `lengths` positions each) and returns
+        the logits of each row's last new position, (B, V). counts (B,), if given, says how many of
+        a row's Tq ids are real (the rest pad a ragged prefill: computed, then overwritten later).
+        rope: (cos, sin) tables covering every position reached."""
+        cfg, arch, norm = self.cfg, self.arch, self.norm
+        B, Tq = ids.shape
+        N, C, NH, HS = B * Tq, cfg.n_embd, cfg.n_head, cfg.head_size
+        if not ws.reset((B, Tq)):   # views of this shape's buffers, built once
+            qkv = ws.get("qkv", (N, self.qkv_width))
+            q, k, v = _head_views(qkv, B, Tq, cfg)
+            atty = ws.get("atty", (N, NH * HS))
+            ws.views.update(qkv=qkv, q=q, k=k, v=v, q_heads=_by_head(q), atty=atty,
+                            att=_by_head(atty.reshape(B, Tq, NH, HS)))
+        views = ws.views
+        qkv, q, k, v, q_heads, atty, att = (views[n] for n in ("qkv", "q", "k", "v", "q_heads", "atty", "att"))
+        x, ln, proj = ws.get("x", (N, C)), ws.get("ln", (N, C)), ws.get("proj", (N, C))
+        lse = ws.get("lse", (B, NH, Tq))
+        arch.embed(model, x, ids, lengths)
+        kv_lengths = lengths + Tq
+        whole = rows.start == 0 and rows.stop == cache.batch
+        for i, layer in enumerate(self.layers):
+            norm.forward(model, ws, "ln", ln, x, layer.norm1)
+            linear(model, layer.qkv, qkv, ln)
+            if rope is not None:
+                fast.rope_forward(q, q, rope[0], rope[1], lengths)
+                fast.rope_forward(k, k, rope[0], rope[1], lengths)
+            k_cache, v_cache = (cache.k[i], cache.v[i]) if whole else (cache.k[i][rows], cache.v[i][rows])
+            fast.kv_write(k_cache, k, lengths)
+            fast.kv_write(v_cache, v, lengths)
+            fast.attention_forward(att, lse, q_heads, k_cache, v_cache, True, kv_lengths)
+            linear(model, layer.o, proj, atty)
+            x += proj
+            norm.forward(model, ws, "ln", ln, x, layer.norm2)
+            arch.mlp_forward(model, layer, ws, None, ln, proj)
+            x += proj
+        if Tq == 1:
+            last = x
+        else:
+            ends = np.arange(B) * Tq + ((counts if counts is not None else Tq) - 1)
+            last = ws.get("last", (B, C))
+            np.take(x, ends, axis=0, out=last)
+        lnf = ws.get("lnf", (B, C))
+        norm.forward(model, ws, "lnf", lnf, last, arch.final_norm)
+        logits = np.empty((B, cfg.vocab_size), np.float32)   # the caller keeps it: not a workspace buffer
+        linear(model, self.head, logits, lnf)
+        return logits

@@ -1,0 +1,78 @@
+"""ModelConfig: the sizes and architecture of a model, one dataclass with a preset per size.
+
+Not the parameters (params.py) nor any computation: a config is what a file's metadata or a
+training flag says, checked once here so that every later layer can trust it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+ARCHITECTURES = ("gpt2", "llama")
+
+
+@dataclass
+class ModelConfig:
+    """Sizes and architecture of a model (GPT-2 or Llama family)."""
+
+    vocab_size: int = 50304
+    block_size: int = 256          # longest sequence (learned position embeddings cover it)
+    n_layer: int = 6
+    n_head: int = 6
+    n_embd: int = 384
+    arch: str = "gpt2"             # "gpt2": LayerNorm, learned positions, GELU MLP, biases;
+                                   # "llama": RMSNorm, rotary positions, SwiGLU MLP, GQA, no biases
+    norm_eps: float = 1e-5
+    intermediate_size: Optional[int] = None   # feed-forward width; default 4 * n_embd
+    n_kv_head: Optional[int] = None           # grouped-query attention (Llama); default n_head
+    rope_theta: float = 10000.0               # rotary embeddings (Llama)
+    tie_word_embeddings: bool = True          # the output head is the token embedding
+
+    PRESETS = {  # name -> (n_layer, n_head, n_embd, block_size)
+        "tiny": (2, 2, 64, 64),
+        "small": (6, 6, 384, 256),
+        "gpt2": (12, 12, 768, 1024),
+    }
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
+        if self.arch not in ARCHITECTURES:
+            raise ValueError(f"ModelConfig.arch {self.arch!r} is not supported (choose from {ARCHITECTURES})")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
+        if self.intermediate_size is None:
+            self.intermediate_size = 4 * self.n_embd
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.n_kv_head < 1 or self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
+        if self.arch == "gpt2" and self.n_kv_head != self.n_head:
+            raise ValueError(f"gpt2 models have n_kv_head == n_head; got {self.n_kv_head} and {self.n_head}")
+        if self.arch == "llama" and self.head_size % 2:
+            raise ValueError(f"rotary embeddings need an even head size, got {self.head_size}")
+        if not self.norm_eps > 0:
+            raise ValueError(f"norm_eps must be positive, got {self.norm_eps!r}")
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "ModelConfig":
+        """A named size (tiny, small, gpt2) with any field overridden."""
+        if name not in cls.PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose from {sorted(cls.PRESETS)}")
+        n_layer, n_head, n_embd, block_size = cls.PRESETS[name]
+        fields = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size)
+        fields.update(overrides)
+        return cls(**fields)
+
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

@@ -1,0 +1,291 @@
+"""Transformer: a decoder-only model's parameters and its three ways to run (training forward and
+backward, the cached decode step), over the shared block (blocks.py) of its architecture.
+
+Float parameters live in `params` and gradients in `grads` (flat float32 buffers, decayed weights
+first); `p` and `g` map Hugging Face names to views into them. Weights kept in a ggml block format
+(`quantized`, from a GGUF file) live outside the buffers and are not trained; LoRA adapters
+(`lora`) may train on top of them. Inputs are checked here, once, before any kernel runs.
+Not files (pyllm.io, and pyllm.Model which adds them), sampling (pyllm.generate) or optimisation.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import numpy as np
+
+from pyllm import kernels
+from pyllm.kernels import unchecked as fast
+from pyllm.models.blocks import Architecture, Runner
+from pyllm.models.cache import KVCache
+from pyllm.models.config import ARCHITECTURES as ARCHITECTURE_NAMES
+from pyllm.models.config import ModelConfig
+from pyllm.models.gpt2 import GPT2
+from pyllm.models.layers import Projection, Workspace
+from pyllm.models.llama import Llama
+from pyllm.models.params import ParamSpec, QuantizedWeight, flat_views, initialise, offsets
+
+ARCHITECTURES: dict[str, Architecture] = {arch.name: arch for arch in (GPT2(), Llama())}
+assert tuple(ARCHITECTURES) == ARCHITECTURE_NAMES, "models/config.py lists the architectures written here"
+
+IGNORE = -100   # a target that is not learned (a prompt, padding)
+
+
+def parameter_specs(cfg: ModelConfig) -> list[ParamSpec]:
+    """Every parameter of a model of this config with its Hugging Face name, decayed ones first."""
+    return ARCHITECTURES[cfg.arch].parameter_specs(cfg)
+
+
+class Transformer:
+    """A GPT-style decoder-only transformer with hand-written backward passes over the C++ kernels."""
+
+    def __init__(self, config: ModelConfig, seed: Optional[int] = 0,
+                 quantized: Optional[dict[str, QuantizedWeight]] = None) -> None:
+        self.config = config
+        self.arch = ARCHITECTURES[config.arch]
+        self.runner = Runner(config, self.arch)
+        self.quantized: dict[str, QuantizedWeight] = dict(quantized or {})
+        # Products with quantized weights round the activations to int8 first, as llama.cpp does.
+        self.int8_activations = True
+        self.lora = None   # pyllm.lora.LoRA adapters, when attached (the base is then frozen)
+        layers = self.runner.layers
+        self._in_out = {p.weight for layer in layers for p in (layer.qkv, layer.o) + layer.mlp if p.in_out}
+        self._fused = {layer.qkv.weight: layer.qkv for layer in layers if layer.qkv.parts}
+        all_specs = self.arch.parameter_specs(config)
+        self._check_quantized(all_specs)
+        self.specs = [s for s in all_specs if s.name not in self.quantized]
+        self.num_params = sum(math.prod(s.shape) for s in self.specs)
+        self.num_decayed = sum(math.prod(s.shape) for s in self.specs if s.decay)
+        self.params = np.empty(self.num_params, np.float32)
+        self.grads = np.zeros(self.num_params, np.float32)
+        self.offsets = offsets(self.specs)
+        self.p = flat_views(self.params, self.specs)
+        self.g = flat_views(self.grads, self.specs)
+        # Fused projections whose parts are float: one view over their adjacent rows.
+        self._fused_weights, self._fused_grads = {}, {}
+        for proj in self._fused.values():
+            if proj.parts[0][0] in self.p:
+                start = self.offsets[proj.parts[0][0]]
+                size = proj.out * proj.inp
+                self._fused_weights[proj.weight] = self.params[start:start + size].reshape(proj.out, proj.inp)
+                self._fused_grads[proj.weight] = self.grads[start:start + size].reshape(proj.out, proj.inp)
+        self._ws, self._step_ws, self._scratch = Workspace(), Workspace(), {}
+        self._rope: Optional[tuple] = None
+        if seed is not None:   # None: weights to be loaded (zeros until then)
+            initialise(self.p, self.specs, seed, config.n_layer)
+        else:
+            self.params.fill(0.0)
+
+    # ------------------------------------------------------------------ what the layers read
+
+    @property
+    def frozen(self) -> bool:
+        """Adapters train: no base weight gets a gradient."""
+        return self.lora is not None
+
+    def float_weight(self, proj: Projection) -> np.ndarray:
+        return self._fused_weights[proj.weight] if proj.parts else self.p[proj.weight]
+
+    def float_grad(self, proj: Projection) -> Optional[np.ndarray]:
+        if self.frozen:
+            return None
+        return self._fused_grads[proj.weight] if proj.parts else self.g[proj.weight]
+
+    def bias_grad(self, proj: Projection) -> Optional[np.ndarray]:
+        return None if self.frozen or proj.bias is None else self.g[proj.bias]
+
+    def scratch(self, name: str, shape: tuple) -> np.ndarray:
+        buffer = self._scratch.get(name)
+        if buffer is None or buffer.shape != shape:
+            buffer = self._scratch[name] = np.empty(shape, np.float32)
+        return buffer
+
+    def _rope_tables(self, length: int) -> Optional[tuple]:
+        """(cos, sin) covering positions 0 .. length-1 at least (None without rotary embeddings)."""
+        if not self.arch.rotary:
+            return None
+        if self._rope is None or self._rope[0].shape[0] < length:
+            size = max(length, min(self.config.block_size, 4096))
+            self._rope = kernels.rope_tables(size, self.config.head_size, self.config.rope_theta)
+        return self._rope
+
+    def _check_quantized(self, specs: list[ParamSpec]) -> None:
+        """Every quantized weight names a parameter (or a fused projection) and fits its shape."""
+        shapes, fused = {s.name: s.shape for s in specs}, self._fused
+        for name, weight in self.quantized.items():
+            if name in fused:
+                need = (fused[name].out, fused[name].inp)
+            elif name in shapes:
+                need = tuple(reversed(shapes[name])) if name in self._in_out else tuple(shapes[name])
+            else:
+                raise ValueError(f"quantized weight {name!r} is not a parameter of this {self.config.arch} model")
+            if len(need) != 2 or tuple(weight.shape) != need:
+                raise ValueError(f"the quantized tensor for {name} is {tuple(weight.shape)}; the config's sizes "
+                                 f"need {need} (rows of outputs, columns of inputs)")
+            t = kernels.GGML_TYPES.get(weight.ggml_type)
+            if t is None or not t.quantized or need[1] % t.block_values or weight.data.dtype != np.uint8 or \
+                    weight.data.shape != (need[0], kernels.row_bytes(weight.ggml_type, need[1])):
+                raise ValueError(f"the quantized tensor for {name} has rows that do not fit its shape {need}")
+        for proj in fused.values():
+            kept = [part in self.quantized for part, _ in proj.parts]
+            if any(kept) and not all(kept):
+                raise ValueError(f"{proj.weight}: q, k and v must all be quantized or all be float")
+
+    # ------------------------------------------------------------------ parameters
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Name -> parameter array (views into the flat buffer), Hugging Face names and shapes;
+        quantized weights are dequantized (copies)."""
+        state = dict(self.p)
+        for name, q in self.quantized.items():
+            if name in self._fused:
+                continue
+            values = q.dequantize()
+            state[name] = np.ascontiguousarray(values.T) if name in self._in_out else values
+        return state
+
+    def dequantized(self) -> "Transformer":
+        """This model with every weight in float32 (itself when nothing is quantized)."""
+        if not self.quantized:
+            return self
+        model = type(self)(self.config, seed=None)
+        model.load_state_dict(self.state_dict())
+        return model
+
+    def named_grads(self) -> dict[str, np.ndarray]:
+        """Name -> gradient array, same keys and shapes as state_dict()."""
+        return dict(self.g)
+
+    def load_state_dict(self, state, strict: bool = True) -> None:
+        """Copies arrays into the parameters, checking names and shapes. `state` is a mapping of
+        name -> array; a lazy one (a file reader's) is read one tensor at a time."""
+        missing = [name for name in self.p if name not in state]
+        unexpected = [name for name in state if name not in self.p]
+        if strict and (missing or unexpected):
+            raise ValueError(f"state dict mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        for name in self.p:
+            if name not in state:
+                continue
+            value = np.asarray(state[name])
+            if value.shape != self.p[name].shape:
+                raise ValueError(f"{name}: shape {value.shape}, the model needs {self.p[name].shape}")
+            self.p[name][...] = value
+
+    def zero_grad(self) -> None:
+        self.grads.fill(0.0)
+
+    # ------------------------------------------------------------------ checks
+
+    def _check_ids(self, ids, name: str = "ids") -> np.ndarray:
+        ids = np.asarray(ids)
+        if ids.ndim == 1:
+            ids = ids[None, :]
+        if ids.ndim != 2 or ids.dtype.kind not in "iu":
+            raise ValueError(f"{name} must be integers shaped (B, T) or (T,), got {ids.dtype} {ids.shape}")
+        B, T = ids.shape
+        if T < 1 or B < 1:
+            raise ValueError(f"{name} is empty: shape {ids.shape}")
+        if T > self.config.block_size:
+            raise ValueError(f"{name} has {T} positions; the model's block_size is {self.config.block_size}")
+        if ids.min() < 0 or ids.max() >= self.config.vocab_size:
+            raise ValueError(f"{name} holds ids outside [0, {self.config.vocab_size})")
+        return np.ascontiguousarray(ids, dtype=np.int64)
+
+    def _check_targets(self, targets, shape: tuple) -> np.ndarray:
+        targets = np.asarray(targets)
+        if targets.ndim == 1 and shape[0] == 1:
+            targets = targets[None, :]
+        if targets.shape != shape or targets.dtype.kind not in "iu":
+            raise ValueError(f"targets must be integers shaped {shape}, got {targets.dtype} {targets.shape}")
+        bad = (targets != IGNORE) & ((targets < 0) | (targets >= self.config.vocab_size))
+        if bad.any():
+            raise ValueError(f"targets hold ids outside [0, {self.config.vocab_size}) (other than {IGNORE})")
+        return np.ascontiguousarray(targets, dtype=np.int64)
+
+    # ------------------------------------------------------------------ forward / backward
+
+    def _forward(self, ids: np.ndarray, rows: Optional[np.ndarray] = None) -> np.ndarray:
+        return self.runner.forward(self, self._ws, ids, self._rope_tables(ids.shape[1]), rows)
+
+    def __call__(self, ids) -> np.ndarray:
+        """Logits (B, T, vocab) for token ids (B, T) or (T,) -> (1, T, vocab)."""
+        return self._forward(self._check_ids(ids)).copy()
+
+    @staticmethod
+    def _learned_rows(flat_targets: np.ndarray) -> tuple[np.ndarray, Optional[np.ndarray]]:
+        """(positions whose target is learned, the rows to compute logits for: those, when at least a
+        tenth of the targets are ignored (fine-tuning prompts), else None for all)."""
+        learned = np.flatnonzero(flat_targets != IGNORE)
+        return learned, (learned if 0 < learned.size < 0.9 * flat_targets.size else None)
+
+    def loss(self, ids, targets) -> float:
+        """Mean next-token cross-entropy of targets (ignore_index -100) given ids."""
+        ids = self._check_ids(ids)
+        targets = self._check_targets(targets, ids.shape).reshape(-1)
+        learned, rows = self._learned_rows(targets)
+        if not learned.size:
+            return 0.0
+        logits = self._forward(ids, rows).reshape(-1, self.config.vocab_size)
+        return float(kernels.cross_entropy(logits, targets[rows] if rows is not None else targets))
+
+    def forward_backward(self, ids, targets, loss_scale: float = 1.0) -> float:
+        """Mean loss; adds d(loss_scale * loss)/d(param) into the gradients (so micro-batches accumulate)."""
+        if self.quantized and self.lora is None:
+            raise ValueError("this model keeps quantized weights, which cannot be trained: attach LoRA "
+                             "adapters (pyllm.lora) or load it with dequantize=True")
+        ids = self._check_ids(ids)
+        flat_targets = self._check_targets(targets, ids.shape).reshape(-1)
+        learned, rows = self._learned_rows(flat_targets)
+        if rows is not None:
+            flat_targets = np.ascontiguousarray(flat_targets[rows])
+        N, V = flat_targets.size, self.config.vocab_size
+        logits = self._forward(ids, rows).reshape(N, V)
+        losses, lse = self._ws.get("losses", (N,)), self._ws.get("lse", (N,))
+        fast.cross_entropy_forward(losses, lse, logits, flat_targets, N, V, IGNORE)
+        count = int(learned.size)
+        loss = float(losses.sum(dtype=np.float64) / count) if count else 0.0
+        scale = float(loss_scale) / count if count else 0.0
+        fast.cross_entropy_backward(logits, logits, lse, flat_targets, scale, N, V, IGNORE)  # in place
+        self.runner.backward(self, None if self.frozen else self.g, self._ws, ids, logits,
+                             self._rope_tables(ids.shape[1]), rows)
+        return loss
+
+    def forward_step(self, ids, cache: KVCache, rows: Optional[slice] = None, counts=None) -> np.ndarray:
+        """Appends ids (B, Tq) to the KV cache (its rows `rows`, default all) and returns the logits
+        of each row's last new position, (B, vocab). Rows may hold different lengths (ragged batch):
+        each new token sits at its own row's next position. counts (B,), if given, says how many of
+        each row's ids are real (a batch of prompts of different lengths, right-padded to Tq): the
+        logits are then those of position counts[b] - 1, and the row grows by counts[b]."""
+        cfg = self.config
+        rows = rows if rows is not None else slice(0, cache.batch)
+        if not isinstance(rows, slice) or rows.step not in (None, 1):
+            raise ValueError(f"rows must be a slice of consecutive cache rows, got {rows!r}")
+        lengths = cache.lengths[rows]
+        ids = np.asarray(ids)
+        if ids.ndim != 2 or ids.dtype.kind not in "iu" or ids.shape[1] < 1 or ids.shape[0] != lengths.size \
+                or not lengths.size:
+            raise ValueError(f"ids must be integers shaped ({lengths.size}, Tq >= 1), got {ids.dtype} {ids.shape}")
+        if ids.min() < 0 or ids.max() >= cfg.vocab_size:
+            raise ValueError(f"ids outside [0, {cfg.vocab_size})")
+        ids = np.ascontiguousarray(ids, np.int64)
+        B, Tq = ids.shape
+        if int(lengths.max()) + Tq > cache.capacity:
+            raise ValueError(f"the KV cache holds {cache.capacity} positions; {int(lengths.max()) + Tq} needed")
+        if counts is not None:
+            counts = np.asarray(counts)
+            if counts.shape != (B,) or counts.dtype.kind not in "iu" or counts.min() < 1 or counts.max() > Tq:
+                raise ValueError(f"counts must be (B={B},) integers in [1, Tq={Tq}], got {counts!r}")
+            counts = counts.astype(np.int64)
+        rope = self._rope_tables(int(lengths.max()) + Tq)
+        logits = self.runner.step(self, self._step_ws, ids, cache, rows, lengths, counts, rope)
+        cache.lengths[rows] = lengths + (counts if counts is not None else Tq)
+        return logits
+
+    def __repr__(self) -> str:
+        c = self.config
+        quantized = sum(math.prod(q.shape) for n, q in self.quantized.items() if n not in self._fused)
+        size = f"{(self.num_params + quantized) / 1e6:.2f}M params" + (
+            f" ({quantized / 1e6:.2f}M quantized)" if quantized else "")
+        return (f"Model({c.arch}, {size}: n_layer={c.n_layer}, n_head={c.n_head}, "
+                f"n_embd={c.n_embd}, block_size={c.block_size}, vocab_size={c.vocab_size})")
