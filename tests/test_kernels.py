@@ -33,7 +33,7 @@ KERNEL_NAMES = [
     "layernorm", "layernorm_forward", "layernorm_backward",
     "rmsnorm", "rmsnorm_forward", "rmsnorm_backward",
     "gelu", "gelu_backward", "silu", "silu_backward", "swiglu", "swiglu_backward",
-    "rope_tables", "rope", "rope_backward",
+    "rope_tables", "rope", "rope_backward", "rope_at", "kv_write",
     "attention", "attention_forward", "attention_backward",
     "cross_entropy", "cross_entropy_forward", "cross_entropy_backward",
     "embedding", "embedding_backward", "adamw",
@@ -1011,6 +1011,117 @@ def test_attention_on_transposed_views(K, isa, rng):
     assert not q.flags.c_contiguous
     exp = R.attention(np.ascontiguousarray(q), np.ascontiguousarray(k), np.ascontiguousarray(v))
     assert_close(K.attention(q, k, v), exp, rtol=1e-4, atol=2e-5)
+
+
+# ----------------------------------------------------------------------------- heads at strides
+
+STRIDED_CASES = [  # (B, T, NH, NKV, HS, causal)
+    (1, 1, 1, 1, 2, True), (2, 5, 4, 2, 16, True), (1, 17, 3, 1, 6, True), (2, 9, 2, 2, 64, False),
+    (1, 65, 4, 4, 34, True), (3, 3, 6, 3, 80, True),
+]
+
+
+@pytest.mark.parametrize("case", STRIDED_CASES, ids=lambda c: "B{}-T{}-NH{}-NKV{}-HS{}-{}".format(
+    *c[:5], "causal" if c[5] else "full"))
+def test_attention_on_column_blocks_of_a_fused_projection(K, isa, rng, case):
+    # What the model passes: q, k and v as strided views of one (N, QKV) projection output, the
+    # result written into an (N, NH HS) buffer, the gradients into an (N, QKV) buffer; a padding
+    # column after each row proves that nothing outside the views is touched.
+    B, T, NH, NKV, HS, causal = case
+    width = (NH + 2 * NKV) * HS
+    qkv = randn(rng, B * T, width + 1)
+
+    def views(buffer):
+        heads = buffer[:, :width].reshape(B, T, NH + 2 * NKV, HS)
+        return (heads[:, :, :NH].transpose(0, 2, 1, 3), heads[:, :, NH:NH + NKV].transpose(0, 2, 1, 3),
+                heads[:, :, NH + NKV:].transpose(0, 2, 1, 3))
+
+    q, k, v = views(qkv)
+    atty = np.full((B * T, NH * HS + 1), 7.0, np.float32)
+    out = atty[:, :NH * HS].reshape(B, T, NH, HS).transpose(0, 2, 1, 3)
+    lse = np.empty((B, NH, T), np.float32)
+    K.unchecked.attention_forward(out, lse, q, k, v, causal, None)
+    e_out, e_lse = R.attention_forward(*(np.ascontiguousarray(t) for t in (q, k, v)), causal)
+    assert_close(out, e_out, rtol=1e-4, atol=2e-5, name="out")
+    assert_close(lse, e_lse, rtol=1e-5, atol=scaled(e_lse, 2e-6), name="lse")
+    assert (atty[:, -1] == 7.0).all()
+    dout_buf = randn(rng, B * T, NH * HS + 1)
+    dout = dout_buf[:, :NH * HS].reshape(B, T, NH, HS).transpose(0, 2, 1, 3)
+    dqkv = np.full_like(qkv, 7.0)
+    dq, dk, dv = views(dqkv)
+    K.unchecked.attention_backward(dq, dk, dv, dout, q, k, v, out, lse, causal)
+    exp = R.attention_backward(*(np.ascontiguousarray(t) for t in (dout, q, k, v, out, lse)), causal)
+    for g, e, nm in zip((dq, dk, dv), exp, ("dq", "dk", "dv")):
+        assert_close(g, e, rtol=1e-3, atol=scaled(e, 1e-4), name=nm)
+    assert (dqkv[:, -1] == 7.0).all()
+
+
+@pytest.mark.parametrize("case", [(1, 1, 1, 1, 4, 5), (3, 1, 4, 2, 16, 20), (2, 3, 2, 1, 64, 12), (2, 4, 3, 3, 6, 9)],
+                         ids=lambda c: "B{}-Tq{}-NH{}-NKV{}-HS{}-cap{}".format(*c))
+def test_decode_step_kernels_equal_their_twins(K, isa, rng, case):
+    # A ragged batch continuing a KV cache: rope at each row's own position, kv_write into the
+    # cache, attention over each row's own length.
+    B, Tq, NH, NKV, HS, cap = case
+    lengths = rng.integers(0, cap - Tq + 1, B).astype(np.int64)
+    cos, sin = R.rope_tables(cap, HS)
+    x = randn(rng, B, Tq, NH + 2 * NKV, HS)
+    q, k, v = x[:, :, :NH], x[:, :, NH:NH + NKV], x[:, :, NH + NKV:]
+    assert_close(K.rope_at(q, cos, sin, lengths), R.rope_at(q, cos, sin, lengths), rtol=1e-5, atol=1e-6,
+                 name="rope_at")
+    rotated_k = R.rope_at(k, cos, sin, lengths)
+    in_place = x.copy()
+    K.unchecked.rope_forward(in_place[:, :, NH:NH + NKV], in_place[:, :, NH:NH + NKV], cos, sin, lengths)
+    assert_close(in_place[:, :, NH:NH + NKV], rotated_k, rtol=1e-5, atol=1e-6, name="rope in place")
+    assert_bitwise_equal(in_place[:, :, :NH], x[:, :, :NH])
+    cache_k, cache_v = randn(rng, B, NKV, cap, HS), randn(rng, B, NKV, cap, HS)
+    exp_k, exp_v = cache_k.copy(), cache_v.copy()
+    R.kv_write(exp_k, in_place[:, :, NH:NH + NKV], lengths)   # a copy: bit for bit
+    R.kv_write(exp_v, v, lengths)
+    K.kv_write(cache_k, in_place[:, :, NH:NH + NKV], lengths)
+    K.kv_write(cache_v, v, lengths)
+    assert_bitwise_equal(cache_k, exp_k)
+    assert_bitwise_equal(cache_v, exp_v)
+    q_rot = R.rope_at(q, cos, sin, lengths)
+    out, lse = np.empty((B, NH, Tq, HS), np.float32), np.empty((B, NH, Tq), np.float32)
+    K.unchecked.attention_forward(out, lse, q_rot.transpose(0, 2, 1, 3), cache_k, cache_v, True, lengths + Tq)
+    e_out, e_lse = R.attention_forward(np.ascontiguousarray(q_rot.transpose(0, 2, 1, 3)), exp_k, exp_v, True,
+                                       lengths + Tq)
+    assert_close(out, e_out, rtol=1e-4, atol=2e-5, name="out")
+    assert_close(lse, e_lse, rtol=1e-5, atol=scaled(e_lse, 2e-6), name="lse")
+
+
+def test_strided_kernels_refuse_what_does_not_fit(K):
+    q = np.zeros((1, 2, 3, 4), np.float32)
+    with pytest.raises(ValueError, match="inconsistent"):
+        K.unchecked.attention_forward(np.zeros_like(q), np.zeros((1, 2, 3), np.float32), q,
+                                      np.zeros((1, 3, 3, 4), np.float32), np.zeros((1, 3, 3, 4), np.float32), True, None)
+    with pytest.raises(ValueError, match="contiguous"):
+        K.unchecked.attention_forward(np.zeros_like(q), np.zeros((1, 2, 3), np.float32), q[..., ::2], q[..., ::2],
+                                      q[..., ::2], True, None)
+    with pytest.raises(ValueError, match="lse"):
+        K.unchecked.attention_forward(np.zeros_like(q), np.zeros(5, np.float32), q, q, q, True, None)
+    cos, sin = R.rope_tables(4, 4)
+    x = np.zeros((2, 3, 1, 4), np.float32)
+    with pytest.raises(ValueError, match="pos0"):
+        K.rope_at(x, cos, sin, [0, 2])      # row 1 needs positions 2..4 of a 4-row table
+    with pytest.raises(ValueError, match="pos0"):
+        K.kv_write(np.zeros((2, 1, 4, 4), np.float32), x, [2, 0])
+    with pytest.raises(ValueError, match="writeable"):
+        K.unchecked.rope_forward(np.broadcast_to(x, x.shape), x, cos, sin, None)
+
+
+def test_the_ggml_type_table_agrees_with_the_twin(K):
+    # The C++ table (csrc/kernels/quant_types.h) and the numpy decoders' own statement of the layouts.
+    assert set(K.GGML_TYPES) == set(R.BLOCKS)
+    for ggml_id, (values, nbytes) in R.BLOCKS.items():
+        t = K.GGML_TYPES[ggml_id]
+        assert (t.block_values, t.block_bytes) == (values, nbytes), t.name
+    assert K.QUANT_TYPES == {t.name: t.id for t in K.GGML_TYPES.values() if t.block_values > 1}
+
+
+def test_the_unchecked_entrance_is_every_kernel_of_the_table(K):
+    names = [n for n in vars(K.unchecked) if not n.startswith("_")]
+    assert names == K._C.kernel_names() and len(names) >= 25
 
 
 # ----------------------------------------------------------------------------- bad arguments

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -26,8 +27,6 @@ def atomic_path(path) -> Iterator[Path]:
 def replace_folder(tmp, final) -> None:
     """Puts the complete folder `tmp` in place of `final`: the old one is renamed aside first and
     removed last, so a crash leaves one of the two whole (final, or final.old: see latest_folder)."""
-    import shutil
-
     tmp, final = Path(tmp), Path(final)
     old = final.with_name(final.name + ".old")
     if final.exists():   # (without it, a crash left .old as the only whole copy: kept until tmp is in)
