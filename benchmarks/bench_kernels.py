@@ -31,6 +31,7 @@ ADAMW_N = 10_000_000         # AdamW over 10M parameters (GPT-2 small has 124M; 
 
 MATMUL_TARGET = 0.9          # pyllm's GEMM against OpenBLAS: near parity is the goal
 ATTENTION_TRAIN_TARGET = 5.0 # fused causal attention fwd+bwd against numpy's full T x T matrices
+COPY_TARGET = 1.0            # a pure copy (kv_write): numpy's strided copy moves the same bytes
 DEFAULT_TARGET = 3.0         # everything else
 
 
@@ -307,8 +308,70 @@ def sampling_cases() -> list[Case]:
                                    ("top-p 0.9", dict(temperature=0.8, top_p=0.9, repetition_penalty=1.1)))]
 
 
+# ----------------------------------------------------------------------------- decode-step kernels
+
+def decode_cases() -> list[Case]:
+    """What a batched step over a KV cache adds to the model's products: rope at each row's own
+    position, and the new keys appended to the cache; 8 rows of 12 heads of 64, a 1024-position
+    cache, 1 new token per row (decode) and 256 (a prefill)."""
+    cap, lengths = 1024, np.arange(B, dtype=np.int64) * 90
+    cases = []
+    for new in (1, T):
+        def rope_in(r, new=new):
+            return (randn(r, B, new, NH, HS),) + reference.rope_tables(cap, HS) + (lengths,)
+
+        def cache_in(r, new=new):
+            return randn(r, B, NH, cap, HS), randn(r, B, new, NH, HS), lengths
+
+        def append(m, cache, src, pos0):
+            m.kv_write(cache, src, pos0)
+            return cache
+
+        shape = f"({B},{new},{NH},{HS})"
+        cases += [twin("rope_at", f"{shape} at ragged positions", seeded(rope_in), 3.0 * B * new * NH * HS),
+                  Case("kv_write", f"{shape} into ({B},{NH},{cap},{HS})", seeded(cache_in), append, ("kv_write",),
+                       float(B * new * NH * HS), target=COPY_TARGET, inplace=True, rtol=0, atol=0)]
+    return cases
+
+
+# ----------------------------------------------------------------------------- quantized weights
+
+# SmolLM2-135M's projections (N, K): gate/up in Q4_1 (the default file's type), down in Q4_K (K of
+# 576 is not whole 256-value super-blocks: llama.cpp's Q4_K_M keeps those in other types).
+QUANT_SHAPES = {"Q4_1": (1536, 576), "Q4_K": (576, 1536)}
+
+
+def quantized_blocks(r: np.random.Generator, ggml_type: int, N: int, K: int) -> np.ndarray:
+    """Random but valid ggml blocks: random packed values, finite float16 scales where the layout
+    keeps them (the layouts as pyllm.reference states them)."""
+    values, nbytes = reference.BLOCKS[ggml_type]
+    blocks = r.integers(0, 256, (N * K // values, nbytes), dtype=np.uint8)
+    scales = {reference.Q8_0: (0,), reference.Q4_0: (0,), reference.Q4_1: (0, 2), reference.Q5_0: (0,),
+              reference.Q5_1: (0, 2), reference.Q4_K: (0, 2), reference.Q6_K: (208,)}[ggml_type]
+    for at in scales:
+        blocks[:, at:at + 2] = (r.uniform(0.001, 0.01, (len(blocks), 1)).astype(np.float16)).view(np.uint8)
+    return blocks.reshape(N, -1)
+
+
+def quant_cases() -> list[Case]:
+    cases = []
+    for name, (N, Kd) in QUANT_SHAPES.items():
+        ggml_type = {"Q4_1": reference.Q4_1, "Q4_K": reference.Q4_K}[name]
+        for M, label in ((1, "decode"), (128, "prompt")):
+            def inputs(r, M=M, N=N, Kd=Kd, ggml_type=ggml_type):
+                return randn(r, M, Kd), quantized_blocks(r, ggml_type, N, Kd)
+
+            def call(m, a, w, N=N, Kd=Kd, ggml_type=ggml_type):
+                return m.matmul_quant(a, w, ggml_type, (N, Kd), True)
+
+            cases.append(Case("matmul_quant", f"{name} ({M},{Kd})@({N},{Kd})^T {label}, int8 activations",
+                              seeded(inputs), call, ("matmul_quant",), 2.0 * M * N * Kd, rtol=1e-3, atol=1e-4))
+    return cases
+
+
 CASES = (matmul_cases() + softmax_cases() + norm_cases() + activation_cases() + rope_cases()
-         + attention_cases() + cross_entropy_cases() + embedding_cases() + adamw_cases() + sampling_cases())
+         + attention_cases() + cross_entropy_cases() + embedding_cases() + adamw_cases() + sampling_cases()
+         + decode_cases() + quant_cases())
 
 
 # ----------------------------------------------------------------------------- the benchmark

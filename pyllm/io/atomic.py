@@ -1,7 +1,10 @@
-"""Atomic file writes: a temporary file beside the target, fsync, rename. An interrupted save loses nothing."""
+"""Small files done safely: atomic writes (a temporary file beside the target, fsync, rename; an
+interrupted save loses nothing), whole folders swapped in, and JSON objects read with errors that
+name the file."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from contextlib import contextmanager
@@ -49,3 +52,15 @@ def latest_folder(final, marker: str):
 def write_text(path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def read_json_object(path) -> dict:
+    """A JSON file that must hold an object: a ValueError naming the file otherwise."""
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"{path}: not a JSON object (a JSON {type(doc).__name__})")
+    return doc

@@ -16,7 +16,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from pyllm.io.atomic import latest_folder, replace_folder, write_text
+from pyllm.io.atomic import latest_folder, read_json_object, replace_folder, write_text
 from pyllm.io.hf import load_state, write_safetensors
 
 
@@ -48,11 +48,7 @@ def read_checkpoint(folder, tensors_file: str, state_file: str) -> Optional[Chec
     found = latest_folder(Path(folder), state_file)
     if found is None:
         return None
-    try:
-        state = json.loads((found / state_file).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{found / state_file}: not valid JSON ({exc})") from None
-    return Checkpoint(found, state, load_state(found / tensors_file))
+    return Checkpoint(found, read_json_object(found / state_file), load_state(found / tensors_file))
 
 
 def remove_checkpoint(folder) -> None:

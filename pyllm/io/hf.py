@@ -18,7 +18,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from pyllm.io.atomic import atomic_path, write_text
+from pyllm.io.atomic import atomic_path, read_json_object, write_text
 from pyllm.io.tensors import LazyTensors, ModelWeights
 from pyllm.models import ModelConfig
 
@@ -185,13 +185,7 @@ def read_config(directory) -> ModelConfig:
     directory = Path(directory)
     if not (directory / CONFIG).is_file():
         raise FileNotFoundError(f"{directory}: no {CONFIG} (expected a Hugging Face model folder)")
-    try:
-        doc = json.loads((directory / CONFIG).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{directory / CONFIG}: not valid JSON ({exc})") from None
-    if not isinstance(doc, dict):
-        raise ValueError(f"{directory / CONFIG}: not a JSON object")
-    return config_from_hf(doc, str(directory / CONFIG))
+    return config_from_hf(read_json_object(directory / CONFIG), str(directory / CONFIG))
 
 
 def read_folder(source, config: Optional[ModelConfig] = None) -> ModelWeights:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pyllm.io.atomic import write_text
+from pyllm.io.atomic import read_json_object, write_text
 from pyllm.io.hf import load_state, write_safetensors
 
 CONFIG = "adapter_config.json"
@@ -32,10 +32,4 @@ def read_adapter(directory) -> tuple[dict, dict[str, np.ndarray]]:
     for name in (CONFIG, WEIGHTS):
         if not (directory / name).is_file():
             raise FileNotFoundError(f"{directory}: no {name} (expected a LoRA adapter folder)")
-    try:
-        config = json.loads((directory / CONFIG).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{directory / CONFIG}: not valid JSON ({exc})") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{directory / CONFIG}: not a JSON object")
-    return config, load_state(directory / WEIGHTS)
+    return read_json_object(directory / CONFIG), load_state(directory / WEIGHTS)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
-from pyllm.io.atomic import write_text
+from pyllm.io.atomic import read_json_object, write_text
 from pyllm.io.gguf import GGUFFile
 from pyllm.pretokenize import PATTERNS, GPT4_PATTERN
 
@@ -282,12 +282,7 @@ def read_hf_chat(folder: Union[str, os.PathLike]) -> ChatFormat:
     path = Path(folder) / TOKENIZER_CONFIG
     if not path.is_file():
         return ChatFormat()
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(doc, dict):
-        raise ValueError(f"{path}: not a JSON object")
+    doc = read_json_object(path)
 
     def token(key: str) -> Optional[str]:
         value = doc.get(key)
