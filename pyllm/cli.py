@@ -12,7 +12,7 @@ from pathlib import Path
 from pyllm import bench, finetune, kernels
 from pyllm.data import default_corpus_files
 from pyllm.generate import SamplingConfig, generate_stream
-from pyllm.hub import DEFAULT_MODEL, resolve_model
+from pyllm.hub import DEFAULT_MODEL
 from pyllm.llm import LLM, top_probabilities
 from pyllm.lora import LoRA
 from pyllm.models import ModelConfig
@@ -188,7 +188,7 @@ def _cmd_finetune_sft(args: argparse.Namespace) -> int:
 def _finetune_llm(model_arg, lora_rank: int):
     """The model to tune: a GGUF file stays quantized under LoRA adapters, else is expanded to
     float32 (every weight trains)."""
-    return LLM.load(resolve_model(model_arg or DEFAULT_MODEL), dequantize=not lora_rank)
+    return LLM.load(model_arg or DEFAULT_MODEL, dequantize=not lora_rank)
 
 
 def _finetune_config(args: argparse.Namespace):

@@ -331,7 +331,7 @@ def swiglu_backward(dout, gate, up):
 
 def rope_tables(positions, head_size: int, theta: float = 10000.0) -> tuple[np.ndarray, np.ndarray]:
     """cos and sin tables for rotary embeddings, each (T, HS/2): angle p / theta^(2i / HS) at each
-    position p (an int T means 0 .. T-1, or a 1-D array of integer positions).
+    position p (an int T means 0 .. T-1, or a 1-D array of positions).
 
     >>> cos, sin = rope_tables(4, 8)
     >>> cos.shape
@@ -339,7 +339,8 @@ def rope_tables(positions, head_size: int, theta: float = 10000.0) -> tuple[np.n
     """
     if isinstance(head_size, bool) or int(head_size) != head_size or head_size < 2 or head_size % 2:
         raise ValueError(f"rope needs an even head size, got {head_size!r}")
-    if not (isinstance(theta, (int, float)) and math.isfinite(theta) and theta > 0):
+    if isinstance(theta, bool) or not (np.isscalar(theta) and np.isreal(theta) and math.isfinite(theta)
+                                        and theta > 0):
         raise ValueError(f"rope theta must be a finite number > 0, got {theta!r}")
     if np.ndim(positions) == 0:
         if isinstance(positions, bool) or int(positions) != positions or positions < 0:
@@ -347,9 +348,9 @@ def rope_tables(positions, head_size: int, theta: float = 10000.0) -> tuple[np.n
         table_positions, P = None, int(positions)
     else:
         arr = np.asarray(positions)
-        if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
-            raise ValueError(f"positions must be a 1-D array of integers, got {arr.dtype} {arr.shape}")
-        table_positions, P = np.ascontiguousarray(arr, np.int64), arr.size
+        if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iuf") or not np.isfinite(arr).all():
+            raise ValueError(f"positions must be a 1-D array of finite numbers, got {arr.dtype} {arr.shape}")
+        table_positions, P = np.ascontiguousarray(arr, np.float64), arr.size
     cos = np.empty((P, int(head_size) // 2), np.float32)
     sin = np.empty_like(cos)
     if cos.size:
@@ -825,10 +826,12 @@ def measure_fma_peak(seconds: float = 0.5) -> float:
 unchecked = types.SimpleNamespace(**{name: getattr(_C, name) for name in _C.kernel_names()})
 unchecked.__doc__ = """The model's hot path: every kernel of csrc/kernels/kernel_list.h, as bound, with nothing
 checked here. Arguments follow the kernel's C++ order (outputs, saved values, inputs, weights,
-dims); outputs are preallocated float32 arrays, C-contiguous unless the kernel reads heads at
-strides (attention_*, rope_*, kv_write: numpy views whose last axis is contiguous). The bindings
-still refuse any buffer too small for the dims given, so a wrong call raises instead of reading
-out of bounds; wrong shapes that fit give wrong numbers. Users call the checked functions above."""
+dims); outputs are preallocated float32 arrays, C-contiguous except where a kernel reads heads at
+strides (attention_forward/backward, rope_forward/backward, and kv_write's source: numpy views
+whose last axis is contiguous; kv_write's cache itself is C-contiguous). The bindings still refuse
+any buffer too small for the dims given, ids and targets out of range and positions past their
+tables, so a wrong call raises instead of reading or writing out of bounds; wrong shapes that fit
+give wrong numbers. Users call the checked functions above."""
 
 # The tokenizer's C++ (csrc/tokenizer/): byte-level BPE encode/decode and training, and the
 # built-in pre-tokenizer patterns. Checked by their bindings; pyllm.tokenizer drives them.

@@ -23,7 +23,7 @@ from pyllm.hub import DEFAULT_MODEL, resolve_model
 from pyllm.io.gguf import GGUFFile
 from pyllm.io.hf import TOKENIZER
 from pyllm.io.tokenizer_files import ChatFormat, gguf_chat, gguf_tokenizer, read_hf_chat, write_hf_chat
-from pyllm.model import Model
+from pyllm.model import Model, release
 from pyllm.tokenizer import Tokenizer
 
 # Used for models that carry no template (e.g. those `pyllm train` makes): readable turns.
@@ -192,9 +192,16 @@ def load_gguf(path, dequantize: bool = False) -> tuple:
 def _read_gguf(path, dequantize: bool) -> tuple:
     """The model, tokenizer and chat format of a GGUF file, its header parsed once."""
     f = GGUFFile(path)
-    model = Model.from_gguf(f, dequantize)
-    data = gguf_tokenizer(f)
-    return model, Tokenizer(**vars(data)), gguf_chat(f, data)
+    model = None
+    try:
+        model = Model.from_gguf(f, dequantize)
+        data = gguf_tokenizer(f)
+        return model, Tokenizer(**vars(data)), gguf_chat(f, data)
+    except BaseException:
+        model = None     # nothing the caller keeps: the file is closed
+        raise
+    finally:
+        release(f, model)
 
 
 def _ids(tokenizer: Tokenizer, names: Sequence[Optional[str]]) -> Optional[list[int]]:

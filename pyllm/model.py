@@ -16,9 +16,11 @@ from pyllm.hub import DEFAULT_MODEL, resolve_model
 from pyllm.io import gguf_model, hf
 from pyllm.io.gguf import GGUFFile
 from pyllm.io.tensors import ModelWeights
-from pyllm.models import KVCache, ModelConfig, QuantizedWeight, Transformer
+from pyllm.models import ARCHITECTURES, KVCache, ModelConfig, ParamSpec, QuantizedWeight, Transformer, parameter_specs
 
-__all__ = ["DEFAULT_MODEL", "KVCache", "Model", "ModelConfig", "QuantizedWeight", "resolve_model"]
+# Re-exported for the code that imported them from here before the model layer had its own package.
+__all__ = ["ARCHITECTURES", "DEFAULT_MODEL", "KVCache", "Model", "ModelConfig", "ParamSpec", "QuantizedWeight",
+           "parameter_specs", "resolve_model"]
 
 
 class Model(Transformer):
@@ -44,26 +46,29 @@ class Model(Transformer):
 
     @classmethod
     def from_weights(cls, weights: ModelWeights, where: str = "") -> "Model":
-        """A model filled from what a file reader returned (tensors read one at a time)."""
-        model = cls(weights.config, seed=None, quantized=weights.quantized)
+        """A model filled from what a file reader returned (tensors read one at a time); errors name
+        `where` (the file)."""
         try:
+            model = cls(weights.config, seed=None, quantized=weights.quantized)
             model.load_state_dict(weights.tensors)
         except ValueError as exc:
-            raise ValueError(f"{where}: {exc}" if where else str(exc)) from None
+            message = str(exc)
+            raise ValueError(message if not where or message.startswith(where) else f"{where}: {message}") from None
         return model
 
     @classmethod
     def from_gguf(cls, source, dequantize: bool = False) -> "Model":
-        """A model from a GGUF file (a path or an open GGUFFile); quantized matrices stay quantized
-        (views of the mapped file, inference only) unless dequantize=True."""
-        f = source if isinstance(source, GGUFFile) else GGUFFile(source)
-        weights = None
+        """A model from a GGUF file: a path, or a GGUFFile the caller keeps (and closes). Quantized
+        matrices stay quantized (views of the mapped file, inference only) unless dequantize=True."""
+        if isinstance(source, GGUFFile):
+            return cls.from_weights(gguf_model.read_weights(source, dequantize), str(source.path))
+        f = GGUFFile(source)
+        model = None
         try:
-            weights = gguf_model.read_weights(f, dequantize)
-            return cls.from_weights(weights, str(f.path))
+            model = cls.from_gguf(f, dequantize)
+            return model
         finally:
-            if weights is None or not weights.quantized:
-                _close(f)   # otherwise the quantized weights are views of the file's mapping: it stays open
+            release(f, model)
 
     @classmethod
     def from_pretrained(cls, source) -> "Model":
@@ -75,7 +80,10 @@ class Model(Transformer):
         return cls.from_weights(hf.read_folder(path), str(path))
 
 
-def _close(f: GGUFFile) -> None:
+def release(f: GGUFFile, model: Optional[Model]) -> None:
+    """Closes a GGUF file unless `model` keeps quantized weights, which are views of its mapping."""
+    if model is not None and model.quantized:
+        return
     try:
         f.close()
     except BufferError:   # a view of the mapping is still referenced (by a traceback): let GC close it

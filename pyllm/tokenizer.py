@@ -25,6 +25,10 @@ from pyllm.io.gguf import GGUFFile
 from pyllm.io.tokenizer_files import TokenizerData, gguf_tokenizer, read_tokenizer, write_tokenizer
 from pyllm.pretokenize import BUILTIN, split_reference
 
+# Names that lived here before the file formats moved to pyllm.io (re-exported, not redefined).
+from pyllm.io.tokenizer_files import FORMAT_NAME, FORMAT_VERSION, GGUF_PRE, HF_PATTERNS, bytes_to_unicode  # noqa: F401,E402
+from pyllm.pretokenize import GPT2_PATTERN, GPT4_PATTERN, PATTERNS, PIPELINES  # noqa: F401,E402
+
 TextSource = Union[str, os.PathLike, Iterable[Union[str, os.PathLike]]]
 
 

@@ -153,7 +153,7 @@ def save_checkpoint(out_dir: Path, model: Model, tokenizer, opt: AdamW, step: in
     state = {"step": step, "optimizer_step": opt.step_count, "rng": rng_state(rng),
              "train_config": dataclasses.asdict(cfg), "model_config": model.config.to_dict()}
     return write_checkpoint(out_dir / CHECKPOINT, {"m": opt.m, "v": opt.v}, state, MOMENTS, STATE,
-                            extra=lambda tmp: model.save_pretrained(tmp, tokenizer=tokenizer))
+                            extra=lambda tmp: model.save_pretrained(tmp, tokenizer=tokenizer), indent=1)
 
 
 def load_checkpoint(checkpoint: Checkpoint, model: Model, opt: AdamW) -> tuple[int, np.random.Generator]:

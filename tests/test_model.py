@@ -250,3 +250,18 @@ def test_config_refuses_inconsistent_heads():
         ModelConfig(**SMALL, n_kv_head=1)
     with pytest.raises(ValueError, match="even head size"):
         ModelConfig(arch="llama", n_head=2, n_embd=6)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_safetensors_load_as_their_float32_values(tmp_path, dtype):
+    from safetensors.torch import save_file
+
+    from pyllm.io.hf import config_to_hf
+
+    model = Model(ModelConfig(**SMALL), seed=4)
+    half = {name: torch.from_numpy(np.array(value)).to(getattr(torch, dtype)) for name, value in model.state_dict().items()}
+    save_file(half, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    (tmp_path / "config.json").write_text(json.dumps(config_to_hf(model.config)))
+    loaded = Model.from_pretrained(tmp_path)
+    for name, value in half.items():
+        np.testing.assert_array_equal(loaded.p[name], value.to(torch.float32).numpy(), err_msg=name)

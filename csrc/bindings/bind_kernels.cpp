@@ -1,6 +1,8 @@
 // Bindings of every kernel: raw buffers in, GIL released, the C++ kernel called.
 // Not a second argument checker: shapes and dtypes are validated in pyllm/kernels.py; the
-// checks here only guarantee that no call can read or write outside the arrays it was given.
+// checks here only guarantee that no call can read or write outside the arrays it was given
+// (sizes from the dims, ids and targets in range, positions within their tables): what the
+// model's hot path (pyllm.kernels.unchecked) relies on.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
@@ -16,6 +18,17 @@ using pyllm::check;
 using pyllm::kernels;
 
 namespace {
+
+// The product of dims, each >= 0, refusing a product that overflows: what a buffer must hold.
+template <class... Dims>
+int64_t count(Dims... dims) {
+  int64_t n = 1;
+  for (int64_t d : {int64_t(dims)...}) {
+    check(d >= 0, "a dimension is negative");
+    check(!__builtin_mul_overflow(n, d, &n), "dimensions too large");
+  }
+  return n;
+}
 
 template <class T>
 void check_buffer(const py::array& a, int64_t n, const char* name, const char* dtype) {
@@ -46,6 +59,14 @@ float* maybe_out(py::object o, int64_t n, const char* name) {
 const int64_t* ids(const py::array& a, int64_t n, const char* name) {
   check_buffer<int64_t>(a, n, name, "int64");
   return static_cast<const int64_t*>(a.data());
+}
+
+// Targets (N,) in [0, V) or equal to ignore_index: the kernels index the logits' rows with them.
+const int64_t* targets_in(const py::array& a, int64_t N, int64_t V, int64_t ignore_index) {
+  const int64_t* p = ids(a, count(N), "targets");
+  for (int64_t r = 0; r < N; ++r)
+    check(p[r] == ignore_index || (p[r] >= 0 && p[r] < V), "a target is outside [0, V)");
+  return p;
 }
 
 // A tensor of heads seen as (d0, d1, d2, HS) with the values of a row contiguous and the other
@@ -84,7 +105,7 @@ const int64_t* starts(py::object o, int64_t B, int64_t need, int64_t limit, cons
   }
   const int64_t* p = ids(o.cast<py::array>(), B, name);
   for (int64_t b = 0; b < B; ++b)
-    check(p[b] >= 0 && p[b] + need <= limit, std::string(name) + " runs past the end");
+    check(p[b] >= 0 && need <= limit && p[b] <= limit - need, std::string(name) + " runs past the end");
   return p;
 }
 
@@ -94,8 +115,8 @@ void bind_kernels(py::module_& m) {
   using py::arg;
   m.def("matmul_forward", [](py::array o, py::array a, py::array b, py::object bias, int64_t M,
                              int64_t K, int64_t N, bool trans_b) {
-    float* po = out(o, M * N, "out");
-    const float *pa = in(a, M * K, "a"), *pb = in(b, K * N, "b");
+    float* po = out(o, count(M, N), "out");
+    const float *pa = in(a, count(M, K), "a"), *pb = in(b, count(K, N), "b");
     const float* pbias = bias.is_none() ? nullptr : in(bias.cast<py::array>(), N, "bias");
     py::gil_scoped_release release;
     kernels().matmul_forward(po, pa, pb, pbias, M, K, N, trans_b);
@@ -103,69 +124,69 @@ void bind_kernels(py::module_& m) {
   m.def("matmul_backward", [](py::object da, py::object db, py::object dbias, py::array dout,
                               py::array a, py::array b, int64_t M, int64_t K, int64_t N,
                               bool trans_b) {
-    float *pda = maybe_out(da, M * K, "da"), *pdb = maybe_out(db, K * N, "db");
-    float* pdbias = maybe_out(dbias, N, "dbias");
-    const float *pdout = in(dout, M * N, "dout"), *pa = in(a, M * K, "a"), *pb = in(b, K * N, "b");
+    float *pda = maybe_out(da, count(M, K), "da"), *pdb = maybe_out(db, count(K, N), "db");
+    float* pdbias = maybe_out(dbias, count(N), "dbias");
+    const float *pdout = in(dout, count(M, N), "dout"), *pa = in(a, count(M, K), "a"), *pb = in(b, count(K, N), "b");
     py::gil_scoped_release release;
     kernels().matmul_backward(pda, pdb, pdbias, pdout, pa, pb, M, K, N, trans_b);
   });
   m.def("softmax_forward", [](py::array o, py::array x, int64_t N, int64_t C) {
-    float* po = out(o, N * C, "out");
-    const float* px = in(x, N * C, "x");
+    float* po = out(o, count(N, C), "out");
+    const float* px = in(x, count(N, C), "x");
     py::gil_scoped_release release;
     kernels().softmax_forward(po, px, N, C);
   });
   m.def("softmax_backward", [](py::array dx, py::array dout, py::array y, int64_t N, int64_t C) {
-    float* pdx = out(dx, N * C, "dx");
-    const float *pdout = in(dout, N * C, "dout"), *py_ = in(y, N * C, "y");
+    float* pdx = out(dx, count(N, C), "dx");
+    const float *pdout = in(dout, count(N, C), "dout"), *py_ = in(y, count(N, C), "y");
     py::gil_scoped_release release;
     kernels().softmax_backward(pdx, pdout, py_, N, C);
   });
   m.def("cross_entropy_forward", [](py::array losses, py::array lse, py::array logits,
                                     py::array targets, int64_t N, int64_t V, int64_t ignore_index) {
-    float *pl = out(losses, N, "losses"), *plse = out(lse, N, "lse");
-    const float* px = in(logits, N * V, "logits");
-    const int64_t* pt = ids(targets, N, "targets");
+    float *pl = out(losses, count(N), "losses"), *plse = out(lse, count(N), "lse");
+    const float* px = in(logits, count(N, V), "logits");
+    const int64_t* pt = targets_in(targets, N, V, ignore_index);
     py::gil_scoped_release release;
     kernels().cross_entropy_forward(pl, plse, px, pt, N, V, ignore_index);
   });
   m.def("cross_entropy_backward", [](py::array dlogits, py::array logits, py::array lse,
                                      py::array targets, float scale, int64_t N, int64_t V,
                                      int64_t ignore_index) {
-    float* pd = out(dlogits, N * V, "dlogits");
-    const float *px = in(logits, N * V, "logits"), *plse = in(lse, N, "lse");
-    const int64_t* pt = ids(targets, N, "targets");
+    float* pd = out(dlogits, count(N, V), "dlogits");
+    const float *px = in(logits, count(N, V), "logits"), *plse = in(lse, count(N), "lse");
+    const int64_t* pt = targets_in(targets, N, V, ignore_index);
     py::gil_scoped_release release;
     kernels().cross_entropy_backward(pd, px, plse, pt, scale, N, V, ignore_index);
   });
   m.def("layernorm_forward", [](py::array o, py::array mean, py::array rstd, py::array x,
                                 py::array w, py::array b, int64_t N, int64_t C, float eps) {
-    float *po = out(o, N * C, "out"), *pm = out(mean, N, "mean"), *pr = out(rstd, N, "rstd");
-    const float *px = in(x, N * C, "x"), *pw = in(w, C, "w"), *pb = in(b, C, "b");
+    float *po = out(o, count(N, C), "out"), *pm = out(mean, count(N), "mean"), *pr = out(rstd, count(N), "rstd");
+    const float *px = in(x, count(N, C), "x"), *pw = in(w, count(C), "w"), *pb = in(b, count(C), "b");
     py::gil_scoped_release release;
     kernels().layernorm_forward(po, pm, pr, px, pw, pb, N, C, eps);
   });
   m.def("layernorm_backward", [](py::object dx, py::object dw, py::object db, py::array dout,
                                  py::array x, py::array w, py::array mean, py::array rstd,
                                  int64_t N, int64_t C) {
-    float *pdx = maybe_out(dx, N * C, "dx"), *pdw = maybe_out(dw, C, "dw"), *pdb = maybe_out(db, C, "db");
-    const float *pdout = in(dout, N * C, "dout"), *px = in(x, N * C, "x"), *pw = in(w, C, "w");
-    const float *pm = in(mean, N, "mean"), *pr = in(rstd, N, "rstd");
+    float *pdx = maybe_out(dx, count(N, C), "dx"), *pdw = maybe_out(dw, count(C), "dw"), *pdb = maybe_out(db, count(C), "db");
+    const float *pdout = in(dout, count(N, C), "dout"), *px = in(x, count(N, C), "x"), *pw = in(w, count(C), "w");
+    const float *pm = in(mean, count(N), "mean"), *pr = in(rstd, count(N), "rstd");
     py::gil_scoped_release release;
     kernels().layernorm_backward(pdx, pdw, pdb, pdout, px, pw, pm, pr, N, C);
   });
   m.def("rmsnorm_forward", [](py::array o, py::array rstd, py::array x, py::array w, int64_t N,
                               int64_t C, float eps) {
-    float *po = out(o, N * C, "out"), *pr = out(rstd, N, "rstd");
-    const float *px = in(x, N * C, "x"), *pw = in(w, C, "w");
+    float *po = out(o, count(N, C), "out"), *pr = out(rstd, count(N), "rstd");
+    const float *px = in(x, count(N, C), "x"), *pw = in(w, count(C), "w");
     py::gil_scoped_release release;
     kernels().rmsnorm_forward(po, pr, px, pw, N, C, eps);
   });
   m.def("rmsnorm_backward", [](py::object dx, py::object dw, py::array dout, py::array x,
                                py::array w, py::array rstd, int64_t N, int64_t C) {
-    float *pdx = maybe_out(dx, N * C, "dx"), *pdw = maybe_out(dw, C, "dw");
-    const float *pdout = in(dout, N * C, "dout"), *px = in(x, N * C, "x"), *pw = in(w, C, "w");
-    const float* pr = in(rstd, N, "rstd");
+    float *pdx = maybe_out(dx, count(N, C), "dx"), *pdw = maybe_out(dw, count(C), "dw");
+    const float *pdout = in(dout, count(N, C), "dout"), *px = in(x, count(N, C), "x"), *pw = in(w, count(C), "w");
+    const float* pr = in(rstd, count(N), "rstd");
     py::gil_scoped_release release;
     kernels().rmsnorm_backward(pdx, pdw, pdout, px, pw, pr, N, C);
   });
@@ -176,8 +197,8 @@ void bind_kernels(py::module_& m) {
   auto bind_unary = [&m](const char* name, Unary pyllm::KernelTable::*fn) {
     m.def(name, [fn](py::array o, py::array x) {
       const int64_t n = x.size();
-      float* po = out(o, n, "out");
-      const float* px = in(x, n, "x");
+      float* po = out(o, count(n), "out");
+      const float* px = in(x, count(n), "x");
       py::gil_scoped_release release;
       (kernels().*fn)(po, px, n);
     });
@@ -185,8 +206,8 @@ void bind_kernels(py::module_& m) {
   auto bind_unary_backward = [&m](const char* name, UnaryBackward pyllm::KernelTable::*fn) {
     m.def(name, [fn](py::array dx, py::array dout, py::array x) {
       const int64_t n = x.size();
-      float* pdx = out(dx, n, "dx");
-      const float *pdout = in(dout, n, "dout"), *px = in(x, n, "x");
+      float* pdx = out(dx, count(n), "dx");
+      const float *pdout = in(dout, count(n), "dout"), *px = in(x, count(n), "x");
       py::gil_scoped_release release;
       (kernels().*fn)(pdx, pdout, px, n);
     });
@@ -197,23 +218,29 @@ void bind_kernels(py::module_& m) {
   bind_unary_backward("silu_backward", &pyllm::KernelTable::silu_backward);
   m.def("swiglu_forward", [](py::array o, py::array gate, py::array up) {
     const int64_t n = gate.size();
-    float* po = out(o, n, "out");
-    const float *pg = in(gate, n, "gate"), *pu = in(up, n, "up");
+    float* po = out(o, count(n), "out");
+    const float *pg = in(gate, count(n), "gate"), *pu = in(up, count(n), "up");
     py::gil_scoped_release release;
     kernels().swiglu_forward(po, pg, pu, n);
   });
   m.def("swiglu_backward", [](py::array dgate, py::array dup, py::array dout, py::array gate,
                               py::array up) {
     const int64_t n = gate.size();
-    float *pdg = out(dgate, n, "dgate"), *pdu = out(dup, n, "dup");
-    const float *pdout = in(dout, n, "dout"), *pg = in(gate, n, "gate"), *pu = in(up, n, "up");
+    float *pdg = out(dgate, count(n), "dgate"), *pdu = out(dup, count(n), "dup");
+    const float *pdout = in(dout, count(n), "dout"), *pg = in(gate, count(n), "gate"), *pu = in(up, count(n), "up");
     py::gil_scoped_release release;
     kernels().swiglu_backward(pdg, pdu, pdout, pg, pu, n);
   });
   m.def("rope_tables", [](py::array cos, py::array sin, py::object positions, int64_t P, int64_t HS, double theta) {
     check(HS % 2 == 0 && HS > 0 && P >= 0, "rope tables need an even head size");
-    float *pc = out(cos, P * HS / 2, "cos"), *ps = out(sin, P * HS / 2, "sin");
-    const int64_t* pp = positions.is_none() ? nullptr : ids(positions.cast<py::array>(), P, "positions");
+    float *pc = out(cos, count(P, HS / 2), "cos"), *ps = out(sin, count(P, HS / 2), "sin");
+    const double* pp = nullptr;
+    if (!positions.is_none()) {
+      py::array pos = positions.cast<py::array>();
+      check(py::dtype::of<double>().is(pos.dtype()) && (pos.flags() & py::array::c_style) && pos.size() >= P,
+            "positions must be a C-contiguous float64 array of P entries");
+      pp = static_cast<const double*>(pos.data());
+    }
     py::gil_scoped_release release;
     kernels().rope_tables(pc, ps, pp, P, HS, theta);
   });
@@ -226,7 +253,7 @@ void bind_kernels(py::module_& m) {
       check(HS % 2 == 0, "rope needs an even head size");
       check(cos.ndim() == 2 && cos.shape(1) == HS / 2, "cos must be (P, HS/2)");
       const int64_t P = cos.shape(0);
-      const float *pc = in(cos, P * HS / 2, "cos"), *ps = in(sin, P * HS / 2, "sin");
+      const float *pc = in(cos, count(P, HS / 2), "cos"), *ps = in(sin, count(P, HS / 2), "sin");
       const int64_t* p0 = starts(pos0, B, T, P, "pos0");
       py::gil_scoped_release release;
       (kernels().*fn)(ho.p, hx.p, pc, ps, p0, B, T, H, HS, ho.s, hx.s);
@@ -239,7 +266,7 @@ void bind_kernels(py::module_& m) {
     const Heads hs = heads(src, "src", false, 2);
     const int64_t B = hs.dims[0], T = hs.dims[1], H = hs.dims[2], HS = hs.dims[3], cap = cache.shape(2);
     check(cache.shape(0) == B && cache.shape(1) == H && cache.shape(3) == HS, "kv_write: cache and src differ");
-    float* pc = out(cache, B * H * cap * HS, "cache");
+    float* pc = out(cache, count(B, H, cap, HS), "cache");
     const int64_t* p0 = starts(pos0, B, T, cap, "pos0");
     py::gil_scoped_release release;
     kernels().kv_write(pc, hs.p, p0, B, T, H, HS, cap, hs.s);
@@ -254,7 +281,7 @@ void bind_kernels(py::module_& m) {
     check(std::equal(ho.dims, ho.dims + 4, hq.dims) && hk.dims[0] == B && hk.dims[3] == HS &&
               std::equal(hk.dims, hk.dims + 4, hv.dims) && NKV >= 1 && NH % NKV == 0,
           "inconsistent attention shapes");
-    float* pl = out(lse, B * NH * Tq, "lse");
+    float* pl = out(lse, count(B, NH, Tq), "lse");
     const int64_t* plen = nullptr;
     if (!kv_lengths.is_none()) {
       plen = ids(kv_lengths.cast<py::array>(), B, "kv_lengths");
@@ -279,7 +306,7 @@ void bind_kernels(py::module_& m) {
               hk.dims[3] == HS && std::equal(hk.dims, hk.dims + 4, hv.dims) && NKV >= 1 && NH % NKV == 0 &&
               (!causal || Tk >= Tq),
           "inconsistent attention shapes");
-    const float* pl = in(lse, B * NH * Tq, "lse");
+    const float* pl = in(lse, count(B, NH, Tq), "lse");
     // A gradient has the layout of its input, so one HeadStrides serves both.
     auto grad = [](py::object g, const Heads& like, const char* name) -> float* {
       if (g.is_none()) return nullptr;
@@ -294,18 +321,18 @@ void bind_kernels(py::module_& m) {
   });
   m.def("embedding_forward", [](py::array o, py::array idx, py::array w, int64_t N, int64_t V,
                                 int64_t C) {
-    float* po = out(o, N * C, "out");
-    const int64_t* pi = ids(idx, N, "ids");
-    const float* pw = in(w, V * C, "weight");
+    float* po = out(o, count(N, C), "out");
+    const int64_t* pi = ids(idx, count(N), "ids");
+    const float* pw = in(w, count(V, C), "weight");
     for (int64_t r = 0; r < N; ++r) check(pi[r] >= 0 && pi[r] < V, "id out of range");
     py::gil_scoped_release release;
     kernels().embedding_forward(po, pi, pw, N, V, C);
   });
   m.def("embedding_backward", [](py::array dw, py::array dout, py::array idx, int64_t N,
                                  int64_t V, int64_t C) {
-    float* pdw = out(dw, V * C, "dweight");
-    const float* pd = in(dout, N * C, "dout");
-    const int64_t* pi = ids(idx, N, "ids");
+    float* pdw = out(dw, count(V, C), "dweight");
+    const float* pd = in(dout, count(N, C), "dout");
+    const int64_t* pi = ids(idx, count(N), "ids");
     for (int64_t r = 0; r < N; ++r) check(pi[r] >= 0 && pi[r] < V, "id out of range");
     py::gil_scoped_release release;
     kernels().embedding_backward(pdw, pd, pi, N, V, C);
@@ -315,8 +342,8 @@ void bind_kernels(py::module_& m) {
                            double weight_decay, double grad_scale, int64_t step) {
     const int64_t n = param.size();
     check(step >= 1, "step counts from 1");
-    float *pp = out(param, n, "param"), *pm = out(mom, n, "m"), *pv = out(var, n, "v");
-    const float* pg = in(grad, n, "grad");
+    float *pp = out(param, count(n), "param"), *pm = out(mom, count(n), "m"), *pv = out(var, count(n), "v");
+    const float* pg = in(grad, count(n), "grad");
     py::gil_scoped_release release;
     kernels().adamw_update(pp, pm, pv, pg, n, lr, beta1, beta2, eps, weight_decay, grad_scale, step);
   });
@@ -330,9 +357,9 @@ void bind_kernels(py::module_& m) {
   m.def("matmul_quant", [quant_row_bytes](py::array o, py::array a, py::array w, int type, int64_t M, int64_t K, int64_t N,
                            bool int8_activations) {
     const int64_t row_bytes = quant_row_bytes(type, K);
-    float* po = out(o, M * N, "out");
-    const float* pa = in(a, M * K, "a");
-    check(py::dtype::of<uint8_t>().is(w.dtype()) && (w.flags() & py::array::c_style) && w.size() >= N * row_bytes,
+    float* po = out(o, count(M, N), "out");
+    const float* pa = in(a, count(M, K), "a");
+    check(py::dtype::of<uint8_t>().is(w.dtype()) && (w.flags() & py::array::c_style) && w.size() >= count(N, row_bytes),
           "w must be a C-contiguous uint8 array of N rows of quantized blocks");
     const uint8_t* pw = static_cast<const uint8_t*>(w.data());
     py::gil_scoped_release release;
@@ -341,9 +368,9 @@ void bind_kernels(py::module_& m) {
   m.def("matmul_quant_backward", [quant_row_bytes](py::array dx, py::array dout, py::array w, int type, int64_t M, int64_t K,
                                     int64_t N) {
     const int64_t row_bytes = quant_row_bytes(type, K);
-    float* pdx = out(dx, M * K, "dx");
-    const float* pdout = in(dout, M * N, "dout");
-    check(py::dtype::of<uint8_t>().is(w.dtype()) && (w.flags() & py::array::c_style) && w.size() >= N * row_bytes,
+    float* pdx = out(dx, count(M, K), "dx");
+    const float* pdout = in(dout, count(M, N), "dout");
+    check(py::dtype::of<uint8_t>().is(w.dtype()) && (w.flags() & py::array::c_style) && w.size() >= count(N, row_bytes),
           "w must be a C-contiguous uint8 array of N rows of quantized blocks");
     const uint8_t* pw = static_cast<const uint8_t*>(w.data());
     py::gil_scoped_release release;
@@ -351,8 +378,8 @@ void bind_kernels(py::module_& m) {
   });
   m.def("dequantize_rows", [quant_row_bytes](py::array o, py::array w, int type, int64_t rows, int64_t K) {
     const int64_t row_bytes = quant_row_bytes(type, K);
-    float* po = out(o, rows * K, "out");
-    check(py::dtype::of<uint8_t>().is(w.dtype()) && (w.flags() & py::array::c_style) && w.size() >= rows * row_bytes,
+    float* po = out(o, count(rows, K), "out");
+    check(py::dtype::of<uint8_t>().is(w.dtype()) && (w.flags() & py::array::c_style) && w.size() >= count(rows, row_bytes),
           "w must be a C-contiguous uint8 array of quantized rows");
     const uint8_t* pw = static_cast<const uint8_t*>(w.data());
     py::gil_scoped_release release;

@@ -1,5 +1,5 @@
 // Binding of the sampler: a (B, V) logits array in, B token ids out, rows on the thread pool.
-// Not where parameters are validated for users (pyllm/sampling.py); here only what keeps memory safe.
+// Not where parameters are validated for users (pyllm/kernels.py, sample); here only what keeps memory safe.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 

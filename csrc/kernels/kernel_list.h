@@ -40,7 +40,7 @@
                             const float* up, int64_t n))                                              \
   /* cos, sin (P, HS/2): the rotation angles p / theta^(2i / HS) of positions p = positions[r]    \
      [positions null: r], computed in double precision. */                                          \
-  X(rope_tables, void, (float* cos, float* sin, const int64_t* positions, int64_t P, int64_t HS,     \
+  X(rope_tables, void, (float* cos, float* sin, const double* positions, int64_t P, int64_t HS,      \
                         double theta))                                                                \
   /* inp, out (B, T, H, HS) at any strides (values contiguous), HS even; the rotation of (b, t) is  \
      row pos0[b] + t of cos, sin (P, HS/2) [pos0 null: t]. out may be inp (in place). */             \

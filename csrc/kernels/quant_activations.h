@@ -10,7 +10,7 @@
 namespace pyllm {
 namespace PYLLM_ISA {
 
-constexpr int64_t QK = 32;   // values per block of the 32-value types (and of ActBlock)
+constexpr int64_t QK = quant_block_values(kQ8_0);   // values per block of the 32-value types (and of ActBlock)
 
 // One block of activations quantized as llama.cpp's Q8_0/Q8_1 do: d = max|x| / 127 (stored as
 // float16), q = x / d rounded to the nearest integer (ties to even), and d times the sum of the q

@@ -54,7 +54,7 @@ namespace {
 template <int Type, int R>
 inline void rows_dot(float* out, const uint8_t* rows, int64_t row_bytes, const ActBlock* x,
                      int64_t nb) {
-  constexpr int64_t bb = Type == kQ8_0 ? 2 + QK : nibbles_at<Type>() + QK / 2;
+  constexpr int64_t bb = quant_block_bytes(Type);
   float extra[R];   // Q4_0's zero point and Q4_1's minimum, through the activation block sums
 #if defined(__AVX2__)
   __m256 acc[R];

@@ -40,22 +40,17 @@ inline constexpr GgmlType kGgmlTypes[] = {
 #undef PYLLM_TYPE_ENTRY
 };
 
-// Internal linkage (static): kernel sources include this with -m flags, and an inline function
-// shared with baseline code could be linked in its AVX-512 form (see simd.h).
+// Internal linkage (static) and constexpr (usable as a template's constant): kernel sources include
+// this with -m flags, and an inline function shared with baseline code could be linked in its
+// AVX-512 form (see simd.h).
 // The entry of a quantized type id, or null for a float type or an unknown id.
-static inline const GgmlType* quant_type(int id) {
+static constexpr const GgmlType* quant_type(int id) {
   for (const GgmlType& t : kGgmlTypes)
     if (t.id == id) return t.quantized ? &t : nullptr;
   return nullptr;
 }
 // Values per block (32, or 256 for the K-quants' super-blocks) of a quantized type, 0 if not one.
-static inline int64_t quant_block_values(int id) {
-  const GgmlType* t = quant_type(id);
-  return t ? t->block_values : 0;
-}
-static inline int64_t quant_block_bytes(int id) {
-  const GgmlType* t = quant_type(id);
-  return t ? t->block_bytes : 0;
-}
+static constexpr int64_t quant_block_values(int id) { return quant_type(id) ? quant_type(id)->block_values : 0; }
+static constexpr int64_t quant_block_bytes(int id) { return quant_type(id) ? quant_type(id)->block_bytes : 0; }
 
 }  // namespace pyllm

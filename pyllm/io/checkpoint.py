@@ -28,7 +28,7 @@ class Checkpoint:
 
 
 def write_checkpoint(folder, tensors: dict[str, np.ndarray], state: dict, tensors_file: str, state_file: str,
-                     extra: Optional[Callable[[Path], None]] = None) -> Path:
+                     extra: Optional[Callable[[Path], None]] = None, indent: Optional[int] = None) -> Path:
     """Writes folder as a whole: tensors_file (safetensors), state_file (JSON) and whatever extra(tmp)
     adds, into folder.tmp first, then swapped in (see pyllm.io.atomic.replace_folder)."""
     folder = Path(folder)
@@ -38,7 +38,7 @@ def write_checkpoint(folder, tensors: dict[str, np.ndarray], state: dict, tensor
     if extra is not None:
         extra(tmp)
     write_safetensors(tmp / tensors_file, tensors)
-    write_text(tmp / state_file, json.dumps(state))
+    write_text(tmp / state_file, json.dumps(state, indent=indent))
     replace_folder(tmp, folder)
     return folder
 

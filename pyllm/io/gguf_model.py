@@ -17,7 +17,7 @@ import numpy as np
 from pyllm import kernels
 from pyllm.io.gguf import GGUFFile, TensorInfo
 from pyllm.io.tensors import LazyTensors, ModelWeights
-from pyllm.models import ModelConfig, QuantizedWeight, parameter_specs
+from pyllm.models import ModelConfig, QuantizedWeight, parameter_specs, stored_in_out
 
 _ID = {t.name: t.id for t in kernels.GGML_TYPES.values()}
 F32, F16, BF16 = _ID["F32"], _ID["F16"], _ID["BF16"]
@@ -26,7 +26,6 @@ QK = kernels.GGML_TYPES[Q8_0].block_values    # values per block of the 32-value
 QUANTIZED = tuple(t.id for t in kernels.GGML_TYPES.values() if t.quantized)
 row_bytes = kernels.row_bytes
 
-ARCHITECTURES = ("llama", "gpt2")
 # GGUF tensor name -> Hugging Face name: per layer ({i}) and global, per architecture.
 _LAYER_NAMES = {
     "llama": {"attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
@@ -39,6 +38,7 @@ _LAYER_NAMES = {
               ("ffn_norm", "ln_2"), ("ffn_up", "mlp.c_fc"), ("ffn_down", "mlp.c_proj")) for part in ("weight", "bias")},
 }
 _LAYER_PREFIX = {"llama": "model.layers.{i}.", "gpt2": "transformer.h.{i}."}
+ARCHITECTURES = tuple(_LAYER_NAMES)   # what this reader maps
 _GLOBAL_NAMES = {
     "llama": {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
               "output.weight": "lm_head.weight"},
@@ -46,8 +46,6 @@ _GLOBAL_NAMES = {
              "output_norm.weight": "transformer.ln_f.weight", "output_norm.bias": "transformer.ln_f.bias",
              "output.weight": "lm_head.weight"},
 }
-# GPT-2 matrices that Hugging Face stores (in, out) (Conv1D) and GGUF (out, in).
-_GPT2_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
 def hf_name(arch: str, gguf_name: str) -> Optional[str]:
@@ -145,6 +143,7 @@ def read_weights(f: GGUFFile, dequantize: bool = False) -> ModelWeights:
         if target is not None:
             names[target] = info
     shapes = {s.name: s.shape for s in parameter_specs(cfg)}
+    in_out = stored_in_out(cfg)     # GGUF stores every matrix (out, in); these are (in, out) as floats
     quantized: dict[str, QuantizedWeight] = {}
     if not dequantize:
         for target, info in names.items():
@@ -163,7 +162,7 @@ def read_weights(f: GGUFFile, dequantize: bool = False) -> ModelWeights:
             values = unpermute_rope(values, cfg.n_head)
         elif target.endswith("k_proj.weight"):
             values = unpermute_rope(values, cfg.n_kv_head)
-        elif arch == "gpt2" and target.endswith(_GPT2_CONV1D):
+        elif target in in_out:
             values = np.ascontiguousarray(values.T)
         if target in shapes and values.shape != tuple(shapes[target]):
             raise ValueError(f"{f.path}: tensor {names[target].name} has shape {values.shape}, the model needs "

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import struct
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
@@ -130,50 +129,62 @@ def load_state(path) -> dict[str, np.ndarray]:
 
 
 def _tensor_reader(path: Path):
-    """(names, read(name) -> float32 array) for a safetensors file, reading one tensor per call."""
+    """(names, read(name) -> float32 array) for a safetensors file, one tensor per call (the file
+    opened once, memory-mapped)."""
     try:
-        with safe_open(str(path), framework="numpy") as f:
-            names = list(f.keys())
+        handle = safe_open(str(path), framework="numpy")
+        names = list(handle.keys())
     except SafetensorError as exc:
         raise ValueError(f"{path}: not a readable safetensors file ({exc})") from None
     except OSError as exc:
         raise ValueError(f"{path}: could not read ({exc})") from None
+    header: dict = {}
 
     def read(name: str) -> np.ndarray:
         try:
-            with safe_open(str(path), framework="numpy") as f:
-                return np.asarray(f.get_tensor(name), dtype=np.float32)
+            return np.asarray(handle.get_tensor(name), dtype=np.float32)
         except SafetensorError as exc:
             raise ValueError(f"{path}: tensor {name} is not readable ({exc})") from None
         except Exception as exc:   # bf16 and other dtypes numpy lacks land here, as various errors
             if "bf16" in str(exc).lower() or "bfloat16" in str(exc).lower():
-                return _read_bf16(path, name)
+                if not header:
+                    header.update(_header(path))
+                return _read_bf16(path, header, name)
             raise ValueError(f"{path}: tensor {name} could not be read ({exc})") from None
 
     return names, read
 
 
-def _read_bf16(path: Path, name: str) -> np.ndarray:
-    """One tensor of a safetensors file by its JSON header, BF16 widened to float32 by hand."""
+def _header(path: Path) -> dict:
+    """A safetensors file's JSON header, and where its data starts (key "__start__")."""
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
             raise ValueError(f"{path}: truncated safetensors file")
         (header_len,) = struct.unpack("<Q", head)
-        size = path.stat().st_size
-        if 8 + header_len > size:
+        if 8 + header_len > path.stat().st_size:
             raise ValueError(f"{path}: header length {header_len} runs past the end of the file")
         header = json.loads(f.read(header_len))
-        info = header.get(name)
-        dtypes = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
-        if not isinstance(info, dict) or info.get("dtype") not in dtypes:
-            raise ValueError(f"{path}: tensor {name} has an unsupported dtype")
-        start, end = info["data_offsets"]
-        shape = tuple(info["shape"])
-        dtype = dtypes[info["dtype"]]
-        if not 0 <= start <= end <= size - 8 - header_len or end - start != np.dtype(dtype).itemsize * int(np.prod(shape)):
-            raise ValueError(f"{path}: tensor {name} has offsets {start}..{end} that do not fit its shape")
-        f.seek(8 + header_len + start)
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: corrupt safetensors header")
+    header["__start__"] = 8 + header_len
+    return header
+
+
+def _read_bf16(path: Path, header: dict, name: str) -> np.ndarray:
+    """One tensor of a safetensors file by its JSON header, BF16 widened to float32 by hand."""
+    info = header.get(name)
+    dtypes = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
+    if not isinstance(info, dict) or info.get("dtype") not in dtypes:
+        raise ValueError(f"{path}: tensor {name} has an unsupported dtype")
+    start, end = info["data_offsets"]
+    shape = tuple(info["shape"])
+    dtype = dtypes[info["dtype"]]
+    size = path.stat().st_size - header["__start__"]
+    if not 0 <= start <= end <= size or end - start != np.dtype(dtype).itemsize * int(np.prod(shape)):
+        raise ValueError(f"{path}: tensor {name} has offsets {start}..{end} that do not fit its shape")
+    with open(path, "rb") as f:
+        f.seek(header["__start__"] + start)
         raw = np.frombuffer(f.read(end - start), dtype=dtype).reshape(shape)
     if info["dtype"] == "BF16":
         return (raw.astype(np.uint32) << 16).view(np.float32)
@@ -188,12 +199,12 @@ def read_config(directory) -> ModelConfig:
     return config_from_hf(read_json_object(directory / CONFIG), str(directory / CONFIG))
 
 
-def read_folder(source, config: Optional[ModelConfig] = None) -> ModelWeights:
+def read_folder(source) -> ModelWeights:
     """The config and the tensors (read lazily, under pyllm's names) of a Hugging Face folder."""
     directory = Path(source)
     if directory.is_file():
         directory = directory.parent
-    cfg = config or read_config(directory)
+    cfg = read_config(directory)
     weights = directory / WEIGHTS
     if not weights.is_file():
         raise FileNotFoundError(f"{directory}: no {WEIGHTS}")

@@ -29,6 +29,9 @@ class LazyTensors(Mapping):
             raise KeyError(name)
         return self._read(name)
 
+    def __contains__(self, name) -> bool:   # Mapping's default would read the tensor to find out
+        return name in self._known
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._names)
 

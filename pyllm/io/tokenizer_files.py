@@ -166,7 +166,6 @@ def _from_hf(doc: dict, path: Path) -> TokenizerData:
     return TokenizerData(vocab, merges, _hf_pattern(doc.get("pre_tokenizer"), path), specials, unk)
 
 
-
 def _hf_pre_tokenizer(pattern: str) -> dict:
     """The tokenizer.json pre_tokenizer that splits like `pattern`, then maps bytes to characters."""
     if pattern == "gpt2_digits":
@@ -230,8 +229,6 @@ def gguf_tokenizer(f: GGUFFile) -> TokenizerData:
             raise ValueError(f"{path}: merge {r} ({m!r}) is malformed or names an unknown token") from None
     unk = meta.get("tokenizer.ggml.unknown_token_id")
     return TokenizerData(vocab, merges, GGUF_PRE[pre], specials, unk if isinstance(unk, int) else None)
-
-
 
 
 # ----------------------------------------------------------------------------- writing

@@ -4,7 +4,8 @@ and one file per architecture (gpt2.py, llama.py). Imports only pyllm.kernels; k
     config.py       ModelConfig
     params.py       ParamSpec, QuantizedWeight, the flat-buffer views
     cache.py        KVCache
-    layers.py       linear (float / transposed / quantized / fused / LoRA), norms, embedding, workspace
+    layers.py       linear (float / transposed / quantized / fused / LoRA), norms, embedding
+    workspace.py    activation buffers reused across steps
     blocks.py       the block skeleton: training forward, backward, cached decode step
     gpt2.py         GPT-2's own pieces       llama.py   Llama's own pieces
     transformer.py  Transformer: parameters + checks + the three ways to run
@@ -13,7 +14,7 @@ and one file per architecture (gpt2.py, llama.py). Imports only pyllm.kernels; k
 from pyllm.models.cache import KVCache
 from pyllm.models.config import ARCHITECTURES, ModelConfig
 from pyllm.models.params import ParamSpec, QuantizedWeight
-from pyllm.models.transformer import IGNORE, Transformer, parameter_specs
+from pyllm.models.transformer import IGNORE, Transformer, parameter_specs, stored_in_out
 
 __all__ = ["ARCHITECTURES", "IGNORE", "KVCache", "ModelConfig", "ParamSpec", "QuantizedWeight", "Transformer",
-           "parameter_specs"]
+           "parameter_specs", "stored_in_out"]

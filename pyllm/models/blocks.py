@@ -19,7 +19,8 @@ import numpy as np
 
 from pyllm.kernels import unchecked as fast
 from pyllm.models.config import ModelConfig
-from pyllm.models.layers import Layer, Norm, Projection, Weights, Workspace, linear, linear_backward
+from pyllm.models.layers import Layer, Norm, Projection, Weights, linear, linear_backward
+from pyllm.models.workspace import Workspace
 
 
 class Architecture:

@@ -28,7 +28,3 @@ class KVCache:
         self.k = [np.zeros(shape, np.float32) for _ in range(config.n_layer)]
         self.v = [np.zeros(shape, np.float32) for _ in range(config.n_layer)]
         self.lengths = np.zeros(self.batch, np.int64)
-
-    def room(self) -> int:
-        """Positions left in the fullest row."""
-        return self.capacity - int(self.lengths.max())

@@ -15,8 +15,9 @@ import numpy as np
 from pyllm.kernels import unchecked as fast
 from pyllm.models.blocks import Architecture
 from pyllm.models.config import ModelConfig
-from pyllm.models.layers import Layer, Projection, Weights, Workspace, embed_tokens, linear, linear_backward
+from pyllm.models.layers import Layer, Projection, Weights, embed_tokens, linear, linear_backward
 from pyllm.models.params import ParamSpec
+from pyllm.models.workspace import Workspace
 
 WTE, WPE = "transformer.wte.weight", "transformer.wpe.weight"
 

@@ -1,5 +1,5 @@
-"""The layers every architecture shares: one `linear` (and its backward) for every kind of weight,
-the norms, the token embedding and the output head, and the workspace their buffers come from.
+"""The layers every architecture shares: one `linear` (and its backward) for every kind of weight
+(the output head is one too, blocks.head_projection), the norms and the token embedding.
 
 A projection's weight may be float32 in either layout (Llama's (out, in), GPT-2's Conv1D (in, out)),
 kept in a ggml block format (a GGUF model), a fused block of adjacent weights (q, k and v as one
@@ -19,6 +19,7 @@ import numpy as np
 
 from pyllm.kernels import unchecked as fast
 from pyllm.models.params import QuantizedWeight
+from pyllm.models.workspace import Workspace
 
 
 class Adapters(Protocol):
@@ -76,31 +77,6 @@ class Layer:
     mlp: tuple            # the feed-forward's projections, in the architecture's order
 
 
-class Workspace:
-    """Activation buffers for one batch shape, allocated on first use and reused by every later step
-    of that shape; views into them can be kept too (`view`), so hot loops build none."""
-
-    def __init__(self) -> None:
-        self.key: tuple = ()
-        self.arrays: dict[str, np.ndarray] = {}
-        self.views: dict[str, object] = {}
-
-    def reset(self, key: tuple) -> bool:
-        """Starts a step of shape `key`; True when the buffers of the last one are reused."""
-        if key == self.key:
-            return True
-        self.key, self.arrays, self.views = key, {}, {}
-        return False
-
-    def get(self, name: str, shape: tuple, zero: bool = False) -> np.ndarray:
-        arr = self.arrays.get(name)
-        if arr is None or arr.shape != shape:
-            arr = self.arrays[name] = np.empty(shape, np.float32)
-        if zero:
-            arr.fill(0.0)
-        return arr
-
-
 # ----------------------------------------------------------------------------- linear
 
 def linear(model: Weights, proj: Projection, out: np.ndarray, x: np.ndarray) -> None:
@@ -115,7 +91,7 @@ def linear(model: Weights, proj: Projection, out: np.ndarray, x: np.ndarray) -> 
     elif proj.parts and proj.parts[0][0] in model.quantized:   # fused parts in different quantized types
         for name, cols in proj.parts:
             part = model.quantized[name]
-            piece = model.scratch("linear_part", (M, cols.stop - cols.start))
+            piece = model.scratch(f"linear_part.{cols.start}", (M, cols.stop - cols.start))
             fast.matmul_quant(piece, x, part.data, part.ggml_type, M, proj.inp, piece.shape[1],
                               model.int8_activations)
             out[:, cols] = piece
@@ -144,8 +120,10 @@ def linear_backward(model: Weights, proj: Projection, dx: np.ndarray, dout: np.n
             part_dx = model.scratch("linear_part_dx", dx.shape)
             for k, (name, cols) in enumerate(proj.parts):
                 part = model.quantized[name]
-                fast.matmul_quant_backward(dx if k == 0 else part_dx, np.ascontiguousarray(dout[:, cols]),
-                                           part.data, part.ggml_type, M, proj.inp, cols.stop - cols.start)
+                part_dout = model.scratch(f"linear_part_dout.{cols.start}", (M, cols.stop - cols.start))
+                np.copyto(part_dout, dout[:, cols])
+                fast.matmul_quant_backward(dx if k == 0 else part_dx, part_dout, part.data, part.ggml_type, M,
+                                           proj.inp, part_dout.shape[1])
                 if k:
                     dx += part_dx
     else:

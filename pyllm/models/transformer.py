@@ -11,6 +11,7 @@ Not files (pyllm.io, and pyllm.Model which adds them), sampling (pyllm.generate)
 from __future__ import annotations
 
 import math
+import threading
 from typing import Optional
 
 import numpy as np
@@ -22,9 +23,10 @@ from pyllm.models.cache import KVCache
 from pyllm.models.config import ARCHITECTURES as ARCHITECTURE_NAMES
 from pyllm.models.config import ModelConfig
 from pyllm.models.gpt2 import GPT2
-from pyllm.models.layers import Projection, Workspace
+from pyllm.models.layers import Projection
 from pyllm.models.llama import Llama
 from pyllm.models.params import ParamSpec, QuantizedWeight, flat_views, initialise, offsets
+from pyllm.models.workspace import Workspace
 
 ARCHITECTURES: dict[str, Architecture] = {arch.name: arch for arch in (GPT2(), Llama())}
 assert tuple(ARCHITECTURES) == ARCHITECTURE_NAMES, "models/config.py lists the architectures written here"
@@ -32,9 +34,26 @@ assert tuple(ARCHITECTURES) == ARCHITECTURE_NAMES, "models/config.py lists the a
 IGNORE = -100   # a target that is not learned (a prompt, padding)
 
 
+class _Buffers(threading.local):
+    """Each thread's own activation buffers: two threads may run one model (a server's requests)."""
+
+    def __init__(self) -> None:
+        self.train, self.step, self.scratch = Workspace(), Workspace(), Workspace()
+
+
 def parameter_specs(cfg: ModelConfig) -> list[ParamSpec]:
     """Every parameter of a model of this config with its Hugging Face name, decayed ones first."""
     return ARCHITECTURES[cfg.arch].parameter_specs(cfg)
+
+
+def in_out_weights(layers: list) -> set[str]:
+    """The matrices of these layers stored (in, out) (GPT-2's Conv1D) rather than (out, in)."""
+    return {p.weight for layer in layers for p in (layer.qkv, layer.o) + layer.mlp if p.in_out}
+
+
+def stored_in_out(cfg: ModelConfig) -> set[str]:
+    """in_out_weights of a model of this config: what a reader of (out, in) files transposes."""
+    return in_out_weights(ARCHITECTURES[cfg.arch].layers(cfg))
 
 
 class Transformer:
@@ -50,7 +69,7 @@ class Transformer:
         self.int8_activations = True
         self.lora = None   # pyllm.lora.LoRA adapters, when attached (the base is then frozen)
         layers = self.runner.layers
-        self._in_out = {p.weight for layer in layers for p in (layer.qkv, layer.o) + layer.mlp if p.in_out}
+        self._in_out = in_out_weights(layers)
         self._fused = {layer.qkv.weight: layer.qkv for layer in layers if layer.qkv.parts}
         all_specs = self.arch.parameter_specs(config)
         self._check_quantized(all_specs)
@@ -70,7 +89,7 @@ class Transformer:
                 size = proj.out * proj.inp
                 self._fused_weights[proj.weight] = self.params[start:start + size].reshape(proj.out, proj.inp)
                 self._fused_grads[proj.weight] = self.grads[start:start + size].reshape(proj.out, proj.inp)
-        self._ws, self._step_ws, self._scratch = Workspace(), Workspace(), {}
+        self._buffers = _Buffers()
         self._rope: Optional[tuple] = None
         if seed is not None:   # None: weights to be loaded (zeros until then)
             initialise(self.p, self.specs, seed, config.n_layer)
@@ -96,30 +115,36 @@ class Transformer:
         return None if self.frozen or proj.bias is None else self.g[proj.bias]
 
     def scratch(self, name: str, shape: tuple) -> np.ndarray:
-        buffer = self._scratch.get(name)
-        if buffer is None or buffer.shape != shape:
-            buffer = self._scratch[name] = np.empty(shape, np.float32)
-        return buffer
+        return self._buffers.scratch.get(name, shape)
 
     def _rope_tables(self, length: int) -> Optional[tuple]:
         """(cos, sin) covering positions 0 .. length-1 at least (None without rotary embeddings)."""
         if not self.arch.rotary:
             return None
-        if self._rope is None or self._rope[0].shape[0] < length:
-            size = max(length, min(self.config.block_size, 4096))
-            self._rope = kernels.rope_tables(size, self.config.head_size, self.config.rope_theta)
-        return self._rope
+        tables = self._rope
+        if tables is None or tables[0].shape[0] < length:   # grown geometrically, up to the context
+            have = 0 if tables is None else tables[0].shape[0]
+            size = max(length, min(self.config.block_size, max(4096, 2 * have)))
+            tables = self._rope = kernels.rope_tables(size, self.config.head_size, self.config.rope_theta)
+        return tables
 
     def _check_quantized(self, specs: list[ParamSpec]) -> None:
         """Every quantized weight names a parameter (or a fused projection) and fits its shape."""
         shapes, fused = {s.name: s.shape for s in specs}, self._fused
+        # What may stay in blocks: what is multiplied (projections, the head) or looked up by row (the
+        # token embedding); not what is added (norms, biases, GPT-2's position table).
+        kept = {self.arch.embedding, self.runner.head.weight}
+        for layer in self.runner.layers:
+            for proj in (layer.qkv, layer.o) + layer.mlp:
+                kept |= {proj.weight} | {name for name, _ in proj.parts}
         for name, weight in self.quantized.items():
+            if name not in kept:
+                raise ValueError(f"{name!r} cannot be kept quantized in a {self.config.arch} model (only its "
+                                 f"matrices and token embedding can)")
             if name in fused:
                 need = (fused[name].out, fused[name].inp)
-            elif name in shapes:
-                need = tuple(reversed(shapes[name])) if name in self._in_out else tuple(shapes[name])
             else:
-                raise ValueError(f"quantized weight {name!r} is not a parameter of this {self.config.arch} model")
+                need = tuple(reversed(shapes[name])) if name in self._in_out else tuple(shapes[name])
             if len(need) != 2 or tuple(weight.shape) != need:
                 raise ValueError(f"the quantized tensor for {name} is {tuple(weight.shape)}; the config's sizes "
                                  f"need {need} (rows of outputs, columns of inputs)")
@@ -160,12 +185,14 @@ class Transformer:
     def load_state_dict(self, state, strict: bool = True) -> None:
         """Copies arrays into the parameters, checking names and shapes. `state` is a mapping of
         name -> array; a lazy one (a file reader's) is read one tensor at a time."""
-        missing = [name for name in self.p if name not in state]
-        unexpected = [name for name in state if name not in self.p]
+        names = list(state)    # the keys only: a lazy mapping reads nothing yet
+        present = set(names)
+        missing = [name for name in self.p if name not in present]
+        unexpected = [name for name in names if name not in self.p]
         if strict and (missing or unexpected):
             raise ValueError(f"state dict mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
         for name in self.p:
-            if name not in state:
+            if name not in present:
                 continue
             value = np.asarray(state[name])
             if value.shape != self.p[name].shape:
@@ -206,7 +233,7 @@ class Transformer:
     # ------------------------------------------------------------------ forward / backward
 
     def _forward(self, ids: np.ndarray, rows: Optional[np.ndarray] = None) -> np.ndarray:
-        return self.runner.forward(self, self._ws, ids, self._rope_tables(ids.shape[1]), rows)
+        return self.runner.forward(self, self._buffers.train, ids, self._rope_tables(ids.shape[1]), rows)
 
     def __call__(self, ids) -> np.ndarray:
         """Logits (B, T, vocab) for token ids (B, T) or (T,) -> (1, T, vocab)."""
@@ -241,13 +268,14 @@ class Transformer:
             flat_targets = np.ascontiguousarray(flat_targets[rows])
         N, V = flat_targets.size, self.config.vocab_size
         logits = self._forward(ids, rows).reshape(N, V)
-        losses, lse = self._ws.get("losses", (N,)), self._ws.get("lse", (N,))
+        ws = self._buffers.train
+        losses, lse = ws.get("losses", (N,)), ws.get("lse", (N,))
         fast.cross_entropy_forward(losses, lse, logits, flat_targets, N, V, IGNORE)
         count = int(learned.size)
         loss = float(losses.sum(dtype=np.float64) / count) if count else 0.0
         scale = float(loss_scale) / count if count else 0.0
         fast.cross_entropy_backward(logits, logits, lse, flat_targets, scale, N, V, IGNORE)  # in place
-        self.runner.backward(self, None if self.frozen else self.g, self._ws, ids, logits,
+        self.runner.backward(self, None if self.frozen else self.g, ws, ids, logits,
                              self._rope_tables(ids.shape[1]), rows)
         return loss
 
@@ -278,7 +306,7 @@ class Transformer:
                 raise ValueError(f"counts must be (B={B},) integers in [1, Tq={Tq}], got {counts!r}")
             counts = counts.astype(np.int64)
         rope = self._rope_tables(int(lengths.max()) + Tq)
-        logits = self.runner.step(self, self._step_ws, ids, cache, rows, lengths, counts, rope)
+        logits = self.runner.step(self, self._buffers.step, ids, cache, rows, lengths, counts, rope)
         cache.lengths[rows] = lengths + (counts if counts is not None else Tq)
         return logits
 
