@@ -1110,6 +1110,28 @@ def test_strided_kernels_refuse_what_does_not_fit(K):
         K.unchecked.rope_forward(np.broadcast_to(x, x.shape), x, cos, sin, None)
 
 
+def test_the_unchecked_entrance_refuses_out_of_bounds_calls(K):
+    # The model's hot path skips pyllm.kernels' checks; what the bindings still refuse is what
+    # would read or write outside the arrays.
+    logits, losses, lse = np.zeros((2, 5), np.float32), np.zeros(2, np.float32), np.zeros(2, np.float32)
+    with pytest.raises(ValueError, match="target"):
+        K.unchecked.cross_entropy_forward(losses, lse, logits, np.array([0, 5]), 2, 5, -100)
+    with pytest.raises(ValueError, match="target"):
+        K.unchecked.cross_entropy_backward(logits, logits, lse, np.array([-3, 1]), 1.0, 2, 5, -100)
+    K.unchecked.cross_entropy_forward(losses, lse, logits, np.array([-100, 4]), 2, 5, -100)   # ignored: fine
+    out, a = np.zeros(8, np.float32), np.zeros(8, np.float32)
+    with pytest.raises(ValueError, match="too large|negative"):
+        K.unchecked.matmul_forward(out, a, a, None, 2 ** 61, 8, 8, False)    # 2^61 * 8 wraps to 0
+    with pytest.raises(ValueError, match="negative"):
+        K.unchecked.matmul_forward(out, a, a, None, -1, 1, 1, False)
+    cos, sin = R.rope_tables(4, 4)
+    x = np.zeros((1, 2, 1, 4), np.float32)
+    with pytest.raises(ValueError, match="pos0"):
+        K.unchecked.rope_forward(x, x, cos, sin, np.array([2 ** 63 - 1]))
+    with pytest.raises(ValueError, match="pos0"):
+        K.unchecked.kv_write(np.zeros((1, 1, 4, 4), np.float32), x, np.array([2 ** 63 - 1]))
+
+
 def test_the_ggml_type_table_agrees_with_the_twin(K):
     # The C++ table (csrc/kernels/quant_types.h) and the numpy decoders' own statement of the layouts.
     assert set(K.GGML_TYPES) == set(R.BLOCKS)
