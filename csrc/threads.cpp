@@ -24,16 +24,38 @@ namespace {
 
 thread_local bool in_parallel_region = false;
 
-// Waiting threads spin this many pauses (about 0.1 ms) before sleeping: back-to-back kernels
-// (a model step) then start without a wake-up, which on a virtual machine can take milliseconds,
-// and an idle pool still gives the cores back quickly.
-constexpr int kSpinPauses = 4096;
+// Waiting threads spin (with a pause per check, and a yield of the core every kYieldEvery
+// checks) for about 0.1 ms before sleeping: back-to-back kernels (a model step) then start
+// without a wake-up, which on a virtual machine can take milliseconds, while a thread that
+// shares its core with a busy process still lets it run, and an idle pool gives the cores back.
+constexpr int kSpinChecks = 4096;
+constexpr int kYieldEvery = 256;
 
 inline void cpu_relax() {
 #if defined(__x86_64__) || defined(__i386__)
   __builtin_ia32_pause();
 #endif
 }
+
+// Spins until done() or the budget is spent; true if done.
+template <class Done>
+bool spin_until(Done done) {
+  for (int i = 1; i <= kSpinChecks; ++i) {
+    if (done()) return true;
+    cpu_relax();
+    if (i % kYieldEvery == 0) std::this_thread::yield();
+  }
+  return done();
+}
+
+// A job is published in one atomic word: its generation (high 32 bits), whether it still takes
+// helpers (bit 31), and how many workers joined it (low bits). A worker joins only an open job of
+// the generation it woke for; the caller closes the job once it has no more items to take, then
+// waits only for the workers that joined. A worker that wakes late (its core was busy with another
+// process) finds the job closed and skips it, so nobody waits for a thread that never started.
+constexpr uint64_t kOpen = uint64_t(1) << 31;
+constexpr uint64_t kJoinedMask = kOpen - 1;
+inline uint32_t generation_of(uint64_t state) { return uint32_t(state >> 32); }
 
 class Pool {
  public:
@@ -44,7 +66,7 @@ class Pool {
     {
       std::lock_guard<std::mutex> lock(mu_);
       stopping_ = true;
-      generation_.fetch_add(1);
+      state_.store(uint64_t(generation_ + 1) << 32);
     }
     start_.notify_all();
     for (auto& w : workers_) w.join();
@@ -52,21 +74,27 @@ class Pool {
   int size() const { return static_cast<int>(workers_.size()) + 1; }
 
   void run(int64_t n, int64_t grain, RangeFn fn, void* ctx) {
-    {
+    fn_ = fn;
+    ctx_ = ctx;
+    n_ = n;
+    grain_ = grain;
+    next_.store(0, std::memory_order_relaxed);
+    finished_.store(0, std::memory_order_relaxed);
+    ++generation_;
+    state_.store((uint64_t(generation_) << 32) | kOpen);   // seq_cst: pairs with sleepers_ below
+    if (sleepers_.load() > 0) {
       std::lock_guard<std::mutex> lock(mu_);
-      fn_ = fn;
-      ctx_ = ctx;
-      n_ = n;
-      grain_ = grain;
-      next_.store(0);
-      active_.store(static_cast<int>(workers_.size()));
-      generation_.fetch_add(1);
+      start_.notify_all();
     }
-    start_.notify_all();
     work();
-    for (int i = 0; i < kSpinPauses && active_.load() != 0; ++i) cpu_relax();
-    std::unique_lock<std::mutex> lock(mu_);
-    done_.wait(lock, [this] { return active_.load() == 0; });
+    const uint64_t joined = state_.fetch_and(~kOpen) & kJoinedMask;   // closed: no more helpers
+    auto all_back = [&] { return uint64_t(finished_.load(std::memory_order_acquire)) == joined; };
+    if (!spin_until(all_back)) {
+      std::unique_lock<std::mutex> lock(mu_);
+      caller_waiting_ = true;
+      done_.wait(lock, all_back);
+      caller_waiting_ = false;
+    }
     if (error_) std::rethrow_exception(std::exchange(error_, nullptr));
   }
 
@@ -86,28 +114,43 @@ class Pool {
     in_parallel_region = false;
   }
 
+  // Joins the open job of generation g; false if it has closed (or another one started).
+  bool join(uint32_t g) {
+    uint64_t s = state_.load();
+    while (generation_of(s) == g && (s & kOpen))
+      if (state_.compare_exchange_weak(s, s + 1)) return true;
+    return false;
+  }
+
   void worker_loop() {
-    uint64_t seen = 0;
+    uint32_t seen = 0;
     for (;;) {
-      for (int i = 0; i < kSpinPauses && generation_.load() == seen; ++i) cpu_relax();
-      {
+      auto new_job = [&] { return generation_of(state_.load()) != seen; };
+      if (!spin_until(new_job)) {
         std::unique_lock<std::mutex> lock(mu_);
-        start_.wait(lock, [&] { return generation_.load() != seen; });
-        seen = generation_.load();
-        if (stopping_) return;
+        sleepers_.fetch_add(1);
+        start_.wait(lock, new_job);
+        sleepers_.fetch_sub(1);
       }
+      if (stopping_) return;
+      seen = generation_of(state_.load());
+      if (!join(seen)) continue;
       work();
+      finished_.fetch_add(1, std::memory_order_release);
       std::lock_guard<std::mutex> lock(mu_);
-      if (active_.fetch_sub(1) == 1) done_.notify_one();
+      if (caller_waiting_) done_.notify_one();
     }
   }
 
   std::vector<std::thread> workers_;
   std::mutex mu_;
   std::condition_variable start_, done_;
-  std::atomic<uint64_t> generation_{0};  // bumped (under mu_) for every job
-  bool stopping_ = false;
-  std::atomic<int> active_{0};           // workers still inside the current job
+  std::atomic<uint64_t> state_{0};   // generation | open | joined, see above
+  uint32_t generation_ = 0;          // the caller's count of jobs (only the caller writes it)
+  std::atomic<int> sleepers_{0};     // workers asleep on start_
+  std::atomic<int> finished_{0};     // joined workers done with the current job
+  bool caller_waiting_ = false;      // under mu_
+  std::atomic<bool> stopping_{false};
   RangeFn fn_ = nullptr;
   void* ctx_ = nullptr;
   int64_t n_ = 0, grain_ = 1;

@@ -1404,3 +1404,19 @@ def test_kernels_work_in_a_forked_child(tmp_path):
     # From an empty folder: `python -c` puts the working directory first on sys.path, and the source
     # tree's pyllm/ (no compiled _C there) would shadow the installed package.
     subprocess.run([sys.executable, "-c", script], check=True, timeout=60, cwd=tmp_path)
+
+
+def test_many_back_to_back_jobs_on_more_threads_than_cores(K, restore_threads, rng):
+    # The pool's join protocol: a worker that wakes late skips a job that has closed, and the caller
+    # waits only for the workers that joined. Thousands of short jobs on 4 threads (more than this
+    # machine's cores, so workers are often late) must all complete with the right answers.
+    x = randn(rng, 1024, 130)           # large enough to be split across the pool
+    expected = R.softmax(x)
+    K.set_num_threads(4)
+    for _ in range(1000):
+        got = K.softmax(x)
+    assert_close(got, expected, rtol=1e-5, atol=1e-7)
+    a, b = randn(rng, 64, 256), randn(rng, 256, 300)
+    expected = K.matmul(a, b)
+    for _ in range(300):
+        assert_bitwise_equal(K.matmul(a, b), expected)
