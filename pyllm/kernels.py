@@ -841,3 +841,7 @@ train_bpe = _C.train_bpe
 pretokenize = _C.pretokenize
 pretokenize_offsets = _C.pretokenize_offsets
 sample_uniform = _C.sample_uniform
+
+# The model's decode step in C++ (csrc/model/step.h): built by pyllm.models.decode from a model's
+# arrays, each of which it checks against the sizes it is given.
+DecodePlan = _C.DecodePlan

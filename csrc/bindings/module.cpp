@@ -13,6 +13,7 @@ void bind_kernels(py::module_& m);
 void bind_bpe(py::module_& m);
 void bind_sampling(py::module_& m);
 void bind_tokenizer(py::module_& m);
+void bind_model(py::module_& m);
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "pyllm's C++ kernels (use them through pyllm.kernels, which checks arguments)";
@@ -46,4 +47,5 @@ PYBIND11_MODULE(_C, m) {
   bind_bpe(m);
   bind_sampling(m);
   bind_tokenizer(m);
+  bind_model(m);
 }

@@ -1,12 +1,13 @@
-"""The pre-norm decoder block both architectures share, written once for the three ways a model
-runs: the training forward (saving what backward needs), its backward, and the cached decode step.
+"""The pre-norm decoder block both architectures share, written once: the training forward (saving
+what backward needs) and its backward. The cached decode step runs the same block in C++
+(csrc/model/step.cpp, planned by decode.py), with the same kernels in the same order.
 
     x_mid = x + attention(norm1(x)) W_o        x_next = x_mid + mlp(norm2(x_mid))
 
 q, k and v come from one fused product; attention and rope read them as strided views of its output
-(no head is copied), and the decode step appends k and v to the KV cache with kv_write. What differs
-between architectures (norm kind, positions, the feed-forward, names) is an `Architecture`
-(gpt2.py, llama.py). Not parameter storage or input checks (transformer.py).
+(no head is copied). What differs between architectures (norm kind, positions, the feed-forward,
+names) is an `Architecture` (gpt2.py, llama.py). Not parameter storage or input checks
+(transformer.py).
 Shape legend: B batch, T time, C channels, NH query heads, NKV key/value heads, HS head size,
 N = B*T rows, V vocabulary.
 """
@@ -30,6 +31,7 @@ class Architecture:
     norm: str               # "layernorm" or "rmsnorm"
     rotary: bool            # rope on q and k (else positions are added to the embedding)
     embedding: str          # the token embedding's parameter name
+    positions: Optional[str] = None   # a learned position table added to it (GPT-2), if any
     final_norm: tuple       # (weight, bias or None)
 
     def parameter_specs(self, cfg: ModelConfig) -> list:
@@ -39,19 +41,17 @@ class Architecture:
     def layers(self, cfg: ModelConfig) -> list[Layer]:
         raise NotImplementedError
 
-    def embed(self, model: Weights, out: np.ndarray, ids: np.ndarray, pos0: Optional[np.ndarray]) -> None:
-        """out (N, C) = the input of the first block for ids (B, T), row b at positions pos0[b] + t
-        (pos0 None: from 0)."""
+    def embed(self, model: Weights, out: np.ndarray, ids: np.ndarray) -> None:
+        """out (N, C) = the input of the first block for ids (B, T) at positions 0 .. T-1."""
         raise NotImplementedError
 
     def embed_backward(self, model: Weights, grads, dx: np.ndarray, ids: np.ndarray) -> None:
         """Accumulates the embeddings' gradients from dx (N, C) for ids (B, T) at positions 0 .. T-1."""
         raise NotImplementedError
 
-    def mlp_forward(self, model: Weights, layer: Layer, ws: Workspace, tag: Optional[str], x: np.ndarray,
+    def mlp_forward(self, model: Weights, layer: Layer, ws: Workspace, tag: str, x: np.ndarray,
                     out: np.ndarray) -> None:
-        """out (N, C) = mlp(x); with a tag, what backward needs is kept in ws under it (else the
-        buffers are shared by every layer and overwritten in place)."""
+        """out (N, C) = mlp(x), keeping what backward needs in ws under `tag` (the layer)."""
         raise NotImplementedError
 
     def mlp_backward(self, model: Weights, layer: Layer, ws: Workspace, tag: str, dx: np.ndarray,
@@ -79,7 +79,7 @@ def _by_head(x: np.ndarray) -> np.ndarray:
 
 
 class Runner:
-    """The shared block run over a model's weights: forward, backward, decode step."""
+    """The shared block run over a model's weights for training: forward and backward."""
 
     def __init__(self, cfg: ModelConfig, arch: Architecture) -> None:
         self.cfg, self.arch = cfg, arch
@@ -99,7 +99,7 @@ class Runner:
         N, C, NH, HS = B * T, cfg.n_embd, cfg.n_head, cfg.head_size
         ws.reset((B, T))
         x = ws.get("x0", (N, C))
-        arch.embed(model, x, ids, None)
+        arch.embed(model, x, ids)
         for i, layer in enumerate(self.layers):
             ln1 = ws.get(f"ln1.{i}", (N, C))
             norm.forward(model, ws, f"ln1.{i}", ln1, x, layer.norm1)
@@ -175,54 +175,3 @@ class Runner:
             dx += dtmp     # now d x
         if grads is not None:
             arch.embed_backward(model, grads, dx, ids)
-
-    # ------------------------------------------------------------------ decoding
-
-    def step(self, model: Weights, ws: Workspace, ids: np.ndarray, cache, rows: slice, lengths: np.ndarray,
-             counts: Optional[np.ndarray], rope: Optional[tuple]) -> np.ndarray:
-        """Appends ids (B, Tq) to the cache rows `rows` (holding `lengths` positions each) and returns
-        the logits of each row's last new position, (B, V). counts (B,), if given, says how many of
-        a row's Tq ids are real (the rest pad a ragged prefill: computed, then overwritten later).
-        rope: (cos, sin) tables covering every position reached."""
-        cfg, arch, norm = self.cfg, self.arch, self.norm
-        B, Tq = ids.shape
-        N, C, NH, HS = B * Tq, cfg.n_embd, cfg.n_head, cfg.head_size
-        if not ws.reset((B, Tq)):   # views of this shape's buffers, built once
-            qkv = ws.get("qkv", (N, self.qkv_width))
-            q, k, v = _head_views(qkv, B, Tq, cfg)
-            atty = ws.get("atty", (N, NH * HS))
-            ws.views.update(qkv=qkv, q=q, k=k, v=v, q_heads=_by_head(q), atty=atty,
-                            att=_by_head(atty.reshape(B, Tq, NH, HS)))
-        views = ws.views
-        qkv, q, k, v, q_heads, atty, att = (views[n] for n in ("qkv", "q", "k", "v", "q_heads", "atty", "att"))
-        x, ln, proj = ws.get("x", (N, C)), ws.get("ln", (N, C)), ws.get("proj", (N, C))
-        lse = ws.get("lse", (B, NH, Tq))
-        arch.embed(model, x, ids, lengths)
-        kv_lengths = lengths + Tq
-        whole = rows.start == 0 and rows.stop == cache.batch
-        for i, layer in enumerate(self.layers):
-            norm.forward(model, ws, "ln", ln, x, layer.norm1)
-            linear(model, layer.qkv, qkv, ln)
-            if rope is not None:
-                fast.rope_forward(q, q, rope[0], rope[1], lengths)
-                fast.rope_forward(k, k, rope[0], rope[1], lengths)
-            k_cache, v_cache = (cache.k[i], cache.v[i]) if whole else (cache.k[i][rows], cache.v[i][rows])
-            fast.kv_write(k_cache, k, lengths)
-            fast.kv_write(v_cache, v, lengths)
-            fast.attention_forward(att, lse, q_heads, k_cache, v_cache, True, kv_lengths)
-            linear(model, layer.o, proj, atty)
-            x += proj
-            norm.forward(model, ws, "ln", ln, x, layer.norm2)
-            arch.mlp_forward(model, layer, ws, None, ln, proj)
-            x += proj
-        if Tq == 1:
-            last = x
-        else:
-            ends = np.arange(B) * Tq + ((counts if counts is not None else Tq) - 1)
-            last = ws.get("last", (B, C))
-            np.take(x, ends, axis=0, out=last)
-        lnf = ws.get("lnf", (B, C))
-        norm.forward(model, ws, "lnf", lnf, last, arch.final_norm)
-        logits = np.empty((B, cfg.vocab_size), np.float32)   # the caller keeps it: not a workspace buffer
-        linear(model, self.head, logits, lnf)
-        return logits

@@ -23,8 +23,9 @@ class KVCache:
             raise ValueError(f"a KV cache needs a capacity of at least 1 position, got {capacity!r}")
         if capacity > config.block_size:
             raise ValueError(f"a cache of {capacity} positions exceeds the model's block_size {config.block_size}")
-        shape = (int(batch), config.n_kv_head, int(capacity), config.head_size)
+        shape = (config.n_layer, int(batch), config.n_kv_head, int(capacity), config.head_size)
         self.batch, self.capacity = int(batch), int(capacity)
-        self.k = [np.zeros(shape, np.float32) for _ in range(config.n_layer)]
-        self.v = [np.zeros(shape, np.float32) for _ in range(config.n_layer)]
+        # One buffer for every layer (the C++ step walks it by a stride); k[i] is layer i's view.
+        self.k_all, self.v_all = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+        self.k, self.v = list(self.k_all), list(self.v_all)
         self.lengths = np.zeros(self.batch, np.int64)

@@ -8,7 +8,6 @@ Not the block skeleton (blocks.py); this file holds only what is GPT-2's own.
 
 from __future__ import annotations
 
-from typing import Optional
 
 import numpy as np
 
@@ -27,6 +26,7 @@ class GPT2(Architecture):
     norm = "layernorm"
     rotary = False
     embedding = WTE
+    positions = WPE
     final_norm = ("transformer.ln_f.weight", "transformer.ln_f.bias")
 
     def parameter_specs(self, cfg: ModelConfig) -> list[ParamSpec]:
@@ -67,13 +67,10 @@ class GPT2(Architecture):
                              mlp=(conv1d("mlp.c_fc", C, F), conv1d("mlp.c_proj", F, C))))
         return out
 
-    def embed(self, model: Weights, out: np.ndarray, ids: np.ndarray, pos0: Optional[np.ndarray]) -> None:
+    def embed(self, model: Weights, out: np.ndarray, ids: np.ndarray) -> None:
         B, T = ids.shape
         embed_tokens(model, WTE, out, ids.reshape(-1))
-        if pos0 is None:
-            out.reshape(B, T, -1)[...] += model.p[WPE][:T]
-        else:
-            out += model.p[WPE][(pos0[:, None] + np.arange(T)).reshape(-1)]
+        out.reshape(B, T, -1)[...] += model.p[WPE][:T]
 
     def embed_backward(self, model: Weights, grads, dx: np.ndarray, ids: np.ndarray) -> None:
         B, T = ids.shape
@@ -81,13 +78,13 @@ class GPT2(Architecture):
         V, C = grads[WTE].shape
         fast.embedding_backward(grads[WTE], dx, ids, B * T, V, C)
 
-    def mlp_forward(self, model: Weights, layer: Layer, ws: Workspace, tag: Optional[str], x: np.ndarray,
+    def mlp_forward(self, model: Weights, layer: Layer, ws: Workspace, tag: str, x: np.ndarray,
                     out: np.ndarray) -> None:
         fc_proj, out_proj = layer.mlp
         N = x.shape[0]
-        fc = ws.get(f"fc.{tag}" if tag else "fc", (N, fc_proj.out))
+        fc = ws.get(f"fc.{tag}", (N, fc_proj.out))
         linear(model, fc_proj, fc, x)
-        act = ws.get(f"gelu.{tag}", fc.shape) if tag else fc     # decoding: in place
+        act = ws.get(f"gelu.{tag}", fc.shape)
         fast.gelu_forward(act, fc)
         linear(model, out_proj, out, act)
 

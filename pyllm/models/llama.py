@@ -8,7 +8,6 @@ Not the block skeleton (blocks.py); this file holds only what is Llama's own.
 
 from __future__ import annotations
 
-from typing import Optional
 
 import numpy as np
 
@@ -71,22 +70,22 @@ class Llama(Architecture):
                                   Projection(h + "mlp.down_proj.weight", F, C))))
         return out
 
-    def embed(self, model: Weights, out: np.ndarray, ids: np.ndarray, pos0: Optional[np.ndarray]) -> None:
+    def embed(self, model: Weights, out: np.ndarray, ids: np.ndarray) -> None:
         embed_tokens(model, EMBED, out, ids.reshape(-1))
 
     def embed_backward(self, model: Weights, grads, dx: np.ndarray, ids: np.ndarray) -> None:
         V, C = grads[EMBED].shape
         fast.embedding_backward(grads[EMBED], dx, ids, ids.size, V, C)
 
-    def mlp_forward(self, model: Weights, layer: Layer, ws: Workspace, tag: Optional[str], x: np.ndarray,
+    def mlp_forward(self, model: Weights, layer: Layer, ws: Workspace, tag: str, x: np.ndarray,
                     out: np.ndarray) -> None:
         gate_proj, up_proj, down_proj = layer.mlp
         shape = (x.shape[0], gate_proj.out)
-        gate = ws.get(f"gate.{tag}" if tag else "gate", shape)
-        up = ws.get(f"up.{tag}" if tag else "up", shape)
+        gate = ws.get(f"gate.{tag}", shape)
+        up = ws.get(f"up.{tag}", shape)
         linear(model, gate_proj, gate, x)
         linear(model, up_proj, up, x)
-        act = ws.get(f"act.{tag}", shape) if tag else gate     # decoding: in place
+        act = ws.get(f"act.{tag}", shape)
         fast.swiglu_forward(act, gate, up)
         linear(model, down_proj, out, act)
 

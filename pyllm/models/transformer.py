@@ -21,6 +21,7 @@ from pyllm.kernels import unchecked as fast
 from pyllm.models.blocks import Architecture, Runner
 from pyllm.models.cache import KVCache
 from pyllm.models.config import ARCHITECTURES as ARCHITECTURE_NAMES
+from pyllm.models.decode import build_plan
 from pyllm.models.config import ModelConfig
 from pyllm.models.gpt2 import GPT2
 from pyllm.models.layers import Projection
@@ -38,7 +39,7 @@ class _Buffers(threading.local):
     """Each thread's own activation buffers: two threads may run one model (a server's requests)."""
 
     def __init__(self) -> None:
-        self.train, self.step, self.scratch = Workspace(), Workspace(), Workspace()
+        self.train, self.scratch = Workspace(), Workspace()
 
 
 def parameter_specs(cfg: ModelConfig) -> list[ParamSpec]:
@@ -91,6 +92,7 @@ class Transformer:
                 self._fused_grads[proj.weight] = self.grads[start:start + size].reshape(proj.out, proj.inp)
         self._buffers = _Buffers()
         self._rope: Optional[tuple] = None
+        self._plan, self._plan_key = None, None
         if seed is not None:   # None: weights to be loaded (zeros until then)
             initialise(self.p, self.specs, seed, config.n_layer)
         else:
@@ -306,9 +308,19 @@ class Transformer:
                 raise ValueError(f"counts must be (B={B},) integers in [1, Tq={Tq}], got {counts!r}")
             counts = counts.astype(np.int64)
         rope = self._rope_tables(int(lengths.max()) + Tq)
-        logits = self.runner.step(self, self._buffers.step, ids, cache, rows, lengths, counts, rope)
+        logits = np.empty((B, cfg.vocab_size), np.float32)
+        whole = rows.start in (0, None) and rows.stop in (cache.batch, None)
+        k, v = (cache.k_all, cache.v_all) if whole else (cache.k_all[:, rows], cache.v_all[:, rows])
+        self._decode_plan().step(logits, ids, counts, lengths, k, v, *(rope if rope is not None else (None, None)))
         cache.lengths[rows] = lengths + (counts if counts is not None else Tq)
         return logits
+
+    def _decode_plan(self):
+        """The C++ decode plan, built on first use and again when what it points at changed."""
+        key = (id(self.lora), self.int8_activations)
+        if self._plan_key != key:
+            self._plan, self._plan_key = build_plan(self, self.runner, self.arch), key
+        return self._plan
 
     def __repr__(self) -> str:
         c = self.config

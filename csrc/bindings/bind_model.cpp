@@ -1,0 +1,211 @@
+// Binding of the decode step (csrc/model/step.h): a DecodePlan built once from the model's arrays
+// (pyllm/models/transformer.py does it), then step() per new token with the GIL released.
+// Not where models are described: every size is checked here against the arrays it points into,
+// so a wrong plan raises instead of reading out of bounds.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <algorithm>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "common.h"
+#include "kernels/quant_types.h"
+#include "model/step.h"
+
+namespace py = pybind11;
+using pyllm::check;
+namespace model = pyllm::model;
+
+namespace {
+
+template <class T>
+const T* array_of(const py::object& o, int64_t n, const std::string& name) {
+  py::array a = o.cast<py::array>();
+  check(py::dtype::of<T>().is(a.dtype()), name + " has the wrong dtype");
+  check(a.flags() & py::array::c_style, name + " must be C-contiguous");
+  check(a.size() >= n, name + " is too small: " + std::to_string(a.size()) + " < " + std::to_string(n));
+  return static_cast<const T*>(a.data());
+}
+
+int64_t row_bytes(int type, int64_t K) {
+  const int64_t values = pyllm::quant_block_values(type);
+  check(values > 0 && K % values == 0, "a quantized matrix has an unsupported type or a partial block");
+  return K / values * pyllm::quant_block_bytes(type);
+}
+
+class DecodePlan {
+ public:
+  DecodePlan(const std::string& arch, int64_t C, int64_t NH, int64_t NKV, int64_t HS, int64_t V,
+             int64_t position_rows, float eps, bool int8_activations) {
+    check(arch == "gpt2" || arch == "llama", "unknown architecture " + arch);
+    check(C > 0 && NH > 0 && NKV > 0 && NH % NKV == 0 && HS > 0 && V > 0, "inconsistent model sizes");
+    plan_.arch = arch == "gpt2" ? model::Arch::kGPT2 : model::Arch::kLlama;
+    plan_.C = C, plan_.NH = NH, plan_.NKV = NKV, plan_.HS = HS, plan_.V = V;
+    plan_.eps = eps;
+    plan_.int8_activations = int8_activations;
+    position_rows_ = position_rows;
+  }
+
+  // (float array or None, in_out, quantized array or None, ggml type, out, in, first column)
+  model::Matrix matrix(const py::tuple& t, const std::string& name) {
+    model::Matrix m;
+    m.out = t[4].cast<int64_t>(), m.in = t[5].cast<int64_t>(), m.col = t[6].cast<int64_t>();
+    check(m.out > 0 && m.in > 0 && m.col >= 0, name + ": bad sizes");
+    if (!t[0].is_none()) {
+      m.f = array_of<float>(t[0], m.out * m.in, name);
+      m.in_out = t[1].cast<bool>();
+    } else {
+      m.type = t[3].cast<int>();
+      m.q = array_of<uint8_t>(t[2], m.out * row_bytes(m.type, m.in), name);
+    }
+    keep_.push_back(t);
+    return m;
+  }
+
+  // (in, out, [matrix, ...], bias or None, [(A, B, rank, out, first column, scale), ...])
+  model::Linear linear(const py::tuple& t, int64_t in, int64_t out, const std::string& name) {
+    model::Linear lin;
+    lin.in = t[0].cast<int64_t>(), lin.out = t[1].cast<int64_t>();
+    check(lin.in == in && lin.out == out, name + ": sizes do not fit the model");
+    for (const auto& part : t[2].cast<py::list>()) {
+      model::Matrix m = matrix(part.cast<py::tuple>(), name);
+      check(m.in == in && m.col + m.out <= out, name + ": a part does not fit the product");
+      lin.parts.push_back(m);
+    }
+    check(!lin.parts.empty(), name + ": no weights");
+    check(lin.parts.size() == 1 ? lin.parts[0].out == out : lin.parts[0].q != nullptr,
+          name + ": a fused product's parts are its quantized blocks");
+    if (lin.parts.size() > 1)
+      for (const auto& m : lin.parts) check(m.q != nullptr, name + ": mixed float and quantized parts");
+    if (!t[3].is_none()) lin.bias = array_of<float>(t[3], out, name + " bias");
+    for (const auto& item : t[4].cast<py::list>()) {
+      py::tuple a = item.cast<py::tuple>();
+      model::Adapter ad;
+      ad.rank = a[2].cast<int64_t>(), ad.out = a[3].cast<int64_t>(), ad.col = a[4].cast<int64_t>();
+      ad.scale = a[5].cast<float>();
+      check(ad.rank > 0 && ad.out > 0 && ad.col >= 0 && ad.col + ad.out <= out, name + ": an adapter does not fit");
+      ad.A = array_of<float>(a[0], ad.rank * in, name + " lora_A");
+      ad.B = array_of<float>(a[1], ad.out * ad.rank, name + " lora_B");
+      lin.adapters.push_back(ad);
+    }
+    keep_.push_back(t);
+    return lin;
+  }
+
+  const float* vector(const py::object& o, int64_t n, const std::string& name) {
+    if (o.is_none()) return nullptr;
+    keep_.push_back(o);
+    return array_of<float>(o, n, name);
+  }
+
+  void set_embedding(const py::tuple& m, const py::object& positions) {
+    plan_.embedding = matrix(m, "embedding");
+    check(plan_.embedding.out == plan_.V && plan_.embedding.in == plan_.C && !plan_.embedding.in_out,
+          "the embedding must be (V, C)");
+    plan_.positions = vector(positions, position_rows_ * plan_.C, "positions");
+    check((plan_.positions != nullptr) == (plan_.arch == model::Arch::kGPT2), "positions belong to GPT-2");
+  }
+
+  void set_head(const py::object& w, const py::object& b, const py::tuple& head) {
+    plan_.final_w = vector(w, plan_.C, "final norm");
+    plan_.final_b = vector(b, plan_.C, "final norm bias");
+    check(plan_.final_w != nullptr, "the final norm needs a weight");
+    plan_.head = linear(head, plan_.C, plan_.V, "head");
+  }
+
+  void add_layer(const py::object& n1w, const py::object& n1b, const py::tuple& qkv, const py::tuple& o,
+                 const py::object& n2w, const py::object& n2b, const py::list& mlp) {
+    const int64_t C = plan_.C, A = plan_.NH * plan_.HS, QKV = (plan_.NH + 2 * plan_.NKV) * plan_.HS;
+    const std::string name = "layer " + std::to_string(plan_.layers.size());
+    model::Layer layer;
+    layer.norm1_w = vector(n1w, C, name + " norm1");
+    layer.norm1_b = vector(n1b, C, name + " norm1 bias");
+    layer.norm2_w = vector(n2w, C, name + " norm2");
+    layer.norm2_b = vector(n2b, C, name + " norm2 bias");
+    const bool gpt2 = plan_.arch == model::Arch::kGPT2;
+    check(layer.norm1_w && layer.norm2_w && (layer.norm1_b != nullptr) == gpt2 && (layer.norm2_b != nullptr) == gpt2,
+          name + ": norms do not fit the architecture");
+    layer.qkv = linear(qkv, C, QKV, name + " qkv");
+    layer.o = linear(o, A, C, name + " o");
+    check(mlp.size() == (gpt2 ? 2u : 3u), name + ": the feed-forward does not fit the architecture");
+    const int64_t F = mlp[0].cast<py::tuple>()[1].cast<int64_t>();
+    for (size_t i = 0; i < mlp.size(); ++i) {
+      const bool last = i + 1 == mlp.size();
+      layer.mlp.push_back(linear(mlp[i].cast<py::tuple>(), last ? F : C, last ? C : F, name + " mlp"));
+    }
+    plan_.layers.push_back(std::move(layer));
+  }
+
+  // logits (B, V) out; ids (B, Tq); counts (B,) or None; lengths (B,); k, v (L, B, NKV, capacity, HS)
+  // with each layer's rows contiguous (a slice of a cache's batch is fine); cos, sin (P, HS/2) or None.
+  void step(py::array logits, py::array ids, py::object counts, py::array lengths, py::array k, py::array v,
+            py::object cos, py::object sin) {
+    const model::Plan& p = plan_;
+    check(!p.layers.empty() && p.head.out == p.V, "the plan is not complete");
+    check(ids.ndim() == 2, "ids must be (B, Tq)");
+    const int64_t B = ids.shape(0), Tq = ids.shape(1), L = int64_t(p.layers.size());
+    check(B >= 1 && Tq >= 1, "ids must hold at least one token per row");
+    const int64_t* pid = array_of<int64_t>(ids, B * Tq, "ids");
+    for (int64_t i = 0; i < B * Tq; ++i) check(pid[i] >= 0 && pid[i] < p.V, "an id is outside [0, V)");
+    check(logits.writeable(), "logits must be writeable");
+    float* plog = const_cast<float*>(array_of<float>(logits, B * p.V, "logits"));
+    const int64_t* pc = nullptr;
+    if (!counts.is_none()) {
+      pc = array_of<int64_t>(counts, B, "counts");
+      for (int64_t b = 0; b < B; ++b) check(pc[b] >= 1 && pc[b] <= Tq, "counts outside [1, Tq]");
+    }
+    const int64_t* plen = array_of<int64_t>(lengths, B, "lengths");
+    model::Cache cache;
+    for (py::array* c : {&k, &v}) {
+      check(py::dtype::of<float>().is(c->dtype()) && c->ndim() == 5 && c->writeable(),
+            "the cache must be writeable float32 (L, B, NKV, capacity, HS)");
+      check(c->shape(0) == L && c->shape(1) == B && c->shape(2) == p.NKV && c->shape(4) == p.HS,
+            "the cache does not fit the model and the batch");
+      const int64_t cap = c->shape(3), f = sizeof(float);
+      check(c->strides(4) == f && c->strides(3) == p.HS * f && c->strides(2) == cap * p.HS * f &&
+                c->strides(1) == p.NKV * cap * p.HS * f && c->strides(0) >= 0 && c->strides(0) % f == 0,
+            "each layer of the cache must be contiguous");
+      cache.capacity = cap;
+      cache.layer_stride = c->strides(0) / f;
+    }
+    check(k.shape(3) == v.shape(3) && k.strides(0) == v.strides(0), "keys and values differ in layout");
+    cache.k = static_cast<float*>(k.mutable_data());
+    cache.v = static_cast<float*>(v.mutable_data());
+    int64_t longest = 0;
+    for (int64_t b = 0; b < B; ++b) {
+      check(plen[b] >= 0 && plen[b] <= cache.capacity - Tq, "the cache holds too few positions for this step");
+      longest = std::max(longest, plen[b] + Tq);
+    }
+    const float *pcos = nullptr, *psin = nullptr;
+    if (p.arch == model::Arch::kLlama) {
+      check(!cos.is_none() && !sin.is_none(), "a rotary model needs its tables");
+      py::array ca = cos.cast<py::array>();
+      check(ca.ndim() == 2 && ca.shape(1) == p.HS / 2 && ca.shape(0) >= longest, "the rope tables are too short");
+      pcos = array_of<float>(cos, ca.shape(0) * p.HS / 2, "cos");
+      psin = array_of<float>(sin, ca.shape(0) * p.HS / 2, "sin");
+    } else {
+      check(longest <= position_rows_, "positions past the model's block_size");
+    }
+    py::gil_scoped_release release;
+    model::step(p, plog, pid, B, Tq, pc, plen, cache, pcos, psin);
+  }
+
+ private:
+  model::Plan plan_;
+  int64_t position_rows_ = 0;
+  std::vector<py::object> keep_;   // the arrays the plan points into stay alive with it
+};
+
+}  // namespace
+
+void bind_model(py::module_& m) {
+  py::class_<DecodePlan>(m, "DecodePlan")
+      .def(py::init<const std::string&, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, float, bool>())
+      .def("set_embedding", &DecodePlan::set_embedding)
+      .def("set_head", &DecodePlan::set_head)
+      .def("add_layer", &DecodePlan::add_layer)
+      .def("step", &DecodePlan::step);
+}

@@ -1,0 +1,148 @@
+// The decode step (step.h): the pre-norm block of pyllm/models/blocks.py, layer after layer, over
+// the kernel table. Not compiled per ISA: it only sequences kernels, which pick their own copy.
+#include "model/step.h"
+
+#include <cstring>
+
+#include "kernels/kernels.h"
+#include "kernels/quant_types.h"
+
+namespace pyllm {
+namespace model {
+namespace {
+
+// The step's activation buffers, per calling thread (two threads may decode on one model), grown
+// to the largest batch seen and reused.
+struct Buffers {
+  std::vector<float> x, ln, qkv, atty, proj, mlp1, mlp2, last, lnf, mean, rstd, lse, part, lora_u, lora_d;
+  std::vector<int64_t> kv_lengths;
+};
+thread_local Buffers buffers;
+
+float* sized(std::vector<float>& v, int64_t n) {
+  if (int64_t(v.size()) < n) v.resize(size_t(n));
+  return v.data();
+}
+
+void add(float* x, const float* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) x[i] += y[i];
+}
+
+// out (M, lin.out) = x (M, lin.in) W^T + bias, plus the adapters: what layers.linear computes.
+void linear(const Plan& plan, const Linear& lin, float* out, const float* x, int64_t M) {
+  const KernelTable& k = kernels();
+  const Matrix& first = lin.parts.front();
+  if (lin.parts.size() == 1 && first.q == nullptr) {
+    k.matmul_forward(out, x, first.f, lin.bias, M, lin.in, lin.out, !first.in_out);
+  } else if (lin.parts.size() == 1) {
+    k.matmul_quant(out, x, first.q, first.type, M, lin.in, lin.out, plan.int8_activations);
+  } else {   // the parts of a fused product, each quantized in its own type
+    for (const Matrix& part : lin.parts) {
+      float* piece = sized(buffers.part, M * part.out);
+      k.matmul_quant(piece, x, part.q, part.type, M, lin.in, part.out, plan.int8_activations);
+      for (int64_t i = 0; i < M; ++i)
+        std::memcpy(out + i * lin.out + part.col, piece + i * part.out, sizeof(float) * part.out);
+    }
+  }
+  if (lin.bias != nullptr && first.q != nullptr)
+    for (int64_t i = 0; i < M; ++i) add(out + i * lin.out, lin.bias, lin.out);
+  for (const Adapter& a : lin.adapters) {   // out[:, cols] += scale (x A^T) B^T, as pyllm.lora does
+    float* u = sized(buffers.lora_u, M * a.rank);
+    float* d = sized(buffers.lora_d, M * a.out);
+    k.matmul_forward(u, x, a.A, nullptr, M, lin.in, a.rank, true);
+    k.matmul_forward(d, u, a.B, nullptr, M, a.rank, a.out, true);
+    for (int64_t i = 0; i < M * a.out; ++i) d[i] *= a.scale;
+    for (int64_t i = 0; i < M; ++i) add(out + i * lin.out + a.col, d + i * a.out, a.out);
+  }
+}
+
+void norm(const Plan& plan, float* out, const float* x, const float* w, const float* b, int64_t N) {
+  Buffers& bf = buffers;
+  if (plan.arch == Arch::kGPT2)
+    kernels().layernorm_forward(out, sized(bf.mean, N), sized(bf.rstd, N), x, w, b, N, plan.C, plan.eps);
+  else
+    kernels().rmsnorm_forward(out, sized(bf.rstd, N), x, w, N, plan.C, plan.eps);
+}
+
+void embed(const Plan& plan, float* x, const int64_t* ids, int64_t B, int64_t Tq, const int64_t* lengths) {
+  const int64_t N = B * Tq, C = plan.C;
+  const Matrix& e = plan.embedding;
+  if (e.q == nullptr) {
+    kernels().embedding_forward(x, ids, e.f, N, plan.V, C);
+  } else {
+    const int64_t row = C / quant_block_values(e.type) * quant_block_bytes(e.type);
+    for (int64_t n = 0; n < N; ++n) kernels().dequantize_rows(x + n * C, e.q + ids[n] * row, e.type, 1, C);
+  }
+  if (plan.positions != nullptr)
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t t = 0; t < Tq; ++t) add(x + (b * Tq + t) * C, plan.positions + (lengths[b] + t) * C, C);
+}
+
+}  // namespace
+
+void step(const Plan& plan, float* logits, const int64_t* ids, int64_t B, int64_t Tq, const int64_t* counts,
+          const int64_t* lengths, const Cache& cache, const float* cos, const float* sin) {
+  const KernelTable& k = kernels();
+  Buffers& bf = buffers;
+  const int64_t N = B * Tq, C = plan.C, NH = plan.NH, NKV = plan.NKV, HS = plan.HS;
+  const int64_t QKV = (NH + 2 * NKV) * HS, cap = cache.capacity;
+  float* x = sized(bf.x, N * C);
+  float* ln = sized(bf.ln, N * C);
+  float* qkv = sized(bf.qkv, N * QKV);
+  float* atty = sized(bf.atty, N * NH * HS);
+  float* proj = sized(bf.proj, N * C);
+  float* lse = sized(bf.lse, N * NH);
+  if (int64_t(bf.kv_lengths.size()) < B) bf.kv_lengths.resize(size_t(B));
+  for (int64_t b = 0; b < B; ++b) bf.kv_lengths[size_t(b)] = lengths[b] + Tq;
+  // q, k and v are column blocks of qkv, tokens first; the cache keeps heads first.
+  const HeadStrides q_s{Tq * QKV, HS, QKV}, att_s{Tq * NH * HS, HS, NH * HS}, cache_s{NKV * cap * HS, cap * HS, HS};
+  float *q = qkv, *kk = qkv + NH * HS, *vv = qkv + (NH + NKV) * HS;
+  embed(plan, x, ids, B, Tq, lengths);
+  for (size_t l = 0; l < plan.layers.size(); ++l) {
+    const Layer& layer = plan.layers[l];
+    float* k_cache = cache.k + int64_t(l) * cache.layer_stride;
+    float* v_cache = cache.v + int64_t(l) * cache.layer_stride;
+    norm(plan, ln, x, layer.norm1_w, layer.norm1_b, N);
+    linear(plan, layer.qkv, qkv, ln, N);
+    if (plan.arch == Arch::kLlama) {
+      k.rope_forward(q, q, cos, sin, lengths, B, Tq, NH, HS, q_s, q_s);
+      k.rope_forward(kk, kk, cos, sin, lengths, B, Tq, NKV, HS, q_s, q_s);
+    }
+    k.kv_write(k_cache, kk, lengths, B, Tq, NKV, HS, cap, q_s);
+    k.kv_write(v_cache, vv, lengths, B, Tq, NKV, HS, cap, q_s);
+    k.attention_forward(atty, lse, q, k_cache, v_cache, B, NH, NKV, Tq, cap, HS, true, bf.kv_lengths.data(), att_s,
+                        q_s, cache_s, cache_s);
+    linear(plan, layer.o, proj, atty, N);
+    add(x, proj, N * C);
+    norm(plan, ln, x, layer.norm2_w, layer.norm2_b, N);
+    const int64_t F = layer.mlp.front().out;
+    float* h1 = sized(bf.mlp1, N * F);
+    if (plan.arch == Arch::kGPT2) {
+      linear(plan, layer.mlp[0], h1, ln, N);
+      k.gelu_forward(h1, h1, N * F);
+      linear(plan, layer.mlp[1], proj, h1, N);
+    } else {
+      float* h2 = sized(bf.mlp2, N * F);
+      linear(plan, layer.mlp[0], h1, ln, N);
+      linear(plan, layer.mlp[1], h2, ln, N);
+      k.swiglu_forward(h1, h1, h2, N * F);
+      linear(plan, layer.mlp[2], proj, h1, N);
+    }
+    add(x, proj, N * C);
+  }
+  const float* last = x;
+  if (Tq > 1) {
+    float* rows = sized(bf.last, B * C);
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t t = (counts ? counts[b] : Tq) - 1;
+      std::memcpy(rows + b * C, x + (b * Tq + t) * C, sizeof(float) * C);
+    }
+    last = rows;
+  }
+  float* lnf = sized(bf.lnf, B * C);
+  norm(plan, lnf, last, plan.final_w, plan.final_b, B);
+  linear(plan, plan.head, logits, lnf, B);
+}
+
+}  // namespace model
+}  // namespace pyllm

@@ -1,0 +1,79 @@
+// The decode step of a whole model in C++: new tokens of a batch of sequences through every layer,
+// their keys and values appended to the KV cache, the logits of each row's last new token out.
+// What pyllm/models/blocks.py's block is, run with no Python between the kernels: the same kernels
+// (through the KernelTable), in the same order, on the same buffers, so it gives the same bits.
+// Not training (no saved activations, no backward: blocks.py), and not where weights come from (a
+// Plan only points at arrays the Python model owns).
+//
+// Shape legend: B batch rows, Tq new tokens per row, N = B * Tq, C channels, NH query heads, NKV
+// key/value heads, HS head size, F feed-forward width, V vocabulary, L layers.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+namespace pyllm {
+namespace model {
+
+enum class Arch { kGPT2, kLlama };
+
+// One weight matrix of `out` rows of `in` inputs: float32 stored (out, in) (or (in, out) when
+// in_out, GPT-2's Conv1D), or ggml blocks (out rows of quantized values).
+struct Matrix {
+  const float* f = nullptr;
+  bool in_out = false;
+  const uint8_t* q = nullptr;
+  int type = 0;
+  int64_t out = 0, in = 0;
+  int64_t col = 0;   // where its outputs go in the product it is part of (a fused q|k|v)
+};
+
+// A LoRA adapter on columns [col, col + out) of a product: out += scale (x A^T) B^T, A (rank, in),
+// B (out, rank).
+struct Adapter {
+  const float* A = nullptr;
+  const float* B = nullptr;
+  int64_t rank = 0, out = 0, col = 0;
+  float scale = 0.f;
+};
+
+// out (M, out) = x (M, in) W^T + bias, W one matrix or the column blocks of a fused product.
+struct Linear {
+  int64_t in = 0, out = 0;
+  std::vector<Matrix> parts;
+  const float* bias = nullptr;
+  std::vector<Adapter> adapters;
+};
+
+struct Layer {
+  const float *norm1_w = nullptr, *norm1_b = nullptr, *norm2_w = nullptr, *norm2_b = nullptr;
+  Linear qkv, o;
+  std::vector<Linear> mlp;   // GPT-2: c_fc, c_proj. Llama: gate, up, down.
+};
+
+struct Plan {
+  Arch arch = Arch::kLlama;
+  int64_t C = 0, NH = 0, NKV = 0, HS = 0, F = 0, V = 0;
+  float eps = 1e-5f;
+  bool int8_activations = true;
+  Matrix embedding;                   // the token embedding (V, C), float or quantized rows
+  const float* positions = nullptr;   // GPT-2's learned position table (block_size, C)
+  const float *final_w = nullptr, *final_b = nullptr;
+  Linear head;
+  std::vector<Layer> layers;
+};
+
+// The KV cache the step appends to: layer l's keys are (B, NKV, capacity, HS) at k + l * layer_stride.
+struct Cache {
+  float* k = nullptr;
+  float* v = nullptr;
+  int64_t layer_stride = 0, capacity = 0;
+};
+
+// logits (B, V) of each row's last new token (counts[b] - 1 when counts is given, else Tq - 1);
+// rows hold lengths[b] positions before the step. cos, sin: rope tables of rope_rows positions.
+void step(const Plan& plan, float* logits, const int64_t* ids, int64_t B, int64_t Tq, const int64_t* counts,
+          const int64_t* lengths, const Cache& cache, const float* cos, const float* sin);
+
+}  // namespace model
+}  // namespace pyllm
