@@ -25,7 +25,8 @@ std::vector<Choice>& choices() {
     __builtin_cpu_init();
     bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
     bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-                  __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw");
+                  __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
+                  __builtin_cpu_supports("avx512vnni");
     c.push_back({"avx2", &avx2::table, avx2});
     c.push_back({"avx512", &avx512::table, avx512});
 #endif

@@ -1,4 +1,5 @@
-"""`pyllm bench`: a one-minute look at the C++ kernels against their numpy twins on this machine.
+"""`pyllm bench`: a one-minute look at the C++ kernels against their numpy twins on this machine,
+and `pyllm bench --profile decode`: where a decode step's time goes, operation by operation.
 
 Not the benchmark suite: benchmarks/ (pytest-benchmark) holds the full set of shapes and the
 numbers the README reports; this is the quick check a user runs after installing.
@@ -13,6 +14,7 @@ from typing import Callable
 import numpy as np
 
 from pyllm import kernels, reference
+from pyllm.models import STEP_OPERATIONS, KVCache
 
 
 @dataclass
@@ -86,3 +88,49 @@ def format_table(results: list[BenchResult]) -> str:
         gflops = f"{r.flops / r.pyllm_ms / 1e6:14.1f}" if r.flops else f"{'-':>14s}"
         lines.append(f"{r.name:42s} {r.pyllm_ms:9.2f} {r.numpy_ms:9.2f} {r.speedup:7.1f}x {gflops}")
     return "\n".join(lines)
+
+
+@dataclass
+class DecodeProfile:
+    tokens_per_s: float         # decoding with the profile off
+    ms_per_token: dict          # operation -> milliseconds per token (profile on)
+    context: int                # positions in the cache when decoding started
+
+    def table(self) -> str:
+        total = sum(self.ms_per_token.values())
+        lines = [f"decode after {self.context} positions: {self.tokens_per_s:.1f} tokens/s "
+                 f"({1e3 / self.tokens_per_s:.3f} ms a token); with the profile on:",
+                 f"{'operation':12s} {'ms/token':>9s} {'share':>6s}"]
+        for op, ms in sorted(self.ms_per_token.items(), key=lambda kv: -kv[1]):
+            lines.append(f"{op:12s} {ms:9.3f} {100 * ms / total:5.1f}%")
+        lines.append(f"{'total':12s} {total:9.3f}")
+        return "\n".join(lines)
+
+
+def profile_decode(model, prompt: list, tokens: int = 100) -> DecodeProfile:
+    """Greedy decoding of `tokens` tokens after `prompt` twice: timed as a whole, then with the C++
+    step's per-operation clock on (operations named as pyllm.models.STEP_OPERATIONS)."""
+    if not prompt or tokens < 1:
+        raise ValueError("profile_decode needs a prompt and at least one token")
+    capacity = len(prompt) + tokens + 1
+    if capacity > model.config.block_size:
+        raise ValueError(f"{len(prompt)} prompt tokens and {tokens} new ones do not fit the "
+                         f"{model.config.block_size}-token context")
+
+    def run(profile):
+        cache = KVCache(model.config, 1, capacity)
+        logits = model.forward_step(np.asarray([prompt], np.int64), cache)
+        token = np.array([[int(np.argmax(logits[0]))]], np.int64)
+        start = time.perf_counter()
+        for _ in range(tokens):
+            logits = model.forward_step(token, cache, profile=profile)
+            token[0, 0] = int(np.argmax(logits[0]))
+        return time.perf_counter() - start
+
+    run(None)                           # warm-up: buffers, the plan, page faults
+    elapsed = run(None)
+    profile = np.zeros(len(STEP_OPERATIONS))
+    run(profile)
+    return DecodeProfile(tokens / elapsed, {op: 1e-6 * ns / tokens for op, ns in zip(STEP_OPERATIONS, profile) if ns},
+                         len(prompt))
+

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from pyllm import bench, finetune, kernels
-from pyllm.data import default_corpus_files
+from pyllm.data import default_corpus_files, read_default_corpus
 from pyllm.generate import SamplingConfig, generate_stream
 from pyllm.hub import DEFAULT_MODEL
 from pyllm.llm import LLM, top_probabilities
@@ -31,6 +31,13 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     if args.threads:
         kernels.set_num_threads(args.threads)
+    if args.profile == "decode":
+        llm = _load_llm(args.model)
+        text = read_default_corpus(4 * args.prompt_tokens + 1000)
+        prompt = llm.tokenizer.encode(text, disallowed_special=())[:args.prompt_tokens]
+        print(f"{llm.model}; isa={kernels.get_isa()}, threads={kernels.get_num_threads()}", flush=True)
+        print(bench.profile_decode(llm.model, prompt, args.tokens).table())
+        return 0
     print(f"pyllm kernels vs numpy: isa={kernels.get_isa()}, threads={kernels.get_num_threads()} "
           f"(numpy uses its BLAS's own threads)", flush=True)
     print(bench.format_table(bench.run(scale=args.scale, min_time=args.min_time)))
@@ -304,6 +311,11 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--threads", type=int, default=0, help="kernel threads (default: all cores)")
     bench.add_argument("--scale", type=float, default=1.0,
                        help="shrink (<1) or grow the GPT-2-small shapes (default 1.0)")
+    bench.add_argument("--profile", choices=["decode"],
+                       help="instead: where a decode step's time goes, by operation (with --model)")
+    bench.add_argument("--model", help="for --profile: a model folder, a .gguf file, or smollm2-135m-instruct")
+    bench.add_argument("--prompt-tokens", type=int, default=500, help="for --profile: context before decoding")
+    bench.add_argument("--tokens", type=int, default=100, help="for --profile: tokens decoded")
     bench.add_argument("--min-time", type=float, default=0.5,
                        help="seconds spent timing each side of each kernel (default 0.5)")
     bench.set_defaults(func=_cmd_bench)

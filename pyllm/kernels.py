@@ -38,7 +38,7 @@ __all__ = [
     "attention", "attention_forward", "attention_backward", "sample",
     "cross_entropy", "cross_entropy_forward", "cross_entropy_backward",
     "embedding", "embedding_backward", "adamw", "matmul_quant", "matmul_quant_backward", "dequantize",
-    "GGML_TYPES", "QUANT_TYPES", "GgmlType", "row_bytes", "unchecked",
+    "GGML_TYPES", "QUANT_TYPES", "GgmlType", "row_bytes", "unchecked", "pack_quant", "matmul_rows",
     "set_num_threads", "get_num_threads", "available_isas", "get_isa", "set_isa",
     "measure_fma_peak",
 ]
@@ -630,6 +630,7 @@ class GgmlType(NamedTuple):
     block_values: int    # values per block (1 for the float types)
     block_bytes: int
     quantized: bool      # matmul_quant, dequantize and matmul_quant_backward take it
+    packed: bool         # pack_quant and matmul_packed take it
 
 
 GGML_TYPES: dict[int, GgmlType] = {t[1]: GgmlType(*t) for t in _C.ggml_types()}
@@ -646,11 +647,14 @@ def row_bytes(ggml_type: int, values: int) -> int:
     return values // t.block_values * t.block_bytes
 
 
-def _quant_args(w, ggml_type, shape):
+def _quant_args(w, ggml_type, shape, packed: bool = False):
     t = GGML_TYPES.get(ggml_type)
     if t is None or not t.quantized:
         raise ValueError(f"quantized type {ggml_type} is not supported ("
                          + ", ".join(f"{name}={i}" for name, i in QUANT_TYPES.items()) + ")")
+    if packed and not t.packed:
+        raise ValueError(f"{t.name} has no packed layout (packed: "
+                         + ", ".join(x.name for x in GGML_TYPES.values() if x.packed) + ")")
     N, K = shape
     if K % t.block_values:
         raise ValueError(f"rows of {K} values are not whole {t.name} blocks of {t.block_values}")
@@ -663,45 +667,73 @@ def _quant_args(w, ggml_type, shape):
     return np.ascontiguousarray(w).reshape(-1), N, K
 
 
-def matmul_quant(a, w, ggml_type: int, shape: tuple[int, int], int8_activations: bool = False) -> np.ndarray:
+def matmul_quant(a, w, ggml_type: int, shape: tuple[int, int], int8_activations: bool = False,
+                 packed: bool = False) -> np.ndarray:
     """a (..., K) @ W^T for W (N, K) = shape stored as ggml blocks (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K,
     Q6_K) in bytes w.
 
     int8_activations rounds a per block of 32 to int8 with a float16 scale first, as llama.cpp
     does (faster integer dot products when a has few rows; slightly less exact); for the K-quants
-    (Q4_K, Q6_K) per block of 256 with a float32 scale, as llama.cpp's Q8_K.
+    (Q4_K, Q6_K) per block of 256 with a float32 scale, as llama.cpp's Q8_K. packed: w is in
+    pack_quant's layout (the same results as ggml's layout gives).
     """
-    w, N, K = _quant_args(w, ggml_type, shape)
+    w, N, K = _quant_args(w, ggml_type, shape, packed)
     a = _floats(a, "a", min_ndim=1)
     if a.shape[-1] != K:
         raise ValueError(f"matmul_quant: a is {a.shape} but the weights are {shape} (N, K)")
     M = a.size // K if K else 0
     out = np.empty(a.shape[:-1] + (N,), np.float32)
     if out.size:
-        _C.matmul_quant(out, a, w, int(ggml_type), M, K, N, bool(int8_activations))
+        _C.matmul_quant(out, a, w, int(ggml_type), M, K, N, bool(int8_activations), bool(packed))
     return out
 
 
-def matmul_quant_backward(dout, w, ggml_type: int, shape: tuple[int, int]) -> np.ndarray:
+def matmul_quant_backward(dout, w, ggml_type: int, shape: tuple[int, int], packed: bool = False) -> np.ndarray:
     """dout (..., N) @ W for W (N, K) = shape in ggml blocks: the input gradient of matmul_quant
     (the weights stay frozen, so no weight gradient)."""
-    w, N, K = _quant_args(w, ggml_type, shape)
+    w, N, K = _quant_args(w, ggml_type, shape, packed)
     dout = _floats(dout, "dout", min_ndim=1)
     if dout.shape[-1] != N:
         raise ValueError(f"matmul_quant_backward: dout is {dout.shape} but the weights are {shape} (N, K)")
     M = dout.size // N if N else 0
     dx = np.empty(dout.shape[:-1] + (K,), np.float32)
     if dx.size:
-        _C.matmul_quant_backward(dx, dout, w, int(ggml_type), M, K, N)
+        _C.matmul_quant_backward(dx, dout, w, int(ggml_type), M, K, N, bool(packed))
     return dx
 
 
-def dequantize(w, ggml_type: int, shape: tuple[int, int]) -> np.ndarray:
-    """The float32 (N, K) matrix of ggml-quantized bytes w."""
-    w, N, K = _quant_args(w, ggml_type, shape)
+def pack_quant(w, ggml_type: int, shape: tuple[int, int]) -> np.ndarray:
+    """The ggml rows w of W (N, K) regrouped for integer products (the types whose GgmlType.packed is
+    set): each row's scales, then (Q4_1, Q5_1) minima, (Q5) fifth bits and packed values, one after
+    another; the same bytes, (N, row bytes). The quantized kernels take it with packed=True."""
+    w, N, K = _quant_args(w, ggml_type, shape, packed=True)
+    out = np.empty((N, row_bytes(ggml_type, K)), np.uint8)
+    if out.size:
+        _C.pack_quant(out, w, int(ggml_type), N, K)
+    return out
+
+
+def matmul_rows(a, w, ggml_type: int, shape: tuple[int, int]) -> np.ndarray:
+    """a (..., K) @ W^T for W (N, K) = shape in pack_quant's layout, each row of a a sequence of its
+    own (a decode batch): rounded per block of 32 to int8 with a float16 scale (llama.cpp's Q8_0)
+    and multiplied in integers, so a row's result never depends on the other rows of a."""
+    w, N, K = _quant_args(w, ggml_type, shape, packed=True)
+    a = _floats(a, "a", min_ndim=1)
+    if a.shape[-1] != K:
+        raise ValueError(f"matmul_rows: a is {a.shape} but the weights are {shape} (N, K)")
+    M = a.size // K if K else 0
+    out = np.empty(a.shape[:-1] + (N,), np.float32)
+    if out.size:
+        _C.matmul_rows(out, a, w, int(ggml_type), M, K, N)
+    return out
+
+
+def dequantize(w, ggml_type: int, shape: tuple[int, int], packed: bool = False) -> np.ndarray:
+    """The float32 (N, K) matrix of ggml-quantized bytes w (packed: in pack_quant's layout)."""
+    w, N, K = _quant_args(w, ggml_type, shape, packed)
     out = np.empty((N, K), np.float32)
     if out.size:
-        _C.dequantize_rows(out, w, int(ggml_type), N, K)
+        _C.dequantize_rows(out, w, int(ggml_type), N, K, bool(packed))
     return out
 
 

@@ -81,8 +81,9 @@ class Model(Transformer):
 
 
 def release(f: GGUFFile, model: Optional[Model]) -> None:
-    """Closes a GGUF file unless `model` keeps quantized weights, which are views of its mapping."""
-    if model is not None and model.quantized:
+    """Closes a GGUF file unless `model` keeps quantized weights that are views of its mapping (the
+    packed ones are copies)."""
+    if model is not None and any(f.maps(q.data) for q in model.quantized.values()):
         return
     try:
         f.close()

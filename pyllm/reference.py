@@ -418,9 +418,12 @@ BLOCKS = {F32: (1, 4), F16: (1, 2), BF16: (1, 2), Q8_0: (32, 34), Q4_0: (32, 18)
           Q5_0: (32, 22), Q5_1: (32, 24), Q4_K: (256, 144), Q6_K: (256, 210)}   # (values, bytes) per block
 
 
-def dequantize(w, ggml_type, shape):
-    """The float32 (N, K) matrix of ggml-quantized bytes w (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q6_K)."""
+def dequantize(w, ggml_type, shape, packed=False):
+    """The float32 (N, K) matrix of ggml-quantized bytes w (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q6_K);
+    packed: w in pack_quant's layout."""
     N, K = shape
+    if packed:
+        w = unpack_quant(w, ggml_type, shape)
     return dequantize_values(w, ggml_type, N * K).reshape(N, K)
 
 
@@ -498,6 +501,40 @@ def _dequantize_q6_k(blocks: np.ndarray) -> np.ndarray:
     return d * np.repeat(scales, 16, axis=1) * values
 
 
+# pack_quant's layout: per row, every block's d, then m (Q4_1, Q5_1), qh (Q5), qs: the same bytes.
+_PACKED_PARTS = {Q4_0: (2, 0, 0, 16), Q4_1: (2, 2, 0, 16), Q5_0: (2, 0, 4, 16), Q5_1: (2, 2, 4, 16),
+                 Q8_0: (2, 0, 0, 32)}   # bytes of d, m, qh, qs in a block, in the block's own order
+
+
+def _packed_fields(ggml_type):
+    sizes = _PACKED_PARTS[ggml_type]
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    return [(int(a), int(n)) for a, n in zip(starts, sizes) if n]
+
+
+def pack_quant(w, ggml_type, shape):
+    """ggml rows (N, K) of blocks regrouped field by field: d of every block, then m, qh, qs."""
+    N, K = shape
+    blocks = np.asarray(w, np.uint8).reshape(N, K // 32, BLOCKS[ggml_type][1])
+    return np.concatenate([blocks[:, :, a:a + n].reshape(N, -1) for a, n in _packed_fields(ggml_type)], axis=1)
+
+
+def unpack_quant(wp, ggml_type, shape):
+    """pack_quant undone: the ggml rows again."""
+    N, K = shape
+    nb, wp = K // 32, np.asarray(wp, np.uint8).reshape(N, -1)
+    parts, at = [], 0
+    for _, n in _packed_fields(ggml_type):
+        parts.append(wp[:, at:at + n * nb].reshape(N, nb, n))
+        at += n * nb
+    return np.concatenate(parts, axis=2).reshape(N, -1)
+
+
+def matmul_rows(a, w, ggml_type, shape):
+    """a (..., K) @ W^T with W packed (pack_quant), a rounded as quantize_activations does."""
+    return matmul_quant(a, w, ggml_type, shape, int8_activations=True, packed=True)
+
+
 def quantize_activations(a):
     """a (..., K) rounded per block of 32 as llama.cpp's Q8 activations: (q int8, d float32 per block)
     with d = max|x| / 127 stored as float16 and q = x / d rounded to the nearest integer (ties even)."""
@@ -519,19 +556,20 @@ def quantize_activations_k(a):
     return q, d
 
 
-def matmul_quant(a, w, ggml_type, shape, int8_activations=False):
+def matmul_quant(a, w, ggml_type, shape, int8_activations=False, packed=False):
     """a (..., K) @ W^T with W the dequantized (N, K) weights; with int8_activations, a is first
-    rounded as quantize_activations does."""
+    rounded as quantize_activations does (packed rows: as the 32-value types' rounding)."""
     a = _f32(a)
     if int8_activations:
         q, d = quantize_activations_k(a) if ggml_type in (Q4_K, Q6_K) else quantize_activations(a)
         a = (q.astype(np.float32) * d[:, None]).reshape(a.shape)
-    return (a.astype(np.float64) @ dequantize(w, ggml_type, shape).T.astype(np.float64)).astype(np.float32)
+    return (a.astype(np.float64) @ dequantize(w, ggml_type, shape, packed).T.astype(np.float64)).astype(np.float32)
 
 
-def matmul_quant_backward(dout, w, ggml_type, shape):
+def matmul_quant_backward(dout, w, ggml_type, shape, packed=False):
     """dout (..., N) @ W with W the dequantized (N, K) weights."""
-    return (_f32(dout).astype(np.float64) @ dequantize(w, ggml_type, shape).astype(np.float64)).astype(np.float32)
+    return (_f32(dout).astype(np.float64) @ dequantize(w, ggml_type, shape, packed).astype(np.float64)
+            ).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------- sampling

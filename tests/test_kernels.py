@@ -1132,6 +1132,52 @@ def test_the_unchecked_entrance_refuses_out_of_bounds_calls(K):
         K.unchecked.kv_write(np.zeros((1, 1, 4, 4), np.float32), x, np.array([2 ** 63 - 1]))
 
 
+PACKED = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]
+
+
+def _blocks(rng, ggml_type, N, K):
+    """Random but valid ggml rows: random packed values, finite float16 scales."""
+    values, nbytes = R.BLOCKS[ggml_type]
+    blocks = rng.integers(0, 256, (N * K // values, nbytes), dtype=np.uint8)
+    for at in {R.Q4_1: (0, 2), R.Q5_1: (0, 2)}.get(ggml_type, (0,)):
+        blocks[:, at:at + 2] = rng.uniform(-0.02, 0.02, (len(blocks), 1)).astype(np.float16).view(np.uint8)
+    return blocks.reshape(N, -1)
+
+
+@pytest.mark.parametrize("name", PACKED)
+@pytest.mark.parametrize("N,Kd,M", [(1, 32, 1), (7, 96, 1), (33, 576, 3), (64, 1536, 5), (5, 32, 9), (130, 448, 2),
+                                    (17, 2080, 16)], ids=lambda v: str(v))
+def test_packed_rows_equal_their_twin_and_do_not_depend_on_the_batch(K, isa, rng, name, N, Kd, M):
+    t = K.QUANT_TYPES[name]
+    w = _blocks(rng, t, N, Kd)
+    packed = K.pack_quant(w, t, (N, Kd))
+    assert_bitwise_equal(packed, R.pack_quant(w, t, (N, Kd)))
+    assert_bitwise_equal(R.unpack_quant(packed, t, (N, Kd)), w)
+    a = randn(rng, M, Kd, scale=3.0)
+    got = K.matmul_rows(a, packed, t, (N, Kd))
+    expected = R.matmul_rows(a, packed, t, (N, Kd))
+    assert_close(got, expected, rtol=1e-4, atol=scaled(expected, 2e-5), name="matmul_rows")
+    for i in range(M):   # each row alone gives what it gives in the batch, bit for bit
+        assert_bitwise_equal(K.matmul_rows(a[i:i + 1], packed, t, (N, Kd))[0], got[i])
+    # The native kernels read the packed layout too, with the twin's values.
+    for int8 in (False, True):
+        want = R.matmul_quant(a, w, t, (N, Kd), int8)
+        assert_close(K.matmul_quant(a, packed, t, (N, Kd), int8, packed=True), want, rtol=1e-4,
+                     atol=scaled(want, 2e-5), name=f"matmul_quant packed, int8 {int8}")
+    assert_bitwise_equal(K.dequantize(packed, t, (N, Kd), packed=True), K.dequantize(w, t, (N, Kd)))
+    dout = randn(rng, M, N)
+    assert_bitwise_equal(K.matmul_quant_backward(dout, packed, t, (N, Kd), packed=True),
+                         K.matmul_quant_backward(dout, w, t, (N, Kd)))
+
+
+def test_packed_layouts_are_refused_for_types_without_one(K):
+    w = np.zeros((2, 144), np.uint8)
+    with pytest.raises(ValueError, match="no packed layout"):
+        K.pack_quant(w, K.QUANT_TYPES["Q4_K"], (2, 256))
+    with pytest.raises(ValueError, match="no packed layout"):
+        K.matmul_quant(np.ones((1, 256), np.float32), w, K.QUANT_TYPES["Q4_K"], (2, 256), packed=True)
+
+
 def test_the_ggml_type_table_agrees_with_the_twin(K):
     # The C++ table (csrc/kernels/quant_types.h) and the numpy decoders' own statement of the layouts.
     assert set(K.GGML_TYPES) == set(R.BLOCKS)
@@ -1139,6 +1185,7 @@ def test_the_ggml_type_table_agrees_with_the_twin(K):
         t = K.GGML_TYPES[ggml_id]
         assert (t.block_values, t.block_bytes) == (values, nbytes), t.name
     assert K.QUANT_TYPES == {t.name: t.id for t in K.GGML_TYPES.values() if t.block_values > 1}
+    assert {t.name for t in K.GGML_TYPES.values() if t.packed} == set(PACKED)
 
 
 def test_the_unchecked_entrance_is_every_kernel_of_the_table(K):

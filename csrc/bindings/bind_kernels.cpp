@@ -354,8 +354,11 @@ void bind_kernels(py::module_& m) {
     check(K % values == 0, "K must be a multiple of the type's block size");
     return K / values * pyllm::quant_block_bytes(type);
   };
-  m.def("matmul_quant", [quant_row_bytes](py::array o, py::array a, py::array w, int type, int64_t M, int64_t K, int64_t N,
-                           bool int8_activations) {
+  // packed: the rows are pack_quant's layout (the types that have one), else ggml's.
+  auto layout_ok = [](int type, bool packed) { check(!packed || pyllm::packed_type(type), "this type has no packed layout"); };
+  m.def("matmul_quant", [quant_row_bytes, layout_ok](py::array o, py::array a, py::array w, int type, int64_t M, int64_t K,
+                                                     int64_t N, bool int8_activations, bool packed) {
+    layout_ok(type, packed);
     const int64_t row_bytes = quant_row_bytes(type, K);
     float* po = out(o, count(M, N), "out");
     const float* pa = in(a, count(M, K), "a");
@@ -363,10 +366,11 @@ void bind_kernels(py::module_& m) {
           "w must be a C-contiguous uint8 array of N rows of quantized blocks");
     const uint8_t* pw = static_cast<const uint8_t*>(w.data());
     py::gil_scoped_release release;
-    kernels().matmul_quant(po, pa, pw, type, M, K, N, int8_activations);
+    kernels().matmul_quant(po, pa, pw, type, M, K, N, int8_activations, packed);
   });
-  m.def("matmul_quant_backward", [quant_row_bytes](py::array dx, py::array dout, py::array w, int type, int64_t M, int64_t K,
-                                    int64_t N) {
+  m.def("matmul_quant_backward", [quant_row_bytes, layout_ok](py::array dx, py::array dout, py::array w, int type,
+                                                              int64_t M, int64_t K, int64_t N, bool packed) {
+    layout_ok(type, packed);
     const int64_t row_bytes = quant_row_bytes(type, K);
     float* pdx = out(dx, count(M, K), "dx");
     const float* pdout = in(dout, count(M, N), "dout");
@@ -374,16 +378,43 @@ void bind_kernels(py::module_& m) {
           "w must be a C-contiguous uint8 array of N rows of quantized blocks");
     const uint8_t* pw = static_cast<const uint8_t*>(w.data());
     py::gil_scoped_release release;
-    kernels().matmul_quant_backward(pdx, pdout, pw, type, M, K, N);
+    kernels().matmul_quant_backward(pdx, pdout, pw, type, M, K, N, packed);
   });
-  m.def("dequantize_rows", [quant_row_bytes](py::array o, py::array w, int type, int64_t rows, int64_t K) {
+  m.def("pack_quant", [quant_row_bytes](py::array o, py::array w, int type, int64_t rows, int64_t K) {
+    check(pyllm::packed_type(type), "this quantized type has no packed layout");
+    const int64_t row_bytes = quant_row_bytes(type, K);
+    check(py::dtype::of<uint8_t>().is(o.dtype()) && (o.flags() & py::array::c_style) && o.writeable() &&
+              o.size() >= count(rows, row_bytes),
+          "out must be a writeable C-contiguous uint8 array of the rows' size");
+    check(py::dtype::of<uint8_t>().is(w.dtype()) && (w.flags() & py::array::c_style) && w.size() >= count(rows, row_bytes),
+          "w must be a C-contiguous uint8 array of quantized rows");
+    uint8_t* po = static_cast<uint8_t*>(o.mutable_data());
+    const uint8_t* pw = static_cast<const uint8_t*>(w.data());
+    py::gil_scoped_release release;
+    kernels().pack_quant(po, pw, type, rows, K);
+  });
+  m.def("matmul_rows", [quant_row_bytes, layout_ok](py::array o, py::array a, py::array w, int type, int64_t M, int64_t K,
+                                                    int64_t N) {
+    layout_ok(type, true);
+    const int64_t row_bytes = quant_row_bytes(type, K);
+    float* po = out(o, count(M, N), "out");
+    const float* pa = in(a, count(M, K), "a");
+    check(py::dtype::of<uint8_t>().is(w.dtype()) && (w.flags() & py::array::c_style) && w.size() >= count(N, row_bytes),
+          "w must be a C-contiguous uint8 array of N packed rows");
+    const uint8_t* pw = static_cast<const uint8_t*>(w.data());
+    py::gil_scoped_release release;
+    kernels().matmul_rows(po, pa, pw, type, M, K, N);
+  });
+  m.def("dequantize_rows", [quant_row_bytes, layout_ok](py::array o, py::array w, int type, int64_t rows, int64_t K,
+                                                        bool packed) {
+    layout_ok(type, packed);
     const int64_t row_bytes = quant_row_bytes(type, K);
     float* po = out(o, count(rows, K), "out");
     check(py::dtype::of<uint8_t>().is(w.dtype()) && (w.flags() & py::array::c_style) && w.size() >= count(rows, row_bytes),
           "w must be a C-contiguous uint8 array of quantized rows");
     const uint8_t* pw = static_cast<const uint8_t*>(w.data());
     py::gil_scoped_release release;
-    kernels().dequantize_rows(po, pw, type, rows, K);
+    kernels().dequantize_rows(po, pw, type, rows, K, packed);
   });
   m.def("fma_peak_gflops", [](double seconds) {
     py::gil_scoped_release release;

@@ -49,7 +49,7 @@ class DecodePlan {
     position_rows_ = position_rows;
   }
 
-  // (float array or None, in_out, quantized array or None, ggml type, out, in, first column)
+  // (float array or None, in_out, quantized array or None, ggml type, out, in, first column, packed)
   model::Matrix matrix(const py::tuple& t, const std::string& name) {
     model::Matrix m;
     m.out = t[4].cast<int64_t>(), m.in = t[5].cast<int64_t>(), m.col = t[6].cast<int64_t>();
@@ -59,6 +59,8 @@ class DecodePlan {
       m.in_out = t[1].cast<bool>();
     } else {
       m.type = t[3].cast<int>();
+      m.packed = t[7].cast<bool>();
+      check(!m.packed || pyllm::packed_type(m.type), name + ": this type has no packed layout");
       m.q = array_of<uint8_t>(t[2], m.out * row_bytes(m.type, m.in), name);
     }
     keep_.push_back(t);
@@ -142,7 +144,7 @@ class DecodePlan {
   // logits (B, V) out; ids (B, Tq); counts (B,) or None; lengths (B,); k, v (L, B, NKV, capacity, HS)
   // with each layer's rows contiguous (a slice of a cache's batch is fine); cos, sin (P, HS/2) or None.
   void step(py::array logits, py::array ids, py::object counts, py::array lengths, py::array k, py::array v,
-            py::object cos, py::object sin) {
+            py::object cos, py::object sin, py::object profile) {
     const model::Plan& p = plan_;
     check(!p.layers.empty() && p.head.out == p.V, "the plan is not complete");
     check(ids.ndim() == 2, "ids must be (B, Tq)");
@@ -189,8 +191,16 @@ class DecodePlan {
     } else {
       check(longest <= position_rows_, "positions past the model's block_size");
     }
+    double* pprof = nullptr;
+    if (!profile.is_none()) {
+      py::array pa = profile.cast<py::array>();
+      check(py::dtype::of<double>().is(pa.dtype()) && (pa.flags() & py::array::c_style) && pa.writeable() &&
+                pa.size() >= int64_t(model::Op::count),
+            "profile must be a writeable float64 array with one entry per operation");
+      pprof = static_cast<double*>(pa.mutable_data());
+    }
     py::gil_scoped_release release;
-    model::step(p, plog, pid, B, Tq, pc, plen, cache, pcos, psin);
+    model::step(p, plog, pid, B, Tq, pc, plen, cache, pcos, psin, pprof);
   }
 
  private:
@@ -207,5 +217,10 @@ void bind_model(py::module_& m) {
       .def("set_embedding", &DecodePlan::set_embedding)
       .def("set_head", &DecodePlan::set_head)
       .def("add_layer", &DecodePlan::add_layer)
-      .def("step", &DecodePlan::step);
+      .def("step", &DecodePlan::step, py::arg("logits"), py::arg("ids"), py::arg("counts"), py::arg("lengths"),
+           py::arg("k"), py::arg("v"), py::arg("cos"), py::arg("sin"), py::arg("profile") = py::none())
+      .def_property_readonly_static("operations", [](py::object) {
+        std::vector<std::string> names(model::kOpNames, model::kOpNames + int(model::Op::count));
+        return names;
+      });
 }

@@ -40,9 +40,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("ggml_types", [] {
     py::list out;
     for (const pyllm::GgmlType& t : pyllm::kGgmlTypes)
-      out.append(py::make_tuple(t.name, t.id, t.block_values, t.block_bytes, t.quantized));
+      out.append(py::make_tuple(t.name, t.id, t.block_values, t.block_bytes, t.quantized, t.packed));
     return out;
-  }, "(name, ggml id, values per block, bytes per block, quantized) of every type pyllm reads.");
+  }, "(name, ggml id, values per block, bytes per block, quantized, packed) of every type pyllm reads.");
   bind_kernels(m);
   bind_bpe(m);
   bind_sampling(m);

@@ -77,14 +77,23 @@
                          double grad_scale, int64_t step))                                            \
   /* GFLOP/s of a register-only FMA loop on every pool thread: the machine's measured fp32 peak. */   \
   X(fma_peak_gflops, double, (double seconds))                                                        \
-  /* Block-quantized weights (quant_types.h): w holds N rows of K / block_values blocks.           \
-     out (M, N) = a (M, K) @ W^T. int8_activations: a is first rounded as llama.cpp rounds it (per  \
-     block of 32 to int8 with a float16 scale; for the K-quants per block of 256 with a float32     \
-     scale, as Q8_K), for integer dot products at decode-sized M. */                                  \
+  /* Block-quantized weights (quant_types.h): w holds N rows of K / block_values blocks, in ggml's   \
+     layout or (packed, for the types that have one) pack_quant's. out (M, N) = a (M, K) @ W^T.      \
+     int8_activations: a is first rounded as llama.cpp rounds it (per block of 32 to int8 with a     \
+     float16 scale; for the K-quants per block of 256 with a float32 scale, as Q8_K), for integer    \
+     dot products at decode-sized M (up to 4 rows; prompts run the GEMM on the rounded values). */    \
   X(matmul_quant, void, (float* out, const float* a, const uint8_t* w, int type, int64_t M,          \
-                         int64_t K, int64_t N, bool int8_activations))                                \
+                         int64_t K, int64_t N, bool int8_activations, bool packed))                   \
   /* out (rows, K) = the float32 values of `rows` rows of blocks. */                                  \
-  X(dequantize_rows, void, (float* out, const uint8_t* w, int type, int64_t rows, int64_t K))         \
+  X(dequantize_rows, void, (float* out, const uint8_t* w, int type, int64_t rows, int64_t K,         \
+                            bool packed))                                                             \
+  /* The rows of a packed type (quant_types.h) regrouped for integer products (quant_packed.cpp). */  \
+  X(pack_quant, void, (uint8_t* out, const uint8_t* w, int type, int64_t rows, int64_t K))            \
+  /* out (M, N) = a (M, K) @ W^T for packed W, each row of a a sequence of its own (a decode batch):  \
+     rounded to int8 per block of 32 (Q8_0) and multiplied in integers, so a row gets the same       \
+     result whatever else shares the batch. */                                                         \
+  X(matmul_rows, void, (float* out, const float* a, const uint8_t* w, int type, int64_t M, int64_t K,  \
+                        int64_t N))                                                                   \
   /* The input gradient through a frozen quantized weight: dx (M, K) = dout (M, N) @ W. */            \
   X(matmul_quant_backward, void, (float* dx, const float* dout, const uint8_t* w, int type,          \
-                                  int64_t M, int64_t K, int64_t N))
+                                  int64_t M, int64_t K, int64_t N, bool packed))

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "kernels/quant_blocks.h"
+#include "kernels/quant_packed.h"
 #include "threads.h"
 
 namespace pyllm {
@@ -21,10 +22,22 @@ namespace PYLLM_ISA {
 namespace {
 
 thread_local ThreadBuffer block_sums_buffer, expanded_weights;
+thread_local std::vector<uint8_t> unpacked_rows;
 
 }  // namespace
 
-void dequantize_rows(float* out, const uint8_t* w, int type, int64_t rows, int64_t K) {
+void dequantize_rows(float* out, const uint8_t* w, int type, int64_t rows, int64_t K, bool packed) {
+  if (packed) {   // each packed row back in ggml's layout (a few hundred bytes), then decoded
+    const int64_t rb = row_bytes_of(type, K);
+    parallel_for(rows, imax(1, 16384 / imax(1, K)), [&](int64_t r0, int64_t r1) {
+      if (int64_t(unpacked_rows.size()) < rb) unpacked_rows.resize(size_t(rb));
+      for (int64_t r = r0; r < r1; ++r) {
+        unpack_row(unpacked_rows.data(), w + r * rb, type, K);
+        dequantize_rows(out + r * K, unpacked_rows.data(), type, 1, K, false);
+      }
+    });
+    return;
+  }
   if (expanded_per_row(type)) {
     const int64_t bv = quant_block_values(type), nb = K / bv, bb = block_bytes(type);
     parallel_for(rows, imax(1, 16384 / imax(1, K)), [&](int64_t r0, int64_t r1) {
@@ -202,14 +215,14 @@ void matmul_expanded_rows(float* out, const float* a, const uint8_t* w, int type
 }
 
 void matmul_quant_float(float* out, const float* a, const uint8_t* w, int type, int64_t M, int64_t K,
-                        int64_t N) {
-  if (M > 4) {
+                        int64_t N, bool packed) {
+  if (M > 4 || packed) {
     // Row chunks of W expanded into a buffer of about 4 MB, each multiplied by the GEMM.
     const int64_t chunk = imax(1, imin(N, (int64_t(1) << 20) / imax(1, K)));
     float* wf = expanded_weights.get(size_t(chunk * K));
     for (int64_t j0 = 0; j0 < N; j0 += chunk) {
       const int64_t n = imin(chunk, N - j0);
-      dequantize_rows(wf, w + j0 * row_bytes_of(type, K), type, n, K);
+      dequantize_rows(wf, w + j0 * row_bytes_of(type, K), type, n, K, packed);
       gemm(M, n, K, MatView{a, K, 1}, MatView{wf, 1, K}, out + j0, N, false);
     }
     return;
@@ -249,33 +262,34 @@ void matmul_quant_float(float* out, const float* a, const uint8_t* w, int type, 
 }  // namespace
 
 void matmul_quant_backward(float* dx, const float* dout, const uint8_t* w, int type, int64_t M, int64_t K,
-                           int64_t N) {
+                           int64_t N, bool packed) {
   // Row chunks of W expanded as in matmul_quant_float; each adds dout[:, chunk] @ W[chunk].
   const int64_t chunk = imax(1, imin(N, (int64_t(1) << 20) / imax(1, K)));
   float* wf = expanded_weights.get(size_t(chunk * K));
   for (int64_t j0 = 0; j0 < N; j0 += chunk) {
     const int64_t n = imin(chunk, N - j0);
-    dequantize_rows(wf, w + j0 * row_bytes_of(type, K), type, n, K);
+    dequantize_rows(wf, w + j0 * row_bytes_of(type, K), type, n, K, packed);
     gemm(M, K, n, MatView{dout + j0, N, 1}, MatView{wf, K, 1}, dx, K, j0 > 0);
   }
 }
 
 void matmul_quant(float* out, const float* a, const uint8_t* w, int type, int64_t M, int64_t K,
-                  int64_t N, bool int8_activations) {
-  if (!int8_activations) return matmul_quant_float(out, a, w, type, M, K, N);
+                  int64_t N, bool int8_activations, bool packed) {
+  if (!int8_activations) return matmul_quant_float(out, a, w, type, M, K, N, packed);
+  if (packed && M <= 4) return matmul_rows(out, a, w, type, M, K, N);
   if (type == kQ4_K || type == kQ6_K) {   // rounded as Q8_K: integer products, or the float ones
 #if defined(__AVX2__)
     if (M <= 4) return matmul_k_quant_int8(out, a, w, type, M, K, N);
 #endif
     float* xf = fake_quantized.get(size_t(M * K));
     fake_quantize_activations_k(xf, a, M, K);
-    return matmul_quant_float(out, xf, w, type, M, K, N);
+    return matmul_quant_float(out, xf, w, type, M, K, N, packed);
   }
-  if (M <= 4) return matmul_quant_int8(out, a, w, type, M, K, N);
+  if (M <= 4 && !packed) return matmul_quant_int8(out, a, w, type, M, K, N);
   // Prompts: the activations rounded exactly as the integer path rounds them, then the GEMM.
   float* xf = fake_quantized.get(size_t(M * K));
   fake_quantize_activations(xf, a, M, K);
-  matmul_quant_float(out, xf, w, type, M, K, N);
+  matmul_quant_float(out, xf, w, type, M, K, N, packed);
 }
 
 }  // namespace PYLLM_ISA

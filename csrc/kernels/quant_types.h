@@ -5,23 +5,23 @@
 
 #include <cstdint>
 
-// X(name, ggml id, values per block, bytes per block, quantized)
+// X(name, ggml id, values per block, bytes per block, quantized, packed: pack_quant/matmul_packed take it)
 #define PYLLM_GGML_TYPES(X)                                                                         \
-  X(F32, 0, 1, 4, false)                                                                            \
-  X(F16, 1, 1, 2, false)                                                                            \
-  X(Q4_0, 2, 32, 18, true)     /* d (f16), 32 nibbles */                                            \
-  X(Q4_1, 3, 32, 20, true)     /* d, m (f16), 32 nibbles */                                         \
-  X(Q5_0, 6, 32, 22, true)     /* d (f16), the 32 fifth bits, 32 nibbles */                         \
-  X(Q5_1, 7, 32, 24, true)     /* d, m (f16), the 32 fifth bits, 32 nibbles */                      \
-  X(Q8_0, 8, 32, 34, true)     /* d (f16), 32 int8 */                                               \
-  X(Q4_K, 12, 256, 144, true)  /* d, dmin (f16), 8 x (6-bit scale, 6-bit min) in 12 bytes, 256 nibbles */ \
-  X(Q6_K, 14, 256, 210, true)  /* 256 x (4 low + 2 high bits), 16 int8 scales, d (f16) */           \
-  X(BF16, 30, 1, 2, false)
+  X(F32, 0, 1, 4, false, false)                                                                     \
+  X(F16, 1, 1, 2, false, false)                                                                     \
+  X(Q4_0, 2, 32, 18, true, true)     /* d (f16), 32 nibbles */                                      \
+  X(Q4_1, 3, 32, 20, true, true)     /* d, m (f16), 32 nibbles */                                   \
+  X(Q5_0, 6, 32, 22, true, true)     /* d (f16), the 32 fifth bits, 32 nibbles */                   \
+  X(Q5_1, 7, 32, 24, true, true)     /* d, m (f16), the 32 fifth bits, 32 nibbles */                \
+  X(Q8_0, 8, 32, 34, true, true)     /* d (f16), 32 int8 */                                         \
+  X(Q4_K, 12, 256, 144, true, false) /* d, dmin (f16), 8 x (6-bit scale, 6-bit min) in 12 bytes, 256 nibbles */ \
+  X(Q6_K, 14, 256, 210, true, false) /* 256 x (4 low + 2 high bits), 16 int8 scales, d (f16) */     \
+  X(BF16, 30, 1, 2, false, false)
 
 namespace pyllm {
 
 enum QuantType : int {
-#define PYLLM_TYPE_ID(name, id, values, bytes, quantized) k##name = id,
+#define PYLLM_TYPE_ID(name, id, values, bytes, quantized, packed) k##name = id,
   PYLLM_GGML_TYPES(PYLLM_TYPE_ID)
 #undef PYLLM_TYPE_ID
 };
@@ -32,10 +32,11 @@ struct GgmlType {
   int64_t block_values;
   int64_t block_bytes;
   bool quantized;   // matmul_quant, dequantize_rows and matmul_quant_backward take it
+  bool packed;      // pack_quant and matmul_packed take it
 };
 
 inline constexpr GgmlType kGgmlTypes[] = {
-#define PYLLM_TYPE_ENTRY(name, id, values, bytes, quantized) {#name, id, values, bytes, quantized},
+#define PYLLM_TYPE_ENTRY(name, id, values, bytes, quantized, packed) {#name, id, values, bytes, quantized, packed},
     PYLLM_GGML_TYPES(PYLLM_TYPE_ENTRY)
 #undef PYLLM_TYPE_ENTRY
 };
@@ -52,5 +53,6 @@ static constexpr const GgmlType* quant_type(int id) {
 // Values per block (32, or 256 for the K-quants' super-blocks) of a quantized type, 0 if not one.
 static constexpr int64_t quant_block_values(int id) { return quant_type(id) ? quant_type(id)->block_values : 0; }
 static constexpr int64_t quant_block_bytes(int id) { return quant_type(id) ? quant_type(id)->block_bytes : 0; }
+static constexpr bool packed_type(int id) { return quant_type(id) && quant_type(id)->packed; }
 
 }  // namespace pyllm

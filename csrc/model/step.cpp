@@ -2,6 +2,7 @@
 // the kernel table. Not compiled per ISA: it only sequences kernels, which pick their own copy.
 #include "model/step.h"
 
+#include <chrono>
 #include <cstring>
 
 #include "kernels/kernels.h"
@@ -9,7 +10,34 @@
 
 namespace pyllm {
 namespace model {
+
+const char* const kOpNames[] = {
+#define PYLLM_STEP_OP_NAME(name) #name,
+    PYLLM_STEP_OPS(PYLLM_STEP_OP_NAME)
+#undef PYLLM_STEP_OP_NAME
+};
+
 namespace {
+
+// Adds the time since the last mark to an operation's total, when profiling.
+class Clock {
+ public:
+  explicit Clock(double* profile) : profile_(profile), last_(profile ? now() : 0) {}
+  void mark(Op op) {
+    if (!profile_) return;
+    const int64_t t = now();
+    profile_[int(op)] += double(t - last_);
+    last_ = t;
+  }
+
+ private:
+  static int64_t now() {
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(
+               std::chrono::steady_clock::now().time_since_epoch()).count();
+  }
+  double* profile_;
+  int64_t last_;
+};
 
 // The step's activation buffers, per calling thread (two threads may decode on one model), grown
 // to the largest batch seen and reused.
@@ -28,18 +56,27 @@ void add(float* x, const float* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) x[i] += y[i];
 }
 
+// A product with quantized weights: for a decode batch (rows = separate sequences) of packed rows,
+// the integer products per row (a row's result whatever shares the batch); else matmul_quant.
+void quantized(const Plan& plan, const Matrix& m, float* out, const float* x, int64_t M, int64_t K, bool decode) {
+  if (decode && m.packed && plan.int8_activations)
+    kernels().matmul_rows(out, x, m.q, m.type, M, K, m.out);
+  else
+    kernels().matmul_quant(out, x, m.q, m.type, M, K, m.out, plan.int8_activations, m.packed);
+}
+
 // out (M, lin.out) = x (M, lin.in) W^T + bias, plus the adapters: what layers.linear computes.
-void linear(const Plan& plan, const Linear& lin, float* out, const float* x, int64_t M) {
+void linear(const Plan& plan, const Linear& lin, float* out, const float* x, int64_t M, bool decode) {
   const KernelTable& k = kernels();
   const Matrix& first = lin.parts.front();
   if (lin.parts.size() == 1 && first.q == nullptr) {
     k.matmul_forward(out, x, first.f, lin.bias, M, lin.in, lin.out, !first.in_out);
   } else if (lin.parts.size() == 1) {
-    k.matmul_quant(out, x, first.q, first.type, M, lin.in, lin.out, plan.int8_activations);
+    quantized(plan, first, out, x, M, lin.in, decode);
   } else {   // the parts of a fused product, each quantized in its own type
     for (const Matrix& part : lin.parts) {
       float* piece = sized(buffers.part, M * part.out);
-      k.matmul_quant(piece, x, part.q, part.type, M, lin.in, part.out, plan.int8_activations);
+      quantized(plan, part, piece, x, M, lin.in, decode);
       for (int64_t i = 0; i < M; ++i)
         std::memcpy(out + i * lin.out + part.col, piece + i * part.out, sizeof(float) * part.out);
     }
@@ -71,7 +108,7 @@ void embed(const Plan& plan, float* x, const int64_t* ids, int64_t B, int64_t Tq
     kernels().embedding_forward(x, ids, e.f, N, plan.V, C);
   } else {
     const int64_t row = C / quant_block_values(e.type) * quant_block_bytes(e.type);
-    for (int64_t n = 0; n < N; ++n) kernels().dequantize_rows(x + n * C, e.q + ids[n] * row, e.type, 1, C);
+    for (int64_t n = 0; n < N; ++n) kernels().dequantize_rows(x + n * C, e.q + ids[n] * row, e.type, 1, C, e.packed);
   }
   if (plan.positions != nullptr)
     for (int64_t b = 0; b < B; ++b)
@@ -81,8 +118,10 @@ void embed(const Plan& plan, float* x, const int64_t* ids, int64_t B, int64_t Tq
 }  // namespace
 
 void step(const Plan& plan, float* logits, const int64_t* ids, int64_t B, int64_t Tq, const int64_t* counts,
-          const int64_t* lengths, const Cache& cache, const float* cos, const float* sin) {
+          const int64_t* lengths, const Cache& cache, const float* cos, const float* sin, double* profile) {
   const KernelTable& k = kernels();
+  Clock clock(profile);
+  const bool decode = Tq == 1;   // every row a sequence of its own: the per-row integer products
   Buffers& bf = buffers;
   const int64_t N = B * Tq, C = plan.C, NH = plan.NH, NKV = plan.NKV, HS = plan.HS;
   const int64_t QKV = (NH + 2 * NKV) * HS, cap = cache.capacity;
@@ -98,37 +137,52 @@ void step(const Plan& plan, float* logits, const int64_t* ids, int64_t B, int64_
   const HeadStrides q_s{Tq * QKV, HS, QKV}, att_s{Tq * NH * HS, HS, NH * HS}, cache_s{NKV * cap * HS, cap * HS, HS};
   float *q = qkv, *kk = qkv + NH * HS, *vv = qkv + (NH + NKV) * HS;
   embed(plan, x, ids, B, Tq, lengths);
+  clock.mark(Op::embed);
   for (size_t l = 0; l < plan.layers.size(); ++l) {
     const Layer& layer = plan.layers[l];
     float* k_cache = cache.k + int64_t(l) * cache.layer_stride;
     float* v_cache = cache.v + int64_t(l) * cache.layer_stride;
     norm(plan, ln, x, layer.norm1_w, layer.norm1_b, N);
-    linear(plan, layer.qkv, qkv, ln, N);
+    clock.mark(Op::norm);
+    linear(plan, layer.qkv, qkv, ln, N, decode);
+    clock.mark(Op::qkv);
     if (plan.arch == Arch::kLlama) {
       k.rope_forward(q, q, cos, sin, lengths, B, Tq, NH, HS, q_s, q_s);
       k.rope_forward(kk, kk, cos, sin, lengths, B, Tq, NKV, HS, q_s, q_s);
+      clock.mark(Op::rope);
     }
     k.kv_write(k_cache, kk, lengths, B, Tq, NKV, HS, cap, q_s);
     k.kv_write(v_cache, vv, lengths, B, Tq, NKV, HS, cap, q_s);
+    clock.mark(Op::kv_write);
     k.attention_forward(atty, lse, q, k_cache, v_cache, B, NH, NKV, Tq, cap, HS, true, bf.kv_lengths.data(), att_s,
                         q_s, cache_s, cache_s);
-    linear(plan, layer.o, proj, atty, N);
+    clock.mark(Op::attention);
+    linear(plan, layer.o, proj, atty, N, decode);
+    clock.mark(Op::o);
     add(x, proj, N * C);
+    clock.mark(Op::residual);
     norm(plan, ln, x, layer.norm2_w, layer.norm2_b, N);
+    clock.mark(Op::norm);
     const int64_t F = layer.mlp.front().out;
     float* h1 = sized(bf.mlp1, N * F);
     if (plan.arch == Arch::kGPT2) {
-      linear(plan, layer.mlp[0], h1, ln, N);
+      linear(plan, layer.mlp[0], h1, ln, N, decode);
+      clock.mark(Op::mlp_in);
       k.gelu_forward(h1, h1, N * F);
-      linear(plan, layer.mlp[1], proj, h1, N);
+      clock.mark(Op::activation);
+      linear(plan, layer.mlp[1], proj, h1, N, decode);
     } else {
       float* h2 = sized(bf.mlp2, N * F);
-      linear(plan, layer.mlp[0], h1, ln, N);
-      linear(plan, layer.mlp[1], h2, ln, N);
+      linear(plan, layer.mlp[0], h1, ln, N, decode);
+      linear(plan, layer.mlp[1], h2, ln, N, decode);
+      clock.mark(Op::mlp_in);
       k.swiglu_forward(h1, h1, h2, N * F);
-      linear(plan, layer.mlp[2], proj, h1, N);
+      clock.mark(Op::activation);
+      linear(plan, layer.mlp[2], proj, h1, N, decode);
     }
+    clock.mark(Op::mlp_out);
     add(x, proj, N * C);
+    clock.mark(Op::residual);
   }
   const float* last = x;
   if (Tq > 1) {
@@ -141,7 +195,9 @@ void step(const Plan& plan, float* logits, const int64_t* ids, int64_t B, int64_
   }
   float* lnf = sized(bf.lnf, B * C);
   norm(plan, lnf, last, plan.final_w, plan.final_b, B);
-  linear(plan, plan.head, logits, lnf, B);
+  clock.mark(Op::norm);
+  linear(plan, plan.head, logits, lnf, B, decode);
+  clock.mark(Op::head);
 }
 
 }  // namespace model

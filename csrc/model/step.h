@@ -24,6 +24,7 @@ struct Matrix {
   bool in_out = false;
   const uint8_t* q = nullptr;
   int type = 0;
+  bool packed = false;   // q in pack_quant's layout
   int64_t out = 0, in = 0;
   int64_t col = 0;   // where its outputs go in the product it is part of (a fused q|k|v)
 };
@@ -70,10 +71,23 @@ struct Cache {
   int64_t layer_stride = 0, capacity = 0;
 };
 
+// Where a step's time goes, by operation (nanoseconds, added to), when a profile is asked for.
+#define PYLLM_STEP_OPS(X) \
+  X(embed) X(norm) X(qkv) X(rope) X(kv_write) X(attention) X(o) X(mlp_in) X(activation) X(mlp_out) \
+  X(residual) X(head)
+enum class Op {
+#define PYLLM_STEP_OP(name) name,
+  PYLLM_STEP_OPS(PYLLM_STEP_OP)
+#undef PYLLM_STEP_OP
+  count
+};
+extern const char* const kOpNames[];
+
 // logits (B, V) of each row's last new token (counts[b] - 1 when counts is given, else Tq - 1);
 // rows hold lengths[b] positions before the step. cos, sin: rope tables of rope_rows positions.
+// profile, if not null, gets each Op's nanoseconds added (int(Op::count) entries).
 void step(const Plan& plan, float* logits, const int64_t* ids, int64_t B, int64_t Tq, const int64_t* counts,
-          const int64_t* lengths, const Cache& cache, const float* cos, const float* sin);
+          const int64_t* lengths, const Cache& cache, const float* cos, const float* sin, double* profile = nullptr);
 
 }  // namespace model
 }  // namespace pyllm

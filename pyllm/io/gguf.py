@@ -84,6 +84,12 @@ class GGUFFile:
     def close(self) -> None:
         self._buf.close()
 
+    def maps(self, array: np.ndarray) -> bool:
+        """Whether array may be a view of this file's mapping (it must stay open while one is used)."""
+        if self._buf.closed:
+            return False
+        return np.may_share_memory(array, np.frombuffer(self._buf, np.uint8))
+
     def nbytes(self, info: TensorInfo) -> int:
         """Bytes of a tensor of a type pyllm reads (whole blocks), else a ValueError naming it."""
         t = GGML_TYPES.get(info.type)

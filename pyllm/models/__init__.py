@@ -14,7 +14,7 @@ and one file per architecture (gpt2.py, llama.py). Imports only pyllm.kernels; k
 from pyllm.models.cache import KVCache
 from pyllm.models.config import ARCHITECTURES, ModelConfig
 from pyllm.models.params import ParamSpec, QuantizedWeight
-from pyllm.models.transformer import IGNORE, Transformer, parameter_specs, stored_in_out
+from pyllm.models.transformer import IGNORE, STEP_OPERATIONS, Transformer, parameter_specs, stored_in_out
 
-__all__ = ["ARCHITECTURES", "IGNORE", "KVCache", "ModelConfig", "ParamSpec", "QuantizedWeight", "Transformer",
-           "parameter_specs", "stored_in_out"]
+__all__ = ["ARCHITECTURES", "IGNORE", "KVCache", "ModelConfig", "ParamSpec", "QuantizedWeight", "STEP_OPERATIONS",
+           "Transformer", "parameter_specs", "stored_in_out"]

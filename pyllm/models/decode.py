@@ -20,8 +20,8 @@ def _matrix(model: Weights, name: str, out: int, inp: int, col: int = 0, in_out:
             weight=None) -> tuple:
     quantized = model.quantized.get(name)
     if quantized is not None:
-        return None, False, quantized.data, quantized.ggml_type, out, inp, col
-    return (model.p[name] if weight is None else weight), in_out, None, 0, out, inp, col
+        return None, False, quantized.data, quantized.ggml_type, out, inp, col, quantized.packed
+    return (model.p[name] if weight is None else weight), in_out, None, 0, out, inp, col, False
 
 
 def _linear(model: Weights, proj: Projection) -> tuple:

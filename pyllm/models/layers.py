@@ -85,7 +85,7 @@ def linear(model: Weights, proj: Projection, out: np.ndarray, x: np.ndarray) -> 
     quantized = model.quantized.get(proj.weight)
     if quantized is not None:
         fast.matmul_quant(out, x, quantized.data, quantized.ggml_type, M, proj.inp, proj.out,
-                          model.int8_activations)
+                          model.int8_activations, quantized.packed)
         if proj.bias is not None:
             out += model.p[proj.bias]
     elif proj.parts and proj.parts[0][0] in model.quantized:   # fused parts in different quantized types
@@ -93,7 +93,7 @@ def linear(model: Weights, proj: Projection, out: np.ndarray, x: np.ndarray) -> 
             part = model.quantized[name]
             piece = model.scratch(f"linear_part.{cols.start}", (M, cols.stop - cols.start))
             fast.matmul_quant(piece, x, part.data, part.ggml_type, M, proj.inp, piece.shape[1],
-                              model.int8_activations)
+                              model.int8_activations, part.packed)
             out[:, cols] = piece
         if proj.bias is not None:
             out += model.p[proj.bias]
@@ -115,7 +115,8 @@ def linear_backward(model: Weights, proj: Projection, dx: np.ndarray, dout: np.n
         if not model.frozen:
             raise ValueError(f"{proj.weight} is kept quantized and cannot be trained (train LoRA adapters on it)")
         if quantized is not None:
-            fast.matmul_quant_backward(dx, dout, quantized.data, quantized.ggml_type, M, proj.inp, proj.out)
+            fast.matmul_quant_backward(dx, dout, quantized.data, quantized.ggml_type, M, proj.inp, proj.out,
+                                       quantized.packed)
         else:
             part_dx = model.scratch("linear_part_dx", dx.shape)
             for k, (name, cols) in enumerate(proj.parts):
@@ -123,7 +124,7 @@ def linear_backward(model: Weights, proj: Projection, dx: np.ndarray, dout: np.n
                 part_dout = model.scratch(f"linear_part_dout.{cols.start}", (M, cols.stop - cols.start))
                 np.copyto(part_dout, dout[:, cols])
                 fast.matmul_quant_backward(dx if k == 0 else part_dx, part_dout, part.data, part.ggml_type, M,
-                                           proj.inp, part_dout.shape[1])
+                                           proj.inp, part_dout.shape[1], part.packed)
                 if k:
                     dx += part_dx
     else:
@@ -179,4 +180,5 @@ def embed_tokens(model: Weights, name: str, out: np.ndarray, ids: np.ndarray) ->
         weight = model.p[name]
         fast.embedding_forward(out, ids, weight, N, weight.shape[0], C)
     else:
-        fast.dequantize_rows(out, np.ascontiguousarray(quantized.data[ids]), quantized.ggml_type, N, C)
+        fast.dequantize_rows(out, np.ascontiguousarray(quantized.data[ids]), quantized.ggml_type, N, C,
+                             quantized.packed)

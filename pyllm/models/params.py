@@ -28,14 +28,23 @@ class ParamSpec:
 
 @dataclass(frozen=True)
 class QuantizedWeight:
-    """A (N, K) weight (N output rows of K inputs) kept as ggml blocks: data is (N, bytes per row) uint8."""
+    """A (N, K) weight (N output rows of K inputs) kept as ggml blocks: data is (N, bytes per row) uint8,
+    in ggml's layout or (packed) in kernels.pack_quant's, what the integer products read fastest."""
 
     data: np.ndarray
     ggml_type: int
     shape: tuple
+    packed: bool = False
 
     def dequantize(self) -> np.ndarray:
-        return kernels.dequantize(self.data, self.ggml_type, self.shape)
+        return kernels.dequantize(self.data, self.ggml_type, self.shape, self.packed)
+
+    def to_packed(self) -> "QuantizedWeight":
+        """This weight in the packed layout (a copy), or itself when its type has none or it is packed."""
+        if self.packed or not kernels.GGML_TYPES[self.ggml_type].packed:
+            return self
+        return QuantizedWeight(kernels.pack_quant(self.data, self.ggml_type, self.shape), self.ggml_type, self.shape,
+                               True)
 
 
 def flat_views(flat: np.ndarray, specs: list[ParamSpec]) -> dict[str, np.ndarray]:

@@ -33,6 +33,7 @@ ARCHITECTURES: dict[str, Architecture] = {arch.name: arch for arch in (GPT2(), L
 assert tuple(ARCHITECTURES) == ARCHITECTURE_NAMES, "models/config.py lists the architectures written here"
 
 IGNORE = -100   # a target that is not learned (a prompt, padding)
+STEP_OPERATIONS = tuple(kernels.DecodePlan.operations)   # what forward_step's profile counts, in order
 
 
 class _Buffers(threading.local):
@@ -74,6 +75,7 @@ class Transformer:
         self._fused = {layer.qkv.weight: layer.qkv for layer in layers if layer.qkv.parts}
         all_specs = self.arch.parameter_specs(config)
         self._check_quantized(all_specs)
+        self._pack_quantized()
         self.specs = [s for s in all_specs if s.name not in self.quantized]
         self.num_params = sum(math.prod(s.shape) for s in self.specs)
         self.num_decayed = sum(math.prod(s.shape) for s in self.specs if s.decay)
@@ -129,6 +131,18 @@ class Transformer:
             size = max(length, min(self.config.block_size, max(4096, 2 * have)))
             tables = self._rope = kernels.rope_tables(size, self.config.head_size, self.config.rope_theta)
         return tables
+
+    def _pack_quantized(self) -> None:
+        """Every quantized weight whose type has a packed layout, packed (a copy: the file's own bytes
+        are then no longer read); the parts of a fused q/k/v as row ranges of the packed whole."""
+        for name in list(self.quantized):
+            self.quantized[name] = self.quantized[name].to_packed()
+        for proj in self._fused.values():
+            whole = self.quantized.get(proj.weight)
+            if whole is not None and whole.packed:
+                for part, cols in proj.parts:
+                    self.quantized[part] = QuantizedWeight(whole.data[cols], whole.ggml_type,
+                                                           (cols.stop - cols.start, proj.inp), True)
 
     def _check_quantized(self, specs: list[ParamSpec]) -> None:
         """Every quantized weight names a parameter (or a fused projection) and fits its shape."""
@@ -281,12 +295,14 @@ class Transformer:
                              self._rope_tables(ids.shape[1]), rows)
         return loss
 
-    def forward_step(self, ids, cache: KVCache, rows: Optional[slice] = None, counts=None) -> np.ndarray:
+    def forward_step(self, ids, cache: KVCache, rows: Optional[slice] = None, counts=None,
+                     profile: Optional[np.ndarray] = None) -> np.ndarray:
         """Appends ids (B, Tq) to the KV cache (its rows `rows`, default all) and returns the logits
         of each row's last new position, (B, vocab). Rows may hold different lengths (ragged batch):
         each new token sits at its own row's next position. counts (B,), if given, says how many of
         each row's ids are real (a batch of prompts of different lengths, right-padded to Tq): the
-        logits are then those of position counts[b] - 1, and the row grows by counts[b]."""
+        logits are then those of position counts[b] - 1, and the row grows by counts[b]. profile, a
+        float64 array with an entry per STEP_OPERATIONS, gets each operation's nanoseconds added."""
         cfg = self.config
         rows = rows if rows is not None else slice(0, cache.batch)
         if not isinstance(rows, slice) or rows.step not in (None, 1):
@@ -311,7 +327,8 @@ class Transformer:
         logits = np.empty((B, cfg.vocab_size), np.float32)
         whole = rows.start in (0, None) and rows.stop in (cache.batch, None)
         k, v = (cache.k_all, cache.v_all) if whole else (cache.k_all[:, rows], cache.v_all[:, rows])
-        self._decode_plan().step(logits, ids, counts, lengths, k, v, *(rope if rope is not None else (None, None)))
+        self._decode_plan().step(logits, ids, counts, lengths, k, v, *(rope if rope is not None else (None, None)),
+                                 profile)
         cache.lengths[rows] = lengths + (counts if counts is not None else Tq)
         return logits
 
