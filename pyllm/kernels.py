@@ -682,8 +682,8 @@ def matmul_quant(a, w, ggml_type: int, shape: tuple[int, int], int8_activations:
     if a.shape[-1] != K:
         raise ValueError(f"matmul_quant: a is {a.shape} but the weights are {shape} (N, K)")
     M = a.size // K if K else 0
-    out = np.empty(a.shape[:-1] + (N,), np.float32)
-    if out.size:
+    out = (np.empty if K else np.zeros)(a.shape[:-1] + (N,), np.float32)   # no values: sums of nothing
+    if out.size and K:
         _C.matmul_quant(out, a, w, int(ggml_type), M, K, N, bool(int8_activations), bool(packed))
     return out
 
@@ -717,15 +717,32 @@ def matmul_rows(a, w, ggml_type: int, shape: tuple[int, int]) -> np.ndarray:
     """a (..., K) @ W^T for W (N, K) = shape in pack_quant's layout, each row of a a sequence of its
     own (a decode batch): rounded per block of 32 to int8 with a float16 scale (llama.cpp's Q8_0)
     and multiplied in integers, so a row's result never depends on the other rows of a."""
-    w, N, K = _quant_args(w, ggml_type, shape, packed=True)
+    return matmul_rows_parts(a, [(w, shape)], ggml_type)[0]
+
+
+def matmul_rows_parts(a, parts, ggml_type: int) -> list[np.ndarray]:
+    """matmul_rows for several packed matrices (w, (N_p, K)) of one type that read the same a (a
+    Llama layer's gate and up): a is rounded once and one parallel region covers every part; each
+    result is bit for bit matmul_rows's."""
+    if not parts:
+        raise ValueError("matmul_rows_parts: no weight matrices")
+    ws, Ns, K = [], [], None
+    for w, shape in parts:
+        w, N, K_p = _quant_args(w, ggml_type, shape, packed=True)
+        if K is not None and K_p != K:
+            raise ValueError(f"matmul_rows_parts: the parts' K differ ({K} and {K_p})")
+        K = K_p
+        ws.append(w.reshape(N, row_bytes(ggml_type, K)))
+        Ns.append(N)
     a = _floats(a, "a", min_ndim=1)
     if a.shape[-1] != K:
-        raise ValueError(f"matmul_rows: a is {a.shape} but the weights are {shape} (N, K)")
+        raise ValueError(f"matmul_rows: a is {a.shape} but the weights' K is {K}")
     M = a.size // K if K else 0
-    out = np.empty(a.shape[:-1] + (N,), np.float32)
-    if out.size:
-        _C.matmul_rows(out, a, w, int(ggml_type), M, K, N)
-    return out
+    outs = [(np.empty if K else np.zeros)(a.shape[:-1] + (N,), np.float32) for N in Ns]
+    live = [p for p, N in enumerate(Ns) if N]
+    if M and K and live:
+        _C.matmul_rows([outs[p].reshape(M, Ns[p]) for p in live], a, [ws[p] for p in live], int(ggml_type), M, K)
+    return outs
 
 
 def dequantize(w, ggml_type: int, shape: tuple[int, int], packed: bool = False) -> np.ndarray:

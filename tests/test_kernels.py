@@ -1141,7 +1141,7 @@ def _blocks(rng, ggml_type, N, K):
     blocks = rng.integers(0, 256, (N * K // values, nbytes), dtype=np.uint8)
     for at in {R.Q4_1: (0, 2), R.Q5_1: (0, 2)}.get(ggml_type, (0,)):
         blocks[:, at:at + 2] = rng.uniform(-0.02, 0.02, (len(blocks), 1)).astype(np.float16).view(np.uint8)
-    return blocks.reshape(N, -1)
+    return blocks.reshape(N, K // values * nbytes)
 
 
 @pytest.mark.parametrize("name", PACKED)
@@ -1168,6 +1168,21 @@ def test_packed_rows_equal_their_twin_and_do_not_depend_on_the_batch(K, isa, rng
     dout = randn(rng, M, N)
     assert_bitwise_equal(K.matmul_quant_backward(dout, packed, t, (N, Kd), packed=True),
                          K.matmul_quant_backward(dout, w, t, (N, Kd)))
+
+
+@pytest.mark.parametrize("name", PACKED)
+def test_packed_parts_in_one_call_are_each_the_single_call(K, isa, rng, name):
+    # Llama's gate and up read one input: one call over both parts, each part matmul_rows's result.
+    t = K.QUANT_TYPES[name]
+    shapes = [(37, 576), (6, 576), (0, 576), (130, 576)]
+    parts = [(K.pack_quant(_blocks(rng, t, N, Kd), t, (N, Kd)), (N, Kd)) for N, Kd in shapes]
+    a = randn(rng, 5, 576, scale=2.0)
+    for got, (w, shape) in zip(K.matmul_rows_parts(a, parts, t), parts):
+        assert_bitwise_equal(got, K.matmul_rows(a, w, t, shape))
+    with pytest.raises(ValueError, match="K differ"):
+        K.matmul_rows_parts(a, [parts[0], (K.pack_quant(_blocks(rng, t, 2, 64), t, (2, 64)), (2, 64))], t)
+    with pytest.raises(ValueError, match="no weight"):
+        K.matmul_rows_parts(a, [], t)
 
 
 def test_packed_layouts_are_refused_for_types_without_one(K):

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "common.h"
 #include "kernels/kernels.h"
@@ -393,17 +394,27 @@ void bind_kernels(py::module_& m) {
     py::gil_scoped_release release;
     kernels().pack_quant(po, pw, type, rows, K);
   });
-  m.def("matmul_rows", [quant_row_bytes, layout_ok](py::array o, py::array a, py::array w, int type, int64_t M, int64_t K,
-                                                    int64_t N) {
+  // outs, ws: lists of the parts' output arrays (M, N_p) and packed weights (N_p rows).
+  m.def("matmul_rows", [quant_row_bytes, layout_ok](py::list outs, py::array a, py::list ws, int type, int64_t M,
+                                                    int64_t K) {
     layout_ok(type, true);
     const int64_t row_bytes = quant_row_bytes(type, K);
-    float* po = out(o, count(M, N), "out");
+    check(outs.size() == ws.size() && !ws.empty(), "one output per weight matrix");
     const float* pa = in(a, count(M, K), "a");
-    check(py::dtype::of<uint8_t>().is(w.dtype()) && (w.flags() & py::array::c_style) && w.size() >= count(N, row_bytes),
-          "w must be a C-contiguous uint8 array of N packed rows");
-    const uint8_t* pw = static_cast<const uint8_t*>(w.data());
+    std::vector<float*> po;
+    std::vector<const uint8_t*> pw;
+    std::vector<int64_t> Ns;
+    for (size_t p = 0; p < ws.size(); ++p) {
+      py::array w = ws[p].cast<py::array>(), o = outs[p].cast<py::array>();
+      check(py::dtype::of<uint8_t>().is(w.dtype()) && (w.flags() & py::array::c_style) && w.ndim() == 2 &&
+                w.shape(1) == row_bytes,
+            "each weight must be a C-contiguous uint8 (N, row bytes) array of packed rows");
+      Ns.push_back(w.shape(0));
+      po.push_back(out(o, count(M, w.shape(0)), "out"));
+      pw.push_back(static_cast<const uint8_t*>(w.data()));
+    }
     py::gil_scoped_release release;
-    kernels().matmul_rows(po, pa, pw, type, M, K, N);
+    kernels().matmul_rows(po.data(), pw.data(), Ns.data(), int64_t(Ns.size()), pa, type, M, K);
   });
   m.def("dequantize_rows", [quant_row_bytes, layout_ok](py::array o, py::array w, int type, int64_t rows, int64_t K,
                                                         bool packed) {

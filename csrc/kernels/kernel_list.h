@@ -89,11 +89,12 @@
                             bool packed))                                                             \
   /* The rows of a packed type (quant_types.h) regrouped for integer products (quant_packed.cpp). */  \
   X(pack_quant, void, (uint8_t* out, const uint8_t* w, int type, int64_t rows, int64_t K))            \
-  /* out (M, N) = a (M, K) @ W^T for packed W, each row of a a sequence of its own (a decode batch):  \
-     rounded to int8 per block of 32 (Q8_0) and multiplied in integers, so a row gets the same       \
+  /* outs[p] (M, Ns[p]) = a (M, K) @ W_p^T for `parts` packed matrices of one type that read the     \
+     same input (Llama's gate and up), each row of a a sequence of its own (a decode batch): a is     \
+     rounded to int8 per block of 32 (Q8_0) once and multiplied in integers, so a row gets the same   \
      result whatever else shares the batch. */                                                         \
-  X(matmul_rows, void, (float* out, const float* a, const uint8_t* w, int type, int64_t M, int64_t K,  \
-                        int64_t N))                                                                   \
+  X(matmul_rows, void, (float* const* outs, const uint8_t* const* ws, const int64_t* Ns, int64_t parts, \
+                        const float* a, int type, int64_t M, int64_t K))                              \
   /* The input gradient through a frozen quantized weight: dx (M, K) = dout (M, N) @ W. */            \
   X(matmul_quant_backward, void, (float* dx, const float* dout, const uint8_t* w, int type,          \
                                   int64_t M, int64_t K, int64_t N, bool packed))

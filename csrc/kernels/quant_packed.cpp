@@ -256,30 +256,38 @@ void dot_rows(float* const* out, const uint8_t* row, const Layout& l, const Acts
 thread_local std::vector<Acts> act_rows;
 
 template <int Type>
-void matmul_packed_typed(float* out, const float* a, const uint8_t* w, int64_t M, int64_t K, int64_t N) {
+void matmul_rows_typed(float* const* outs, const uint8_t* const* ws, const int64_t* Ns, int64_t parts, const float* a,
+                       int64_t M, int64_t K) {
   const Layout l = layout_of(Type, K);
   const int64_t rb = row_bytes_of(Type, K);
   if (int64_t(act_rows.size()) < M) act_rows.resize(size_t(M));
   for (int64_t i = 0; i < M; ++i) quantize_row(act_rows[size_t(i)], a + i * K, K, Type);
   const Acts* rows = act_rows.data();
+  // The parts' weight rows are one range of work items, so one parallel region covers them all.
+  std::vector<int64_t> first(size_t(parts) + 1, 0);
+  for (int64_t p = 0; p < parts; ++p) first[size_t(p) + 1] = first[size_t(p)] + Ns[p];
   // About 2 KB of weights requested ahead of the row being multiplied: decode streams them from
   // memory once per token, and the hardware prefetcher alone leaves the loads waiting.
   const int64_t ahead = (2048 + rb - 1) / rb;
-  parallel_for(N, imax(1, 32768 / rb), [&](int64_t j0, int64_t j1) {
-    for (int64_t j = j0; j < j1; ++j) {
-      const uint8_t* row = w + j * rb;
-      if (j + ahead < j1)
+  parallel_for(first[size_t(parts)], imax(1, 32768 / rb), [&](int64_t u0, int64_t u1) {
+    int64_t p = 0;
+    for (int64_t u = u0; u < u1; ++u) {
+      while (u >= first[size_t(p) + 1]) ++p;
+      const int64_t j = u - first[size_t(p)], N = Ns[p];
+      const uint8_t* row = ws[p] + j * rb;
+      if (u + ahead < u1 && j + ahead < N)
         for (int64_t off = 0; off < rb; off += 64) __builtin_prefetch(row + ahead * rb + off, 0, 3);
+      float* out = outs[p];
       int64_t i = 0;
       for (; i + 4 <= M; i += 4) {   // four activation rows share each expanded weight
-        float* outs[4] = {out + i * N + j, out + (i + 1) * N + j, out + (i + 2) * N + j, out + (i + 3) * N + j};
-        const Acts* acts[4] = {rows + i, rows + i + 1, rows + i + 2, rows + i + 3};
-        dot_rows<Type, 4>(outs, row, l, acts);
+        float* o[4] = {out + i * N + j, out + (i + 1) * N + j, out + (i + 2) * N + j, out + (i + 3) * N + j};
+        const Acts* x[4] = {rows + i, rows + i + 1, rows + i + 2, rows + i + 3};
+        dot_rows<Type, 4>(o, row, l, x);
       }
       for (; i < M; ++i) {
-        float* outs[1] = {out + i * N + j};
-        const Acts* acts[1] = {rows + i};
-        dot_rows<Type, 1>(outs, row, l, acts);
+        float* o[1] = {out + i * N + j};
+        const Acts* x[1] = {rows + i};
+        dot_rows<Type, 1>(o, row, l, x);
       }
     }
   });
@@ -319,13 +327,14 @@ void pack_quant(uint8_t* out, const uint8_t* w, int type, int64_t rows, int64_t 
   });
 }
 
-void matmul_rows(float* out, const float* a, const uint8_t* w, int type, int64_t M, int64_t K, int64_t N) {
+void matmul_rows(float* const* outs, const uint8_t* const* ws, const int64_t* Ns, int64_t parts, const float* a,
+                 int type, int64_t M, int64_t K) {
   switch (type) {
-    case kQ4_0: return matmul_packed_typed<kQ4_0>(out, a, w, M, K, N);
-    case kQ4_1: return matmul_packed_typed<kQ4_1>(out, a, w, M, K, N);
-    case kQ5_0: return matmul_packed_typed<kQ5_0>(out, a, w, M, K, N);
-    case kQ5_1: return matmul_packed_typed<kQ5_1>(out, a, w, M, K, N);
-    case kQ8_0: return matmul_packed_typed<kQ8_0>(out, a, w, M, K, N);
+    case kQ4_0: return matmul_rows_typed<kQ4_0>(outs, ws, Ns, parts, a, M, K);
+    case kQ4_1: return matmul_rows_typed<kQ4_1>(outs, ws, Ns, parts, a, M, K);
+    case kQ5_0: return matmul_rows_typed<kQ5_0>(outs, ws, Ns, parts, a, M, K);
+    case kQ5_1: return matmul_rows_typed<kQ5_1>(outs, ws, Ns, parts, a, M, K);
+    case kQ8_0: return matmul_rows_typed<kQ8_0>(outs, ws, Ns, parts, a, M, K);
   }
 }
 

@@ -60,7 +60,7 @@ void add(float* x, const float* y, int64_t n) {
 // the integer products per row (a row's result whatever shares the batch); else matmul_quant.
 void quantized(const Plan& plan, const Matrix& m, float* out, const float* x, int64_t M, int64_t K, bool decode) {
   if (decode && m.packed && plan.int8_activations)
-    kernels().matmul_rows(out, x, m.q, m.type, M, K, m.out);
+    kernels().matmul_rows(&out, &m.q, &m.out, 1, x, m.type, M, K);
   else
     kernels().matmul_quant(out, x, m.q, m.type, M, K, m.out, plan.int8_activations, m.packed);
 }
@@ -91,6 +91,23 @@ void linear(const Plan& plan, const Linear& lin, float* out, const float* x, int
     for (int64_t i = 0; i < M * a.out; ++i) d[i] *= a.scale;
     for (int64_t i = 0; i < M; ++i) add(out + i * lin.out + a.col, d + i * a.out, a.out);
   }
+}
+
+// Two products of the same input (gate and up): for a decode batch of packed rows of one type with
+// no bias or adapters, one call (the input rounded once, one parallel region); else one each.
+void linear_pair(const Plan& plan, const Linear& a, const Linear& b, float* out_a, float* out_b, const float* x,
+                 int64_t M, bool decode) {
+  const Matrix &ma = a.parts.front(), &mb = b.parts.front();
+  if (decode && plan.int8_activations && a.parts.size() == 1 && b.parts.size() == 1 && ma.packed && mb.packed &&
+      ma.type == mb.type && !a.bias && !b.bias && a.adapters.empty() && b.adapters.empty()) {
+    float* outs[2] = {out_a, out_b};
+    const uint8_t* ws[2] = {ma.q, mb.q};
+    const int64_t Ns[2] = {ma.out, mb.out};
+    kernels().matmul_rows(outs, ws, Ns, 2, x, ma.type, M, a.in);
+    return;
+  }
+  linear(plan, a, out_a, x, M, decode);
+  linear(plan, b, out_b, x, M, decode);
 }
 
 void norm(const Plan& plan, float* out, const float* x, const float* w, const float* b, int64_t N) {
@@ -173,8 +190,7 @@ void step(const Plan& plan, float* logits, const int64_t* ids, int64_t B, int64_
       linear(plan, layer.mlp[1], proj, h1, N, decode);
     } else {
       float* h2 = sized(bf.mlp2, N * F);
-      linear(plan, layer.mlp[0], h1, ln, N, decode);
-      linear(plan, layer.mlp[1], h2, ln, N, decode);
+      linear_pair(plan, layer.mlp[0], layer.mlp[1], h1, h2, ln, N, decode);
       clock.mark(Op::mlp_in);
       k.swiglu_forward(h1, h1, h2, N * F);
       clock.mark(Op::activation);
