@@ -1,12 +1,15 @@
-"""The default model, SmolLM2-135M-Instruct Q4_1 (GGUF), in pyllm against llama.cpp (through
-llama-cpp-python) on the same file, the same threads, one run: prompt processing of 500 tokens,
-200 greedy decode steps, and the resident memory of each (a fresh process that loads the model
-and runs a short generation). The same for a Q4_K_M file of the model that llama.cpp's quantizer
-makes from it (tools/make_q4_k_m.py; Q4_K, Q6_K, Q5_0 and Q8_0 tensors).
+"""The default model, SmolLM2-135M-Instruct (GGUF), in pyllm against llama.cpp (through
+llama-cpp-python) on the same file, the same threads, one run: prompt processing of 500 tokens (the
+last position's logits on both sides), 200 greedy decode steps after a short prompt, and the resident
+memory of each (a fresh process that loads the model and runs a short generation). Three files: the
+Q4_1 one the default model ships as, and the Q4_K_M and Q8_0 files llama.cpp's quantizer makes from
+it (tools/quantize_smollm2.py). And pyllm's batched decode: 8 sequences of different lengths decoded
+together against the same 8 decoded one after another (the same tokens; the speedup is the ratio of
+tokens/s).
 
 llama-cpp-python compiles llama.cpp when pip installs it (minutes); without it the llama.cpp rows
-and the Q4_K_M file are skipped. Run as a script for the memory probe:
-python benchmarks/bench_smollm2.py {pyllm|llama.cpp} [Q4_1|Q4_K_M].
+and the requantized files are skipped. Run as a script for the memory probe:
+python benchmarks/bench_smollm2.py {pyllm|llama.cpp} [Q4_1|Q4_K_M|Q8_0].
 """
 
 from __future__ import annotations
@@ -19,21 +22,23 @@ import numpy as np
 import memory_probe
 
 THREADS = int(os.environ.get("PYLLM_BENCH_THREADS", "2"))
-PROMPT, DECODE = 500, 200
+PROMPT, SHORT_PROMPT, DECODE = 500, 16, 200
+BATCH, BATCH_STEPS = 8, 64
+QUANTS = ("Q4_1", "Q4_K_M", "Q8_0")
 
 
 def _path(quant: str = "Q4_1"):
     from pyllm.hub import smollm2_gguf
 
     path = smollm2_gguf(quiet=True)
-    if quant == "Q4_K_M":
-        made = path.with_name("SmolLM2-135M-Instruct.Q4_K_M.gguf")
+    if quant != "Q4_1":
+        made = path.with_name(f"SmolLM2-135M-Instruct.{quant}.gguf")
         if not made.exists():
             import subprocess
             from pathlib import Path
 
-            tool = Path(__file__).resolve().parents[1] / "tools" / "make_q4_k_m.py"
-            subprocess.run([sys.executable, str(tool), str(made)], check=True, capture_output=True)
+            tool = Path(__file__).resolve().parents[1] / "tools" / "quantize_smollm2.py"
+            subprocess.run([sys.executable, str(tool), quant, str(made)], check=True, capture_output=True)
         path = made
     return path
 
@@ -45,11 +50,12 @@ def _prompt_ids(tokenizer) -> list[int]:
 
 
 def load(impl: str, quant: str = "Q4_1"):
-    """(prefill(ids) -> state, decode(state, n) -> tokens) for impl on the file of that quantization."""
+    """(tokenizer, prefill(ids) -> state, decode(state, n) -> tokens, model or None) for impl on the
+    file of that quantization."""
     if impl == "pyllm":
         from pyllm import kernels
         from pyllm.llm import LLM
-        from pyllm.model import KVCache
+        from pyllm.models import KVCache
 
         kernels.set_num_threads(THREADS)
         llm = LLM.load(_path(quant))
@@ -67,7 +73,7 @@ def load(impl: str, quant: str = "Q4_1"):
                 out.append(token)
                 logits = model.forward_step(np.array([[token]]), cache)
             return out
-        return llm.tokenizer, prefill, decode
+        return llm.tokenizer, prefill, decode, model
 
     import llama_cpp
 
@@ -91,7 +97,43 @@ def load(impl: str, quant: str = "Q4_1"):
             out.append(token)
             llm.eval([token])
         return out
-    return Tokenizer.from_gguf(_path(quant)), prefill, decode
+    return Tokenizer.from_gguf(_path(quant)), prefill, decode, None
+
+
+def batch_prompts(ids: list[int]) -> list[list[int]]:
+    """BATCH prompts of different lengths (24 to 444 tokens) cut from the benchmark's text."""
+    return [ids[7 * b:7 * b + 24 + 60 * b] for b in range(BATCH)]
+
+
+def prefill_batch(model, prompts: list[list[int]], steps: int, together: bool) -> list:
+    """The prompts in one cache of len(prompts) rows (together) or one cache each, each with its
+    last position's logits: the state decode_batch starts from (untimed: the same work either way)."""
+    from pyllm.models import KVCache
+
+    capacity = max(map(len, prompts)) + steps + 1
+    if together:
+        cache = KVCache(model.config, len(prompts), capacity)
+        last = np.stack([model.forward_step(np.array([p]), cache, rows=slice(b, b + 1))[0]
+                         for b, p in enumerate(prompts)])
+        return [(cache, last)]
+    states = []
+    for p in prompts:
+        cache = KVCache(model.config, 1, capacity)
+        states.append((cache, model.forward_step(np.array([p]), cache)))
+    return states
+
+
+def decode_batch(model, states: list, steps: int) -> np.ndarray:
+    """Greedy decode for `steps` tokens from each state of prefill_batch, one after another (one
+    state: all its rows at each step); returns every row's tokens, (rows, steps)."""
+    out = []
+    for cache, last in states:
+        tokens = np.zeros((len(last), steps), np.int64)
+        for s in range(steps):
+            tokens[:, s] = last.argmax(1)
+            last = model.forward_step(tokens[:, s:s + 1], cache)
+        out.append(tokens)
+    return np.concatenate(out)
 
 
 def peak_memory_mb(*args: str) -> float:
@@ -104,30 +146,50 @@ except ImportError:
     pytest = None
 
 if pytest is not None:
-    @pytest.fixture(scope="module", params=[("pyllm", "Q4_1"), ("llama.cpp", "Q4_1"), ("pyllm", "Q4_K_M"),
-                                            ("llama.cpp", "Q4_K_M")], ids=lambda p: "-".join(p))
+    @pytest.fixture(scope="module", params=[(impl, q) for q in QUANTS for impl in ("pyllm", "llama.cpp")],
+                    ids=lambda p: "-".join(p))
     def runner(request):
         impl, quant = request.param
-        if impl == "llama.cpp" or quant == "Q4_K_M":
+        if impl == "llama.cpp" or quant != "Q4_1":
             pytest.importorskip("llama_cpp")
-        tokenizer, prefill, decode = load(impl, quant)
+        tokenizer, prefill, decode, _ = load(impl, quant)
         return impl, quant, _prompt_ids(tokenizer), prefill, decode
 
     def test_prompt_processing(benchmark, runner):
         impl, quant, ids, prefill, _ = runner
         benchmark.group = f"SmolLM2 {quant} prompt of {PROMPT} tokens vs llama.cpp"
-        benchmark.extra_info.update(impl=impl, tokens=PROMPT, target=0.5, peak_mb=peak_memory_mb(impl, quant))
+        benchmark.extra_info.update(impl=impl, tokens=PROMPT, target=1.5, peak_mb=peak_memory_mb(impl, quant))
         benchmark.pedantic(prefill, args=(ids,), rounds=3, warmup_rounds=1)
 
     def test_decode(benchmark, runner):
         impl, quant, ids, prefill, decode = runner
-        benchmark.group = f"SmolLM2 {quant} decode {DECODE} tokens vs llama.cpp"
-        benchmark.extra_info.update(impl=impl, tokens=DECODE, target=0.8)
-        tokens = benchmark.pedantic(decode, setup=lambda: ((prefill(ids), DECODE), {}), rounds=5)
+        benchmark.group = f"SmolLM2 {quant} decode {DECODE} tokens after {SHORT_PROMPT} vs llama.cpp"
+        benchmark.extra_info.update(impl=impl, tokens=DECODE, target=1.5)
+        tokens = benchmark.pedantic(decode, setup=lambda: ((prefill(ids[:SHORT_PROMPT]), DECODE), {}), rounds=5)
         assert len(tokens) == DECODE
+
+    @pytest.fixture(scope="module")
+    def batched():
+        tokenizer, _, _, model = load("pyllm", "Q4_1")
+        prompts = batch_prompts(_prompt_ids(tokenizer))
+        # Together or one at a time, the same tokens (a row's logits do not depend on the batch):
+        # both sides do the same work.
+        expected = decode_batch(model, prefill_batch(model, prompts, BATCH_STEPS, False), BATCH_STEPS)
+        return model, prompts, expected
+
+    @pytest.mark.parametrize("together", [True, False], ids=["together", "one at a time"])
+    def test_batched_decode(benchmark, batched, together):
+        model, prompts, expected = batched
+        benchmark.group = f"SmolLM2 Q4_1 {BATCH} sequences decode {BATCH_STEPS} tokens together vs one at a time"
+        benchmark.extra_info.update(impl="pyllm" if together else "one at a time", tokens=BATCH * BATCH_STEPS,
+                                    target=4.0)
+        tokens = benchmark.pedantic(
+            decode_batch, setup=lambda: ((model, prefill_batch(model, prompts, BATCH_STEPS, together), BATCH_STEPS),
+                                         {}), rounds=3)
+        assert np.array_equal(tokens, expected)
 
 
 if __name__ == "__main__":
-    tokenizer, prefill, decode = load(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "Q4_1")
+    tokenizer, prefill, decode, _ = load(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "Q4_1")
     decode(prefill(_prompt_ids(tokenizer)[:64]), 16)
     memory_probe.report()

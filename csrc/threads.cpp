@@ -190,8 +190,16 @@ void reset_pool_in_child() {
 
 }  // namespace
 
+namespace {
+// The pool's size, readable without pool_mu (kernels size their work with it, and pool_mu is held
+// by whichever thread is running a job); 0 until the pool exists.
+std::atomic<int> pool_threads{0};
+}  // namespace
+
 int num_threads() {
+  if (const int n = pool_threads.load(std::memory_order_relaxed)) return n;
   std::lock_guard<std::mutex> lock(pool_mu);
+  pool_threads.store(pool()->size(), std::memory_order_relaxed);
   return pool()->size();
 }
 
@@ -202,6 +210,7 @@ void set_num_threads(int n) {
     pool().reset();
     pool() = std::make_unique<Pool>(n);
   }
+  pool_threads.store(n, std::memory_order_relaxed);
 }
 
 void parallel_run(int64_t n, int64_t grain, RangeFn fn, void* ctx) {

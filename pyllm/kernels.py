@@ -39,6 +39,7 @@ __all__ = [
     "cross_entropy", "cross_entropy_forward", "cross_entropy_backward",
     "embedding", "embedding_backward", "adamw", "matmul_quant", "matmul_quant_backward", "dequantize",
     "GGML_TYPES", "QUANT_TYPES", "GgmlType", "row_bytes", "unchecked", "pack_quant", "matmul_rows",
+    "matmul_rows_parts", "embed_quant", "PACKED_ROWS",
     "set_num_threads", "get_num_threads", "available_isas", "get_isa", "set_isa",
     "measure_fma_peak",
 ]
@@ -702,10 +703,15 @@ def matmul_quant_backward(dout, w, ggml_type: int, shape: tuple[int, int], packe
     return dx
 
 
+PACKED_ROWS: int = _C.packed_rows   # pack_quant's groups of rows (csrc/kernels/quant_types.h)
+
+
 def pack_quant(w, ggml_type: int, shape: tuple[int, int]) -> np.ndarray:
     """The ggml rows w of W (N, K) regrouped for integer products (the types whose GgmlType.packed is
-    set): each row's scales, then (Q4_1, Q5_1) minima, (Q5) fifth bits and packed values, one after
-    another; the same bytes, (N, row bytes). The quantized kernels take it with packed=True."""
+    set): the rows in groups of 16, each block of a group's rows together (their scales, minima,
+    fifth bits, then their values four at a time, row by row: reference.pack_quant states the
+    layout); the same bytes, (N, row bytes). A range of rows from a multiple of 16 to another (or
+    to the end) is a packed matrix too. The quantized kernels take it with packed=True. The quantized kernels take it with packed=True."""
     w, N, K = _quant_args(w, ggml_type, shape, packed=True)
     out = np.empty((N, row_bytes(ggml_type, K)), np.uint8)
     if out.size:
@@ -751,6 +757,22 @@ def dequantize(w, ggml_type: int, shape: tuple[int, int], packed: bool = False) 
     out = np.empty((N, K), np.float32)
     if out.size:
         _C.dequantize_rows(out, w, int(ggml_type), N, K, bool(packed))
+    return out
+
+
+def embed_quant(w, ggml_type: int, shape: tuple[int, int], ids, packed: bool = False) -> np.ndarray:
+    """Rows ids (any shape) of the quantized (N, K) = shape matrix w as float32, ids.shape + (K,):
+    an embedding lookup in a table kept in blocks (packed: in pack_quant's layout)."""
+    w, N, K = _quant_args(w, ggml_type, shape, packed)
+    ids = np.asarray(ids)
+    if ids.dtype.kind not in "iu":
+        raise TypeError(f"embed_quant: ids must be integers, got {ids.dtype}")
+    flat = np.ascontiguousarray(ids, np.int64).reshape(-1)
+    if flat.size and (flat.min() < 0 or flat.max() >= N):
+        raise ValueError(f"embed_quant: ids outside [0, {N})")
+    out = np.empty(ids.shape + (K,), np.float32)
+    if out.size:
+        _C.embed_quant(out, w, int(ggml_type), N, K, flat, flat.size, bool(packed))
     return out
 
 

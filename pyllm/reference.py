@@ -501,9 +501,14 @@ def _dequantize_q6_k(blocks: np.ndarray) -> np.ndarray:
     return d * np.repeat(scales, 16, axis=1) * values
 
 
-# pack_quant's layout: per row, every block's d, then m (Q4_1, Q5_1), qh (Q5), qs: the same bytes.
+# pack_quant's layout: the rows in groups of 16 (the last holds the n rows left), a group's block b
+# of its n rows together: d[n], m[n] (Q4_1, Q5_1), qh[n] (Q5), then the values in chunks of n lanes
+# of 4 bytes, lane r the group's row r: for the 4-bit types byte k of chunk c (of 4) holds value
+# 8c+k in its low nibble and 8c+4+k in its high one, for Q8_0 chunk c (of 8) values 4c..4c+3.
+# The same bytes as ggml's rows.
 _PACKED_PARTS = {Q4_0: (2, 0, 0, 16), Q4_1: (2, 2, 0, 16), Q5_0: (2, 0, 4, 16), Q5_1: (2, 2, 4, 16),
                  Q8_0: (2, 0, 0, 32)}   # bytes of d, m, qh, qs in a block, in the block's own order
+PACKED_ROWS = 16
 
 
 def _packed_fields(ggml_type):
@@ -512,22 +517,54 @@ def _packed_fields(ggml_type):
     return [(int(a), int(n)) for a, n in zip(starts, sizes) if n]
 
 
+def _row_groups(N):
+    return [(j0, min(PACKED_ROWS, N - j0)) for j0 in range(0, N, PACKED_ROWS)]
+
+
 def pack_quant(w, ggml_type, shape):
-    """ggml rows (N, K) of blocks regrouped field by field: d of every block, then m, qh, qs."""
+    """ggml rows (N, K) of blocks interleaved in groups of 16 rows (the layout above)."""
     N, K = shape
-    blocks = np.asarray(w, np.uint8).reshape(N, K // 32, BLOCKS[ggml_type][1])
-    return np.concatenate([blocks[:, :, a:a + n].reshape(N, -1) for a, n in _packed_fields(ggml_type)], axis=1)
+    nb = K // 32
+    blocks = np.asarray(w, np.uint8).reshape(N, nb, BLOCKS[ggml_type][1])
+    *scalars, (qs_at, qs_n) = _packed_fields(ggml_type)
+    qs = blocks[:, :, qs_at:qs_at + qs_n]
+    if ggml_type != Q8_0:   # values 0..31 (low nibbles 0..15, high 16..31), then 8c+k | 8c+4+k << 4
+        values = np.concatenate([qs & 0x0F, qs >> 4], axis=2).reshape(N, nb, 4, 2, 4)
+        qs = values[:, :, :, 0] | (values[:, :, :, 1] << 4)
+    chunks = qs.reshape(N, nb, -1, 4)                                   # (N, nb, chunk, 4)
+    groups = []
+    for j0, n in _row_groups(N):
+        rows = slice(j0, j0 + n)
+        parts = [blocks[rows, :, a:a + k].transpose(1, 0, 2).reshape(nb, n * k) for a, k in scalars]
+        parts.append(chunks[rows].transpose(1, 2, 0, 3).reshape(nb, -1))   # (block, chunk, lane, 4)
+        groups.append(np.concatenate(parts, axis=1).reshape(n, -1))
+    return np.concatenate(groups, axis=0) if groups else np.zeros_like(np.asarray(w, np.uint8).reshape(N, -1))
 
 
 def unpack_quant(wp, ggml_type, shape):
     """pack_quant undone: the ggml rows again."""
     N, K = shape
     nb, wp = K // 32, np.asarray(wp, np.uint8).reshape(N, -1)
-    parts, at = [], 0
-    for _, n in _packed_fields(ggml_type):
-        parts.append(wp[:, at:at + n * nb].reshape(N, nb, n))
-        at += n * nb
-    return np.concatenate(parts, axis=2).reshape(N, -1)
+    *scalars, (_, qs_n) = _packed_fields(ggml_type)
+    rows = []
+    for j0, n in _row_groups(N):
+        group = wp[j0:j0 + n].reshape(nb, -1)
+        parts, at = [], 0
+        for _, k in scalars:
+            parts.append(group[:, at:at + n * k].reshape(nb, n, k).transpose(1, 0, 2))
+            at += n * k
+        chunks = group[:, at:].reshape(nb, qs_n // 4, n, 4).transpose(2, 0, 1, 3)   # (lane, block, chunk, 4)
+        if ggml_type != Q8_0:
+            values = np.stack([chunks & 0x0F, chunks >> 4], axis=3).reshape(n, nb, 32)
+            chunks = values[:, :, :16] | (values[:, :, 16:] << 4)
+        parts.append(chunks.reshape(n, nb, qs_n))
+        rows.append(np.concatenate(parts, axis=2).reshape(n, -1))
+    return np.concatenate(rows, axis=0) if rows else wp
+
+
+def embed_quant(w, ggml_type, shape, ids, packed=False):
+    """Rows ids of the quantized (N, K) matrix w as float32 (an embedding lookup)."""
+    return dequantize(w, ggml_type, shape, packed)[np.asarray(ids, np.int64)]
 
 
 def matmul_rows(a, w, ggml_type, shape):

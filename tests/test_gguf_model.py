@@ -293,8 +293,8 @@ def test_a_q4_k_m_file_agrees_with_llama_cpp(tmp_path_factory):
     from pyllm.llm import LLM
 
     path = tmp_path_factory.mktemp("q4km") / "smollm2-q4_k_m.gguf"
-    tool = Path(__file__).resolve().parents[1] / "tools" / "make_q4_k_m.py"
-    subprocess.run([sys.executable, str(tool), str(path)], check=True, capture_output=True)
+    tool = Path(__file__).resolve().parents[1] / "tools" / "quantize_smollm2.py"
+    subprocess.run([sys.executable, str(tool), "Q4_K_M", str(path)], check=True, capture_output=True)
     with GGUFFile(path) as f:
         assert {G.Q4_K, G.Q6_K, G.Q5_0} <= {t.type for t in f.tensors.values()}
     llm = LLM.load(path)

@@ -1139,7 +1139,7 @@ def _blocks(rng, ggml_type, N, K):
     """Random but valid ggml rows: random packed values, finite float16 scales."""
     values, nbytes = R.BLOCKS[ggml_type]
     blocks = rng.integers(0, 256, (N * K // values, nbytes), dtype=np.uint8)
-    for at in {R.Q4_1: (0, 2), R.Q5_1: (0, 2)}.get(ggml_type, (0,)):
+    for at in {R.Q4_1: (0, 2), R.Q5_1: (0, 2), R.Q4_K: (0, 2), R.Q6_K: (208,)}.get(ggml_type, (0,)):
         blocks[:, at:at + 2] = rng.uniform(-0.02, 0.02, (len(blocks), 1)).astype(np.float16).view(np.uint8)
     return blocks.reshape(N, K // values * nbytes)
 
@@ -1183,6 +1183,27 @@ def test_packed_parts_in_one_call_are_each_the_single_call(K, isa, rng, name):
         K.matmul_rows_parts(a, [parts[0], (K.pack_quant(_blocks(rng, t, 2, 64), t, (2, 64)), (2, 64))], t)
     with pytest.raises(ValueError, match="no weight"):
         K.matmul_rows_parts(a, [], t)
+
+
+@pytest.mark.parametrize("name", ["Q4_0", "Q5_1", "Q8_0", "Q4_K", "Q6_K"])
+@pytest.mark.parametrize("N", [1, 17, 40])
+def test_embedding_rows_of_quantized_tables_equal_their_twin(K, isa, rng, name, N):
+    t = K.QUANT_TYPES[name]
+    Kd = 256 if name in ("Q4_K", "Q6_K") else 96
+    w = _blocks(rng, t, N, Kd)
+    ids = rng.integers(0, N, (3, 5))
+    ids[0, 0], ids[-1, -1] = 0, N - 1
+    layouts = [(w, False)] + ([(K.pack_quant(w, t, (N, Kd)), True)] if name in PACKED else [])
+    for data, packed in layouts:
+        got = K.embed_quant(data, t, (N, Kd), ids, packed=packed)
+        assert got.shape == (3, 5, Kd)
+        assert_close(got, R.embed_quant(data, t, (N, Kd), ids, packed), rtol=0, atol=0, name="embed_quant")
+        assert_bitwise_equal(K.embed_quant(data, t, (N, Kd), ids[1, 2], packed=packed), got[1, 2])
+        for bad in (-1, N):
+            with pytest.raises(ValueError, match="outside"):
+                K.embed_quant(data, t, (N, Kd), [0, bad], packed=packed)
+    with pytest.raises(TypeError, match="integers"):
+        K.embed_quant(w, t, (N, Kd), np.zeros(2, np.float32))
 
 
 def test_packed_layouts_are_refused_for_types_without_one(K):

@@ -198,6 +198,41 @@ def test_lora_on_a_quantized_base_equals_lora_on_its_float_twin(fused):
         kept.lora.merge_into(kept)
 
 
+def test_fused_parts_off_the_packed_row_groups_are_packed_on_their_own():
+    """q, k and v of 96, 8 and 8 rows: k and v do not start on a group of 16 packed rows, so they
+    cannot be row ranges of the packed q|k|v; each is packed on its own, and both the fused
+    product and the parts give the float twin's results."""
+    from pyllm import kernels
+    from pyllm.model import KVCache, QuantizedWeight
+
+    cfg = ModelConfig(**{**LLAMA, "n_embd": 96, "n_head": 12, "n_kv_head": 1})
+    dense = Model(cfg, seed=3)
+    quantized = {name: QuantizedWeight(_q8_0(w), 8, w.shape)
+                 for name, w in dense.p.items() if w.ndim == 2 and "norm" not in name}
+    h = "model.layers.{}.self_attn."
+    for i in range(cfg.n_layer):
+        parts = [quantized[h.format(i) + f"{x}_proj.weight"] for x in "qkv"]
+        quantized[h.format(i) + "qkv"] = QuantizedWeight(np.concatenate([p.data for p in parts]), 8,
+                                                         (sum(p.shape[0] for p in parts), cfg.n_embd))
+    kept = Model(cfg, seed=None, quantized=quantized)
+    for name in kept.p:
+        kept.p[name][...] = dense.p[name]
+    whole, k_part = kept.quantized[h.format(0) + "qkv"], kept.quantized[h.format(0) + "k_proj.weight"]
+    assert whole.packed and k_part.packed and not np.shares_memory(whole.data, k_part.data)
+    assert np.array_equal(k_part.dequantize(), whole.dequantize()[96:104])
+    assert 104 % kernels.PACKED_ROWS
+    ids = np.random.default_rng(4).integers(0, 71, (1, 7))
+    for int8 in (False, True):
+        kept.int8_activations = int8
+        full = kept(ids)
+        cache = KVCache(cfg, 1, 8)
+        for t in range(ids.shape[1]):
+            step = kept.forward_step(ids[:, t:t + 1], cache)
+        close(step, full[:, -1], rtol=1e-3 if int8 else 1e-5, what=f"decode, int8 activations {int8}")
+    kept.int8_activations = False
+    close(kept(ids), kept.dequantized()(ids), rtol=1e-5, what="logits against the float twin")
+
+
 def test_gpt2_adapters_equal_peft_and_merge(tmp_path):
     """GPT-2 (pyllm's own trained models): adapters on c_attn, both c_proj and c_fc, whose weights
     are stored (in, out) as HF's Conv1D; peft treats them with fan_in_fan_out."""

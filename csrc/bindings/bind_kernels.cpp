@@ -427,6 +427,19 @@ void bind_kernels(py::module_& m) {
     py::gil_scoped_release release;
     kernels().dequantize_rows(po, pw, type, rows, K, packed);
   });
+  m.def("embed_quant", [quant_row_bytes, layout_ok](py::array o, py::array w, int type, int64_t N, int64_t K,
+                                                    py::array idx, int64_t n, bool packed) {
+    layout_ok(type, packed);
+    const int64_t row_bytes = quant_row_bytes(type, K);
+    float* po = out(o, count(n, K), "out");
+    check(py::dtype::of<uint8_t>().is(w.dtype()) && (w.flags() & py::array::c_style) && w.size() >= count(N, row_bytes),
+          "w must be a C-contiguous uint8 array of N quantized rows");
+    const int64_t* pi = ids(idx, count(n), "ids");
+    for (int64_t r = 0; r < n; ++r) check(pi[r] >= 0 && pi[r] < N, "id out of range");
+    const uint8_t* pw = static_cast<const uint8_t*>(w.data());
+    py::gil_scoped_release release;
+    kernels().embed_quant(po, pw, type, N, K, pi, n, packed);
+  });
   m.def("fma_peak_gflops", [](double seconds) {
     py::gil_scoped_release release;
     return kernels().fma_peak_gflops(seconds);

@@ -43,6 +43,7 @@ PYBIND11_MODULE(_C, m) {
       out.append(py::make_tuple(t.name, t.id, t.block_values, t.block_bytes, t.quantized, t.packed));
     return out;
   }, "(name, ggml id, values per block, bytes per block, quantized, packed) of every type pyllm reads.");
+  m.attr("packed_rows") = pyllm::kPackedRows;   // pack_quant's groups of rows
   bind_kernels(m);
   bind_bpe(m);
   bind_sampling(m);

@@ -84,10 +84,14 @@
      dot products at decode-sized M (up to 4 rows; prompts run the GEMM on the rounded values). */    \
   X(matmul_quant, void, (float* out, const float* a, const uint8_t* w, int type, int64_t M,          \
                          int64_t K, int64_t N, bool int8_activations, bool packed))                   \
-  /* out (rows, K) = the float32 values of `rows` rows of blocks. */                                  \
+  /* out (rows, K) = the float32 values of the matrix of `rows` rows of blocks. */                    \
   X(dequantize_rows, void, (float* out, const uint8_t* w, int type, int64_t rows, int64_t K,         \
                             bool packed))                                                             \
-  /* The rows of a packed type (quant_types.h) regrouped for integer products (quant_packed.cpp). */  \
+  /* out (count, K) = rows ids[0..count) of the (N, K) matrix w as float32 (an embedding lookup). */  \
+  X(embed_quant, void, (float* out, const uint8_t* w, int type, int64_t N, int64_t K,                \
+                        const int64_t* ids, int64_t count, bool packed))                              \
+  /* The rows of a packed type (quant_types.h) interleaved in groups of 16 for integer products      \
+     (quant_packed.cpp); the same bytes. */                                                           \
   X(pack_quant, void, (uint8_t* out, const uint8_t* w, int type, int64_t rows, int64_t K))            \
   /* outs[p] (M, Ns[p]) = a (M, K) @ W_p^T for `parts` packed matrices of one type that read the     \
      same input (Llama's gate and up), each row of a a sequence of its own (a decode batch): a is     \

@@ -24,20 +24,40 @@ namespace {
 thread_local ThreadBuffer block_sums_buffer, expanded_weights;
 thread_local std::vector<uint8_t> unpacked_rows;
 
+// Rows of W expanded to floats at a time (about 4 MB), a whole number of packed groups.
+int64_t expansion_rows(int64_t N, int64_t K) {
+  const int64_t rows = imax(kPackedRows, (int64_t(1) << 20) / imax(1, K) / kPackedRows * kPackedRows);
+  return imin(N, rows);
+}
+
 }  // namespace
 
+namespace {
+
+// Rows first..first+count of the (N, K) matrix w as floats: of a packed one, each row back in
+// ggml's layout (a few hundred bytes) and decoded.
+void dequantize_range(float* out, const uint8_t* w, int type, int64_t N, int64_t K, int64_t first, int64_t count,
+                      bool packed) {
+  if (!packed) return dequantize_rows(out, w + first * row_bytes_of(type, K), type, count, K, false);
+  const int64_t rb = row_bytes_of(type, K);
+  parallel_for(count, imax(1, 16384 / imax(1, K)), [&](int64_t r0, int64_t r1) {
+    if (int64_t(unpacked_rows.size()) < rb) unpacked_rows.resize(size_t(rb));
+    for (int64_t r = r0; r < r1; ++r) {
+      unpack_row(unpacked_rows.data(), w, N, first + r, type, K);
+      dequantize_rows(out + r * K, unpacked_rows.data(), type, 1, K, false);
+    }
+  });
+}
+
+}  // namespace
+
+void embed_quant(float* out, const uint8_t* w, int type, int64_t N, int64_t K, const int64_t* ids, int64_t count,
+                 bool packed) {
+  for (int64_t i = 0; i < count; ++i) dequantize_range(out + i * K, w, type, N, K, ids[i], 1, packed);
+}
+
 void dequantize_rows(float* out, const uint8_t* w, int type, int64_t rows, int64_t K, bool packed) {
-  if (packed) {   // each packed row back in ggml's layout (a few hundred bytes), then decoded
-    const int64_t rb = row_bytes_of(type, K);
-    parallel_for(rows, imax(1, 16384 / imax(1, K)), [&](int64_t r0, int64_t r1) {
-      if (int64_t(unpacked_rows.size()) < rb) unpacked_rows.resize(size_t(rb));
-      for (int64_t r = r0; r < r1; ++r) {
-        unpack_row(unpacked_rows.data(), w + r * rb, type, K);
-        dequantize_rows(out + r * K, unpacked_rows.data(), type, 1, K, false);
-      }
-    });
-    return;
-  }
+  if (packed) return dequantize_range(out, w, type, rows, K, 0, rows, true);
   if (expanded_per_row(type)) {
     const int64_t bv = quant_block_values(type), nb = K / bv, bb = block_bytes(type);
     parallel_for(rows, imax(1, 16384 / imax(1, K)), [&](int64_t r0, int64_t r1) {
@@ -218,11 +238,11 @@ void matmul_quant_float(float* out, const float* a, const uint8_t* w, int type, 
                         int64_t N, bool packed) {
   if (M > 4 || packed) {
     // Row chunks of W expanded into a buffer of about 4 MB, each multiplied by the GEMM.
-    const int64_t chunk = imax(1, imin(N, (int64_t(1) << 20) / imax(1, K)));
+    const int64_t chunk = expansion_rows(N, K);
     float* wf = expanded_weights.get(size_t(chunk * K));
     for (int64_t j0 = 0; j0 < N; j0 += chunk) {
       const int64_t n = imin(chunk, N - j0);
-      dequantize_rows(wf, w + j0 * row_bytes_of(type, K), type, n, K, packed);
+      dequantize_range(wf, w, type, N, K, j0, n, packed);
       gemm(M, n, K, MatView{a, K, 1}, MatView{wf, 1, K}, out + j0, N, false);
     }
     return;
@@ -264,11 +284,11 @@ void matmul_quant_float(float* out, const float* a, const uint8_t* w, int type, 
 void matmul_quant_backward(float* dx, const float* dout, const uint8_t* w, int type, int64_t M, int64_t K,
                            int64_t N, bool packed) {
   // Row chunks of W expanded as in matmul_quant_float; each adds dout[:, chunk] @ W[chunk].
-  const int64_t chunk = imax(1, imin(N, (int64_t(1) << 20) / imax(1, K)));
+  const int64_t chunk = expansion_rows(N, K);
   float* wf = expanded_weights.get(size_t(chunk * K));
   for (int64_t j0 = 0; j0 < N; j0 += chunk) {
     const int64_t n = imin(chunk, N - j0);
-    dequantize_rows(wf, w + j0 * row_bytes_of(type, K), type, n, K, packed);
+    dequantize_range(wf, w, type, N, K, j0, n, packed);
     gemm(M, K, n, MatView{dout + j0, N, 1}, MatView{wf, K, 1}, dx, K, j0 > 0);
   }
 }

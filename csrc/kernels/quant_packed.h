@@ -5,12 +5,13 @@
 #include <cstdint>
 
 #include "kernels/isa.h"
+#include "kernels/quant_types.h"
 
 namespace pyllm {
 namespace PYLLM_ISA {
 
-// One packed row of K values back in ggml's block layout (the same number of bytes).
-void unpack_row(uint8_t* native, const uint8_t* packed, int type, int64_t K);
+// Row `row` of the packed (N, K) matrix w back in ggml's block layout (row bytes of its own).
+void unpack_row(uint8_t* native, const uint8_t* w, int64_t N, int64_t row, int type, int64_t K);
 
 }  // namespace PYLLM_ISA
 }  // namespace pyllm

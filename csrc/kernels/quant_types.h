@@ -5,7 +5,7 @@
 
 #include <cstdint>
 
-// X(name, ggml id, values per block, bytes per block, quantized, packed: pack_quant/matmul_packed take it)
+// X(name, ggml id, values per block, bytes per block, quantized, packed: pack_quant/matmul_rows take it)
 #define PYLLM_GGML_TYPES(X)                                                                         \
   X(F32, 0, 1, 4, false, false)                                                                     \
   X(F16, 1, 1, 2, false, false)                                                                     \
@@ -32,7 +32,7 @@ struct GgmlType {
   int64_t block_values;
   int64_t block_bytes;
   bool quantized;   // matmul_quant, dequantize_rows and matmul_quant_backward take it
-  bool packed;      // pack_quant and matmul_packed take it
+  bool packed;      // pack_quant and matmul_rows take it
 };
 
 inline constexpr GgmlType kGgmlTypes[] = {
@@ -54,5 +54,9 @@ static constexpr const GgmlType* quant_type(int id) {
 static constexpr int64_t quant_block_values(int id) { return quant_type(id) ? quant_type(id)->block_values : 0; }
 static constexpr int64_t quant_block_bytes(int id) { return quant_type(id) ? quant_type(id)->block_bytes : 0; }
 static constexpr bool packed_type(int id) { return quant_type(id) && quant_type(id)->packed; }
+
+// A packed matrix keeps its rows in groups of this many (quant_packed.cpp): a range of its rows
+// that starts at a multiple of it (and ends at one, or at the last row) is a packed matrix too.
+constexpr int64_t kPackedRows = 16;
 
 }  // namespace pyllm

@@ -124,8 +124,7 @@ void embed(const Plan& plan, float* x, const int64_t* ids, int64_t B, int64_t Tq
   if (e.q == nullptr) {
     kernels().embedding_forward(x, ids, e.f, N, plan.V, C);
   } else {
-    const int64_t row = C / quant_block_values(e.type) * quant_block_bytes(e.type);
-    for (int64_t n = 0; n < N; ++n) kernels().dequantize_rows(x + n * C, e.q + ids[n] * row, e.type, 1, C, e.packed);
+    kernels().embed_quant(x, e.q, e.type, plan.V, C, ids, N, e.packed);
   }
   if (plan.positions != nullptr)
     for (int64_t b = 0; b < B; ++b)

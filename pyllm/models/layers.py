@@ -180,5 +180,4 @@ def embed_tokens(model: Weights, name: str, out: np.ndarray, ids: np.ndarray) ->
         weight = model.p[name]
         fast.embedding_forward(out, ids, weight, N, weight.shape[0], C)
     else:
-        fast.dequantize_rows(out, np.ascontiguousarray(quantized.data[ids]), quantized.ggml_type, N, C,
-                             quantized.packed)
+        fast.embed_quant(out, quantized.data, quantized.ggml_type, quantized.shape[0], C, ids, N, quantized.packed)

@@ -134,12 +134,17 @@ class Transformer:
 
     def _pack_quantized(self) -> None:
         """Every quantized weight whose type has a packed layout, packed (a copy: the file's own bytes
-        are then no longer read); the parts of a fused q/k/v as row ranges of the packed whole."""
+        are then no longer read); the parts of a fused q/k/v as row ranges of the packed whole where
+        they start and end on its groups of rows (else each part is packed on its own)."""
         for name in list(self.quantized):
             self.quantized[name] = self.quantized[name].to_packed()
         for proj in self._fused.values():
             whole = self.quantized.get(proj.weight)
-            if whole is not None and whole.packed:
+            if whole is None or not whole.packed:
+                continue
+            group = kernels.PACKED_ROWS
+            if all(cols.start % group == 0 and (cols.stop % group == 0 or cols.stop == proj.out)
+                   for _, cols in proj.parts):
                 for part, cols in proj.parts:
                     self.quantized[part] = QuantizedWeight(whole.data[cols], whole.ggml_type,
                                                            (cols.stop - cols.start, proj.inp), True)
