@@ -62,7 +62,7 @@ def load(impl: str, quant: str = "Q4_1"):
         model = llm.model
 
         def prefill(ids):
-            cache = KVCache(model.config, 1, len(ids) + DECODE + 1)
+            cache = KVCache(model.config, 1, len(ids) + DECODE + 1, model.kv_dtype)
             return cache, model.forward_step(np.asarray(ids)[None, :], cache)
 
         def decode(state, n):
@@ -112,13 +112,13 @@ def prefill_batch(model, prompts: list[list[int]], steps: int, together: bool) -
 
     capacity = max(map(len, prompts)) + steps + 1
     if together:
-        cache = KVCache(model.config, len(prompts), capacity)
+        cache = KVCache(model.config, len(prompts), capacity, model.kv_dtype)
         last = np.stack([model.forward_step(np.array([p]), cache, rows=slice(b, b + 1))[0]
                          for b, p in enumerate(prompts)])
         return [(cache, last)]
     states = []
     for p in prompts:
-        cache = KVCache(model.config, 1, capacity)
+        cache = KVCache(model.config, 1, capacity, model.kv_dtype)
         states.append((cache, model.forward_step(np.array([p]), cache)))
     return states
 

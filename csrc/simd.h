@@ -10,6 +10,10 @@
 #include <cstring>
 #include <new>
 
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 #ifndef PYLLM_ISA
 #error "kernel sources are compiled once per ISA with -DPYLLM_ISA=<name>"
 #endif
@@ -57,6 +61,48 @@ static inline void store_partial(float* p, vf v, int64_t n) {
   float tmp[W];
   store(tmp, v);
   std::memcpy(p, tmp, n * sizeof(float));
+}
+
+// W IEEE half-precision values (numpy's float16: a float16 KV cache) widened to floats, and W
+// floats rounded to them (to nearest, ties to even), with F16C's conversions where the width has them.
+static inline vf load_half(const uint16_t* p) {
+#if defined(__AVX512F__) && !defined(PYLLM_FORCE_WIDTH)
+  return vf(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
+#elif defined(__AVX2__) && defined(__F16C__) && !defined(PYLLM_FORCE_WIDTH)
+  return vf(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+#else
+  vf v;
+  for (int i = 0; i < W; ++i) {
+    _Float16 h;
+    std::memcpy(&h, p + i, 2);
+    v[i] = float(h);
+  }
+  return v;
+#endif
+}
+static inline vf load_half_partial(const uint16_t* p, int64_t n) {
+  if (n >= W) return load_half(p);
+  uint16_t tmp[W] = {};
+  std::memcpy(tmp, p, n * sizeof(uint16_t));
+  return load_half(tmp);
+}
+static inline void store_half(uint16_t* p, vf v) {
+#if defined(__AVX512F__) && !defined(PYLLM_FORCE_WIDTH)
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(__m512(v), _MM_FROUND_TO_NEAREST_INT));
+#elif defined(__AVX2__) && defined(__F16C__) && !defined(PYLLM_FORCE_WIDTH)
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(__m256(v), _MM_FROUND_TO_NEAREST_INT));
+#else
+  for (int i = 0; i < W; ++i) {
+    const _Float16 h = _Float16(v[i]);
+    std::memcpy(p + i, &h, 2);
+  }
+#endif
+}
+static inline void store_half_partial(uint16_t* p, vf v, int64_t n) {
+  if (n >= W) return store_half(p, v);
+  uint16_t tmp[W];
+  store_half(tmp, v);
+  std::memcpy(p, tmp, n * sizeof(uint16_t));
 }
 static inline vf vmax(vf a, vf b) { return a > b ? a : b; }
 static inline vf vmin(vf a, vf b) { return a < b ? a : b; }

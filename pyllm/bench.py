@@ -118,7 +118,7 @@ def profile_decode(model, prompt: list, tokens: int = 100) -> DecodeProfile:
                          f"{model.config.block_size}-token context")
 
     def run(profile):
-        cache = KVCache(model.config, 1, capacity)
+        cache = KVCache(model.config, 1, capacity, model.kv_dtype)
         logits = model.forward_step(np.asarray([prompt], np.int64), cache)
         token = np.array([[int(np.argmax(logits[0]))]], np.int64)
         start = time.perf_counter()

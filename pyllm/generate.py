@@ -105,7 +105,7 @@ def generate_stream(model, ids, max_new_tokens: int, sampling: SamplingConfig = 
     B = len(prompts)
     longest = max(p.size for p in prompts)
     capacity = min(model.config.block_size, longest + int(max_new_tokens))
-    cache = KVCache(model.config, B, capacity)
+    cache = KVCache(model.config, B, capacity, model.kv_dtype)
     logits = prefill(model, prompts, cache)
     seeds = seeds_for(seed, B)
     # What the penalties read: each row's prompt and tokens so far, padded with -1, grown in place.

@@ -76,10 +76,11 @@ def _ints(x, name: str, upper: int, ignore: Optional[int] = None) -> np.ndarray:
     return arr
 
 
-def _inplace(arr, name: str) -> np.ndarray:
-    """arr itself, if a kernel can update it in place: float32, C-contiguous, writeable."""
-    if not isinstance(arr, np.ndarray) or arr.dtype != np.float32:
-        raise TypeError(f"{name} is updated in place, so it must be a float32 numpy array, "
+def _inplace(arr, name: str, dtypes=(np.float32,)) -> np.ndarray:
+    """arr itself, if a kernel can update it in place: float32 (or one of dtypes), C-contiguous, writeable."""
+    if not isinstance(arr, np.ndarray) or arr.dtype not in dtypes:
+        raise TypeError(f"{name} is updated in place, so it must be a "
+                        f"{' or '.join(np.dtype(d).name for d in dtypes)} numpy array, "
                         f"got {getattr(arr, 'dtype', type(arr).__name__)}")
     if not arr.flags.c_contiguous or not arr.flags.writeable:
         raise ValueError(f"{name} is updated in place, so it must be C-contiguous and writeable")
@@ -427,28 +428,35 @@ def rope_at(x, cos, sin, pos0) -> np.ndarray:
 
 def kv_write(cache, src, pos0) -> None:
     """Appends src (B, T, H, HS) (new keys or values, tokens first) to cache (B, H, capacity, HS) in
-    place: row (b, t, h) goes to cache[b, h, pos0[b] + t], each batch row at its own length.
+    place: row (b, t, h) goes to cache[b, h, pos0[b] + t], each batch row at its own length. A
+    float16 cache gets the values rounded to nearest (as numpy's astype(float16) rounds them).
 
     >>> cache = np.zeros((1, 1, 4, 2), np.float32)
     >>> kv_write(cache, np.ones((1, 1, 1, 2), np.float32), [2]); cache[0, 0, 2]
     array([1., 1.], dtype=float32)
     """
-    cache = _inplace(cache, "cache")
+    cache = _inplace(cache, "cache", (np.float32, np.float16))
     src = _floats(src, "src", ndim=4)
     B, T, H, HS = src.shape
     if cache.ndim != 4 or cache.shape[0] != B or cache.shape[1] != H or cache.shape[3] != HS:
         raise ValueError(f"cache must be (B={B}, H={H}, capacity, HS={HS}), got {cache.shape}")
     pos0 = _positions_from(pos0, B, T, cache.shape[2], "cache")
     if src.size:
-        _C.kv_write(cache, src, pos0)
+        (_C.kv_write_half if cache.dtype == np.float16 else _C.kv_write)(cache, src, pos0)
 
 
 # ----------------------------------------------------------------------------- attention
 
-def _attention_args(q, k, v, causal):
+def _attention_args(q, k, v, causal, half_kv: bool = False):
     q = _floats(q, "q", ndim=4)
-    k = _floats(k, "k", ndim=4)
-    v = _floats(v, "v", ndim=4)
+    if half_kv and np.asarray(k).dtype == np.float16 and np.asarray(v).dtype == np.float16:
+        k = np.ascontiguousarray(k)     # a float16 KV cache, read as it is
+        v = np.ascontiguousarray(v)
+        if k.ndim != 4 or v.ndim != 4:
+            raise ValueError(f"k and v must have 4 dimensions, got shapes {k.shape} and {v.shape}")
+    else:
+        k = _floats(k, "k", ndim=4)
+        v = _floats(v, "v", ndim=4)
     B, NH, Tq, HS = q.shape
     _, NKV, Tk, _ = k.shape
     if k.shape[0] != B or k.shape[3] != HS:
@@ -469,9 +477,10 @@ def attention_forward(q, k, v, causal: bool = True, kv_lengths=None):
     k and v are (B, NKV, Tk, HS) with NH a multiple of NKV; with causal, query i (of Tq) sees
     keys up to i + Tk - Tq, so a short query block can continue a longer cached sequence.
     kv_lengths (B,), if given, keeps only the first kv_lengths[b] keys of batch row b (ragged KV
-    caches), each row aligned causally to its own length.
+    caches), each row aligned causally to its own length. k and v both float16 (a half-precision
+    KV cache) are read as they are, widened to float32 in registers; other dtypes become float32.
     """
-    q, k, v, dims = _attention_args(q, k, v, causal)
+    q, k, v, dims = _attention_args(q, k, v, causal, half_kv=True)
     B, NH, NKV, Tq, Tk, HS = dims
     if kv_lengths is not None:
         kv_lengths = _ints(kv_lengths, "kv_lengths", Tk + 1)
@@ -481,7 +490,8 @@ def attention_forward(q, k, v, causal: bool = True, kv_lengths=None):
     out = np.empty_like(q)
     lse = np.empty((B, NH, Tq), np.float32)
     if q.size and Tk and HS:
-        _C.attention_forward(out, lse, q, k, v, bool(causal), kv_lengths)
+        forward = _C.attention_forward_half if k.dtype == np.float16 else _C.attention_forward
+        forward(out, lse, q, k, v, bool(causal), kv_lengths)
     elif q.size:  # no keys or no width: nothing to attend to
         out.fill(0.0)
         lse.fill(-np.inf if Tk == 0 else math.log(Tk))

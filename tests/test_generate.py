@@ -181,6 +181,33 @@ def test_a_ragged_batch_equals_each_prompt_alone(model):
     assert [a.tolist() for a in sampled] != [a.tolist() for a in other]
 
 
+def test_a_float16_cache_decodes_close_to_float32_and_batches_alike(model):
+    from pyllm.model import KVCache
+
+    prompt = np.array([[3, 1, 4, 1, 5, 9, 2, 6]])
+    caches = [KVCache(model.config, 1, 20, dtype) for dtype in (np.float32, np.float16)]
+    assert caches[1].k_all.dtype == np.float16 and caches[1].k_all.nbytes * 2 == caches[0].k_all.nbytes
+    steps = [[model.forward_step(prompt, c)] for c in caches]
+    for t in range(6):
+        for c, out in zip(caches, steps):
+            out.append(model.forward_step(np.array([[t + 7]]), c))
+    for full, half in zip(*steps):
+        scale = np.abs(full).max()
+        assert np.abs(half - full).max() <= 1e-2 * scale
+        assert not np.array_equal(half, full)          # the values were rounded
+    default = model.kv_dtype
+    try:
+        model.kv_dtype = np.float16
+        prompts = [[3, 1, 4, 1, 5], [9], [2, 6, 5, 3, 5, 8, 9, 7, 9, 3]]
+        batch = model.generate(prompts, 8, temperature=0)
+        for p, out in zip(prompts, batch):
+            assert out.tolist() == model.generate(p, 8, temperature=0).tolist()
+    finally:
+        model.kv_dtype = default
+    with pytest.raises(ValueError, match="float32 or float16"):
+        KVCache(model.config, 1, 4, np.int8)
+
+
 def test_stop_tokens_end_a_sequence(model):
     free = model.generate([1, 2, 3], 10, temperature=0)
     stop = int(free[5])

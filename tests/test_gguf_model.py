@@ -77,6 +77,18 @@ def test_smollm2_loads_and_knows_paris(smollm2):
     assert smollm2.apply_chat_template([{"role": "user", "content": "hi"}]).startswith("<|im_start|>system\n")
 
 
+def test_smollm2_batched_decode_gives_each_prompt_what_it_gets_alone(smollm2):
+    # Packed int8 products per row and a float16 cache (the quantized model's defaults): a row's
+    # logits do not depend on what else shares the batch.
+    model = smollm2.model
+    assert model.kv_dtype == np.float16
+    prompts = [smollm2.tokenizer.encode(p) for p in ("The capital of France is", "def add(a, b):",
+                                                      "Once upon a time, in a small village by the sea, there")]
+    batch = model.generate(prompts, 6, temperature=0)
+    for prompt, out in zip(prompts, batch):
+        assert out.tolist() == model.generate(prompt, 6, temperature=0).tolist()
+
+
 def test_smollm2_forward_equals_transformers_on_the_same_weights(smollm2):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")

@@ -468,6 +468,7 @@ ATTN_CACHE_CASES = [  # (B, NH, NKV, Tq, Tk, HS, causal): queries continuing a K
     (1, 2, 1, 1, 1, 16, True), (2, 4, 2, 1, 17, 64, True), (1, 4, 1, 1, 130, 80, True),
     (1, 2, 2, 5, 17, 16, True), (1, 3, 1, 17, 100, 3, True), (1, 2, 1, 3, 100, 64, False),
     (2, 2, 2, 17, 3, 16, False),   # non-causal Tq > Tk is allowed
+    (2, 6, 2, 1, 600, 72, True), (1, 8, 1, 1, 513, 64, False),   # a decode step over chunks of the cache
 ]
 
 
@@ -475,6 +476,33 @@ ATTN_CACHE_CASES = [  # (B, NH, NKV, Tq, Tk, HS, causal): queries continuing a K
     *c[:6], "causal" if c[6] else "full"))
 def test_attention_kv_cache(K, isa, rng, case):
     _check_attention(K, rng, *case)
+
+
+@pytest.mark.parametrize("case", ATTN_CACHE_CASES + [(3, 9, 3, 1, 300, 64, True), (2, 6, 2, 70, 200, 72, True),
+                                                     (4, 9, 3, 1, 700, 64, True)],
+                         ids=lambda c: "B{}-NH{}-NKV{}-Tq{}-Tk{}-HS{}-{}".format(*c[:6], "causal" if c[6] else "full"))
+def test_attention_reads_a_float16_kv_cache(K, isa, rng, case):
+    # A half-precision cache: kv_write rounds as numpy does, attention widens what it reads.
+    B, NH, NKV, Tq, Tk, HS, causal = case
+    q = randn(rng, B, NH, Tq, HS, scale=2.0)
+    src_k, src_v = randn(rng, B, Tk, NKV, HS, scale=2.0), randn(rng, B, Tk, NKV, HS)
+    k, v = np.zeros((B, NKV, Tk + 3, HS), np.float16), np.zeros((B, NKV, Tk + 3, HS), np.float16)
+    exp_k, exp_v = k.copy(), v.copy()
+    pos0 = np.zeros(B, np.int64)
+    K.kv_write(k, src_k, pos0)
+    K.kv_write(v, src_v, pos0)
+    R.kv_write(exp_k, src_k, pos0)
+    R.kv_write(exp_v, src_v, pos0)
+    assert_bitwise_equal(k, exp_k)
+    assert_bitwise_equal(v, exp_v)
+    lengths = np.maximum(Tk - 97 * np.arange(B), Tq if causal else 1).astype(np.int64)   # ragged rows
+    e_out, e_lse = R.attention_forward(q, k, v, causal, kv_lengths=lengths)
+    g_out, g_lse = K.attention_forward(q, k, v, causal, kv_lengths=lengths)
+    assert_close(g_out, e_out, rtol=1e-4, atol=2e-5, name="attention out, float16 cache")
+    assert_close(g_lse, e_lse, rtol=1e-5, atol=scaled(e_lse, 2e-6), name="attention lse, float16 cache")
+    with pytest.raises(ValueError, match="float16"):
+        K.unchecked.attention_forward_half(np.empty_like(q), np.empty((B, NH, Tq), np.float32), q, k,
+                                           v.astype(np.float32), causal, None)
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
@@ -73,24 +74,34 @@ const int64_t* targets_in(const py::array& a, int64_t N, int64_t V, int64_t igno
 // A tensor of heads seen as (d0, d1, d2, HS) with the values of a row contiguous and the other
 // axes at any strides (a numpy view of a fused projection or of a KV cache): its data and its
 // HeadStrides, axes (batch, head, pos) taken from positions (0, head_axis, pos_axis).
-struct Heads {
-  float* p;
+// A (4-D) tensor of heads at any strides, values contiguous: float32, or float16 (a KV cache).
+template <class T>
+struct HeadsOf {
+  T* p;
   int64_t dims[4];
   pyllm::HeadStrides s;
 };
+using Heads = HeadsOf<float>;
 
-Heads heads(const py::array& a, const char* name, bool write, int head_axis) {
-  check(py::dtype::of<float>().is(a.dtype()), std::string(name) + " must be a float32 array");
+template <class T>
+HeadsOf<T> heads_of(const py::array& a, const char* name, bool write, int head_axis) {
+  const bool half = std::is_same_v<T, uint16_t>;
+  check(half ? py::dtype("float16").is(a.dtype()) : py::dtype::of<float>().is(a.dtype()),
+        std::string(name) + (half ? " must be a float16 array" : " must be a float32 array"));
   check(a.ndim() == 4, std::string(name) + " must have 4 dimensions");
-  check(a.shape(3) == 1 || a.strides(3) == sizeof(float), std::string(name) + "'s last axis must be contiguous");
+  check(a.shape(3) == 1 || a.strides(3) == sizeof(T), std::string(name) + "'s last axis must be contiguous");
   for (int d = 0; d < 3; ++d)
-    check(a.strides(d) % sizeof(float) == 0 && a.strides(d) >= 0, std::string(name) + " has unusable strides");
+    check(a.strides(d) % sizeof(T) == 0 && a.strides(d) >= 0, std::string(name) + " has unusable strides");
   if (write) check(a.writeable(), std::string(name) + " must be writeable");
   const int pos_axis = head_axis == 1 ? 2 : 1;
-  auto stride = [&](int d) { return int64_t(a.strides(d) / sizeof(float)); };
-  return Heads{static_cast<float*>(const_cast<void*>(a.data())),
-               {a.shape(0), a.shape(1), a.shape(2), a.shape(3)},
-               {stride(0), stride(head_axis), stride(pos_axis)}};
+  auto stride = [&](int d) { return int64_t(a.strides(d) / sizeof(T)); };
+  return HeadsOf<T>{static_cast<T*>(const_cast<void*>(a.data())),
+                    {a.shape(0), a.shape(1), a.shape(2), a.shape(3)},
+                    {stride(0), stride(head_axis), stride(pos_axis)}};
+}
+
+Heads heads(const py::array& a, const char* name, bool write, int head_axis) {
+  return heads_of<float>(a, name, write, head_axis);
 }
 
 bool same_layout(const Heads& x, const Heads& y) {
@@ -262,21 +273,31 @@ void bind_kernels(py::module_& m) {
   };
   bind_rope("rope_forward", &pyllm::KernelTable::rope_forward);
   bind_rope("rope_backward", &pyllm::KernelTable::rope_backward);
-  m.def("kv_write", [](py::array cache, py::array src, py::array pos0) {
+  // cache float32 (kv_write) or float16 (kv_write_half: rounded as it is written).
+  auto kv_write = [](auto element, py::array cache, py::array src, py::array pos0) {
+    using T = decltype(element);
     check(cache.ndim() == 4, "cache must be (B, H, capacity, HS)");
     const Heads hs = heads(src, "src", false, 2);
-    const int64_t B = hs.dims[0], T = hs.dims[1], H = hs.dims[2], HS = hs.dims[3], cap = cache.shape(2);
-    check(cache.shape(0) == B && cache.shape(1) == H && cache.shape(3) == HS, "kv_write: cache and src differ");
-    float* pc = out(cache, count(B, H, cap, HS), "cache");
-    const int64_t* p0 = starts(pos0, B, T, cap, "pos0");
+    const HeadsOf<T> hc = heads_of<T>(cache, "cache", true, 1);
+    const int64_t B = hs.dims[0], T_ = hs.dims[1], H = hs.dims[2], HS = hs.dims[3], cap = hc.dims[2];
+    check(hc.dims[0] == B && hc.dims[1] == H && hc.dims[3] == HS, "kv_write: cache and src differ");
+    check(hc.s.pos == HS && hc.s.head == cap * HS && hc.s.batch == H * cap * HS, "cache must be C-contiguous");
+    const int64_t* p0 = starts(pos0, B, T_, cap, "pos0");
     py::gil_scoped_release release;
-    kernels().kv_write(pc, hs.p, p0, B, T, H, HS, cap, hs.s);
-  });
-  // q, out (B, NH, Tq, HS) and k, v (B, NKV, Tk, HS): views at any strides (values contiguous).
-  m.def("attention_forward", [](py::array o, py::array lse, py::array q, py::array k, py::array v,
-                                bool causal, py::object kv_lengths) {
+    if constexpr (std::is_same_v<T, uint16_t>)
+      kernels().kv_write_half(hc.p, hs.p, p0, B, T_, H, HS, cap, hs.s);
+    else
+      kernels().kv_write(hc.p, hs.p, p0, B, T_, H, HS, cap, hs.s);
+  };
+  m.def("kv_write", [kv_write](py::array c, py::array s, py::array p) { kv_write(float{}, c, s, p); });
+  m.def("kv_write_half", [kv_write](py::array c, py::array s, py::array p) { kv_write(uint16_t{}, c, s, p); });
+  // q, out (B, NH, Tq, HS) and k, v (B, NKV, Tk, HS): views at any strides (values contiguous);
+  // k and v float32 (attention_forward) or float16 (attention_forward_half: a half-precision cache).
+  auto attention_forward = [](auto element, py::array o, py::array lse, py::array q, py::array k, py::array v,
+                              bool causal, py::object kv_lengths) {
+    using T = decltype(element);
     const Heads ho = heads(o, "out", true, 1), hq = heads(q, "q", false, 1);
-    const Heads hk = heads(k, "k", false, 1), hv = heads(v, "v", false, 1);
+    const HeadsOf<T> hk = heads_of<T>(k, "k", false, 1), hv = heads_of<T>(v, "v", false, 1);
     const int64_t B = hq.dims[0], NH = hq.dims[1], Tq = hq.dims[2], HS = hq.dims[3];
     const int64_t NKV = hk.dims[1], Tk = hk.dims[2];
     check(std::equal(ho.dims, ho.dims + 4, hq.dims) && hk.dims[0] == B && hk.dims[3] == HS &&
@@ -292,8 +313,20 @@ void bind_kernels(py::module_& m) {
       check(!causal || Tk >= Tq, "causal attention needs Tk >= Tq");
     }
     py::gil_scoped_release release;
-    kernels().attention_forward(ho.p, pl, hq.p, hk.p, hv.p, B, NH, NKV, Tq, Tk, HS, causal, plen, ho.s, hq.s,
-                                hk.s, hv.s);
+    if constexpr (std::is_same_v<T, uint16_t>)
+      kernels().attention_forward_half(ho.p, pl, hq.p, hk.p, hv.p, B, NH, NKV, Tq, Tk, HS, causal, plen, ho.s, hq.s,
+                                       hk.s, hv.s);
+    else
+      kernels().attention_forward(ho.p, pl, hq.p, hk.p, hv.p, B, NH, NKV, Tq, Tk, HS, causal, plen, ho.s, hq.s,
+                                  hk.s, hv.s);
+  };
+  m.def("attention_forward", [attention_forward](py::array o, py::array lse, py::array q, py::array k, py::array v,
+                                                 bool causal, py::object kv_lengths) {
+    attention_forward(float{}, o, lse, q, k, v, causal, kv_lengths);
+  });
+  m.def("attention_forward_half", [attention_forward](py::array o, py::array lse, py::array q, py::array k,
+                                                      py::array v, bool causal, py::object kv_lengths) {
+    attention_forward(uint16_t{}, o, lse, q, k, v, causal, kv_lengths);
   });
   // The gradients of q, k and v at their strides (each None when not wanted), dout at out's.
   m.def("attention_backward", [](py::object dq, py::object dk, py::object dv, py::array dout,

@@ -161,12 +161,15 @@ class DecodePlan {
     }
     const int64_t* plen = array_of<int64_t>(lengths, B, "lengths");
     model::Cache cache;
+    cache.half = py::dtype("float16").is(k.dtype());
+    const int64_t f = cache.half ? 2 : 4;   // bytes per value
     for (py::array* c : {&k, &v}) {
-      check(py::dtype::of<float>().is(c->dtype()) && c->ndim() == 5 && c->writeable(),
-            "the cache must be writeable float32 (L, B, NKV, capacity, HS)");
+      check((cache.half ? py::dtype("float16").is(c->dtype()) : py::dtype::of<float>().is(c->dtype())) &&
+                c->ndim() == 5 && c->writeable(),
+            "the cache must be writeable float32 or float16 (L, B, NKV, capacity, HS), keys and values alike");
       check(c->shape(0) == L && c->shape(1) == B && c->shape(2) == p.NKV && c->shape(4) == p.HS,
             "the cache does not fit the model and the batch");
-      const int64_t cap = c->shape(3), f = sizeof(float);
+      const int64_t cap = c->shape(3);
       check(c->strides(4) == f && c->strides(3) == p.HS * f && c->strides(2) == cap * p.HS * f &&
                 c->strides(1) == p.NKV * cap * p.HS * f && c->strides(0) >= 0 && c->strides(0) % f == 0,
             "each layer of the cache must be contiguous");
@@ -174,8 +177,8 @@ class DecodePlan {
       cache.layer_stride = c->strides(0) / f;
     }
     check(k.shape(3) == v.shape(3) && k.strides(0) == v.strides(0), "keys and values differ in layout");
-    cache.k = static_cast<float*>(k.mutable_data());
-    cache.v = static_cast<float*>(v.mutable_data());
+    cache.k = k.mutable_data();
+    cache.v = v.mutable_data();
     int64_t longest = 0;
     for (int64_t b = 0; b < B; ++b) {
       check(plen[b] >= 0 && plen[b] <= cache.capacity - Tq, "the cache holds too few positions for this step");

@@ -9,6 +9,7 @@
 // micro-kernel of matmul.cpp does the arithmetic here too.
 #include <cmath>
 #include <cstring>
+#include <vector>
 
 #include "kernels/isa.h"
 #include "threads.h"
@@ -74,74 +75,134 @@ constexpr int64_t kFewQueries = 2;
 // prefetch past the end of the cache is harmless: it never faults).
 constexpr int64_t kPrefetchKeys = 8;
 
-inline void prefetch_rows(const float* p, int64_t n) {
-  for (int64_t i = 0; i < n; i += 16) __builtin_prefetch(p + i, 0, 3);
+// A cache row's values as floats: float32, or float16 widened (a half-precision KV cache).
+inline vf kv_load(const float* p) { return load(p); }
+inline vf kv_load(const uint16_t* p) { return load_half(p); }
+inline vf kv_load_partial(const float* p, int64_t n) { return load_partial(p, n); }
+inline vf kv_load_partial(const uint16_t* p, int64_t n) { return load_half_partial(p, n); }
+
+template <class KV>
+inline void prefetch_rows(const KV* p, int64_t n) {
+  for (int64_t i = 0; i < n; i += 64 / int64_t(sizeof(KV))) __builtin_prefetch(p + i, 0, 3);
 }
 
-// S (nq x nk, row stride BK) = q k^T for nq query rows (row stride qs) and nk key rows (ks).
-void few_query_scores(float* S, const float* q, int64_t qs, const float* k, int64_t ks, int64_t nq,
+// out[0..4) = the horizontal sums of a[0..4), in one transposing reduction (a third of four hsums).
+inline void hsum4(const vf* a, float* out) {
+#if defined(__AVX512F__) && !defined(PYLLM_FORCE_WIDTH)
+  const __m512 a0 = __m512(a[0]), a1 = __m512(a[1]), a2 = __m512(a[2]), a3 = __m512(a[3]);
+  const __m512 t0 = _mm512_add_ps(_mm512_unpacklo_ps(a0, a1), _mm512_unpackhi_ps(a0, a1));
+  const __m512 t1 = _mm512_add_ps(_mm512_unpacklo_ps(a2, a3), _mm512_unpackhi_ps(a2, a3));
+  const __m512 u = _mm512_add_ps(_mm512_shuffle_ps(t0, t1, _MM_SHUFFLE(1, 0, 1, 0)),
+                                 _mm512_shuffle_ps(t0, t1, _MM_SHUFFLE(3, 2, 3, 2)));   // 4 sums per 128 bits
+  const __m512 v = _mm512_add_ps(u, _mm512_shuffle_f32x4(u, u, _MM_SHUFFLE(1, 0, 3, 2)));
+  const __m512 w = _mm512_add_ps(v, _mm512_shuffle_f32x4(v, v, _MM_SHUFFLE(2, 3, 0, 1)));
+  _mm_storeu_ps(out, _mm512_castps512_ps128(w));
+#elif defined(__AVX2__) && !defined(PYLLM_FORCE_WIDTH)
+  const __m256 t0 = _mm256_hadd_ps(__m256(a[0]), __m256(a[1])), t1 = _mm256_hadd_ps(__m256(a[2]), __m256(a[3]));
+  const __m256 u = _mm256_hadd_ps(t0, t1);   // 4 sums per 128 bits
+  _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1)));
+#else
+  for (int i = 0; i < 4; ++i) out[i] = hsum(a[i]);
+#endif
+}
+
+// Rows of q (or of O) that share each key (value) vector loaded into registers: as many as the
+// registers hold next to four keys' sums (the values' span of vectors).
+constexpr int kSharedRows = W == 16 ? 4 : 2;
+
+// S (nq x nk, row stride BK) = q k^T for nq query rows (row stride qs) and nk key rows (ks): four
+// keys at a time (four independent sums in flight), each key vector loaded once for up to
+// kSharedRows rows (a decode step's query heads that share a kv head).
+template <class KV>
+void few_query_scores(float* S, const float* q, int64_t qs, const KV* k, int64_t ks, int64_t nq,
                       int64_t nk, int64_t HS) {
-  for (int64_t r = 0; r < nq; ++r) {
-    const float* x = q + r * qs;
+  constexpr int R = kSharedRows;
+  for (int64_t r0 = 0; r0 < nq; r0 += R) {
+    const int64_t nr = imin(R, nq - r0);
+    const float* x = q + r0 * qs;
     int64_t j = 0;
-    for (; j + 4 <= nk; j += 4) {   // four keys at a time: four independent sums in flight
-      const float *y0 = k + j * ks, *y1 = y0 + ks, *y2 = y1 + ks, *y3 = y2 + ks;
-      for (int64_t a = 0; a < 4; ++a) prefetch_rows(y0 + (kPrefetchKeys + a) * ks, HS);
-      vf a0 = splat(0.f), a1 = a0, a2 = a0, a3 = a0;
-      int64_t d = 0;
-      for (; d + W <= HS; d += W) {
-        const vf xv = load(x + d);
-        a0 += xv * load(y0 + d);
-        a1 += xv * load(y1 + d);
-        a2 += xv * load(y2 + d);
-        a3 += xv * load(y3 + d);
+    for (; j + 4 <= nk; j += 4) {
+      const KV* y[4] = {k + j * ks, k + (j + 1) * ks, k + (j + 2) * ks, k + (j + 3) * ks};
+      if (r0 == 0)
+        for (int64_t a = 0; a < 4; ++a) prefetch_rows(y[0] + (kPrefetchKeys + a) * ks, HS);
+      vf acc[R][4];
+      for (int r = 0; r < R; ++r)
+        for (int a = 0; a < 4; ++a) acc[r][a] = splat(0.f);
+      for (int64_t d = 0; d < HS; d += W) {
+        const int64_t w = imin(W, HS - d);
+        vf kv[4];
+        for (int a = 0; a < 4; ++a) kv[a] = w == W ? kv_load(y[a] + d) : kv_load_partial(y[a] + d, w);
+        for (int r = 0; r < R; ++r) {
+          if (r >= nr) break;
+          const vf xv = w == W ? load(x + r * qs + d) : load_partial(x + r * qs + d, w);
+          for (int a = 0; a < 4; ++a) acc[r][a] += xv * kv[a];
+        }
       }
-      if (d < HS) {
-        const int64_t w = HS - d;
-        const vf xv = load_partial(x + d, w);
-        a0 += xv * load_partial(y0 + d, w);
-        a1 += xv * load_partial(y1 + d, w);
-        a2 += xv * load_partial(y2 + d, w);
-        a3 += xv * load_partial(y3 + d, w);
-      }
-      float* out = S + r * BK + j;
-      out[0] = hsum(a0), out[1] = hsum(a1), out[2] = hsum(a2), out[3] = hsum(a3);
+      for (int r = 0; r < nr; ++r) hsum4(acc[r], S + (r0 + r) * BK + j);
     }
     for (; j < nk; ++j) {
-      const float* y = k + j * ks;
-      vf acc = splat(0.f);
-      int64_t d = 0;
-      for (; d + W <= HS; d += W) acc += load(x + d) * load(y + d);
-      if (d < HS) acc += load_partial(x + d, HS - d) * load_partial(y + d, HS - d);
-      S[r * BK + j] = hsum(acc);
+      const KV* y = k + j * ks;
+      for (int64_t r = 0; r < nr; ++r) {
+        vf acc = splat(0.f);
+        for (int64_t d = 0; d < HS; d += W) {
+          const int64_t w = imin(W, HS - d);
+          acc += load_partial(x + r * qs + d, w) * kv_load_partial(y + d, w);
+        }
+        S[(r0 + r) * BK + j] = hsum(acc);
+      }
     }
   }
 }
 
-// O (nq x HS, row stride os) += P V (value rows at stride vs): key by key, up to kSpan vectors of
-// a row of O held in registers at once, so the sums are independent (not one chain through every
-// key).
-void few_query_values(float* O, int64_t os, const float* P, const float* v, int64_t vs, int64_t nq,
+// O (nq x HS, row stride os) += P V (value rows at stride vs): key by key, kSpan vectors of a value
+// row loaded once for up to kSharedRows rows of O, held in registers (independent sums, not one
+// chain through every key).
+template <class KV>
+void few_query_values(float* O, int64_t os, const float* P, const KV* v, int64_t vs, int64_t nq,
                       int64_t nk, int64_t HS) {
-  constexpr int64_t kSpan = 8;
-  for (int64_t r = 0; r < nq; ++r)
+  constexpr int R = kSharedRows;
+  constexpr int64_t kSpan = W == 16 ? 4 : 4;
+  for (int64_t r0 = 0; r0 < nq; r0 += R) {
+    const int64_t nr = imin(R, nq - r0);
     for (int64_t d0 = 0; d0 < HS; d0 += kSpan * W) {
       const int64_t width = imin(kSpan * W, HS - d0);
-      const int64_t full = width / W, tail = width % W;
-      vf acc[kSpan + 1];
-      float* o = O + r * os + d0;
-      for (int64_t c = 0; c < full; ++c) acc[c] = load(o + c * W);
-      if (tail) acc[full] = load_partial(o + full * W, tail);
+      const int64_t vectors = (width + W - 1) / W;
+      vf acc[R][kSpan];
+      for (int r = 0; r < nr; ++r)
+        for (int64_t c = 0; c < vectors; ++c)
+          acc[r][c] = load_partial(O + (r0 + r) * os + d0 + c * W, width - c * W);
       for (int64_t j = 0; j < nk; ++j) {
-        const vf p = splat(P[r * BK + j]);
-        const float* vj = v + j * vs + d0;
-        prefetch_rows(vj + kPrefetchKeys * vs, width);
-        for (int64_t c = 0; c < full; ++c) acc[c] += p * load(vj + c * W);
-        if (tail) acc[full] += p * load_partial(vj + full * W, tail);
+        const KV* vj = v + j * vs + d0;
+        if (r0 == 0) prefetch_rows(vj + kPrefetchKeys * vs, width);
+        vf val[kSpan];
+        for (int64_t c = 0; c < vectors; ++c)
+          val[c] = c * W + W <= width ? kv_load(vj + c * W) : kv_load_partial(vj + c * W, width - c * W);
+        for (int r = 0; r < R; ++r) {
+          if (r >= nr) break;
+          const vf p = splat(P[(r0 + r) * BK + j]);
+          for (int64_t c = 0; c < vectors; ++c) acc[r][c] += p * val[c];
+        }
       }
-      for (int64_t c = 0; c < full; ++c) store(o + c * W, acc[c]);
-      if (tail) store_partial(o + full * W, acc[full], tail);
+      for (int r = 0; r < nr; ++r)
+        for (int64_t c = 0; c < vectors; ++c)
+          store_partial(O + (r0 + r) * os + d0 + c * W, acc[r][c], width - c * W);
     }
+  }
+}
+
+// The GEMM reads float32 tiles: a block of nk cache rows (stride rs) as floats, rows HS apart,
+// in buf; a float32 cache is read in place.
+thread_local ThreadBuffer key_tile_buffer, value_tile_buffer;
+
+inline MatView rows_as_floats(const float* p, int64_t rs, int64_t, int64_t, ThreadBuffer&, bool transpose) {
+  return transpose ? MatView{p, 1, rs} : MatView{p, rs, 1};
+}
+inline MatView rows_as_floats(const uint16_t* p, int64_t rs, int64_t nk, int64_t HS, ThreadBuffer& buf,
+                              bool transpose) {
+  float* t = buf.get(size_t(BK * HS));
+  for (int64_t j = 0; j < nk; ++j)
+    for (int64_t d = 0; d < HS; d += W) store_partial(t + j * HS + d, load_half_partial(p + j * rs + d, HS - d), HS - d);
+  return transpose ? MatView{t, 1, HS} : MatView{t, HS, 1};
 }
 
 // Row t of head (b, h) of a tensor at strides st.
@@ -157,14 +218,140 @@ inline void zero_rows(float* p, int64_t rs, int64_t n, int64_t HS) {
   for (int64_t r = 0; r < n; ++r) std::memset(p + r * rs, 0, sizeof(float) * HS);
 }
 
-}  // namespace
 
-void attention_forward(float* out, float* lse, const float* q, const float* k, const float* v,
-                       int64_t B, int64_t NH, int64_t NKV, int64_t Tq, int64_t Tk, int64_t HS,
-                       bool causal, const int64_t* kv_lengths, HeadStrides out_s, HeadStrides q_s,
-                       HeadStrides k_s, HeadStrides v_s) {
+// Online softmax: folds a block of scores S (nq rows of BK, the first visible(r) of row r real)
+// into each row's running max m and sum l, rescaling what O already holds by exp(m_old - m_new);
+// S becomes the block's probabilities (unnormalised), zero past each row's visible keys. Rows are
+// BK floats wide, so whole vectors are read; lanes past the visible keys are masked to -inf.
+template <class Visible>
+void fold_scores(float* S, float* m, float* l, float* O, int64_t os, int64_t nq, int64_t HS, float scale,
+                 Visible visible) {
+  const vf sc = splat(scale), neg_inf = splat(-INFINITY);
+  for (int64_t r = 0; r < nq; ++r) {
+    float* p = S + r * BK;
+    const int64_t n = visible(r);
+    vf vmax_ = neg_inf;
+    for (int64_t j = 0; j < n; j += W) {
+      vf x = load(p + j) * sc;
+      if (j + W > n)
+        for (int64_t t = n - j; t < W; ++t) x[t] = -INFINITY;
+      store(p + j, x);
+      vmax_ = vmax(vmax_, x);
+    }
+    const float m_new = std::fmax(m[r], hmax(vmax_));
+    if (n == 0 || m_new == -INFINITY) {
+      for (int64_t j = 0; j < BK; j += W) store(p + j, splat(0.f));
+      continue;
+    }
+    const float alpha = std::exp(m[r] - m_new);
+    const vf sh = splat(m_new);
+    vf sum = splat(0.f);
+    int64_t j = 0;
+    for (; j < n; j += W) {  // exp(-inf) = 0 in the masked lanes
+      const vf e = vexp(load(p + j) - sh);
+      store(p + j, e);
+      sum += e;
+    }
+    for (; j < BK; j += W) store(p + j, splat(0.f));
+    l[r] = l[r] * alpha + hsum(sum);
+    m[r] = m_new;
+    if (alpha != 1.0f) {
+      const vf a = splat(alpha);
+      float* o = O + r * os;
+      for (int64_t d = 0; d < HS; d += W) {
+        const int64_t w = imin(W, HS - d);
+        store_partial(o + d, load_partial(o + d, w) * a, w);
+      }
+    }
+  }
+}
+
+// Rows of O divided by their sums l, and their log-sum-exps (at lse[r * lse_stride]).
+void finish_rows(float* O, int64_t os, const float* m, const float* l, float* lse, int64_t lse_stride, int64_t nq,
+                 int64_t HS) {
+  for (int64_t r = 0; r < nq; ++r) {
+    const vf inv = splat(1.0f / l[r]);
+    float* o = O + r * os;
+    for (int64_t d = 0; d < HS; d += W) {
+      const int64_t w = imin(W, HS - d);
+      store_partial(o + d, load_partial(o + d, w) * inv, w);
+    }
+    lse[r * lse_stride] = m[r] + std::log(l[r]);
+  }
+}
+
+// Keys per work item of a decode step: a long cache is split over the threads, each chunk's
+// softmax kept apart (max, sum, weighted values) and merged in a fixed order afterwards.
+constexpr int64_t kDecodeChunk = 256;
+
+// One query per head (Tq = 1): a work item is a chunk of one batch row's cache for one kv head and
+// every query head that reads it, so each key and value is loaded once for the group. A row's
+// chunks depend only on its own length: a sequence gets the same result in any batch.
+template <class KV>
+void decode(float* out, float* lse, const float* q, const KV* k, const KV* v, const Shape& all,
+            const int64_t* kv_lengths, HeadStrides out_s, HeadStrides q_s, HeadStrides k_s, HeadStrides v_s,
+            float scale) {
+  const int64_t B = all.B, NKV = all.NKV, G = all.group(), HS = all.HS;
+  const int64_t ks = k_s.pos, vs = v_s.pos, slot = G * (HS + 2);   // a chunk's O (G x HS), m (G), l (G)
+  std::vector<int64_t> first(size_t(B * NKV) + 1, 0);
+  for (int64_t bk = 0; bk < B * NKV; ++bk) {
+    const int64_t len = kv_lengths ? kv_lengths[bk / NKV] : all.Tk;
+    first[size_t(bk) + 1] = first[size_t(bk)] + imax(1, (len + kDecodeChunk - 1) / kDecodeChunk);
+  }
+  Scratch partial(size_t(first.back() * slot));
+  parallel_for(first.back(), 1, [&](int64_t u0, int64_t u1) {
+    float* S = scores_buffer.get(size_t(G * BK));
+    int64_t bk = 0;
+    for (int64_t u = u0; u < u1; ++u) {
+      while (u >= first[size_t(bk) + 1]) ++bk;
+      const int64_t b = bk / NKV, kvh = bk % NKV, len = kv_lengths ? kv_lengths[b] : all.Tk;
+      const int64_t j_begin = (u - first[size_t(bk)]) * kDecodeChunk, j_end = imin(len, j_begin + kDecodeChunk);
+      float *O = partial.data() + u * slot, *m = O + G * HS, *l = m + G;
+      for (int64_t g = 0; g < G; ++g) m[g] = -INFINITY, l[g] = 0.f;
+      zero_rows(O, HS, G, HS);
+      const float* qg = row_of(q, q_s, b, kvh * G, 0);   // the group's query heads, q_s.head apart
+      const KV* kh = k + b * k_s.batch + kvh * k_s.head;
+      const KV* vh = v + b * v_s.batch + kvh * v_s.head;
+      for (int64_t j0 = j_begin; j0 < j_end; j0 += BK) {
+        const int64_t nk = imin(BK, j_end - j0);
+        few_query_scores(S, qg, q_s.head, kh + j0 * ks, ks, G, nk, HS);
+        fold_scores(S, m, l, O, HS, G, HS, scale, [nk](int64_t) { return nk; });
+        few_query_values(O, HS, S, vh + j0 * vs, vs, G, nk, HS);
+      }
+    }
+  });
+  // Each head's chunks merged in order: weights exp(m_c - max), sums and values rescaled alike.
+  parallel_for(B * all.NH, 8, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t b = r / all.NH, h = r % all.NH, bk = b * NKV + h / G, g = h % G;
+      const int64_t c0 = first[size_t(bk)], c1 = first[size_t(bk) + 1];
+      float top = -INFINITY;
+      for (int64_t c = c0; c < c1; ++c) top = std::fmax(top, partial.data()[c * slot + G * HS + g]);
+      float* o = row_of(out, out_s, b, h, 0);
+      float total = 0.f;
+      for (int64_t d = 0; d < HS; d += W) store_partial(o + d, splat(0.f), HS - d);
+      for (int64_t c = c0; c < c1; ++c) {
+        const float* part = partial.data() + c * slot;
+        const float weight = top == -INFINITY ? 1.f : std::exp(part[G * HS + g] - top);
+        total += weight * part[G * HS + G + g];
+        const vf wv = splat(weight);
+        for (int64_t d = 0; d < HS; d += W) {
+          const int64_t w = imin(W, HS - d);
+          store_partial(o + d, load_partial(o + d, w) + wv * load_partial(part + g * HS + d, w), w);
+        }
+      }
+      finish_rows(o, 0, &top, &total, lse + r, 1, 1, HS);
+    }
+  });
+}
+
+template <class KV>
+void forward(float* out, float* lse, const float* q, const KV* k, const KV* v, int64_t B, int64_t NH, int64_t NKV,
+             int64_t Tq, int64_t Tk, int64_t HS, bool causal, const int64_t* kv_lengths, HeadStrides out_s,
+             HeadStrides q_s, HeadStrides k_s, HeadStrides v_s) {
   const Shape all{B, NH, NKV, Tq, Tk, HS, causal};
   const float scale = 1.0f / std::sqrt(float(HS));
+  if (Tq == 1) return decode(out, lse, q, k, v, all, kv_lengths, out_s, q_s, k_s, v_s, scale);
   const int64_t qs = q_s.pos, ks = k_s.pos, vs = v_s.pos, os = out_s.pos;
   parallel_for(B * NH * all.q_blocks(), 1, [&](int64_t u0, int64_t u1) {
     float* S = scores_buffer.get(BQ * BK);
@@ -176,8 +363,8 @@ void attention_forward(float* out, float* lse, const float* q, const float* k, c
       if (kv_lengths) s.Tk = kv_lengths[b];
       const int64_t nq = imin(BQ, Tq - i0);
       const float* qb = row_of(q, q_s, b, h, i0);
-      const float* kh = row_of(k, k_s, b, kvh, 0);
-      const float* vh = row_of(v, v_s, b, kvh, 0);
+      const KV* kh = k + b * k_s.batch + kvh * k_s.head;
+      const KV* vh = v + b * v_s.batch + kvh * v_s.head;
       float* O = row_of(out, out_s, b, h, i0);  // accumulates un-normalised, divided by l at the end
       float *m = stats, *l = stats + BQ;
       for (int64_t r = 0; r < nq; ++r) m[r] = -INFINITY, l[r] = 0.f;
@@ -189,66 +376,34 @@ void attention_forward(float* out, float* lse, const float* q, const float* k, c
         if (nq <= kFewQueries)
           few_query_scores(S, qb, qs, kh + j0 * ks, ks, nq, nk, HS);
         else
-          gemm_serial(nq, nk, HS, MatView{qb, qs, 1}, MatView{kh + j0 * ks, 1, ks}, S, BK, false);
-        // Online softmax: fold this block into the running max m and sum l of each row,
-        // rescaling what O already holds by exp(m_old - m_new). Rows are BK floats wide, so
-        // whole vectors are read; lanes past the n visible keys are masked to -inf.
-        const vf sc = splat(scale), neg_inf = splat(-INFINITY);
-        for (int64_t r = 0; r < nq; ++r) {
-          float* p = S + r * BK;
-          const int64_t n = s.visible(i0 + r, j0, nk);
-          vf vmax_ = neg_inf;
-          for (int64_t j = 0; j < n; j += W) {
-            vf x = load(p + j) * sc;
-            if (j + W > n)
-              for (int64_t t = n - j; t < W; ++t) x[t] = -INFINITY;
-            store(p + j, x);
-            vmax_ = vmax(vmax_, x);
-          }
-          const float m_new = std::fmax(m[r], hmax(vmax_));
-          if (n == 0 || m_new == -INFINITY) {
-            for (int64_t j = 0; j < BK; j += W) store(p + j, splat(0.f));
-            continue;
-          }
-          const float alpha = std::exp(m[r] - m_new);
-          const vf sh = splat(m_new);
-          vf sum = splat(0.f);
-          int64_t j = 0;
-          for (; j < n; j += W) {  // exp(-inf) = 0 in the masked lanes
-            const vf e = vexp(load(p + j) - sh);
-            store(p + j, e);
-            sum += e;
-          }
-          for (; j < BK; j += W) store(p + j, splat(0.f));
-          l[r] = l[r] * alpha + hsum(sum);
-          m[r] = m_new;
-          if (alpha != 1.0f) {
-            const vf a = splat(alpha);
-            float* o = O + r * os;
-            for (int64_t d = 0; d < HS; d += W) {
-              const int64_t w = imin(W, HS - d);
-              store_partial(o + d, load_partial(o + d, w) * a, w);
-            }
-          }
-        }
+          gemm_serial(nq, nk, HS, MatView{qb, qs, 1}, rows_as_floats(kh + j0 * ks, ks, nk, HS, key_tile_buffer, true),
+                      S, BK, false);
+        fold_scores(S, m, l, O, os, nq, HS, scale, [&](int64_t r) { return s.visible(i0 + r, j0, nk); });
         // O += P V
         if (nq <= kFewQueries)
           few_query_values(O, os, S, vh + j0 * vs, vs, nq, nk, HS);
         else
-          gemm_serial(nq, HS, nk, MatView{S, BK, 1}, MatView{vh + j0 * vs, vs, 1}, O, os, true);
+          gemm_serial(nq, HS, nk, MatView{S, BK, 1}, rows_as_floats(vh + j0 * vs, vs, nk, HS, value_tile_buffer, false),
+                      O, os, true);
       }
-      float* lse_b = lse + bh * Tq + i0;
-      for (int64_t r = 0; r < nq; ++r) {
-        const vf inv = splat(1.0f / l[r]);
-        float* o = O + r * os;
-        for (int64_t d = 0; d < HS; d += W) {
-          const int64_t w = imin(W, HS - d);
-          store_partial(o + d, load_partial(o + d, w) * inv, w);
-        }
-        lse_b[r] = m[r] + std::log(l[r]);
-      }
+      finish_rows(O, os, m, l, lse + bh * Tq + i0, 1, nq, HS);
     }
   });
+}
+
+}  // namespace
+
+void attention_forward(float* out, float* lse, const float* q, const float* k, const float* v, int64_t B, int64_t NH,
+                       int64_t NKV, int64_t Tq, int64_t Tk, int64_t HS, bool causal, const int64_t* kv_lengths,
+                       HeadStrides out_s, HeadStrides q_s, HeadStrides k_s, HeadStrides v_s) {
+  forward(out, lse, q, k, v, B, NH, NKV, Tq, Tk, HS, causal, kv_lengths, out_s, q_s, k_s, v_s);
+}
+
+void attention_forward_half(float* out, float* lse, const float* q, const uint16_t* k, const uint16_t* v, int64_t B,
+                            int64_t NH, int64_t NKV, int64_t Tq, int64_t Tk, int64_t HS, bool causal,
+                            const int64_t* kv_lengths, HeadStrides out_s, HeadStrides q_s, HeadStrides k_s,
+                            HeadStrides v_s) {
+  forward(out, lse, q, k, v, B, NH, NKV, Tq, Tk, HS, causal, kv_lengths, out_s, q_s, k_s, v_s);
 }
 
 void attention_backward(float* dq, float* dk, float* dv, const float* dout, const float* q,

@@ -156,8 +156,7 @@ void step(const Plan& plan, float* logits, const int64_t* ids, int64_t B, int64_
   clock.mark(Op::embed);
   for (size_t l = 0; l < plan.layers.size(); ++l) {
     const Layer& layer = plan.layers[l];
-    float* k_cache = cache.k + int64_t(l) * cache.layer_stride;
-    float* v_cache = cache.v + int64_t(l) * cache.layer_stride;
+    const int64_t layer_at = int64_t(l) * cache.layer_stride;
     norm(plan, ln, x, layer.norm1_w, layer.norm1_b, N);
     clock.mark(Op::norm);
     linear(plan, layer.qkv, qkv, ln, N, decode);
@@ -167,11 +166,23 @@ void step(const Plan& plan, float* logits, const int64_t* ids, int64_t B, int64_
       k.rope_forward(kk, kk, cos, sin, lengths, B, Tq, NKV, HS, q_s, q_s);
       clock.mark(Op::rope);
     }
-    k.kv_write(k_cache, kk, lengths, B, Tq, NKV, HS, cap, q_s);
-    k.kv_write(v_cache, vv, lengths, B, Tq, NKV, HS, cap, q_s);
-    clock.mark(Op::kv_write);
-    k.attention_forward(atty, lse, q, k_cache, v_cache, B, NH, NKV, Tq, cap, HS, true, bf.kv_lengths.data(), att_s,
-                        q_s, cache_s, cache_s);
+    if (cache.half) {
+      uint16_t* k_cache = static_cast<uint16_t*>(cache.k) + layer_at;
+      uint16_t* v_cache = static_cast<uint16_t*>(cache.v) + layer_at;
+      k.kv_write_half(k_cache, kk, lengths, B, Tq, NKV, HS, cap, q_s);
+      k.kv_write_half(v_cache, vv, lengths, B, Tq, NKV, HS, cap, q_s);
+      clock.mark(Op::kv_write);
+      k.attention_forward_half(atty, lse, q, k_cache, v_cache, B, NH, NKV, Tq, cap, HS, true, bf.kv_lengths.data(),
+                               att_s, q_s, cache_s, cache_s);
+    } else {
+      float* k_cache = static_cast<float*>(cache.k) + layer_at;
+      float* v_cache = static_cast<float*>(cache.v) + layer_at;
+      k.kv_write(k_cache, kk, lengths, B, Tq, NKV, HS, cap, q_s);
+      k.kv_write(v_cache, vv, lengths, B, Tq, NKV, HS, cap, q_s);
+      clock.mark(Op::kv_write);
+      k.attention_forward(atty, lse, q, k_cache, v_cache, B, NH, NKV, Tq, cap, HS, true, bf.kv_lengths.data(), att_s,
+                          q_s, cache_s, cache_s);
+    }
     clock.mark(Op::attention);
     linear(plan, layer.o, proj, atty, N, decode);
     clock.mark(Op::o);

@@ -65,10 +65,12 @@ struct Plan {
 };
 
 // The KV cache the step appends to: layer l's keys are (B, NKV, capacity, HS) at k + l * layer_stride.
+// Keys and values of every layer, (L, B, NKV, capacity, HS) each: float32, or float16 (half).
 struct Cache {
-  float* k = nullptr;
-  float* v = nullptr;
-  int64_t layer_stride = 0, capacity = 0;
+  void* k = nullptr;
+  void* v = nullptr;
+  bool half = false;
+  int64_t layer_stride = 0, capacity = 0;   // in values
 };
 
 // Where a step's time goes, by operation (nanoseconds, added to), when a profile is asked for.

@@ -69,6 +69,9 @@ class Transformer:
         self.quantized: dict[str, QuantizedWeight] = dict(quantized or {})
         # Products with quantized weights round the activations to int8 first, as llama.cpp does.
         self.int8_activations = True
+        # What generation's KV caches hold: with quantized weights float16, as llama.cpp's default
+        # cache (half the bytes each decode step reads); float models keep their values exactly.
+        self.kv_dtype = np.float16 if self.quantized else np.float32
         self.lora = None   # pyllm.lora.LoRA adapters, when attached (the base is then frozen)
         layers = self.runner.layers
         self._in_out = in_out_weights(layers)
