@@ -641,7 +641,7 @@ class GgmlType(NamedTuple):
     block_values: int    # values per block (1 for the float types)
     block_bytes: int
     quantized: bool      # matmul_quant, dequantize and matmul_quant_backward take it
-    packed: bool         # pack_quant and matmul_packed take it
+    packed: bool         # pack_quant and matmul_rows take it
 
 
 GGML_TYPES: dict[int, GgmlType] = {t[1]: GgmlType(*t) for t in _C.ggml_types()}
@@ -686,7 +686,8 @@ def matmul_quant(a, w, ggml_type: int, shape: tuple[int, int], int8_activations:
     int8_activations rounds a per block of 32 to int8 with a float16 scale first, as llama.cpp
     does (faster integer dot products when a has few rows; slightly less exact); for the K-quants
     (Q4_K, Q6_K) per block of 256 with a float32 scale, as llama.cpp's Q8_K. packed: w is in
-    pack_quant's layout (the same results as ggml's layout gives).
+    pack_quant's layout (the same weights; with int8_activations multiplied in integers at any
+    number of rows, as matmul_rows does).
     """
     w, N, K = _quant_args(w, ggml_type, shape, packed)
     a = _floats(a, "a", min_ndim=1)

@@ -90,7 +90,8 @@
      layout or (packed, for the types that have one) pack_quant's. out (M, N) = a (M, K) @ W^T.      \
      int8_activations: a is first rounded as llama.cpp rounds it (per block of 32 to int8 with a     \
      float16 scale; for the K-quants per block of 256 with a float32 scale, as Q8_K), for integer    \
-     dot products at decode-sized M (up to 4 rows; prompts run the GEMM on the rounded values). */    \
+     dot products: packed rows at any M (matmul_rows), ggml's layout at up to 4 rows (prompts run    \
+     the GEMM on the rounded values). */                                                              \
   X(matmul_quant, void, (float* out, const float* a, const uint8_t* w, int type, int64_t M,          \
                          int64_t K, int64_t N, bool int8_activations, bool packed))                   \
   /* out (rows, K) = the float32 values of the matrix of `rows` rows of blocks. */                    \

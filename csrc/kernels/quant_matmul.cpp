@@ -296,7 +296,7 @@ void matmul_quant_backward(float* dx, const float* dout, const uint8_t* w, int t
 void matmul_quant(float* out, const float* a, const uint8_t* w, int type, int64_t M, int64_t K,
                   int64_t N, bool int8_activations, bool packed) {
   if (!int8_activations) return matmul_quant_float(out, a, w, type, M, K, N, packed);
-  if (packed && M <= 4) return matmul_rows(&out, &w, &N, 1, a, type, M, K);
+  if (packed) return matmul_rows(&out, &w, &N, 1, a, type, M, K);   // integer products at any M
   if (type == kQ4_K || type == kQ6_K) {   // rounded as Q8_K: integer products, or the float ones
 #if defined(__AVX2__)
     if (M <= 4) return matmul_k_quant_int8(out, a, w, type, M, K, N);
@@ -305,7 +305,7 @@ void matmul_quant(float* out, const float* a, const uint8_t* w, int type, int64_
     fake_quantize_activations_k(xf, a, M, K);
     return matmul_quant_float(out, xf, w, type, M, K, N, packed);
   }
-  if (M <= 4 && !packed) return matmul_quant_int8(out, a, w, type, M, K, N);
+  if (M <= 4) return matmul_quant_int8(out, a, w, type, M, K, N);
   // Prompts: the activations rounded exactly as the integer path rounds them, then the GEMM.
   float* xf = fake_quantized.get(size_t(M * K));
   fake_quantize_activations(xf, a, M, K);

@@ -56,27 +56,24 @@ void add(float* x, const float* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) x[i] += y[i];
 }
 
-// A product with quantized weights: for a decode batch (rows = separate sequences) of packed rows,
-// the integer products per row (a row's result whatever shares the batch); else matmul_quant.
-void quantized(const Plan& plan, const Matrix& m, float* out, const float* x, int64_t M, int64_t K, bool decode) {
-  if (decode && m.packed && plan.int8_activations)
-    kernels().matmul_rows(&out, &m.q, &m.out, 1, x, m.type, M, K);
-  else
-    kernels().matmul_quant(out, x, m.q, m.type, M, K, m.out, plan.int8_activations, m.packed);
+// A product with quantized weights (packed rows with int8 activations: the integer products per
+// row, so a row's result does not depend on what shares the batch).
+void quantized(const Plan& plan, const Matrix& m, float* out, const float* x, int64_t M, int64_t K) {
+  kernels().matmul_quant(out, x, m.q, m.type, M, K, m.out, plan.int8_activations, m.packed);
 }
 
 // out (M, lin.out) = x (M, lin.in) W^T + bias, plus the adapters: what layers.linear computes.
-void linear(const Plan& plan, const Linear& lin, float* out, const float* x, int64_t M, bool decode) {
+void linear(const Plan& plan, const Linear& lin, float* out, const float* x, int64_t M) {
   const KernelTable& k = kernels();
   const Matrix& first = lin.parts.front();
   if (lin.parts.size() == 1 && first.q == nullptr) {
     k.matmul_forward(out, x, first.f, lin.bias, M, lin.in, lin.out, !first.in_out);
   } else if (lin.parts.size() == 1) {
-    quantized(plan, first, out, x, M, lin.in, decode);
+    quantized(plan, first, out, x, M, lin.in);
   } else {   // the parts of a fused product, each quantized in its own type
     for (const Matrix& part : lin.parts) {
       float* piece = sized(buffers.part, M * part.out);
-      quantized(plan, part, piece, x, M, lin.in, decode);
+      quantized(plan, part, piece, x, M, lin.in);
       for (int64_t i = 0; i < M; ++i)
         std::memcpy(out + i * lin.out + part.col, piece + i * part.out, sizeof(float) * part.out);
     }
@@ -93,12 +90,12 @@ void linear(const Plan& plan, const Linear& lin, float* out, const float* x, int
   }
 }
 
-// Two products of the same input (gate and up): for a decode batch of packed rows of one type with
-// no bias or adapters, one call (the input rounded once, one parallel region); else one each.
+// Two products of the same input (gate and up): for packed rows of one type with int8 activations
+// and no bias or adapters, one call (the input rounded once, one parallel region); else one each.
 void linear_pair(const Plan& plan, const Linear& a, const Linear& b, float* out_a, float* out_b, const float* x,
-                 int64_t M, bool decode) {
+                 int64_t M) {
   const Matrix &ma = a.parts.front(), &mb = b.parts.front();
-  if (decode && plan.int8_activations && a.parts.size() == 1 && b.parts.size() == 1 && ma.packed && mb.packed &&
+  if (plan.int8_activations && a.parts.size() == 1 && b.parts.size() == 1 && ma.packed && mb.packed &&
       ma.type == mb.type && !a.bias && !b.bias && a.adapters.empty() && b.adapters.empty()) {
     float* outs[2] = {out_a, out_b};
     const uint8_t* ws[2] = {ma.q, mb.q};
@@ -106,8 +103,8 @@ void linear_pair(const Plan& plan, const Linear& a, const Linear& b, float* out_
     kernels().matmul_rows(outs, ws, Ns, 2, x, ma.type, M, a.in);
     return;
   }
-  linear(plan, a, out_a, x, M, decode);
-  linear(plan, b, out_b, x, M, decode);
+  linear(plan, a, out_a, x, M);
+  linear(plan, b, out_b, x, M);
 }
 
 void norm(const Plan& plan, float* out, const float* x, const float* w, const float* b, int64_t N) {
@@ -137,7 +134,6 @@ void step(const Plan& plan, float* logits, const int64_t* ids, int64_t B, int64_
           const int64_t* lengths, const Cache& cache, const float* cos, const float* sin, double* profile) {
   const KernelTable& k = kernels();
   Clock clock(profile);
-  const bool decode = Tq == 1;   // every row a sequence of its own: the per-row integer products
   Buffers& bf = buffers;
   const int64_t N = B * Tq, C = plan.C, NH = plan.NH, NKV = plan.NKV, HS = plan.HS;
   const int64_t QKV = (NH + 2 * NKV) * HS, cap = cache.capacity;
@@ -159,7 +155,7 @@ void step(const Plan& plan, float* logits, const int64_t* ids, int64_t B, int64_
     const int64_t layer_at = int64_t(l) * cache.layer_stride;
     norm(plan, ln, x, layer.norm1_w, layer.norm1_b, N);
     clock.mark(Op::norm);
-    linear(plan, layer.qkv, qkv, ln, N, decode);
+    linear(plan, layer.qkv, qkv, ln, N);
     clock.mark(Op::qkv);
     if (plan.arch == Arch::kLlama) {
       k.rope_forward(q, q, cos, sin, lengths, B, Tq, NH, HS, q_s, q_s);
@@ -184,7 +180,7 @@ void step(const Plan& plan, float* logits, const int64_t* ids, int64_t B, int64_
                           q_s, cache_s, cache_s);
     }
     clock.mark(Op::attention);
-    linear(plan, layer.o, proj, atty, N, decode);
+    linear(plan, layer.o, proj, atty, N);
     clock.mark(Op::o);
     add(x, proj, N * C);
     clock.mark(Op::residual);
@@ -193,18 +189,18 @@ void step(const Plan& plan, float* logits, const int64_t* ids, int64_t B, int64_
     const int64_t F = layer.mlp.front().out;
     float* h1 = sized(bf.mlp1, N * F);
     if (plan.arch == Arch::kGPT2) {
-      linear(plan, layer.mlp[0], h1, ln, N, decode);
+      linear(plan, layer.mlp[0], h1, ln, N);
       clock.mark(Op::mlp_in);
       k.gelu_forward(h1, h1, N * F);
       clock.mark(Op::activation);
-      linear(plan, layer.mlp[1], proj, h1, N, decode);
+      linear(plan, layer.mlp[1], proj, h1, N);
     } else {
       float* h2 = sized(bf.mlp2, N * F);
-      linear_pair(plan, layer.mlp[0], layer.mlp[1], h1, h2, ln, N, decode);
+      linear_pair(plan, layer.mlp[0], layer.mlp[1], h1, h2, ln, N);
       clock.mark(Op::mlp_in);
       k.swiglu_forward(h1, h1, h2, N * F);
       clock.mark(Op::activation);
-      linear(plan, layer.mlp[2], proj, h1, N, decode);
+      linear(plan, layer.mlp[2], proj, h1, N);
     }
     clock.mark(Op::mlp_out);
     add(x, proj, N * C);
@@ -222,7 +218,7 @@ void step(const Plan& plan, float* logits, const int64_t* ids, int64_t B, int64_
   float* lnf = sized(bf.lnf, B * C);
   norm(plan, lnf, last, plan.final_w, plan.final_b, B);
   clock.mark(Op::norm);
-  linear(plan, plan.head, logits, lnf, B, decode);
+  linear(plan, plan.head, logits, lnf, B);
   clock.mark(Op::head);
 }
 
