@@ -5,7 +5,7 @@ memory of each (a fresh process that loads the model and runs a short generation
 Q4_1 one the default model ships as, and the Q4_K_M and Q8_0 files llama.cpp's quantizer makes from
 it (tools/quantize_smollm2.py). And pyllm's batched decode: 8 sequences of different lengths decoded
 together against the same 8 decoded one after another (the same tokens; the speedup is the ratio of
-tokens/s).
+tokens/s). And decode with another process keeping one core busy, on 2 threads against 1.
 
 llama-cpp-python compiles llama.cpp when pip installs it (minutes); without it the llama.cpp rows
 and the requantized files are skipped. Run as a script for the memory probe:
@@ -187,6 +187,36 @@ if pytest is not None:
             decode_batch, setup=lambda: ((model, prefill_batch(model, prompts, BATCH_STEPS, together), BATCH_STEPS),
                                          {}), rounds=3)
         assert np.array_equal(tokens, expected)
+
+
+    @pytest.fixture(scope="module")
+    def busy_core():
+        """SmolLM2 Q4_1 and a prompt, while another process keeps one core busy."""
+        import subprocess
+        import time
+
+        tokenizer, prefill, decode, model = load("pyllm", "Q4_1")
+        hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        time.sleep(0.5)
+        yield prefill, decode, _prompt_ids(tokenizer)[:SHORT_PROMPT]
+        hog.kill()
+        hog.wait()
+
+    @pytest.mark.parametrize("threads", [2, 1], ids=["2 threads", "1 thread"])
+    def test_decode_with_a_busy_core(benchmark, busy_core, threads):
+        from pyllm import kernels
+
+        prefill, decode, ids = busy_core
+        benchmark.group = f"SmolLM2 Q4_1 decode {DECODE} tokens, one core busy: 2 threads vs 1"
+        benchmark.extra_info.update(impl="pyllm" if threads == 2 else "1 thread", tokens=DECODE, target=1.0)
+
+        def setup():
+            kernels.set_num_threads(threads)
+            return (prefill(ids), DECODE), {}
+        try:
+            benchmark.pedantic(decode, setup=setup, rounds=5)
+        finally:
+            kernels.set_num_threads(THREADS)
 
 
 if __name__ == "__main__":

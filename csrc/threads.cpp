@@ -1,4 +1,5 @@
-// Persistent worker threads for parallel_for; the calling thread works too.
+// Persistent worker threads for parallel_for; the calling thread works too, and runs jobs alone
+// for a while when another process keeps a core busy (see Pool::run).
 // Not work-stealing: items are handed out from one atomic counter, which is enough for
 // kernels whose items are roughly equal or numerous.
 #include "threads.h"
@@ -7,6 +8,8 @@
 #include <pthread.h>
 
 #include <atomic>
+#include <cmath>
+#include <chrono>
 #include <condition_variable>
 #include <cstdlib>
 #include <exception>
@@ -74,6 +77,12 @@ class Pool {
   int size() const { return static_cast<int>(workers_.size()) + 1; }
 
   void run(int64_t n, int64_t grain, RangeFn fn, void* ctx) {
+    using Clock = std::chrono::steady_clock;
+    const Clock::time_point start = Clock::now();
+    if (start < solo_until_) {   // workers straggling lately: the caller alone, as one thread runs
+      fn(ctx, 0, n);
+      return;
+    }
     fn_ = fn;
     ctx_ = ctx;
     n_ = n;
@@ -86,7 +95,7 @@ class Pool {
       std::lock_guard<std::mutex> lock(mu_);
       start_.notify_all();
     }
-    work();
+    caller_items_ = work();
     const uint64_t joined = state_.fetch_and(~kOpen) & kJoinedMask;   // closed: no more helpers
     auto all_back = [&] { return uint64_t(finished_.load(std::memory_order_acquire)) == joined; };
     if (!spin_until(all_back)) {
@@ -95,13 +104,40 @@ class Pool {
       done_.wait(lock, all_back);
       caller_waiting_ = false;
     }
+    // Another process on one of the cores: whichever of our threads shares that core runs half the
+    // time, and the items split unevenly (a worker that misses jobs or stalls mid-item, or a caller
+    // that falls behind its worker), while on an idle machine they split about evenly. When the
+    // caller's share of the recent jobs' items is far from its even share, the next jobs run on it
+    // alone for a while (the workers sleep, so it keeps a core to itself), then the workers are
+    // tried again (after longer and longer spells while the machine stays busy): a busy machine
+    // runs as fast as one thread does, not slower.
+    const Clock::time_point end = Clock::now();
+    const int64_t items = (n + grain - 1) / grain;
+    if (items >= 2 * size()) {
+      window_items_ += items;
+      window_caller_items_ += caller_items_;
+      window_time_ += end - start;
+    }
+    if (window_time_ >= kWindow) {
+      const double share = double(window_caller_items_) / double(window_items_), even = 1.0 / size();
+      if (std::abs(share - even) > 0.4 * even) {   // alone for a while, longer each time in a row
+        solo_until_ = end + solo_time_;
+        solo_time_ = std::min<std::chrono::steady_clock::duration>(2 * solo_time_, kLongestSolo);
+      } else {
+        solo_time_ = kSoloTime;
+      }
+      window_time_ = Clock::duration::zero();
+      window_items_ = window_caller_items_ = 0;
+    }
     if (error_) std::rethrow_exception(std::exchange(error_, nullptr));
   }
 
  private:
-  void work() {
+  // Runs items until none is left; how many this thread ran.
+  int64_t work() {
     in_parallel_region = true;
-    for (;;) {
+    int64_t ran = 0;
+    for (;; ++ran) {
       int64_t begin = next_.fetch_add(grain_);
       if (begin >= n_) break;
       try {
@@ -112,6 +148,7 @@ class Pool {
       }
     }
     in_parallel_region = false;
+    return ran;
   }
 
   // Joins the open job of generation g; false if it has closed (or another one started).
@@ -142,7 +179,14 @@ class Pool {
     }
   }
 
+  static constexpr std::chrono::milliseconds kWindow{20}, kSoloTime{200}, kLongestSolo{3200};
+
   std::vector<std::thread> workers_;
+  // The caller's (under pool_mu): the jobs' items this window and how many the caller ran.
+  std::chrono::steady_clock::duration window_time_{};
+  int64_t window_items_ = 0, window_caller_items_ = 0, caller_items_ = 0;
+  std::chrono::steady_clock::time_point solo_until_{};
+  std::chrono::steady_clock::duration solo_time_{kSoloTime};
   std::mutex mu_;
   std::condition_variable start_, done_;
   std::atomic<uint64_t> state_{0};   // generation | open | joined, see above

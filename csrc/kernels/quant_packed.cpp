@@ -309,10 +309,11 @@ void matmul_rows_typed(float* const* outs, const uint8_t* const* ws, const int64
   // The parts' groups of rows are one range of work items, so one parallel region covers them all.
   std::vector<int64_t> first(size_t(parts) + 1, 0);
   for (int64_t p = 0; p < parts; ++p) first[size_t(p) + 1] = first[size_t(p)] + (Ns[p] + kPackedRows - 1) / kPackedRows;
-  // Work items of up to 64 KB of weights (a thread takes the next item with one atomic add on a
-  // line every thread shares), at least 8 per thread where the matrix allows (balance).
+  // Four work items per thread: each is a run of consecutive groups, one stream from memory for
+  // the prefetcher (many small items measured slower: each restarts the stream, and the threads
+  // fight over the counter's line), enough of them to even out the threads' speeds.
   const int64_t group_bytes = kPackedRows * rb, groups = first[size_t(parts)];
-  const int64_t grain = imax(1, imin(65536 / group_bytes, groups / (8 * num_threads())));
+  const int64_t grain = imax(1, groups / (4 * num_threads()));
   parallel_for(groups, grain, [&](int64_t u0, int64_t u1) {
     int64_t p = 0;
     auto group_at = [&](int64_t u, int64_t& part) {   // the first byte of work item u, of part `part`
