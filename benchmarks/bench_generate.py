@@ -18,10 +18,7 @@ from pyllm import kernels
 from pyllm.model import KVCache, Model, ModelConfig
 
 THREADS = int(os.environ.get("PYLLM_BENCH_THREADS", "2"))
-SHAPES = {   # name -> (n_layer, n_head, n_embd, block_size); vocab 50304
-    "6x384": (6, 6, 384, 256),
-    "gpt2-124M": (12, 12, 768, 1024),
-}
+SHAPES = {"small": ModelConfig.PRESETS["small"], "gpt2-124M": ModelConfig.PRESETS["gpt2"]}   # vocab 50304
 VOCAB, DECODE, PROMPT, PREFILL = 50304, 64, 16, 128
 
 
@@ -54,7 +51,9 @@ def _prompt(n):
 def test_decode(benchmark, pair, impl):
     shape, model, twin = pair
     benchmark.group = f"decode {DECODE} tokens, {shape}, batch 1 vs transformers"
-    benchmark.extra_info.update(impl=impl, tokens=DECODE, target=3.0)
+    # The bytes the decode steps read (both sides read the same weights and cache).
+    benchmark.extra_info.update(impl=impl, tokens=DECODE, target=3.0,
+                                bytes=DECODE * model.bytes_per_token(PROMPT + DECODE // 2))
     prompt = _prompt(PROMPT)
     if impl == "pyllm":
         out = benchmark.pedantic(lambda: model.generate(prompt, DECODE, temperature=0), rounds=3, warmup_rounds=1)

@@ -155,16 +155,34 @@ if pytest is not None:
         tokenizer, prefill, decode, _ = load(impl, quant)
         return impl, quant, _prompt_ids(tokenizer), prefill, decode
 
+    @pytest.fixture(scope="module")
+    def token_bytes():
+        """quantization -> the bytes a decode step of pyllm's reads, half-way through the decode."""
+        from pyllm.model import Model
+
+        counts = {}
+        for quant in QUANTS:
+            if quant != "Q4_1" and not _importable("llama_cpp"):
+                continue
+            counts[quant] = Model.from_pretrained(_path(quant)).bytes_per_token(SHORT_PROMPT + DECODE // 2)
+        return counts
+
+    def _importable(name):
+        import importlib.util
+
+        return importlib.util.find_spec(name) is not None
+
     def test_prompt_processing(benchmark, runner):
         impl, quant, ids, prefill, _ = runner
         benchmark.group = f"SmolLM2 {quant} prompt of {PROMPT} tokens vs llama.cpp"
         benchmark.extra_info.update(impl=impl, tokens=PROMPT, target=1.5, peak_mb=peak_memory_mb(impl, quant))
         benchmark.pedantic(prefill, args=(ids,), rounds=3, warmup_rounds=1)
 
-    def test_decode(benchmark, runner):
+    def test_decode(benchmark, runner, token_bytes):
         impl, quant, ids, prefill, decode = runner
         benchmark.group = f"SmolLM2 {quant} decode {DECODE} tokens after {SHORT_PROMPT} vs llama.cpp"
-        benchmark.extra_info.update(impl=impl, tokens=DECODE, target=1.5)
+        # The bytes the decode steps read, pyllm's count for both (the same file, a float16 cache).
+        benchmark.extra_info.update(impl=impl, tokens=DECODE, target=1.5, bytes=DECODE * token_bytes[quant])
         tokens = benchmark.pedantic(decode, setup=lambda: ((prefill(ids[:SHORT_PROMPT]), DECODE), {}), rounds=5)
         assert len(tokens) == DECODE
 

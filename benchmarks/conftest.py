@@ -1,5 +1,6 @@
-"""Session set-up for the kernel benchmarks: one thread count for pyllm and numpy, one measured FMA peak,
-and the machine facts (written into the benchmark JSON) that benchmarks/report.py prints.
+"""Session set-up for the kernel benchmarks: one thread count for pyllm and numpy, one measured FMA peak
+and memory read bandwidth, and the machine facts (written into the benchmark JSON) that
+benchmarks/report.py prints.
 
 Not where benchmarks, shapes or tolerances live: those are the cases in bench_kernels.py.
 """
@@ -91,6 +92,7 @@ def machine():
         threads=kernels.get_num_threads(),
         isa=kernels.get_isa(),
         fma_peak_gflops=float(kernels.measure_fma_peak(0.5)),
+        read_bandwidth_gbps=float(kernels.measure_read_bandwidth(0.5)),
         numpy_version=np.__version__,
         numpy_blas=blas_name,
         numpy_blas_threads=blas_threads,

@@ -24,8 +24,9 @@ def num(x) -> str:
     return "–" if x is None else f"{x:.0f}" if abs(x) >= 100 else f"{x:#.3g}"
 
 
-def load_rows(benchmarks: list[dict]) -> list[dict]:
-    """One row per group, in run order, with both sides' median time, GFLOP/s and % of peak."""
+def load_rows(benchmarks: list[dict], read_gbps=None) -> list[dict]:
+    """One row per group, in run order, with both sides' median time, GFLOP/s and % of peak (for a
+    decode row, its bytes read per second and % of the measured read bandwidth, read_gbps)."""
     groups: dict[str, dict] = {}
     for b in benchmarks:
         info = b.get("extra_info", {})
@@ -35,9 +36,11 @@ def load_rows(benchmarks: list[dict]) -> list[dict]:
         side = "pyllm" if info["impl"] == "pyllm" else "numpy"  # numpy, or the named peer
         if side == "numpy":
             row["baseline"] = info["impl"]
+        mbps = info["bytes"] / b["stats"]["median"] / 1e6 if info.get("bytes") else None
+        decode = bool(mbps and info.get("tokens"))   # tokens whose weights and cache stream from memory
         row[side] = {"median": b["stats"]["median"], "gflops": info.get("gflops"),
-                     "pct_peak": info.get("pct_peak"),
-                     "mbps": info["bytes"] / b["stats"]["median"] / 1e6 if info.get("bytes") else None,
+                     "pct_peak": (100 * mbps / 1e3 / read_gbps if decode and read_gbps else info.get("pct_peak")),
+                     "mbps": mbps, "decode": decode,
                      "tokps": info["tokens"] / b["stats"]["median"] if info.get("tokens") else None,
                      "peak_mb": info.get("peak_mb")}
         if info.get("numpy_blas_threads"):
@@ -58,11 +61,13 @@ def header(machine: dict) -> list[str]:
     lines = [
         f"CPU: {f.get('cpu_model', 'unknown')} · threads: {f.get('threads', '?')} "
         f"(numpy's BLAS: {f.get('numpy_blas_threads', '?')}) · pyllm ISA: {f.get('isa', '?')} · "
-        f"measured FMA peak: {fmt(peak, '.1f')} GFLOP/s · numpy {f.get('numpy_version', '?')} "
+        f"measured FMA peak: {fmt(peak, '.1f')} GFLOP/s · measured read bandwidth: "
+        f"{fmt(f.get('read_bandwidth_gbps'), '.1f')} GB/s · numpy {f.get('numpy_version', '?')} "
         f"({f.get('numpy_blas', '?')})",
         "",
         "Times are medians over each benchmark's rounds; speedup = baseline time / pyllm time; "
-        "a row meets its target when its speedup reaches the target column.",
+        "a row meets its target when its speedup reaches the target column. % peak: of the FMA peak "
+        "for products, of the read bandwidth for decode (the bytes a token reads: weights and KV cache).",
     ]
     if f.get("openblas_overrides"):
         lines.append(f"Warning: {f['openblas_overrides']} was set: numpy may not have run at its best.")
@@ -80,7 +85,9 @@ def table(rows: list[dict]) -> list[str]:
         peak = (f"{fmt(ours.get('pct_peak'), '.0f')}% / {fmt(theirs.get('pct_peak'), '.0f')}%"
                 if ours.get("pct_peak") is not None or theirs.get("pct_peak") is not None else "–")
         met = {True: "yes", False: "**no**", None: "n/a"}[r["met"]]
-        rate = lambda side: (f"{num(side['mbps'])} MB/s" if side.get("mbps")  # noqa: E731
+        rate = lambda side: (f"{num(side['tokps'])} tok/s, {num(side['mbps'] / 1e3)} GB/s"  # noqa: E731
+                             if side.get("decode")
+                             else f"{num(side['mbps'])} MB/s" if side.get("mbps")
                              else f"{num(side['tokps'])} tok/s, {num(side.get('gflops'))} GFLOP/s"
                              if side.get("tokps") else num(side.get("gflops")))
         lines.append(
@@ -98,7 +105,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     with open(args.json) as fh:
         data = json.load(fh)
-    rows = load_rows(data["benchmarks"])
+    rows = load_rows(data["benchmarks"], data.get("machine_info", {}).get("pyllm_bench", {}).get("read_bandwidth_gbps"))
     print("\n".join(header(data.get("machine_info", {})) + [""] + table(rows)))
     met = sum(r["met"] is True for r in rows)
     print(f"\n{met} of {len(rows)} rows meet their target.")

@@ -41,7 +41,7 @@ __all__ = [
     "GGML_TYPES", "QUANT_TYPES", "GgmlType", "row_bytes", "unchecked", "pack_quant", "matmul_rows",
     "matmul_rows_parts", "embed_quant", "PACKED_ROWS",
     "set_num_threads", "get_num_threads", "available_isas", "get_isa", "set_isa",
-    "measure_fma_peak",
+    "measure_fma_peak", "measure_read_bandwidth",
 ]
 
 
@@ -901,6 +901,12 @@ def set_isa(name: str) -> None:
 def measure_fma_peak(seconds: float = 0.5) -> float:
     """GFLOP/s of a register-only FMA loop on all kernel threads: the measured fp32 peak."""
     return float(_C.fma_peak_gflops(float(seconds)))
+
+
+def measure_read_bandwidth(seconds: float = 0.5) -> float:
+    """The memory read bandwidth in GB/s: every pool thread summing a 256 MB buffer (beyond any
+    cache) for about `seconds`. What a decode step, which reads every weight once, is bounded by."""
+    return float(_C.read_bandwidth_gbps(float(seconds)))
 
 
 # ----------------------------------------------------------------------------- the unchecked entrance

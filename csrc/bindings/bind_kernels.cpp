@@ -477,4 +477,8 @@ void bind_kernels(py::module_& m) {
     py::gil_scoped_release release;
     return kernels().fma_peak_gflops(seconds);
   }, arg("seconds") = 0.5);
+  m.def("read_bandwidth_gbps", [](double seconds) {
+    py::gil_scoped_release release;
+    return kernels().read_bandwidth_gbps(seconds);
+  }, arg("seconds") = 0.5);
 }

@@ -86,6 +86,8 @@
                          double grad_scale, int64_t step))                                            \
   /* GFLOP/s of a register-only FMA loop on every pool thread: the machine's measured fp32 peak. */   \
   X(fma_peak_gflops, double, (double seconds))                                                        \
+  /* GB/s of every pool thread summing a 256 MB buffer: the machine's measured memory read bandwidth. */ \
+  X(read_bandwidth_gbps, double, (double seconds))                                                    \
   /* Block-quantized weights (quant_types.h): w holds N rows of K / block_values blocks, in ggml's   \
      layout or (packed, for the types that have one) pack_quant's. out (M, N) = a (M, K) @ W^T.      \
      int8_activations: a is first rounded as llama.cpp rounds it (per block of 32 to int8 with a     \

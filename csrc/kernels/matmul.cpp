@@ -246,12 +246,16 @@ void matmul_few_rows(float* out, const float* a, const float* b, int64_t M, int6
       }
     });
   } else {
-    // out[i, j] = dot(a[i, :], b[j, :]): RB rows of b at a time, each with two accumulators.
+    // out[i, j] = dot(a[i, :], b[j, :]): RB rows of b at a time, each with two accumulators. Four
+    // runs of consecutive rows per thread, each one stream from memory (many small items restart
+    // the stream and make the threads fight over the counter), the next rows requested ahead.
     constexpr int64_t RB = 4;
     const int64_t groups = (N + RB - 1) / RB;
-    parallel_for(groups, imax(1, 4096 / imax(1, K)), [&](int64_t g0, int64_t g1) {
+    parallel_for(groups, imax(1, groups / (4 * num_threads())), [&](int64_t g0, int64_t g1) {
       for (int64_t g = g0; g < g1; ++g) {
         const int64_t j0 = g * RB, rows = imin(RB, N - j0);
+        if (g + 1 < g1)
+          for (int64_t off = 0; off < RB * K; off += 16) __builtin_prefetch(b + (j0 + RB) * K + off, 0, 3);
         for (int64_t i = 0; i < M; ++i) {
           const float* x = a + i * K;
           vf acc0[RB], acc1[RB];

@@ -131,9 +131,10 @@ void matmul_quant_int8_typed(float* out, const ActBlock* xs, const uint8_t* w, i
   const int64_t nb = K / QK, row_bytes = nb * block_bytes(Type);
   // Prefetch distance: about 2 KB of weights ahead, in whole groups.
   const int64_t ahead = (2048 + R * row_bytes - 1) / (R * row_bytes);
-  // Work items are groups of R weight rows.
+  // Work items are groups of R weight rows, handed out in four runs per thread (one memory stream
+  // each: many small runs restart the stream and make the threads fight over the counter).
   const int64_t groups = (N + R - 1) / R;
-  parallel_for(groups, imax(1, 32768 / (R * row_bytes)), [&](int64_t g0, int64_t g1) {
+  parallel_for(groups, imax(1, groups / (4 * num_threads())), [&](int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; ++g) {
       const int64_t j = g * R;
       const uint8_t* rows = w + j * row_bytes;
@@ -176,7 +177,7 @@ template <int Type>
 void matmul_k_quant_int8_typed(float* out, const ActBlockK* xs, const uint8_t* w, int64_t M, int64_t K, int64_t N) {
   const int64_t nb = K / 256, rb = row_bytes_of(Type, K);
   const int64_t ahead = (2048 + rb - 1) / rb;
-  parallel_for(N, imax(1, 32768 / rb), [&](int64_t j0, int64_t j1) {
+  parallel_for(N, imax(1, N / (4 * num_threads())), [&](int64_t j0, int64_t j1) {   // four runs per thread
     for (int64_t j = j0; j < j1; ++j) {
       const uint8_t* row = w + j * rb;
       if (j + ahead < j1)

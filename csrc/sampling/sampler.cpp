@@ -51,6 +51,9 @@ double uniform(uint64_t seed, uint64_t step) {
 
 int64_t sample_row(const float* logits, int64_t V, const int64_t* history, int64_t n_history,
                    const Params& p, uint64_t seed, uint64_t step, float* probs) {
+  const bool penalties = p.repetition_penalty != 1.0 || p.presence_penalty != 0.0 || p.frequency_penalty != 0.0;
+  if (p.temperature == 0.0 && !penalties && !probs)   // greedy: the first largest logit, as below
+    return std::max_element(logits, logits + V) - logits;
   std::vector<double>& z = penalised(logits, V, history, n_history, p);
   if (p.temperature == 0.0) {
     const int64_t best = std::max_element(z.begin(), z.end()) - z.begin();

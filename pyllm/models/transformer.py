@@ -202,6 +202,25 @@ class Transformer:
         model.load_state_dict(self.state_dict())
         return model
 
+    def bytes_per_token(self, context: int) -> int:
+        """The bytes one decode step reads at `context` cached positions: every weight it multiplies
+        once (quantized ones in their blocks), one row of each table it looks up, and the KV cache
+        in its dtype. A decode step runs at most at the memory bandwidth divided by this."""
+        cfg = self.config
+        fused_parts = {part for proj in self._fused.values() if proj.weight in self.quantized
+                       for part, _ in proj.parts}
+        total = sum(q.data.nbytes for name, q in self.quantized.items() if name not in fused_parts)
+        looked_up = [self.arch.embedding] if self.arch.embedding != self.runner.head.weight else []
+        if self.arch.positions is not None:
+            looked_up.append(self.arch.positions)
+        for name, view in self.p.items():
+            total += view.nbytes // view.shape[0] if name in looked_up else view.nbytes
+        if self.arch.embedding in self.quantized and self.arch.embedding != self.runner.head.weight:
+            table = self.quantized[self.arch.embedding]
+            total -= table.data.nbytes - table.data.nbytes // table.shape[0]
+        kv = 2 * cfg.n_layer * cfg.n_kv_head * cfg.head_size * int(context) * np.dtype(self.kv_dtype).itemsize
+        return int(total + kv)
+
     def named_grads(self) -> dict[str, np.ndarray]:
         """Name -> gradient array, same keys and shapes as state_dict()."""
         return dict(self.g)
