@@ -95,11 +95,16 @@ class DecodeProfile:
     tokens_per_s: float         # decoding with the profile off
     ms_per_token: dict          # operation -> milliseconds per token (profile on)
     context: int                # positions in the cache when decoding started
+    bytes_per_token: int        # what a step reads (Model.bytes_per_token half-way through)
+    read_gbps: float            # the machine's measured memory read bandwidth
 
     def table(self) -> str:
         total = sum(self.ms_per_token.values())
+        gbps = self.bytes_per_token * self.tokens_per_s / 1e9
         lines = [f"decode after {self.context} positions: {self.tokens_per_s:.1f} tokens/s "
-                 f"({1e3 / self.tokens_per_s:.3f} ms a token); with the profile on:",
+                 f"({1e3 / self.tokens_per_s:.3f} ms a token), reading {self.bytes_per_token / 1e6:.1f} MB a token: "
+                 f"{gbps:.1f} GB/s, {100 * gbps / self.read_gbps:.0f}% of the {self.read_gbps:.1f} GB/s this "
+                 f"machine reads; with the profile on:",
                  f"{'operation':12s} {'ms/token':>9s} {'share':>6s}"]
         for op, ms in sorted(self.ms_per_token.items(), key=lambda kv: -kv[1]):
             lines.append(f"{op:12s} {ms:9.3f} {100 * ms / total:5.1f}%")
@@ -132,5 +137,6 @@ def profile_decode(model, prompt: list, tokens: int = 100) -> DecodeProfile:
     profile = np.zeros(len(STEP_OPERATIONS))
     run(profile)
     return DecodeProfile(tokens / elapsed, {op: 1e-6 * ns / tokens for op, ns in zip(STEP_OPERATIONS, profile) if ns},
-                         len(prompt))
+                         len(prompt), model.bytes_per_token(len(prompt) + tokens // 2),
+                         kernels.measure_read_bandwidth(0.3))
 

@@ -25,6 +25,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
           f"threads={kernels.get_num_threads()}")
     if args.peak:
         print(f"measured fp32 FMA peak: {kernels.measure_fma_peak(1.0):.1f} GFLOP/s")
+        print(f"measured memory read bandwidth: {kernels.measure_read_bandwidth(1.0):.1f} GB/s")
     return 0
 
 
@@ -305,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pyllm", description="A readable LLM stack with C++ kernels.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     info = sub.add_parser("info", help="show the SIMD level and thread count the kernels use")
-    info.add_argument("--peak", action="store_true", help="also measure the fp32 FMA peak")
+    info.add_argument("--peak", action="store_true", help="also measure the fp32 FMA peak and the memory read bandwidth")
     info.set_defaults(func=_cmd_info)
     bench = sub.add_parser("bench", help="time the C++ kernels against their numpy twins (about a minute)")
     bench.add_argument("--threads", type=int, default=0, help="kernel threads (default: all cores)")

@@ -1555,3 +1555,8 @@ def test_jobs_on_a_machine_with_a_busy_core_give_the_same_answers(K, restore_thr
         hog.wait()
     for _ in range(200):
         assert_bitwise_equal(K.matmul(a, b), expected)
+
+
+def test_the_read_bandwidth_probe_measures_something_plausible(K):
+    gbps = K.measure_read_bandwidth(0.05)
+    assert np.isfinite(gbps) and 0.1 < gbps < 10_000

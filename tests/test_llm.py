@@ -95,6 +95,14 @@ def test_load_reads_the_saved_folder(llm, folder):
         llm.generate("", 5)
 
 
+def test_cli_profiles_a_decode_step_by_operation(folder, capsys):
+    assert cli(["bench", "--profile", "decode", "--model", str(folder), "--prompt-tokens", "8", "--tokens", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "tokens/s" in out and "MB a token" in out and "% of the" in out
+    for op in ("qkv", "attention", "mlp_in", "head", "total"):
+        assert op in out
+
+
 def test_cli_generate_streams_and_shows_probabilities(folder, capsys):
     assert cli(["generate", "--model", str(folder), "the cat", "--max-new-tokens", "8", "--seed", "1"]) == 0
     out = capsys.readouterr().out

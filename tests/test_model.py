@@ -265,3 +265,22 @@ def test_half_precision_safetensors_load_as_their_float32_values(tmp_path, dtype
     loaded = Model.from_pretrained(tmp_path)
     for name, value in half.items():
         np.testing.assert_array_equal(loaded.p[name], value.to(torch.float32).numpy(), err_msg=name)
+
+
+def test_bytes_per_token_counts_what_a_decode_step_reads():
+    from pyllm.model import QuantizedWeight
+
+    cfg = ModelConfig(**SMALL)
+    model = Model(cfg, seed=0)
+    C, T, kv = cfg.n_embd, 10, 2 * cfg.n_layer * cfg.n_embd * 4   # float32 keys and values per position
+    # Every float parameter once, but only one row of the position table (the tied token table is
+    # the head: read whole).
+    expected = model.params.nbytes - (cfg.block_size - 1) * C * 4 + kv * T
+    assert model.bytes_per_token(T) == expected
+    llama = Model(ModelConfig(arch="llama", vocab_size=64, block_size=16, n_layer=1, n_head=2, n_kv_head=1,
+                              n_embd=64, intermediate_size=96, tie_word_embeddings=False), seed=0)
+    blocks = np.zeros((64, 2 * 34), np.uint8)    # the token table in Q8_0: one row of it is read
+    quantized = Model(llama.config, seed=None, quantized={"model.embed_tokens.weight": QuantizedWeight(blocks, 8, (64, 64))})
+    assert quantized.kv_dtype == np.float16
+    floats = quantized.params.nbytes
+    assert quantized.bytes_per_token(3) == floats + 2 * 34 + 2 * 1 * 1 * 32 * 3 * 2
