@@ -304,8 +304,11 @@ void matmul_rows_typed(float* const* outs, const uint8_t* const* ws, const int64
                        int64_t M, int64_t K) {
   const int64_t nb = K / QK, rb = row_bytes_of(Type, K);
   if (int64_t(act_rows.size()) < M) act_rows.resize(size_t(M));
-  for (int64_t i = 0; i < M; ++i) quantize_row(act_rows[size_t(i)], a + i * K, K);
-  const Acts* acts = act_rows.data();
+  Acts* rows = act_rows.data();   // the caller's (act_rows is per thread)
+  parallel_for(M, imax(1, 8192 / imax(1, K)), [&](int64_t i0, int64_t i1) {   // a prompt's rows: many
+    for (int64_t i = i0; i < i1; ++i) quantize_row(rows[i], a + i * K, K);
+  });
+  const Acts* acts = rows;
   // The parts' groups of rows are one range of work items, so one parallel region covers them all.
   std::vector<int64_t> first(size_t(parts) + 1, 0);
   for (int64_t p = 0; p < parts; ++p) first[size_t(p) + 1] = first[size_t(p)] + (Ns[p] + kPackedRows - 1) / kPackedRows;
