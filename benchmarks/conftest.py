@@ -92,7 +92,8 @@ def machine():
         threads=kernels.get_num_threads(),
         isa=kernels.get_isa(),
         fma_peak_gflops=float(kernels.measure_fma_peak(0.5)),
-        read_bandwidth_gbps=float(kernels.measure_read_bandwidth(0.5)),
+        # The best of three: other guests on a shared host only ever lower it.
+        read_bandwidth_gbps=max(float(kernels.measure_read_bandwidth(0.3)) for _ in range(3)),
         numpy_version=np.__version__,
         numpy_blas=blas_name,
         numpy_blas_threads=blas_threads,

@@ -67,7 +67,8 @@ def header(machine: dict) -> list[str]:
         "",
         "Times are medians over each benchmark's rounds; speedup = baseline time / pyllm time; "
         "a row meets its target when its speedup reaches the target column. % peak: of the FMA peak "
-        "for products, of the read bandwidth for decode (the bytes a token reads: weights and KV cache).",
+        "for products, of the read bandwidth for decode (the bytes a token reads: weights and KV cache; "
+        "above 100% where part of them stays in the last-level cache from one token to the next).",
     ]
     if f.get("openblas_overrides"):
         lines.append(f"Warning: {f['openblas_overrides']} was set: numpy may not have run at its best.")

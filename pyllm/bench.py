@@ -138,5 +138,5 @@ def profile_decode(model, prompt: list, tokens: int = 100) -> DecodeProfile:
     run(profile)
     return DecodeProfile(tokens / elapsed, {op: 1e-6 * ns / tokens for op, ns in zip(STEP_OPERATIONS, profile) if ns},
                          len(prompt), model.bytes_per_token(len(prompt) + tokens // 2),
-                         kernels.measure_read_bandwidth(0.3))
+                         max(kernels.measure_read_bandwidth(0.2) for _ in range(3)))   # shared hosts only lower it
 
