@@ -426,9 +426,10 @@ def rope_at(x, cos, sin, pos0) -> np.ndarray:
     return out
 
 
-def kv_write(cache, src, pos0) -> None:
-    """Appends src (B, T, H, HS) (new keys or values, tokens first) to cache (B, H, capacity, HS) in
-    place: row (b, t, h) goes to cache[b, h, pos0[b] + t], each batch row at its own length. A
+def kv_write(cache, src, pos0, rows=None) -> None:
+    """Appends src (B, T, H, HS) (new keys or values, tokens first) to cache (R, H, capacity, HS) in
+    place: row (b, t, h) goes to cache[r_b, h, pos0[b] + t], each batch row at its own length, r_b =
+    rows[b] (distinct cache rows in any order: a continuous batch's), or b when rows is None. A
     float16 cache gets the values rounded to nearest (as numpy's astype(float16) rounds them).
 
     >>> cache = np.zeros((1, 1, 4, 2), np.float32)
@@ -438,16 +439,28 @@ def kv_write(cache, src, pos0) -> None:
     cache = _inplace(cache, "cache", (np.float32, np.float16))
     src = _floats(src, "src", ndim=4)
     B, T, H, HS = src.shape
-    if cache.ndim != 4 or cache.shape[0] != B or cache.shape[1] != H or cache.shape[3] != HS:
-        raise ValueError(f"cache must be (B={B}, H={H}, capacity, HS={HS}), got {cache.shape}")
+    if cache.ndim != 4 or cache.shape[1] != H or cache.shape[3] != HS or (rows is None and cache.shape[0] != B):
+        raise ValueError(f"cache must be (B={B} or, with rows, more, H={H}, capacity, HS={HS}), got {cache.shape}")
+    rows = _cache_rows(rows, B, cache.shape[0])
     pos0 = _positions_from(pos0, B, T, cache.shape[2], "cache")
     if src.size:
-        (_C.kv_write_half if cache.dtype == np.float16 else _C.kv_write)(cache, src, pos0)
+        (_C.kv_write_half if cache.dtype == np.float16 else _C.kv_write)(cache, src, pos0, rows)
+
+
+def _cache_rows(rows, B: int, have: int) -> Optional[np.ndarray]:
+    """rows as B distinct int64 indices below `have`, or None."""
+    if rows is None:
+        return None
+    rows = _ints(rows, "rows", have)
+    _same_shape("rows", rows, (B,))
+    if np.unique(rows).size != B:
+        raise ValueError(f"rows must be distinct cache rows, got {rows}")
+    return rows
 
 
 # ----------------------------------------------------------------------------- attention
 
-def _attention_args(q, k, v, causal, half_kv: bool = False):
+def _attention_args(q, k, v, causal, half_kv: bool = False, rows: bool = False):
     q = _floats(q, "q", ndim=4)
     if half_kv and np.asarray(k).dtype == np.float16 and np.asarray(v).dtype == np.float16:
         k = np.ascontiguousarray(k)     # a float16 KV cache, read as it is
@@ -459,7 +472,7 @@ def _attention_args(q, k, v, causal, half_kv: bool = False):
         v = _floats(v, "v", ndim=4)
     B, NH, Tq, HS = q.shape
     _, NKV, Tk, _ = k.shape
-    if k.shape[0] != B or k.shape[3] != HS:
+    if (k.shape[0] < B if rows else k.shape[0] != B) or k.shape[3] != HS:
         raise ValueError(f"k must be (B={B}, NKV, Tk, HS={HS}), got {k.shape} (q is {q.shape})")
     _same_shape("v", v, k.shape)
     if NKV == 0 or NH % NKV:
@@ -471,17 +484,20 @@ def _attention_args(q, k, v, causal, half_kv: bool = False):
     return q, k, v, (B, NH, NKV, Tq, Tk, HS)
 
 
-def attention_forward(q, k, v, causal: bool = True, kv_lengths=None):
+def attention_forward(q, k, v, causal: bool = True, kv_lengths=None, kv_rows=None):
     """Scaled dot-product attention; returns (out (B, NH, Tq, HS), lse (B, NH, Tq)).
 
     k and v are (B, NKV, Tk, HS) with NH a multiple of NKV; with causal, query i (of Tq) sees
     keys up to i + Tk - Tq, so a short query block can continue a longer cached sequence.
     kv_lengths (B,), if given, keeps only the first kv_lengths[b] keys of batch row b (ragged KV
-    caches), each row aligned causally to its own length. k and v both float16 (a half-precision
-    KV cache) are read as they are, widened to float32 in registers; other dtypes become float32.
+    caches), each row aligned causally to its own length; kv_rows (B,), if given, makes batch row
+    b read row kv_rows[b] of k and v (then (R, NKV, Tk, HS), R >= B: a continuous batch's cache).
+    k and v both float16 (a half-precision KV cache) are read as they are, widened to float32 in
+    registers; other dtypes become float32.
     """
-    q, k, v, dims = _attention_args(q, k, v, causal, half_kv=True)
+    q, k, v, dims = _attention_args(q, k, v, causal, half_kv=True, rows=kv_rows is not None)
     B, NH, NKV, Tq, Tk, HS = dims
+    kv_rows = _cache_rows(kv_rows, B, k.shape[0])
     if kv_lengths is not None:
         kv_lengths = _ints(kv_lengths, "kv_lengths", Tk + 1)
         _same_shape("kv_lengths", kv_lengths, (B,))
@@ -491,7 +507,7 @@ def attention_forward(q, k, v, causal: bool = True, kv_lengths=None):
     lse = np.empty((B, NH, Tq), np.float32)
     if q.size and Tk and HS:
         forward = _C.attention_forward_half if k.dtype == np.float16 else _C.attention_forward
-        forward(out, lse, q, k, v, bool(causal), kv_lengths)
+        forward(out, lse, q, k, v, bool(causal), kv_lengths, kv_rows)
     elif q.size:  # no keys or no width: nothing to attend to
         out.fill(0.0)
         lse.fill(-np.inf if Tk == 0 else math.log(Tk))

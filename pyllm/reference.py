@@ -247,12 +247,14 @@ def rope_at(x, cos, sin, pos0):
     return np.stack(rows).astype(np.float32) if rows else x.copy()
 
 
-def kv_write(cache, src, pos0):
-    """cache (B, H, capacity, HS)[b, :, pos0[b] + t] = src (B, T, H, HS)[b, t], in place."""
+def kv_write(cache, src, pos0, rows=None):
+    """cache (R, H, capacity, HS)[rows[b], :, pos0[b] + t] = src (B, T, H, HS)[b, t], in place
+    (rows[b] = b when rows is None)."""
     src = _f32(src)
     T = src.shape[1]
     for b, p in enumerate(np.asarray(pos0, np.int64)):
-        cache[b, :, p:p + T] = src[b].transpose(1, 0, 2)
+        r = b if rows is None else int(rows[b])
+        cache[r, :, p:p + T] = src[b].transpose(1, 0, 2)
 
 
 # ----------------------------------------------------------------------------- attention
@@ -262,14 +264,18 @@ def _causal_mask(Tq, Tk):
     return np.arange(Tk)[None, :] > (np.arange(Tq)[:, None] + (Tk - Tq))
 
 
-def attention_forward(q, k, v, causal=True, kv_lengths=None):
+def attention_forward(q, k, v, causal=True, kv_lengths=None, kv_rows=None):
     """Scaled dot-product attention; returns (out (B, NH, Tq, HS), lse (B, NH, Tq)).
 
     q is (B, NH, Tq, HS); k and v are (B, NKV, Tk, HS) with NH a multiple of NKV (grouped-query
     attention). lse is the log-sum-exp of each row of scaled scores, what backward needs.
     kv_lengths (B,), if given, keeps only the first kv_lengths[b] keys of batch row b (a ragged
-    batch of KV caches); the causal alignment then uses that row's length.
+    batch of KV caches); the causal alignment then uses that row's length. kv_rows (B,), if given,
+    makes batch row b read row kv_rows[b] of k and v.
     """
+    if kv_rows is not None:
+        rows = np.asarray(kv_rows, np.int64)
+        return attention_forward(q, np.asarray(k)[rows], np.asarray(v)[rows], causal, kv_lengths)
     if kv_lengths is not None:
         rows = [attention_forward(q[b:b + 1], k[b:b + 1, :, :n], v[b:b + 1, :, :n], causal)
                 for b, n in enumerate(np.asarray(kv_lengths))]

@@ -208,6 +208,28 @@ def test_a_float16_cache_decodes_close_to_float32_and_batches_alike(model):
         KVCache(model.config, 1, 4, np.int8)
 
 
+def test_a_step_on_any_rows_of_the_cache_equals_each_row_alone(model):
+    # A continuous batch: rows 2 and 0 of a 4-row cache step together, in that order, while rows 1
+    # and 3 keep what they hold.
+    from pyllm.model import KVCache
+
+    cache = KVCache(model.config, 4, 30)
+    prompts = {0: [3, 1, 4, 1, 5], 1: [9, 2], 2: [2, 6, 5, 3, 5, 8, 9], 3: [7]}
+    for r, p in prompts.items():
+        model.forward_step(np.array([p]), cache, rows=[r])
+    untouched = cache.k_all[:, [1, 3]].copy()
+    logits = model.forward_step(np.array([[11], [12]]), cache, rows=np.array([2, 0]))
+    assert cache.lengths.tolist() == [6, 2, 8, 1]
+    assert np.array_equal(cache.k_all[:, [1, 3]], untouched)
+    for b, r in enumerate((2, 0)):
+        alone = KVCache(model.config, 1, 30)
+        model.forward_step(np.array([prompts[r]]), alone)
+        assert np.array_equal(model.forward_step(np.array([[11 + b]]), alone), logits[b:b + 1])
+    for bad in ([0, 0], [4], [], [[0]]):
+        with pytest.raises(ValueError, match="rows"):
+            model.forward_step(np.ones((max(len(np.ravel(bad)), 1), 1), np.int64), cache, rows=bad)
+
+
 def test_stop_tokens_end_a_sequence(model):
     free = model.generate([1, 2, 3], 10, temperature=0)
     stop = int(free[5])

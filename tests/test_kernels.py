@@ -505,6 +505,39 @@ def test_attention_reads_a_float16_kv_cache(K, isa, rng, case):
                                            v.astype(np.float32), causal, None)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["float32", "float16"])
+@pytest.mark.parametrize("Tq", [1, 5])
+def test_a_batch_reads_and_writes_any_rows_of_the_cache(K, isa, rng, dtype, Tq):
+    # A continuous batch: batch rows 0, 1, 2 are cache rows 3, 0, 4 of a 5-row cache.
+    B, held, NH, NKV, HS, cap = 3, 5, 6, 2, 64, 300
+    rows = np.array([3, 0, 4])
+    cache_k = randn(rng, held, NKV, cap, HS).astype(dtype)
+    cache_v = randn(rng, held, NKV, cap, HS).astype(dtype)
+    exp_k, exp_v = cache_k.copy(), cache_v.copy()
+    pos0 = np.array([270, 0, 40])
+    src_k, src_v = randn(rng, B, Tq, NKV, HS), randn(rng, B, Tq, NKV, HS)
+    K.kv_write(cache_k, src_k, pos0, rows=rows)
+    K.kv_write(cache_v, src_v, pos0, rows=rows)
+    R.kv_write(exp_k, src_k, pos0, rows=rows)
+    R.kv_write(exp_v, src_v, pos0, rows=rows)
+    assert_bitwise_equal(cache_k, exp_k)
+    assert_bitwise_equal(cache_v, exp_v)
+    q = randn(rng, B, NH, Tq, HS)
+    lengths = pos0 + Tq
+    got, got_lse = K.attention_forward(q, cache_k, cache_v, True, kv_lengths=lengths, kv_rows=rows)
+    want, want_lse = R.attention_forward(q, cache_k, cache_v, True, kv_lengths=lengths, kv_rows=rows)
+    assert_close(got, want, rtol=1e-4, atol=2e-5, name="attention on cache rows")
+    assert_close(got_lse, want_lse, rtol=1e-5, atol=scaled(want_lse, 2e-6), name="lse on cache rows")
+    for b, r in enumerate(rows):   # each batch row as the only row of its own cache: the same bits
+        alone = K.attention_forward(q[b:b + 1], cache_k[r:r + 1], cache_v[r:r + 1], True, kv_lengths=lengths[b:b + 1])
+        assert_bitwise_equal(got[b:b + 1], alone[0])
+    for bad in ([3, 3, 4], [3, 0, 5], [3, 0]):
+        with pytest.raises(ValueError, match="rows"):
+            K.kv_write(cache_k, src_k, pos0, rows=bad)
+        with pytest.raises(ValueError, match="rows"):
+            K.attention_forward(q, cache_k, cache_v, True, kv_lengths=lengths, kv_rows=bad)
+
+
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 def test_attention_sharp_scores(K, isa, rng, causal):
     # Large q, k: nearly one-hot attention rows, scores ~ +-100 (exp overflows without max-shift).

@@ -274,35 +274,55 @@ void bind_kernels(py::module_& m) {
   bind_rope("rope_forward", &pyllm::KernelTable::rope_forward);
   bind_rope("rope_backward", &pyllm::KernelTable::rope_backward);
   // cache float32 (kv_write) or float16 (kv_write_half: rounded as it is written).
-  auto kv_write = [](auto element, py::array cache, py::array src, py::array pos0) {
+  // rows: None (batch row b is cache row b) or (B,) distinct int64 cache rows.
+  auto cache_rows = [](py::object rows, int64_t B, int64_t have, const char* name) -> const int64_t* {
+    if (rows.is_none()) {
+      check(B <= have, std::string(name) + ": more batch rows than the cache holds");
+      return nullptr;
+    }
+    const int64_t* pr = ids(rows.cast<py::array>(), B, name);
+    std::vector<bool> seen(size_t(have), false);
+    for (int64_t b = 0; b < B; ++b) {
+      check(pr[b] >= 0 && pr[b] < have, std::string(name) + ": a row outside the cache");
+      check(!seen[size_t(pr[b])], std::string(name) + ": a cache row given twice");
+      seen[size_t(pr[b])] = true;
+    }
+    return pr;
+  };
+  auto kv_write = [cache_rows](auto element, py::array cache, py::array src, py::array pos0, py::object rows) {
     using T = decltype(element);
-    check(cache.ndim() == 4, "cache must be (B, H, capacity, HS)");
+    check(cache.ndim() == 4, "cache must be (rows, H, capacity, HS)");
     const Heads hs = heads(src, "src", false, 2);
     const HeadsOf<T> hc = heads_of<T>(cache, "cache", true, 1);
     const int64_t B = hs.dims[0], T_ = hs.dims[1], H = hs.dims[2], HS = hs.dims[3], cap = hc.dims[2];
-    check(hc.dims[0] == B && hc.dims[1] == H && hc.dims[3] == HS, "kv_write: cache and src differ");
+    check(hc.dims[1] == H && hc.dims[3] == HS, "kv_write: cache and src differ");
     check(hc.s.pos == HS && hc.s.head == cap * HS && hc.s.batch == H * cap * HS, "cache must be C-contiguous");
+    const int64_t* pr = cache_rows(rows, B, hc.dims[0], "rows");
     const int64_t* p0 = starts(pos0, B, T_, cap, "pos0");
     py::gil_scoped_release release;
     if constexpr (std::is_same_v<T, uint16_t>)
-      kernels().kv_write_half(hc.p, hs.p, p0, B, T_, H, HS, cap, hs.s);
+      kernels().kv_write_half(hc.p, hs.p, p0, pr, B, T_, H, HS, cap, hs.s);
     else
-      kernels().kv_write(hc.p, hs.p, p0, B, T_, H, HS, cap, hs.s);
+      kernels().kv_write(hc.p, hs.p, p0, pr, B, T_, H, HS, cap, hs.s);
   };
-  m.def("kv_write", [kv_write](py::array c, py::array s, py::array p) { kv_write(float{}, c, s, p); });
-  m.def("kv_write_half", [kv_write](py::array c, py::array s, py::array p) { kv_write(uint16_t{}, c, s, p); });
+  m.def("kv_write", [kv_write](py::array c, py::array s, py::array p, py::object r) { kv_write(float{}, c, s, p, r); },
+        arg("cache"), arg("src"), arg("pos0"), arg("rows") = py::none());
+  m.def("kv_write_half", [kv_write](py::array c, py::array s, py::array p, py::object r) {
+    kv_write(uint16_t{}, c, s, p, r);
+  }, arg("cache"), arg("src"), arg("pos0"), arg("rows") = py::none());
   // q, out (B, NH, Tq, HS) and k, v (B, NKV, Tk, HS): views at any strides (values contiguous);
   // k and v float32 (attention_forward) or float16 (attention_forward_half: a half-precision cache).
-  auto attention_forward = [](auto element, py::array o, py::array lse, py::array q, py::array k, py::array v,
-                              bool causal, py::object kv_lengths) {
+  auto attention_forward = [cache_rows](auto element, py::array o, py::array lse, py::array q, py::array k,
+                                        py::array v, bool causal, py::object kv_lengths, py::object kv_rows) {
     using T = decltype(element);
     const Heads ho = heads(o, "out", true, 1), hq = heads(q, "q", false, 1);
     const HeadsOf<T> hk = heads_of<T>(k, "k", false, 1), hv = heads_of<T>(v, "v", false, 1);
     const int64_t B = hq.dims[0], NH = hq.dims[1], Tq = hq.dims[2], HS = hq.dims[3];
     const int64_t NKV = hk.dims[1], Tk = hk.dims[2];
-    check(std::equal(ho.dims, ho.dims + 4, hq.dims) && hk.dims[0] == B && hk.dims[3] == HS &&
-              std::equal(hk.dims, hk.dims + 4, hv.dims) && NKV >= 1 && NH % NKV == 0,
+    check(std::equal(ho.dims, ho.dims + 4, hq.dims) && (kv_rows.is_none() ? hk.dims[0] == B : true) &&
+              hk.dims[3] == HS && std::equal(hk.dims, hk.dims + 4, hv.dims) && NKV >= 1 && NH % NKV == 0,
           "inconsistent attention shapes");
+    const int64_t* prows = cache_rows(kv_rows, B, hk.dims[0], "kv_rows");
     float* pl = out(lse, count(B, NH, Tq), "lse");
     const int64_t* plen = nullptr;
     if (!kv_lengths.is_none()) {
@@ -314,20 +334,23 @@ void bind_kernels(py::module_& m) {
     }
     py::gil_scoped_release release;
     if constexpr (std::is_same_v<T, uint16_t>)
-      kernels().attention_forward_half(ho.p, pl, hq.p, hk.p, hv.p, B, NH, NKV, Tq, Tk, HS, causal, plen, ho.s, hq.s,
-                                       hk.s, hv.s);
+      kernels().attention_forward_half(ho.p, pl, hq.p, hk.p, hv.p, B, NH, NKV, Tq, Tk, HS, causal, plen, prows, ho.s,
+                                       hq.s, hk.s, hv.s);
     else
-      kernels().attention_forward(ho.p, pl, hq.p, hk.p, hv.p, B, NH, NKV, Tq, Tk, HS, causal, plen, ho.s, hq.s,
-                                  hk.s, hv.s);
+      kernels().attention_forward(ho.p, pl, hq.p, hk.p, hv.p, B, NH, NKV, Tq, Tk, HS, causal, plen, prows, ho.s,
+                                  hq.s, hk.s, hv.s);
   };
   m.def("attention_forward", [attention_forward](py::array o, py::array lse, py::array q, py::array k, py::array v,
-                                                 bool causal, py::object kv_lengths) {
-    attention_forward(float{}, o, lse, q, k, v, causal, kv_lengths);
-  });
+                                                 bool causal, py::object kv_lengths, py::object kv_rows) {
+    attention_forward(float{}, o, lse, q, k, v, causal, kv_lengths, kv_rows);
+  }, arg("out"), arg("lse"), arg("q"), arg("k"), arg("v"), arg("causal"), arg("kv_lengths"),
+     arg("kv_rows") = py::none());
   m.def("attention_forward_half", [attention_forward](py::array o, py::array lse, py::array q, py::array k,
-                                                      py::array v, bool causal, py::object kv_lengths) {
-    attention_forward(uint16_t{}, o, lse, q, k, v, causal, kv_lengths);
-  });
+                                                      py::array v, bool causal, py::object kv_lengths,
+                                                      py::object kv_rows) {
+    attention_forward(uint16_t{}, o, lse, q, k, v, causal, kv_lengths, kv_rows);
+  }, arg("out"), arg("lse"), arg("q"), arg("k"), arg("v"), arg("causal"), arg("kv_lengths"),
+     arg("kv_rows") = py::none());
   // The gradients of q, k and v at their strides (each None when not wanted), dout at out's.
   m.def("attention_backward", [](py::object dq, py::object dk, py::object dv, py::array dout,
                                  py::array q, py::array k, py::array v, py::array o, py::array lse,

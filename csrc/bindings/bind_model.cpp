@@ -141,10 +141,11 @@ class DecodePlan {
     plan_.layers.push_back(std::move(layer));
   }
 
-  // logits (B, V) out; ids (B, Tq); counts (B,) or None; lengths (B,); k, v (L, B, NKV, capacity, HS)
-  // with each layer's rows contiguous (a slice of a cache's batch is fine); cos, sin (P, HS/2) or None.
+  // logits (B, V) out; ids (B, Tq); counts (B,) or None; lengths (B,); k, v (L, R, NKV, capacity, HS)
+  // with each layer's rows contiguous; rows (B,) distinct cache rows, or None for rows 0..B-1;
+  // cos, sin (P, HS/2) or None.
   void step(py::array logits, py::array ids, py::object counts, py::array lengths, py::array k, py::array v,
-            py::object cos, py::object sin, py::object profile) {
+            py::object rows, py::object cos, py::object sin, py::object profile) {
     const model::Plan& p = plan_;
     check(!p.layers.empty() && p.head.out == p.V, "the plan is not complete");
     check(ids.ndim() == 2, "ids must be (B, Tq)");
@@ -167,7 +168,7 @@ class DecodePlan {
       check((cache.half ? py::dtype("float16").is(c->dtype()) : py::dtype::of<float>().is(c->dtype())) &&
                 c->ndim() == 5 && c->writeable(),
             "the cache must be writeable float32 or float16 (L, B, NKV, capacity, HS), keys and values alike");
-      check(c->shape(0) == L && c->shape(1) == B && c->shape(2) == p.NKV && c->shape(4) == p.HS,
+      check(c->shape(0) == L && c->shape(1) >= B && c->shape(2) == p.NKV && c->shape(4) == p.HS,
             "the cache does not fit the model and the batch");
       const int64_t cap = c->shape(3);
       check(c->strides(4) == f && c->strides(3) == p.HS * f && c->strides(2) == cap * p.HS * f &&
@@ -179,6 +180,17 @@ class DecodePlan {
     check(k.shape(3) == v.shape(3) && k.strides(0) == v.strides(0), "keys and values differ in layout");
     cache.k = k.mutable_data();
     cache.v = v.mutable_data();
+    if (rows.is_none()) {
+      check(k.shape(1) == B, "the cache holds more rows than the batch: say which rows the batch uses");
+    } else {
+      cache.rows = array_of<int64_t>(rows, B, "rows");
+      std::vector<bool> seen(size_t(k.shape(1)), false);
+      for (int64_t b = 0; b < B; ++b) {
+        check(cache.rows[b] >= 0 && cache.rows[b] < k.shape(1), "a row outside the cache");
+        check(!seen[size_t(cache.rows[b])], "a cache row given twice");
+        seen[size_t(cache.rows[b])] = true;
+      }
+    }
     int64_t longest = 0;
     for (int64_t b = 0; b < B; ++b) {
       check(plen[b] >= 0 && plen[b] <= cache.capacity - Tq, "the cache holds too few positions for this step");
@@ -221,7 +233,7 @@ void bind_model(py::module_& m) {
       .def("set_head", &DecodePlan::set_head)
       .def("add_layer", &DecodePlan::add_layer)
       .def("step", &DecodePlan::step, py::arg("logits"), py::arg("ids"), py::arg("counts"), py::arg("lengths"),
-           py::arg("k"), py::arg("v"), py::arg("cos"), py::arg("sin"), py::arg("profile") = py::none())
+           py::arg("k"), py::arg("v"), py::arg("rows"), py::arg("cos"), py::arg("sin"), py::arg("profile") = py::none())
       .def_property_readonly_static("operations", [](py::object) {
         std::vector<std::string> names(model::kOpNames, model::kOpNames + int(model::Op::count));
         return names;

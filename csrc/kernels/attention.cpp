@@ -289,8 +289,8 @@ constexpr int64_t kDecodeChunk = 256;
 // chunks depend only on its own length: a sequence gets the same result in any batch.
 template <class KV>
 void decode(float* out, float* lse, const float* q, const KV* k, const KV* v, const Shape& all,
-            const int64_t* kv_lengths, HeadStrides out_s, HeadStrides q_s, HeadStrides k_s, HeadStrides v_s,
-            float scale) {
+            const int64_t* kv_lengths, const int64_t* kv_rows, HeadStrides out_s, HeadStrides q_s, HeadStrides k_s,
+            HeadStrides v_s, float scale) {
   const int64_t B = all.B, NKV = all.NKV, G = all.group(), HS = all.HS;
   const int64_t ks = k_s.pos, vs = v_s.pos, slot = G * (HS + 2);   // a chunk's O (G x HS), m (G), l (G)
   std::vector<int64_t> first(size_t(B * NKV) + 1, 0);
@@ -310,8 +310,9 @@ void decode(float* out, float* lse, const float* q, const KV* k, const KV* v, co
       for (int64_t g = 0; g < G; ++g) m[g] = -INFINITY, l[g] = 0.f;
       zero_rows(O, HS, G, HS);
       const float* qg = row_of(q, q_s, b, kvh * G, 0);   // the group's query heads, q_s.head apart
-      const KV* kh = k + b * k_s.batch + kvh * k_s.head;
-      const KV* vh = v + b * v_s.batch + kvh * v_s.head;
+      const int64_t row = kv_rows ? kv_rows[b] : b;
+      const KV* kh = k + row * k_s.batch + kvh * k_s.head;
+      const KV* vh = v + row * v_s.batch + kvh * v_s.head;
       for (int64_t j0 = j_begin; j0 < j_end; j0 += BK) {
         const int64_t nk = imin(BK, j_end - j0);
         few_query_scores(S, qg, q_s.head, kh + j0 * ks, ks, G, nk, HS);
@@ -347,11 +348,11 @@ void decode(float* out, float* lse, const float* q, const KV* k, const KV* v, co
 
 template <class KV>
 void forward(float* out, float* lse, const float* q, const KV* k, const KV* v, int64_t B, int64_t NH, int64_t NKV,
-             int64_t Tq, int64_t Tk, int64_t HS, bool causal, const int64_t* kv_lengths, HeadStrides out_s,
-             HeadStrides q_s, HeadStrides k_s, HeadStrides v_s) {
+             int64_t Tq, int64_t Tk, int64_t HS, bool causal, const int64_t* kv_lengths, const int64_t* kv_rows,
+             HeadStrides out_s, HeadStrides q_s, HeadStrides k_s, HeadStrides v_s) {
   const Shape all{B, NH, NKV, Tq, Tk, HS, causal};
   const float scale = 1.0f / std::sqrt(float(HS));
-  if (Tq == 1) return decode(out, lse, q, k, v, all, kv_lengths, out_s, q_s, k_s, v_s, scale);
+  if (Tq == 1) return decode(out, lse, q, k, v, all, kv_lengths, kv_rows, out_s, q_s, k_s, v_s, scale);
   const int64_t qs = q_s.pos, ks = k_s.pos, vs = v_s.pos, os = out_s.pos;
   parallel_for(B * NH * all.q_blocks(), 1, [&](int64_t u0, int64_t u1) {
     float* S = scores_buffer.get(BQ * BK);
@@ -363,8 +364,9 @@ void forward(float* out, float* lse, const float* q, const KV* k, const KV* v, i
       if (kv_lengths) s.Tk = kv_lengths[b];
       const int64_t nq = imin(BQ, Tq - i0);
       const float* qb = row_of(q, q_s, b, h, i0);
-      const KV* kh = k + b * k_s.batch + kvh * k_s.head;
-      const KV* vh = v + b * v_s.batch + kvh * v_s.head;
+      const int64_t row = kv_rows ? kv_rows[b] : b;
+      const KV* kh = k + row * k_s.batch + kvh * k_s.head;
+      const KV* vh = v + row * v_s.batch + kvh * v_s.head;
       float* O = row_of(out, out_s, b, h, i0);  // accumulates un-normalised, divided by l at the end
       float *m = stats, *l = stats + BQ;
       for (int64_t r = 0; r < nq; ++r) m[r] = -INFINITY, l[r] = 0.f;
@@ -395,15 +397,15 @@ void forward(float* out, float* lse, const float* q, const KV* k, const KV* v, i
 
 void attention_forward(float* out, float* lse, const float* q, const float* k, const float* v, int64_t B, int64_t NH,
                        int64_t NKV, int64_t Tq, int64_t Tk, int64_t HS, bool causal, const int64_t* kv_lengths,
-                       HeadStrides out_s, HeadStrides q_s, HeadStrides k_s, HeadStrides v_s) {
-  forward(out, lse, q, k, v, B, NH, NKV, Tq, Tk, HS, causal, kv_lengths, out_s, q_s, k_s, v_s);
+                       const int64_t* kv_rows, HeadStrides out_s, HeadStrides q_s, HeadStrides k_s, HeadStrides v_s) {
+  forward(out, lse, q, k, v, B, NH, NKV, Tq, Tk, HS, causal, kv_lengths, kv_rows, out_s, q_s, k_s, v_s);
 }
 
 void attention_forward_half(float* out, float* lse, const float* q, const uint16_t* k, const uint16_t* v, int64_t B,
                             int64_t NH, int64_t NKV, int64_t Tq, int64_t Tk, int64_t HS, bool causal,
-                            const int64_t* kv_lengths, HeadStrides out_s, HeadStrides q_s, HeadStrides k_s,
-                            HeadStrides v_s) {
-  forward(out, lse, q, k, v, B, NH, NKV, Tq, Tk, HS, causal, kv_lengths, out_s, q_s, k_s, v_s);
+                            const int64_t* kv_lengths, const int64_t* kv_rows, HeadStrides out_s, HeadStrides q_s,
+                            HeadStrides k_s, HeadStrides v_s) {
+  forward(out, lse, q, k, v, B, NH, NKV, Tq, Tk, HS, causal, kv_lengths, kv_rows, out_s, q_s, k_s, v_s);
 }
 
 void attention_backward(float* dq, float* dk, float* dv, const float* dout, const float* q,

@@ -50,27 +50,30 @@
   X(rope_backward, void, (float* dinp, const float* dout, const float* cos, const float* sin,        \
                           const int64_t* pos0, int64_t B, int64_t T, int64_t H, int64_t HS,           \
                           HeadStrides dinp_s, HeadStrides dout_s))                                     \
-  /* cache (B, H, capacity, HS) row (b, h, pos0[b] + t) = src (B, T, H, HS) row (b, t, h): new keys  \
-     or values appended to a KV cache (src at any strides, values contiguous). */                     \
-  X(kv_write, void, (float* cache, const float* src, const int64_t* pos0, int64_t B, int64_t T,      \
-                     int64_t H, int64_t HS, int64_t capacity, HeadStrides src_s))                      \
+  /* cache (rows, H, capacity, HS) row (r_b, h, pos0[b] + t) = src (B, T, H, HS) row (b, t, h): new   \
+     keys or values appended to a KV cache (src at any strides, values contiguous); r_b = rows[b],   \
+     or b when rows is null (the cache rows of a continuous batch need not be consecutive). */       \
+  X(kv_write, void, (float* cache, const float* src, const int64_t* pos0, const int64_t* rows,        \
+                     int64_t B, int64_t T, int64_t H, int64_t HS, int64_t capacity, HeadStrides src_s)) \
   /* The same into a float16 cache (IEEE half, rounded to nearest even). */                          \
-  X(kv_write_half, void, (uint16_t* cache, const float* src, const int64_t* pos0, int64_t B,          \
-                          int64_t T, int64_t H, int64_t HS, int64_t capacity, HeadStrides src_s))     \
+  X(kv_write_half, void, (uint16_t* cache, const float* src, const int64_t* pos0, const int64_t* rows, \
+                          int64_t B, int64_t T, int64_t H, int64_t HS, int64_t capacity,              \
+                          HeadStrides src_s))                                                         \
   /* q, out (B, NH, Tq, HS) and k, v (B, NKV, Tk, HS), each at its own strides (values contiguous); \
      lse (B, NH, Tq). kv_lengths, if not null, gives batch row b its own key count (<= Tk), for     \
-     ragged batches. Causal aligns the last query with the last key: query i sees keys            \
+     ragged batches; kv_rows, if not null, the row of k and v it reads (a continuous batch's cache   \
+     rows). Causal aligns the last query with the last key: query i sees keys                      \
      j <= i + Tk - Tq (Tk the row's own count). */                                                    \
   X(attention_forward, void, (float* out, float* lse, const float* q, const float* k, const float* v, \
                               int64_t B, int64_t NH, int64_t NKV, int64_t Tq, int64_t Tk, int64_t HS, \
-                              bool causal, const int64_t* kv_lengths, HeadStrides out_s,              \
-                              HeadStrides q_s, HeadStrides k_s, HeadStrides v_s))                      \
+                              bool causal, const int64_t* kv_lengths, const int64_t* kv_rows,         \
+                              HeadStrides out_s, HeadStrides q_s, HeadStrides k_s, HeadStrides v_s))  \
   /* The same with k and v float16 (a half-precision KV cache), widened as they are read. */          \
   X(attention_forward_half, void, (float* out, float* lse, const float* q, const uint16_t* k,        \
                                    const uint16_t* v, int64_t B, int64_t NH, int64_t NKV, int64_t Tq, \
                                    int64_t Tk, int64_t HS, bool causal, const int64_t* kv_lengths,    \
-                                   HeadStrides out_s, HeadStrides q_s, HeadStrides k_s,               \
-                                   HeadStrides v_s))                                                  \
+                                   const int64_t* kv_rows, HeadStrides out_s, HeadStrides q_s,        \
+                                   HeadStrides k_s, HeadStrides v_s))                                 \
   /* dq, dk, dv at the strides of q, k, v; dout and out at out_s. */                                   \
   X(attention_backward, void, (float* dq, float* dk, float* dv, const float* dout, const float* q,   \
                                const float* k, const float* v, const float* out, const float* lse,    \

@@ -165,19 +165,19 @@ void step(const Plan& plan, float* logits, const int64_t* ids, int64_t B, int64_
     if (cache.half) {
       uint16_t* k_cache = static_cast<uint16_t*>(cache.k) + layer_at;
       uint16_t* v_cache = static_cast<uint16_t*>(cache.v) + layer_at;
-      k.kv_write_half(k_cache, kk, lengths, B, Tq, NKV, HS, cap, q_s);
-      k.kv_write_half(v_cache, vv, lengths, B, Tq, NKV, HS, cap, q_s);
+      k.kv_write_half(k_cache, kk, lengths, cache.rows, B, Tq, NKV, HS, cap, q_s);
+      k.kv_write_half(v_cache, vv, lengths, cache.rows, B, Tq, NKV, HS, cap, q_s);
       clock.mark(Op::kv_write);
       k.attention_forward_half(atty, lse, q, k_cache, v_cache, B, NH, NKV, Tq, cap, HS, true, bf.kv_lengths.data(),
-                               att_s, q_s, cache_s, cache_s);
+                               cache.rows, att_s, q_s, cache_s, cache_s);
     } else {
       float* k_cache = static_cast<float*>(cache.k) + layer_at;
       float* v_cache = static_cast<float*>(cache.v) + layer_at;
-      k.kv_write(k_cache, kk, lengths, B, Tq, NKV, HS, cap, q_s);
-      k.kv_write(v_cache, vv, lengths, B, Tq, NKV, HS, cap, q_s);
+      k.kv_write(k_cache, kk, lengths, cache.rows, B, Tq, NKV, HS, cap, q_s);
+      k.kv_write(v_cache, vv, lengths, cache.rows, B, Tq, NKV, HS, cap, q_s);
       clock.mark(Op::kv_write);
-      k.attention_forward(atty, lse, q, k_cache, v_cache, B, NH, NKV, Tq, cap, HS, true, bf.kv_lengths.data(), att_s,
-                          q_s, cache_s, cache_s);
+      k.attention_forward(atty, lse, q, k_cache, v_cache, B, NH, NKV, Tq, cap, HS, true, bf.kv_lengths.data(),
+                          cache.rows, att_s, q_s, cache_s, cache_s);
     }
     clock.mark(Op::attention);
     linear(plan, layer.o, proj, atty, N);

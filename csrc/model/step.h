@@ -65,12 +65,14 @@ struct Plan {
 };
 
 // The KV cache the step appends to: layer l's keys are (B, NKV, capacity, HS) at k + l * layer_stride.
-// Keys and values of every layer, (L, B, NKV, capacity, HS) each: float32, or float16 (half).
+// Keys and values of every layer, (L, rows, NKV, capacity, HS) each: float32, or float16 (half).
+// Batch row b of a step reads and writes cache row rows[b] (b when rows is null).
 struct Cache {
   void* k = nullptr;
   void* v = nullptr;
   bool half = false;
   int64_t layer_stride = 0, capacity = 0;   // in values
+  const int64_t* rows = nullptr;
 };
 
 // Where a step's time goes, by operation (nanoseconds, added to), when a profile is asked for.

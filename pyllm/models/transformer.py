@@ -322,18 +322,18 @@ class Transformer:
                              self._rope_tables(ids.shape[1]), rows)
         return loss
 
-    def forward_step(self, ids, cache: KVCache, rows: Optional[slice] = None, counts=None,
+    def forward_step(self, ids, cache: KVCache, rows=None, counts=None,
                      profile: Optional[np.ndarray] = None) -> np.ndarray:
-        """Appends ids (B, Tq) to the KV cache (its rows `rows`, default all) and returns the logits
-        of each row's last new position, (B, vocab). Rows may hold different lengths (ragged batch):
-        each new token sits at its own row's next position. counts (B,), if given, says how many of
-        each row's ids are real (a batch of prompts of different lengths, right-padded to Tq): the
-        logits are then those of position counts[b] - 1, and the row grows by counts[b]. profile, a
-        float64 array with an entry per STEP_OPERATIONS, gets each operation's nanoseconds added."""
+        """Appends ids (B, Tq) to the KV cache and returns the logits of each row's last new
+        position, (B, vocab). Batch row b goes to cache row rows[b]: rows is a slice or a sequence of
+        distinct cache rows in any order (a continuous batch's), default all of them. Rows may hold
+        different lengths (ragged batch): each new token sits at its own row's next position.
+        counts (B,), if given, says how many of each row's ids are real (a batch of prompts of
+        different lengths, right-padded to Tq): the logits are then those of position counts[b] - 1,
+        and the row grows by counts[b]. profile, a float64 array with an entry per STEP_OPERATIONS,
+        gets each operation's nanoseconds added."""
         cfg = self.config
-        rows = rows if rows is not None else slice(0, cache.batch)
-        if not isinstance(rows, slice) or rows.step not in (None, 1):
-            raise ValueError(f"rows must be a slice of consecutive cache rows, got {rows!r}")
+        rows = self._cache_rows(rows, cache)
         lengths = cache.lengths[rows]
         ids = np.asarray(ids)
         if ids.ndim != 2 or ids.dtype.kind not in "iu" or ids.shape[1] < 1 or ids.shape[0] != lengths.size \
@@ -352,12 +352,28 @@ class Transformer:
             counts = counts.astype(np.int64)
         rope = self._rope_tables(int(lengths.max()) + Tq)
         logits = np.empty((B, cfg.vocab_size), np.float32)
-        whole = rows.start in (0, None) and rows.stop in (cache.batch, None)
-        k, v = (cache.k_all, cache.v_all) if whole else (cache.k_all[:, rows], cache.v_all[:, rows])
-        self._decode_plan().step(logits, ids, counts, lengths, k, v, *(rope if rope is not None else (None, None)),
-                                 profile)
+        self._decode_plan().step(logits, ids, counts, lengths, cache.k_all, cache.v_all, rows,
+                                 *(rope if rope is not None else (None, None)), profile)
         cache.lengths[rows] = lengths + (counts if counts is not None else Tq)
         return logits
+
+    @staticmethod
+    def _cache_rows(rows, cache: KVCache) -> np.ndarray:
+        """The cache rows of a step as distinct int64 indices (a slice, a sequence, or all)."""
+        if rows is None:
+            return np.arange(cache.batch, dtype=np.int64)
+        if isinstance(rows, slice):
+            picked = np.arange(cache.batch, dtype=np.int64)[rows]
+        else:
+            picked = np.asarray(rows)
+            if picked.ndim != 1 or picked.dtype.kind not in "iu":
+                raise ValueError(f"rows must be a slice or a sequence of cache row indices, got {rows!r}")
+            picked = np.ascontiguousarray(picked, np.int64)
+        if not picked.size:
+            raise ValueError("rows selects no cache row")
+        if picked.min() < 0 or picked.max() >= cache.batch or np.unique(picked).size != picked.size:
+            raise ValueError(f"rows must be distinct rows of the cache's {cache.batch}, got {rows!r}")
+        return picked
 
     def _decode_plan(self):
         """The C++ decode plan, built on first use and again when what it points at changed."""
