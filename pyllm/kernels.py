@@ -859,19 +859,24 @@ def sample(logits, *, temperature: float = 1.0, top_k: Optional[int] = None, top
     Penalties (on the ids in `history`) apply to the raw logits, then temperature (0: greedy),
     top-k, top-p (smallest set reaching the mass), min-p (relative to the most likely token).
     The draw uses a uniform number that depends only on (seed, step), so a seeded generation
-    repeats exactly. With return_probs, also the distribution that was sampled from.
+    repeats exactly; seed and step are one value or one per row (rows of a continuous batch are
+    at different steps of their own sequences). With return_probs, also the distribution that was
+    sampled from.
     """
     for name, value in (("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty)):
         if not (isinstance(value, (int, float)) and math.isfinite(value)):
             raise ValueError(f"{name} must be a finite number, got {value!r}")
     logits, hist, seeds, squeeze = _sampling_args(logits, temperature, top_k, top_p, min_p,
                                                   repetition_penalty, history, seed)
-    if isinstance(step, bool) or int(step) != step or step < 0:
-        raise ValueError(f"step must be an integer >= 0, got {step!r}")
     B, V = logits.shape
+    steps = np.asarray(step)
+    if steps.dtype == bool or steps.dtype.kind not in "iu" or steps.ndim > 1 or (steps < 0).any() \
+            or (steps.ndim == 1 and steps.size != B):
+        raise ValueError(f"step must be an integer >= 0 or one per row ({B}), got {step!r}")
+    steps = np.ascontiguousarray(np.broadcast_to(steps, (B,)), np.uint64)
     ids = np.empty(B, np.int64)
     probs = np.empty((B, V), np.float32) if return_probs else None
-    _C.sample(ids, logits, hist, seeds, int(step), float(temperature), int(top_k or 0),
+    _C.sample(ids, logits, hist, seeds, steps, float(temperature), int(top_k or 0),
               float(1.0 if top_p is None else top_p), float(min_p or 0.0), float(repetition_penalty),
               float(presence_penalty), float(frequency_penalty), probs)
     result = int(ids[0]) if squeeze else ids

@@ -685,11 +685,12 @@ def sample(logits, *, temperature=1.0, top_k=None, top_p=None, min_p=None, repet
     else:
         rows = [np.asarray(history)] if squeeze or (B == 1 and np.ndim(history) == 1) else list(history)
     seeds = np.broadcast_to(np.asarray(seed), (B,))
+    steps = np.broadcast_to(np.asarray(step), (B,))
     ids, probs = np.empty(B, np.int64), np.empty((B, V), np.float32)
     for b in range(B):
         ids[b], p = _sample_row(x[b], np.asarray(rows[b], np.int64).reshape(-1), temperature, top_k, top_p,
                                 min_p, repetition_penalty, presence_penalty, frequency_penalty,
-                                sample_uniform(seeds[b], step))
+                                sample_uniform(seeds[b], steps[b]))
         probs[b] = p
     result = int(ids[0]) if squeeze else ids
     if return_probs:

@@ -44,6 +44,20 @@ def test_sampler_equals_its_numpy_twin(settings, V):
     assert K.sample(logits[0], **settings) == R.sample(logits[0], **settings)
 
 
+def test_rows_at_different_steps_draw_what_each_draws_alone():
+    # A continuous batch samples rows that are at different steps of their own sequences.
+    rng = np.random.default_rng(3)
+    logits = rng.standard_normal((3, 50)).astype(np.float32)
+    seeds, steps = [5, 6, 7], [0, 11, 4]
+    together = K.sample(logits, temperature=0.9, top_k=20, seed=seeds, step=steps)
+    for b in range(3):
+        assert together[b] == K.sample(logits[b], temperature=0.9, top_k=20, seed=seeds[b], step=steps[b])
+    assert list(together) == list(R.sample(logits, temperature=0.9, top_k=20, seed=seeds, step=steps))
+    for bad in ([1, 2], [-1, 0, 0], 1.5, [[1, 2, 3]]):
+        with pytest.raises(ValueError, match="step"):
+            K.sample(logits, seed=seeds, step=bad)
+
+
 @pytest.mark.parametrize("top_k", [1, 2, 3, 5])
 def test_top_k_ties_go_to_the_smaller_id_as_in_the_twin(top_k):
     """Equal logits at the top-k boundary, and logits that become equal only once scaled by the

@@ -20,17 +20,19 @@ void bind_sampling(py::module_& m) {
     pyllm::check(!writeable || a.writeable(), std::string(name) + " must be writeable");
   };
   m.def("sample", [exact](py::array out, py::array logits, py::array history, py::array seeds,
-                          int64_t step, double temperature, int64_t top_k, double top_p, double min_p,
+                          py::array steps, double temperature, int64_t top_k, double top_p, double min_p,
                           double repetition_penalty, double presence_penalty, double frequency_penalty,
                           py::object probs_obj) {
     exact(out, py::dtype::of<int64_t>(), "out", true);
     exact(logits, py::dtype::of<float>(), "logits", false);
     exact(history, py::dtype::of<int64_t>(), "history", false);
     exact(seeds, py::dtype::of<uint64_t>(), "seeds", false);
+    exact(steps, py::dtype::of<uint64_t>(), "steps", false);
     pyllm::check(logits.ndim() == 2, "logits must be (B, V)");
     const int64_t B = logits.shape(0), V = logits.shape(1);
     pyllm::check(V >= 1, "logits need at least one column");
-    pyllm::check(out.size() == B && seeds.size() == B, "out and seeds need one entry per row");
+    pyllm::check(out.size() == B && seeds.size() == B && steps.size() == B,
+                 "out, seeds and steps need one entry per row");
     pyllm::check(history.ndim() == 2 && history.shape(0) == B, "history must be (B, H)");
     const int64_t H = history.shape(1);
     const int64_t* hist = static_cast<const int64_t*>(history.data());
@@ -47,11 +49,12 @@ void bind_sampling(py::module_& m) {
                                    frequency_penalty};
     const float* px = static_cast<const float*>(logits.data());
     const uint64_t* ps = static_cast<const uint64_t*>(seeds.data());
+    const uint64_t* pst = static_cast<const uint64_t*>(steps.data());
     int64_t* po = static_cast<int64_t*>(out.mutable_data());
     py::gil_scoped_release release;
     pyllm::parallel_for(B, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b)
-        po[b] = pyllm::sampling::sample_row(px + b * V, V, hist + b * H, H, params, ps[b], uint64_t(step),
+        po[b] = pyllm::sampling::sample_row(px + b * V, V, hist + b * H, H, params, ps[b], pst[b],
                                             pprobs ? pprobs + b * V : nullptr);
     });
   });
