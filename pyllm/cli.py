@@ -6,16 +6,19 @@ Not where work is done: each subcommand builds its config and calls into pyllm.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from pyllm import bench, finetune, kernels
 from pyllm.data import default_corpus_files, read_default_corpus
+from pyllm.engine import EngineConfig
 from pyllm.generate import SamplingConfig, generate_stream
 from pyllm.hub import DEFAULT_MODEL
 from pyllm.llm import LLM, top_probabilities
 from pyllm.lora import LoRA
 from pyllm.models import ModelConfig
+from pyllm.serve import serve
 from pyllm.tokenizer import Tokenizer
 from pyllm.train import TrainConfig, TrainingError, TrainingInterrupted, plot_losses, train
 
@@ -232,6 +235,22 @@ CHAT_HELP = """commands:
 Ctrl-C while the model answers stops the answer; the conversation goes on."""
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    if args.threads:
+        kernels.set_num_threads(args.threads)
+    api_key = args.api_key or os.environ.get("PYLLM_API_KEY") or None
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        print(f"(serving on {args.host} without --api-key: anyone who can reach it can use it)", file=sys.stderr)
+    name = args.name or (Path(args.model).stem if args.model else DEFAULT_MODEL)
+    config = EngineConfig(max_batch=args.max_batch, max_queue=args.max_queue, context=args.context,
+                          prefix_rows=args.prefix_cache)
+    print(f"pyllm serve: http://{args.host}:{args.port}/ (model {name!r}; /health answers 503 until it "
+          f"is loaded)", file=sys.stderr)
+    serve(lambda: _load_llm(args.model, args.adapter), name, args.host, args.port, api_key, config,
+          log_level="warning" if args.quiet else "info")
+    return 0
+
+
 def _cmd_chat(args: argparse.Namespace) -> int:
     llm = _load_llm(args.model, args.adapter)
     options = _sampling_options(args)
@@ -356,6 +375,25 @@ def main(argv: list[str] | None = None) -> int:
     _add_sampling_flags(chat, 256)
     chat.add_argument("--system", help="a system prompt")
     chat.set_defaults(func=_cmd_chat)
+    srv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with a chat page",
+                         description="Serves one model over HTTP as OpenAI's API does (/v1/chat/completions, "
+                                     "/v1/completions, /v1/embeddings, /v1/models), with /health, /metrics, "
+                                     "/tokenize, /detokenize and a chat page at /. Requests decode together "
+                                     "(continuous batching). Needs the serve extra: pip install \"pyllm[serve]\".")
+    srv.add_argument("--model", help="a model folder, a .gguf file, or smollm2-135m-instruct (the default)")
+    srv.add_argument("--adapter", help="a LoRA adapter folder to apply on top of the model")
+    srv.add_argument("--name", help="the model's id in the API (default: the file's or folder's name)")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    srv.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    srv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $PYLLM_API_KEY, else none)")
+    srv.add_argument("--max-batch", type=int, default=8, help="requests generating at once (default 8)")
+    srv.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond those; more get 429 (default 64)")
+    srv.add_argument("--context", type=int, help="tokens per request, prompt and reply (default: the model's, at most 4096)")
+    srv.add_argument("--prefix-cache", type=int, default=4, metavar="ROWS",
+                     help="finished conversations whose keys and values are kept for the next turn (default 4)")
+    srv.add_argument("--threads", type=int, help="kernel threads (default: all cores)")
+    srv.add_argument("--quiet", action="store_true", help="no access log")
+    srv.set_defaults(func=_cmd_serve)
     finetune = sub.add_parser("finetune", help="fine-tune a model on example conversations")
     fsub = finetune.add_subparsers(dest="finetune_command", metavar="METHOD", required=True)
     sft = fsub.add_parser("sft", help="supervised fine-tuning: learn the assistant turns of JSONL examples",

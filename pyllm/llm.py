@@ -101,29 +101,19 @@ class LLM:
 
     def _stream(self, ids: list[int], max_new_tokens: int, sampling: SamplingConfig, seed: Optional[int],
                 stop: list[str]) -> Iterator[str]:
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        pending = ""     # decoded text not yet given out: it may be the start of a stop string
+        text = TextStream(self.tokenizer, stop)
         for tokens in generate_stream(self.model, ids, max_new_tokens, sampling, self.stop_token_ids, seed):
             token = int(tokens[0])
             if token in self.stop_token_ids:
                 break
-            if token >= self.tokenizer.vocab_size:   # a padded embedding row no text maps to
-                continue
-            pending += decoder.decode(self.tokenizer.decode_bytes([token]))
-            cut = _first_stop(pending, stop)
-            if cut is not None:
-                if pending[:cut]:
-                    yield pending[:cut]
+            piece = text.push(token)
+            if piece:
+                yield piece
+            if text.stopped:
                 return
-            keep = _stop_prefix_length(pending, stop)
-            if len(pending) > keep:
-                yield pending[:len(pending) - keep]
-                pending = pending[len(pending) - keep:]
-        pending += decoder.decode(b"", final=True)
-        cut = _first_stop(pending, stop)
-        pending = pending[:cut] if cut is not None else pending
-        if pending:
-            yield pending
+        piece = text.finish()
+        if piece:
+            yield piece
 
     # ------------------------------------------------------------------ chat
 
@@ -218,6 +208,47 @@ def _check_messages(messages) -> None:
                 or m.get("role") not in ("system", "user", "assistant"):
             raise ValueError(f"message {i} must be a dict with role system/user/assistant and str content, "
                              f"got {m!r}")
+
+
+class TextStream:
+    """Generated tokens in, text out in pieces that are always whole characters (the bytes of a
+    character split across tokens wait for the rest) and never show a stop string, even in part
+    (text that may begin one waits until it is known not to). After a stop string, `stopped` is
+    set and nothing more comes out."""
+
+    def __init__(self, tokenizer, stop: Sequence[str] = ()) -> None:
+        self.tokenizer, self.stop = tokenizer, [s for s in stop if s]
+        self.stopped = False
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._pending = ""    # decoded text not yet given out: it may be the start of a stop string
+
+    def push(self, token: int) -> str:
+        """The text that token makes safe to show (possibly empty)."""
+        if self.stopped or token >= self.tokenizer.vocab_size:   # a padded embedding row: no text
+            return ""
+        self._pending += self._decoder.decode(self.tokenizer.decode_bytes([int(token)]))
+        cut = _first_stop(self._pending, self.stop)
+        if cut is not None:
+            self.stopped = True
+            out, self._pending = self._pending[:cut], ""
+            return out
+        keep = _stop_prefix_length(self._pending, self.stop)
+        out = self._pending[:len(self._pending) - keep]
+        self._pending = self._pending[len(self._pending) - keep:]
+        return out
+
+    def finish(self) -> str:
+        """What is left once generation has ended (a held-back start of a stop string that never
+        completed, an unfinished character as U+FFFD)."""
+        if self.stopped:
+            return ""
+        text = self._pending + self._decoder.decode(b"", final=True)
+        self._pending = ""
+        cut = _first_stop(text, self.stop)
+        if cut is not None:
+            self.stopped = True
+            return text[:cut]
+        return text
 
 
 def _first_stop(text: str, stops: Sequence[str]) -> Optional[int]:

@@ -91,9 +91,10 @@ class Runner:
     # ------------------------------------------------------------------ training
 
     def forward(self, model: Weights, ws: Workspace, ids: np.ndarray, rope: Optional[tuple],
-                rows: Optional[np.ndarray] = None) -> np.ndarray:
+                rows: Optional[np.ndarray] = None, head: bool = True) -> np.ndarray:
         """Logits (B, T, V), or with rows (flat positions b * T + t) only theirs, (len(rows), V),
-        keeping every activation backward needs in ws. rope: (cos, sin) tables from position 0."""
+        keeping every activation backward needs in ws. rope: (cos, sin) tables from position 0.
+        head=False: the last hidden states instead (after the final norm), (B, T, C)."""
         cfg, arch, norm = self.cfg, self.arch, self.norm
         B, T = ids.shape
         N, C, NH, HS = B * T, cfg.n_embd, cfg.n_head, cfg.head_size
@@ -123,6 +124,8 @@ class Runner:
             np.add(x_mid, proj, out=x)
         lnf = ws.get("lnf", (N, C))
         norm.forward(model, ws, "lnf", lnf, x, arch.final_norm)
+        if not head:
+            return lnf.reshape(B, T, C)
         if rows is not None:   # training needs no logits where the target is ignored (a prompt)
             head_in = ws.get("head_in", (rows.size, C))
             np.take(lnf, rows, axis=0, out=head_in)

@@ -282,6 +282,13 @@ class Transformer:
         """Logits (B, T, vocab) for token ids (B, T) or (T,) -> (1, T, vocab)."""
         return self._forward(self._check_ids(ids)).copy()
 
+    def hidden_states(self, ids) -> np.ndarray:
+        """The last layer's output after the final norm (what the head multiplies), (B, T, n_embd):
+        what an embedding of the text is pooled from."""
+        ids = self._check_ids(ids)
+        return self.runner.forward(self, self._buffers.train, ids, self._rope_tables(ids.shape[1]),
+                                   head=False).copy()
+
     @staticmethod
     def _learned_rows(flat_targets: np.ndarray) -> tuple[np.ndarray, Optional[np.ndarray]]:
         """(positions whose target is learned, the rows to compute logits for: those, when at least a
