@@ -41,7 +41,7 @@ __all__ = [
     "GGML_TYPES", "QUANT_TYPES", "GgmlType", "row_bytes", "unchecked", "pack_quant", "matmul_rows",
     "matmul_rows_parts", "embed_quant", "PACKED_ROWS",
     "set_num_threads", "get_num_threads", "available_isas", "get_isa", "set_isa",
-    "measure_fma_peak", "measure_read_bandwidth",
+    "measure_fma_peak", "measure_read_bandwidth", "JsonGrammar", "JsonState", "TokenBytes",
 ]
 
 
@@ -883,6 +883,18 @@ def sample(logits, *, temperature: float = 1.0, top_k: Optional[int] = None, top
     if return_probs:
         return result, (probs[0] if squeeze else probs)
     return result
+
+
+# ----------------------------------------------------------------------------- constrained decoding
+
+# The JSON matcher of csrc/sampling/json_grammar.h: JsonGrammar(nodes, root) (nodes: (kind, keys,
+# children, required, additional, literals) tuples, [] for any JSON; pyllm.constrain compiles a
+# schema into them), .start() -> a JsonState, .feed(state, bytes) -> bool (the state unchanged when
+# False), .complete(state), .ended(state) (complete, only blanks may follow), .closing_length(state), .mask(state, TokenBytes, out uint8 (vocab,), budget=-1):
+# the tokens that may follow and leave a document that `budget` more bytes can close (-1: any).
+JsonGrammar = _C.JsonGrammar
+JsonState = _C.JsonState
+TokenBytes = _C.TokenBytes   # TokenBytes(list of each token's bytes): a vocabulary, held once in C++
 
 
 # ----------------------------------------------------------------------------- runtime controls

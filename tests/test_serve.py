@@ -367,3 +367,59 @@ def test_the_chat_page_is_one_self_contained_file(server):
     html = html.decode()
     assert status == 200 and "<title>pyllm chat</title>" in html and "/v1/chat/completions" in html
     assert "http://" not in html and "https://" not in html and "<link" not in html   # no outside resources
+
+
+PERSON = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
+                                           "pets": {"type": "array", "items": {"enum": ["cat", "dog"]}}},
+          "required": ["name", "age", "pets"], "additionalProperties": False}
+
+
+def test_json_mode_parses_fifty_times_out_of_fifty(client):
+    """The tiny model writes English, not JSON: every document here is the mask's doing. Sampled at
+    temperature 1 with fifty seeds and a short budget, so many replies are cut and must still close."""
+    replies = [None] * 50
+
+    def run(first):
+        for i in range(first, 50, 10):
+            r = client.chat.completions.create(model=NAME, messages=CONVERSATION, temperature=1.0, seed=i,
+                                               max_tokens=12 + i % 30, response_format={"type": "json_object"})
+            replies[i] = r.choices[0]
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    values = [json.loads(c.message.content) for c in replies]
+    assert all(isinstance(v, dict) for v in values)
+    assert {c.finish_reason for c in replies} <= {"stop", "length"}
+    unconstrained = client.chat.completions.create(model=NAME, messages=CONVERSATION, temperature=0, max_tokens=12)
+    with pytest.raises(ValueError):
+        json.loads(unconstrained.choices[0].message.content)
+
+
+def test_json_schema_output_validates_streamed_or_not(client):
+    jsonschema = pytest.importorskip("jsonschema")
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
+    for seed in range(10):
+        r = client.chat.completions.create(model=NAME, messages=CONVERSATION, temperature=1.0, seed=seed,
+                                           max_tokens=48, response_format=fmt)
+        jsonschema.validate(json.loads(r.choices[0].message.content), PERSON)
+        stream = client.chat.completions.create(model=NAME, messages=CONVERSATION, temperature=1.0, seed=seed,
+                                                max_tokens=48, response_format=fmt, stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == r.choices[0].message.content
+    r = client.completions.create(model=NAME, prompt="the cat", max_tokens=40, temperature=0,
+                                  extra_body={"response_format": fmt})
+    jsonschema.validate(json.loads(r.choices[0].text), PERSON)
+
+
+@pytest.mark.parametrize("schema, words", [
+    ({"type": "string", "pattern": "^a"}, "pattern is not supported"),
+    ({"type": "object", "properties": {"a": {"type": "when"}}}, "unknown type 'when'"),
+    ({"type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"]}, "$ref"),
+])
+def test_schemas_outside_the_subset_are_400s(server, schema, words):
+    status, reply = post(server.url + "/v1/chat/completions", {
+        "model": NAME, "messages": CONVERSATION,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}})
+    assert status == 400 and reply["error"]["param"] == "response_format", reply
+    assert words in reply["error"]["message"]

@@ -1,11 +1,16 @@
-// Binding of the sampler: a (B, V) logits array in, B token ids out, rows on the thread pool.
+// Binding of the sampler (a (B, V) logits array in, B token ids out, rows on the thread pool) and of
+// the JSON grammar that constrained decoding masks the vocabulary with.
 // Not where parameters are validated for users (pyllm/kernels.py, sample); here only what keeps memory safe.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
+#include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "common.h"
+#include "sampling/json_grammar.h"
 #include "sampling/sampler.h"
 #include "threads.h"
 
@@ -58,6 +63,59 @@ void bind_sampling(py::module_& m) {
                                             pprobs ? pprobs + b * V : nullptr);
     });
   });
+  using pyllm::sampling::JsonGrammar;
+  using pyllm::sampling::SchemaNode;
+  using pyllm::sampling::TokenBytes;
+  py::class_<TokenBytes>(m, "TokenBytes")
+      .def(py::init([](const std::vector<py::bytes>& tokens) {
+        std::vector<std::string> t;
+        t.reserve(tokens.size());
+        for (const py::bytes& b : tokens) t.emplace_back(std::string(b));
+        return TokenBytes(std::move(t));
+      }))
+      .def("__len__", [](const TokenBytes& t) { return t.tokens.size(); });
+  py::class_<JsonGrammar::State>(m, "JsonState").def("copy", [](const JsonGrammar::State& s) { return s; });
+  // nodes: (kind, keys, children, required, additional, literals) per schema node; none: any JSON.
+  py::class_<JsonGrammar>(m, "JsonGrammar")
+      .def(py::init([](const py::list& nodes, int root) {
+        std::vector<SchemaNode> out;
+        for (const py::handle& item : nodes) {
+          const py::tuple t = item.cast<py::tuple>();
+          pyllm::check(t.size() == 6, "a schema node is (kind, keys, children, required, additional, literals)");
+          SchemaNode n;
+          n.kind = t[0].cast<int>();
+          for (const py::handle& k : t[1].cast<py::list>()) n.keys.emplace_back(std::string(k.cast<py::bytes>()));
+          n.children = t[2].cast<std::vector<int>>();
+          n.required = t[3].cast<std::vector<bool>>();
+          n.additional = t[4].cast<bool>();
+          for (const py::handle& l : t[5].cast<py::list>()) n.literals.emplace_back(std::string(l.cast<py::bytes>()));
+          out.push_back(std::move(n));
+        }
+        try {
+          return JsonGrammar(std::move(out), root);
+        } catch (const std::invalid_argument& e) {
+          throw py::value_error(e.what());
+        }
+      }), py::arg("nodes"), py::arg("root"))
+      .def("start", &JsonGrammar::start)
+      .def("feed", [](const JsonGrammar& g, JsonGrammar::State& s, const py::bytes& b) {
+        const std::string bytes(b);
+        JsonGrammar::State t = s;
+        if (!g.feed(t, bytes.data(), int64_t(bytes.size()))) return false;
+        s = t;   // unchanged when refused
+        return true;
+      })
+      .def("complete", &JsonGrammar::complete)
+      .def("ended", &JsonGrammar::ended)
+      .def("closing_length", &JsonGrammar::closing_length)
+      .def("mask", [exact](const JsonGrammar& g, const JsonGrammar::State& s, const TokenBytes& vocab, py::array out,
+                           int64_t budget) {
+        exact(out, py::dtype::of<uint8_t>(), "out", true);
+        pyllm::check(out.size() >= int64_t(vocab.tokens.size()), "out must hold a flag per token");
+        uint8_t* po = static_cast<uint8_t*>(out.mutable_data());
+        py::gil_scoped_release release;
+        g.mask(s, vocab, po, budget);
+      }, py::arg("state"), py::arg("vocab"), py::arg("out"), py::arg("budget") = -1);
   m.def("sample_uniform", &pyllm::sampling::uniform, py::arg("seed"), py::arg("step"),
         "The sampler's uniform number for (seed, step), for the numpy twin's tests.");
 }

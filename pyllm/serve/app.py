@@ -28,10 +28,10 @@ try:   # the serve extra: `pip install "pyllm[serve]"`; pyllm imports without it
 except ImportError as exc:
     MISSING = exc
 
+from pyllm.constrain import SchemaError, json_mask, vocabulary_bytes
 from pyllm.engine import Engine, EngineConfig, Event, QueueFull, Request
 from pyllm.generate import SamplingConfig
 from pyllm.llm import LLM, TextStream
-from pyllm.serve.constraints import json_constraint
 from pyllm.serve.protocol import ApiError, Fields, Generation, generation, messages
 
 MAX_BODY = 4 << 20    # bytes of a request body; more is a 413
@@ -46,6 +46,7 @@ class Service:
     engine_config: EngineConfig
     llm: Optional[LLM] = None
     engine: Optional[Engine] = None
+    vocab: object = None                 # the tokens' bytes, for JSON masks (built at load)
     error: Optional[str] = None          # why loading failed
     started: float = field(default_factory=time.time)
     http_requests: dict = field(default_factory=dict)   # (route, status) -> count
@@ -66,6 +67,7 @@ def create_app(load: Callable[[], LLM], name: str, api_key: Optional[str] = None
     def load_in_background():
         try:
             llm = load()
+            service.vocab = vocabulary_bytes(llm.tokenizer)
             service.llm, service.engine = llm, Engine(llm.model, service.engine_config)
         except Exception as exc:   # reported by /health and every route
             service.error = f"the model failed to load: {exc}"
@@ -247,7 +249,14 @@ async def _complete(service: Service, http: HttpRequest, ids: list, gen: Generat
     max_new = min(gen.max_tokens or room, room)
     sampling = SamplingConfig(gen.temperature, gen.top_k, gen.top_p, gen.min_p, gen.repetition_penalty,
                               gen.presence_penalty, gen.frequency_penalty)
-    mask = json_constraint(llm.tokenizer, gen.response_format, llm.stop_token_ids) if gen.response_format else None
+    mask = None
+    if gen.response_format is not None:   # json_object: any JSON; json_schema: its schema
+        schema = (gen.response_format.get("json_schema") or {}).get("schema", {"type": "object"})
+        try:
+            mask = json_mask(llm.tokenizer, service.vocab, schema, llm.model.config.vocab_size, llm.stop_token_ids,
+                             max_new)
+        except (SchemaError, ValueError) as exc:
+            raise ApiError(400, f"response_format: {exc}", "response_format", "invalid_schema") from None
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
     request = Request(ids, max_new, sampling, gen.seed, llm.stop_token_ids, gen.logprobs, mask)
