@@ -43,6 +43,8 @@ def load_rows(benchmarks: list[dict], read_gbps=None) -> list[dict]:
                      "mbps": mbps, "decode": decode,
                      "tokps": info["tokens"] / b["stats"]["median"] if info.get("tokens") else None,
                      "peak_mb": info.get("peak_mb")}
+        if info.get("note"):   # what the timings alone do not say (bench_serve.py: latencies)
+            row["note"] = "; ".join(filter(None, [row.get("note"), f"{info['impl']}: {info['note']}"]))
         if info.get("numpy_blas_threads"):
             row["note"] = f"numpy on {info['numpy_blas_threads']} BLAS thread(s), its faster setting"
     for row in groups.values():

@@ -10,7 +10,6 @@ benchmark: run it as a script (3 to 5 minutes on 2 cores).
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path

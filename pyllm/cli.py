@@ -390,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond those; more get 429 (default 64)")
     srv.add_argument("--context", type=int, help="tokens per request, prompt and reply (default: the model's, at most 4096)")
     srv.add_argument("--prefix-cache", type=int, default=4, metavar="ROWS",
-                     help="finished conversations whose keys and values are kept for the next turn (default 4)")
+                     help="finished conversations whose keys and values are kept for the next turn (default 4; 0: no reuse)")
     srv.add_argument("--threads", type=int, help="kernel threads (default: all cores)")
     srv.add_argument("--quiet", action="store_true", help="no access log")
     srv.set_defaults(func=_cmd_serve)

@@ -8,6 +8,13 @@ request's row keeps its keys and values (the prefix cache): a later prompt that 
 same tokens — the next turn of a chat — continues from them instead of recomputing them. The
 kernels are batch-invariant, so a request gets the same tokens whatever else runs beside it.
 
+What the prefix cache changes: a re-sent prompt gets the same tokens as the first time (at least two
+of its tokens are fed again, so its last positions take the prompt path, whose rows do not depend
+on the chunking for quantized models). The positions of a previous reply, generated one at a time,
+hold keys and values of the decode path, which differ from a prompt pass's in the last bits; so a
+continued chat's reply equals a fresh computation's up to that rounding, and at temperature 0 may
+differ where two tokens nearly tie. prefix_rows=0 turns reuse off.
+
 Requests carry token ids; text (templates, stop strings, detokenizing) is the caller's: see
 pyllm/serve. Not the HTTP server, and not the single-call generation of pyllm.generate.
 """
@@ -41,7 +48,7 @@ class EngineConfig:
     max_batch: int = 8          # requests decoding at once (rows of the cache in use)
     max_queue: int = 64         # requests waiting beyond those; one more raises QueueFull
     context: Optional[int] = None   # positions a row holds (default: the model's, at most 4096)
-    prefix_rows: int = 4        # extra rows that keep finished requests' keys and values
+    prefix_rows: int = 4        # extra rows that keep finished requests' keys and values; 0: no reuse
     prefill_chunk: int = 256    # prompt tokens fed per step while other requests decode
 
     def __post_init__(self) -> None:
@@ -266,12 +273,12 @@ class Engine:
 
     def _row_for(self, prompt: list) -> tuple:
         """A free row for a prompt, and how many of its first tokens that row already holds: the
-        idle row sharing the longest prefix (at most all but the prompt's last token, whose logits
-        are needed), else an empty one, else the one idle longest."""
+        idle row sharing the longest prefix (at most all but the prompt's last two tokens: fed as one
+        chunk, they give what a fresh prompt pass gives), else an empty one, else the one idle longest."""
         idle = [r for r in self.rows if r.owner is None]
         best, best_len = None, 0
-        for r in idle:
-            n = _common_prefix(r.tokens, prompt, len(prompt) - 1)
+        for r in idle if self.config.prefix_rows else ():
+            n = _common_prefix(r.tokens, prompt, len(prompt) - 2)
             if n > best_len:
                 best, best_len = r, n
         if best is not None:

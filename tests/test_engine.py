@@ -121,3 +121,23 @@ def test_bad_requests_are_refused_and_a_full_queue_says_so(model):
             assert len(h.tokens()) == 2
     finally:
         engine.close()
+
+
+def test_a_resent_prompt_gets_the_same_tokens_on_a_quantized_model(smollm2_path):
+    """Quantized prompt passes do not depend on their chunking, a decode step's arithmetic differs
+    in the last bits: the cache must feed a re-sent prompt's end as a chunk, never as one token."""
+    from pyllm.data import read_default_corpus
+    from pyllm.llm import LLM
+
+    llm = LLM.load(smollm2_path)
+    prompt = llm.tokenizer.encode(read_default_corpus(20_000), disallowed_special=())[400:704]   # 256 + 48
+    alone = _alone(llm.model, prompt, 32, temperature=0)
+    for prefix_rows in (2, 0):
+        engine = Engine(llm.model, EngineConfig(max_batch=2, prefix_rows=prefix_rows, context=512))
+        try:
+            first = engine.submit(Request(prompt, 32, GREEDY)).tokens()
+            again = engine.submit(Request(prompt, 32, GREEDY))
+            assert first == again.tokens() == alone
+            assert again.cached_tokens == (len(prompt) - 2 if prefix_rows else 0)
+        finally:
+            engine.close()

@@ -423,3 +423,82 @@ def test_schemas_outside_the_subset_are_400s(server, schema, words):
         "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}})
     assert status == 400 and reply["error"]["param"] == "response_format", reply
     assert words in reply["error"]["message"]
+
+
+def chromium():
+    """A headless Chromium driven by Selenium (Debian's chromium and chromium-driver), or a skip."""
+    webdriver = pytest.importorskip("selenium.webdriver")
+    import shutil
+    binary = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if not binary or not driver:
+        pytest.skip("no chromium / chromedriver (apt-get install chromium chromium-driver)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+        options.add_argument(flag)
+    return webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver))
+
+
+def test_the_chat_page_streams_replies_in_chromium_and_keeps_the_conversation(server, tiny):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+    browser = chromium()
+    try:
+        browser.get(server.url + "/")
+        wait = WebDriverWait(browser, 60)
+        wait.until(lambda b: b.find_element(By.ID, "status").text == NAME)   # it asked /v1/models
+        for field, value in (("temperature", "0"), ("max_tokens", "24")):
+            element = browser.find_element(By.ID, field)
+            element.clear()
+            element.send_keys(value)
+        # Every text the reply shows on its way, to see it arrive in pieces rather than at once.
+        browser.execute_script("""
+            window.seen = [];
+            new MutationObserver(() => {
+              const turns = document.querySelectorAll('.turn.assistant');
+              if (turns.length) window.seen.push(turns[turns.length - 1].textContent);
+            }).observe(document.getElementById('log'), {childList: true, subtree: true, characterData: true});""")
+        history = []
+        for turn, words in enumerate(["hello the cat", "and the dog"]):
+            browser.find_element(By.ID, "input").send_keys(words, Keys.ENTER)
+            wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, ".turn.assistant[data-done='1']")) == turn + 1)
+            reply = browser.find_elements(By.CSS_SELECTOR, ".turn.assistant")[-1]
+            assert "error" not in reply.get_attribute("class"), reply.text
+            history.append({"role": "user", "content": words})
+            expected = "".join(tiny.chat(history, 24, stream=True, temperature=0))
+            assert reply.get_attribute("textContent") == expected   # the second turn continues the first
+            history.append({"role": "assistant", "content": expected})
+            meta = browser.find_elements(By.CSS_SELECTOR, ".meta")[-1].text
+            assert "tokens/s" in meta and "first token after" in meta
+        partial = {t for t in browser.execute_script("return window.seen") if t}
+        assert len(partial) > 2, partial    # streamed: more texts shown than the two finished replies
+        assert len(browser.find_elements(By.CSS_SELECTOR, ".turn.user")) == 2
+    finally:
+        browser.quit()
+
+
+def test_smollm2_served_answers_as_llm_chat_and_a_second_turn_reuses_the_first(smollm2_path):
+    """The real default model behind the server: its chat template, its end token as the stop (never
+    shown), and a conversation's next turn continuing from the cached history."""
+    llm = LLM.load(smollm2_path)
+    s = Server(create_app(lambda: llm, "smollm2", engine_config=EngineConfig(max_batch=2)))
+    try:
+        s.wait_ready()
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0)
+        history = [{"role": "user", "content": "What is the capital of France? One word."}]
+        first = client.chat.completions.create(model="smollm2", messages=history, max_tokens=24, temperature=0)
+        text = first.choices[0].message.content
+        assert text == "".join(llm.chat(history, 24, stream=True, temperature=0))
+        assert "Paris" in text and "<|im_end|>" not in text and first.choices[0].finish_reason == "stop"
+        history += [{"role": "assistant", "content": text}, {"role": "user", "content": "And of Italy?"}]
+        second = client.chat.completions.create(model="smollm2", messages=history, max_tokens=24, temperature=0)
+        assert second.choices[0].message.content == "".join(llm.chat(history, 24, stream=True, temperature=0))
+        assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens
+        r = client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "A cat as JSON."}],
+                                           max_tokens=40, temperature=0.8, seed=1,
+                                           response_format={"type": "json_object"})
+        assert isinstance(json.loads(r.choices[0].message.content), dict)
+    finally:
+        s.stop()

@@ -5,7 +5,6 @@ generated Unicode. Not the pre-tokenizer's exactness (test_pretokenize.py).
 
 from __future__ import annotations
 
-import json
 import pathlib
 import sysconfig
 import time

@@ -7,6 +7,8 @@ how many positions row b holds. Not the attention over it (the decode step in bl
 
 from __future__ import annotations
 
+import mmap
+
 import numpy as np
 
 from pyllm.models.config import ModelConfig
@@ -34,6 +36,14 @@ class KVCache:
         self.batch, self.capacity = int(batch), int(capacity)
         # One buffer for every layer (the C++ step walks it by a stride); k[i] is layer i's view.
         self.dtype = np.dtype(dtype)
-        self.k_all, self.v_all = np.zeros(shape, self.dtype), np.zeros(shape, self.dtype)
+        self.k_all, self.v_all = _zeros(shape, self.dtype), _zeros(shape, self.dtype)
         self.k, self.v = list(self.k_all), list(self.v_all)
         self.lengths = np.zeros(self.batch, np.int64)
+
+
+def _zeros(shape: tuple, dtype: np.dtype) -> np.ndarray:
+    """Zeros in anonymous memory, faulted in page by page as rows are first written. Not np.zeros:
+    numpy asks for huge pages on large arrays, and where the kernel then compacts memory to find
+    them, a row's first write stalled 150-300 ms (seen with defrag=madvise)."""
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    return np.frombuffer(mmap.mmap(-1, max(nbytes, 1)), dtype, int(np.prod(shape))).reshape(shape)
