@@ -27,10 +27,11 @@ from pyllm.models import parameter_specs
 # The projections adapters may sit on, per architecture: target name (as peft's target_modules
 # spells it) -> the weights it names in layer i. GPT-2's c_proj names both the attention output
 # and the MLP output, as it does in peft.
+_LLAMA_TARGETS = {t: (f"model.layers.{{i}}.{m}.{t}.weight",) for t, m in
+                  (("q_proj", "self_attn"), ("k_proj", "self_attn"), ("v_proj", "self_attn"), ("o_proj", "self_attn"),
+                   ("gate_proj", "mlp"), ("up_proj", "mlp"), ("down_proj", "mlp"))}
 TARGETS = {
-    "llama": {t: (f"model.layers.{{i}}.{m}.{t}.weight",) for t, m in
-              (("q_proj", "self_attn"), ("k_proj", "self_attn"), ("v_proj", "self_attn"), ("o_proj", "self_attn"),
-               ("gate_proj", "mlp"), ("up_proj", "mlp"), ("down_proj", "mlp"))},
+    "llama": _LLAMA_TARGETS, "qwen2": _LLAMA_TARGETS, "qwen3": _LLAMA_TARGETS,   # Qwen names them as Llama
     "gpt2": {"c_attn": ("transformer.h.{i}.attn.c_attn.weight",),
              "c_proj": ("transformer.h.{i}.attn.c_proj.weight", "transformer.h.{i}.mlp.c_proj.weight"),
              "c_fc": ("transformer.h.{i}.mlp.c_fc.weight",)},

@@ -52,6 +52,7 @@ class Server:
     """A uvicorn server on a free loopback port, in a thread."""
 
     def __init__(self, app) -> None:
+        self.app = app
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -322,12 +323,16 @@ def test_a_dropped_stream_frees_its_slot(server):
 
 
 def test_a_full_queue_answers_429(tiny):
-    s = Server(create_app(lambda: tiny, NAME, engine_config=EngineConfig(max_batch=1, max_queue=1)))
+    app = create_app(lambda: tiny, NAME, engine_config=EngineConfig(max_batch=1, max_queue=1))
+    s = Server(app)
+    release = threading.Event()
     try:
         s.wait_ready()
         client = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0)
-        first = client.completions.create(model=NAME, prompt="the", max_tokens=250, stream=True)
+        first = client.completions.create(model=NAME, prompt="the", max_tokens=200, stream=True)
         next(iter(first))   # running: it holds the one slot
+        # The engine held between two steps (a job on its thread), so the first cannot finish early.
+        threading.Thread(target=app.state.service.engine.call, args=(release.wait, 60), daemon=True).start()
         waiting = threading.Thread(target=lambda: client.completions.create(model=NAME, prompt="a", max_tokens=2))
         waiting.start()
         deadline = time.time() + 20
@@ -336,9 +341,11 @@ def test_a_full_queue_answers_429(tiny):
             time.sleep(0.02)
         with pytest.raises(openai.RateLimitError):
             client.completions.create(model=NAME, prompt="b", max_tokens=2)
+        release.set()
         first.close()
         waiting.join(timeout=60)
     finally:
+        release.set()
         s.stop()
 
 
@@ -445,6 +452,15 @@ def test_the_chat_page_streams_replies_in_chromium_and_keeps_the_conversation(se
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
     browser = chromium()
+    # Each engine step waits 10 ms (a job on its thread), so the tokens arrive apart and the page's
+    # pieces can be seen whatever the machine's speed.
+    engine, done = server.app.state.service.engine, threading.Event()
+
+    def throttle():
+        while not done.is_set():
+            engine.call(time.sleep, 0.01)
+    slow = threading.Thread(target=throttle, daemon=True)
+    slow.start()
     try:
         browser.get(server.url + "/")
         wait = WebDriverWait(browser, 60)
@@ -476,6 +492,8 @@ def test_the_chat_page_streams_replies_in_chromium_and_keeps_the_conversation(se
         assert len(partial) > 2, partial    # streamed: more texts shown than the two finished replies
         assert len(browser.find_elements(By.CSS_SELECTOR, ".turn.user")) == 2
     finally:
+        done.set()
+        slow.join(timeout=10)
         browser.quit()
 
 

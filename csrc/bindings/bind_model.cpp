@@ -119,7 +119,8 @@ class DecodePlan {
   }
 
   void add_layer(const py::object& n1w, const py::object& n1b, const py::tuple& qkv, const py::tuple& o,
-                 const py::object& n2w, const py::object& n2b, const py::list& mlp) {
+                 const py::object& n2w, const py::object& n2b, const py::list& mlp, const py::object& q_norm,
+                 const py::object& k_norm) {
     const int64_t C = plan_.C, A = plan_.NH * plan_.HS, QKV = (plan_.NH + 2 * plan_.NKV) * plan_.HS;
     const std::string name = "layer " + std::to_string(plan_.layers.size());
     model::Layer layer;
@@ -130,6 +131,10 @@ class DecodePlan {
     const bool gpt2 = plan_.arch == model::Arch::kGPT2;
     check(layer.norm1_w && layer.norm2_w && (layer.norm1_b != nullptr) == gpt2 && (layer.norm2_b != nullptr) == gpt2,
           name + ": norms do not fit the architecture");
+    layer.q_norm = vector(q_norm, plan_.HS, name + " q norm");
+    layer.k_norm = vector(k_norm, plan_.HS, name + " k norm");
+    check((layer.q_norm != nullptr) == (layer.k_norm != nullptr) && (!layer.q_norm || !gpt2),
+          name + ": head norms come as a pair, in the llama block");
     layer.qkv = linear(qkv, C, QKV, name + " qkv");
     layer.o = linear(o, A, C, name + " o");
     check(mlp.size() == (gpt2 ? 2u : 3u), name + ": the feed-forward does not fit the architecture");

@@ -42,7 +42,8 @@ class Clock {
 // The step's activation buffers, per calling thread (two threads may decode on one model), grown
 // to the largest batch seen and reused.
 struct Buffers {
-  std::vector<float> x, ln, qkv, atty, proj, mlp1, mlp2, last, lnf, mean, rstd, lse, part, lora_u, lora_d;
+  std::vector<float> x, ln, qkv, atty, proj, mlp1, mlp2, last, lnf, mean, rstd, lse, part, lora_u, lora_d, heads,
+      heads_out;
   std::vector<int64_t> kv_lengths;
 };
 thread_local Buffers buffers;
@@ -115,6 +116,19 @@ void norm(const Plan& plan, float* out, const float* x, const float* w, const fl
     kernels().rmsnorm_forward(out, sized(bf.rstd, N), x, w, N, plan.C, plan.eps);
 }
 
+// The H heads of HS values at the start of each of N rows of `stride` values, each replaced by its
+// RMSNorm with weights w: gathered one head a row, normalized by the one kernel, put back (as
+// blocks.py's _head_norms does, for the same bits).
+void head_norm(const Plan& plan, float* base, int64_t H, int64_t N, int64_t stride, const float* w) {
+  Buffers& bf = buffers;
+  const int64_t HS = plan.HS, width = H * HS;
+  float* in = sized(bf.heads, N * width);
+  float* out = sized(bf.heads_out, N * width);
+  for (int64_t i = 0; i < N; ++i) std::memcpy(in + i * width, base + i * stride, sizeof(float) * width);
+  kernels().rmsnorm_forward(out, sized(bf.rstd, N * H), in, w, N * H, HS, plan.eps);
+  for (int64_t i = 0; i < N; ++i) std::memcpy(base + i * stride, out + i * width, sizeof(float) * width);
+}
+
 void embed(const Plan& plan, float* x, const int64_t* ids, int64_t B, int64_t Tq, const int64_t* lengths) {
   const int64_t N = B * Tq, C = plan.C;
   const Matrix& e = plan.embedding;
@@ -157,6 +171,11 @@ void step(const Plan& plan, float* logits, const int64_t* ids, int64_t B, int64_
     clock.mark(Op::norm);
     linear(plan, layer.qkv, qkv, ln, N);
     clock.mark(Op::qkv);
+    if (layer.q_norm != nullptr) {
+      head_norm(plan, q, NH, N, QKV, layer.q_norm);
+      head_norm(plan, kk, NKV, N, QKV, layer.k_norm);
+      clock.mark(Op::norm);
+    }
     if (plan.arch == Arch::kLlama) {
       k.rope_forward(q, q, cos, sin, lengths, B, Tq, NH, HS, q_s, q_s);
       k.rope_forward(kk, kk, cos, sin, lengths, B, Tq, NKV, HS, q_s, q_s);

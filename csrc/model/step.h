@@ -50,6 +50,7 @@ struct Layer {
   const float *norm1_w = nullptr, *norm1_b = nullptr, *norm2_w = nullptr, *norm2_b = nullptr;
   Linear qkv, o;
   std::vector<Linear> mlp;   // GPT-2: c_fc, c_proj. Llama: gate, up, down.
+  const float *q_norm = nullptr, *k_norm = nullptr;   // Qwen3: an RMSNorm (HS weights) on each q and k head
 };
 
 struct Plan {

@@ -1,8 +1,8 @@
-"""Hugging Face model folders: config.json + model.safetensors, GPT-2 and Llama, and safetensors
-files in general.
+"""Hugging Face model folders: config.json + model.safetensors (or shards named by
+model.safetensors.index.json), GPT-2, Llama, Qwen2 and Qwen3, and safetensors files in general.
 
-What write_folder writes, `transformers` loads as GPT2LMHeadModel / LlamaForCausalLM with the same
-logits; what `transformers` writes (or the hub's GPT-2 files), read_folder reads. Readers return
+What write_folder writes, `transformers` loads as GPT2LMHeadModel / LlamaForCausalLM /
+Qwen2ForCausalLM / Qwen3ForCausalLM with the same logits; what `transformers` writes (or the hub's GPT-2 files), read_folder reads. Readers return
 data (pyllm.io.tensors.ModelWeights) and never build a model; the tokenizer's files are
 tokenizer_files.py's.
 """
@@ -23,23 +23,34 @@ from pyllm.models import ModelConfig
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"   # sharded weights: {"weight_map": {tensor: shard file}}
 TOKENIZER = "tokenizer.json"
 # Buffers and duplicates that GPT-2 checkpoints may carry besides the parameters.
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 
 
+# The Llama-shaped families: pyllm arch -> (transformers class, model_type).
+_LLAMA_LIKE = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+
 def config_to_hf(cfg: ModelConfig) -> dict:
-    if cfg.arch == "llama":
-        return {
-            "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+    if cfg.arch in _LLAMA_LIKE:
+        doc = {
+            "architectures": [_LLAMA_LIKE[cfg.arch]], "model_type": cfg.arch,
             "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.block_size,
             "hidden_size": cfg.n_embd, "intermediate_size": cfg.intermediate_size,
             "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
             "num_key_value_heads": cfg.n_kv_head, "head_dim": cfg.head_size, "hidden_act": "silu",
             "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
-            "tie_word_embeddings": cfg.tie_word_embeddings, "attention_bias": False, "mlp_bias": False,
-            "torch_dtype": "float32",
+            "tie_word_embeddings": cfg.tie_word_embeddings, "torch_dtype": "float32",
         }
+        if cfg.arch == "llama":
+            doc.update(attention_bias=False, mlp_bias=False)
+        elif cfg.arch == "qwen3":
+            doc.update(attention_bias=False, use_sliding_window=False)
+        else:
+            doc.update(use_sliding_window=False)
+        return doc
     return {
         "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
         "vocab_size": cfg.vocab_size, "n_positions": cfg.block_size, "n_ctx": cfg.block_size,
@@ -53,10 +64,11 @@ def config_to_hf(cfg: ModelConfig) -> dict:
 
 def config_from_hf(doc: dict, where: str = CONFIG) -> ModelConfig:
     model_type = doc.get("model_type")
-    if model_type == "llama":
+    if model_type in _LLAMA_LIKE:
         return _llama_config_from_hf(doc, where)
     if model_type != "gpt2":
-        raise ValueError(f"{where}: model_type {model_type!r} is not supported (gpt2 and llama are)")
+        raise ValueError(f"{where}: model_type {model_type!r} is not supported "
+                         f"(supported: gpt2, {', '.join(_LLAMA_LIKE)})")
     activation = doc.get("activation_function", "gelu_new")
     if activation not in ("gelu_new", "gelu_pytorch_tanh"):
         raise ValueError(f"{where}: activation_function {activation!r} is not supported (gelu_new is)")
@@ -82,13 +94,17 @@ def _llama_config_from_hf(doc: dict, where: str) -> ModelConfig:
         raise ValueError(f"{where}: rope type {rope.get('rope_type', rope.get('type'))!r} is not supported "
                          f"(plain rotary embeddings are)")
     theta = rope.get("rope_theta", doc.get("rope_theta", 10000.0))
+    arch = doc["model_type"]
     if doc.get("attention_bias") or doc.get("mlp_bias"):
-        raise ValueError(f"{where}: attention/mlp biases are not supported for llama")
+        raise ValueError(f"{where}: attention/mlp biases are not supported for {arch}"
+                         + (" (qwen2 has its q/k/v biases always)" if arch == "qwen2" else ""))
+    if doc.get("use_sliding_window"):
+        raise ValueError(f"{where}: use_sliding_window=true (sliding-window attention) is not supported yet")
     try:
         heads, hidden = int(doc["num_attention_heads"]), int(doc["hidden_size"])
-        if doc.get("head_dim") not in (None, hidden // heads):
-            raise ValueError(f"{where}: head_dim {doc['head_dim']} != hidden_size / num_attention_heads")
-        return ModelConfig(arch="llama", vocab_size=int(doc["vocab_size"]),
+        head_dim = doc.get("head_dim")
+        return ModelConfig(arch=arch, vocab_size=int(doc["vocab_size"]),
+                           head_dim=int(head_dim) if head_dim is not None else None,
                            block_size=int(doc.get("max_position_embeddings", 2048)),
                            n_layer=int(doc["num_hidden_layers"]), n_head=heads, n_embd=hidden,
                            n_kv_head=int(doc.get("num_key_value_heads") or heads),
@@ -205,11 +221,36 @@ def read_folder(source) -> ModelWeights:
     if directory.is_file():
         directory = directory.parent
     cfg = read_config(directory)
-    weights = directory / WEIGHTS
-    if not weights.is_file():
-        raise FileNotFoundError(f"{directory}: no {WEIGHTS}")
-    names, read = _tensor_reader(weights)
-    by_name = {_normalise_name(n): n for n in names if not n.endswith(_IGNORED_SUFFIXES)}
+    readers = _weight_readers(directory)   # tensor name -> read(name)
+    by_name = {_normalise_name(n): n for n in readers if not n.endswith(_IGNORED_SUFFIXES)}
     if cfg.tie_word_embeddings:
         by_name.pop("lm_head.weight", None)
-    return ModelWeights(cfg, LazyTensors(by_name, lambda name: read(by_name[name])))
+    return ModelWeights(cfg, LazyTensors(by_name, lambda name: readers[by_name[name]](by_name[name])))
+
+
+def _weight_readers(directory: Path) -> dict:
+    """Tensor name -> its file's reader, for model.safetensors or the shards its index names."""
+    weights, index = directory / WEIGHTS, directory / INDEX
+    if weights.is_file():
+        names, read = _tensor_reader(weights)
+        return {name: read for name in names}
+    if not index.is_file():
+        raise FileNotFoundError(f"{directory}: no {WEIGHTS} and no {INDEX}")
+    weight_map = read_json_object(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{index}: no weight_map of tensor names to shard files")
+    shards: dict = {}
+    out = {}
+    for name, file in weight_map.items():
+        if not isinstance(file, str) or Path(file).name != file or not file.endswith(".safetensors"):
+            raise ValueError(f"{index}: {name!r} names the shard {file!r}, not a .safetensors file in the folder")
+        if file not in shards:
+            if not (directory / file).is_file():
+                raise FileNotFoundError(f"{index}: the shard {file} is missing")
+            names, read = _tensor_reader(directory / file)
+            shards[file] = (set(names), read)
+        shard_names, read = shards[file]
+        if name not in shard_names:
+            raise ValueError(f"{index}: {name!r} is not in {file}")
+        out[name] = read
+    return out

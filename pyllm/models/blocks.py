@@ -33,6 +33,7 @@ class Architecture:
     embedding: str          # the token embedding's parameter name
     positions: Optional[str] = None   # a learned position table added to it (GPT-2), if any
     final_norm: tuple       # (weight, bias or None)
+    step: str = "llama"     # the C++ step's block kind: "gpt2" or "llama" (rotary, SwiGLU)
 
     def parameter_specs(self, cfg: ModelConfig) -> list:
         """Every parameter (ParamSpec) with its Hugging Face name, decayed ones first."""
@@ -88,6 +89,34 @@ class Runner:
         self.head = head_projection(cfg, arch)
         self.qkv_width = (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_size
 
+    # ------------------------------------------------------------------ Qwen3's head norms
+
+    def _head_norms(self, model: Weights, ws: Workspace, i: int, layer: Layer, q: np.ndarray, k: np.ndarray) -> None:
+        """q and k (views of the fused product) replaced by their RMSNorm over each head's HS values;
+        the inputs kept (contiguous, one row per head) for backward. The C++ step does the same."""
+        for tag, heads, weight in (("q", q, layer.qk_norm[0]), ("k", k, layer.qk_norm[1])):
+            B, T, H, HS = heads.shape
+            raw = ws.get(f"{tag}raw.{i}", (B * T * H, HS))
+            np.copyto(raw.reshape(heads.shape), heads)
+            normed = ws.get("headnorm", raw.shape)
+            fast.rmsnorm_forward(normed, ws.get(f"{tag}rstd.{i}", (raw.shape[0],)), raw, model.p[weight],
+                                 raw.shape[0], HS, self.cfg.norm_eps)
+            np.copyto(heads, normed.reshape(heads.shape))
+
+    def _head_norms_backward(self, model: Weights, grads, ws: Workspace, i: int, layer: Layer, dq: np.ndarray,
+                             dk: np.ndarray) -> None:
+        """dq and dk (views of the fused gradient) taken back through the head norms."""
+        for tag, dheads, weight in (("q", dq, layer.qk_norm[0]), ("k", dk, layer.qk_norm[1])):
+            B, T, H, HS = dheads.shape
+            rows = B * T * H
+            dnormed = ws.get("dheadnorm", (rows, HS))
+            np.copyto(dnormed.reshape(dheads.shape), dheads)
+            draw = ws.get("dheadraw", (rows, HS))
+            fast.rmsnorm_backward(draw, grads[weight] if grads is not None else None, dnormed,
+                                  ws.get(f"{tag}raw.{i}", (rows, HS)), model.p[weight],
+                                  ws.get(f"{tag}rstd.{i}", (rows,)), rows, HS)
+            np.copyto(dheads, draw.reshape(dheads.shape))
+
     # ------------------------------------------------------------------ training
 
     def forward(self, model: Weights, ws: Workspace, ids: np.ndarray, rope: Optional[tuple],
@@ -107,6 +136,8 @@ class Runner:
             qkv = ws.get(f"qkv.{i}", (N, self.qkv_width))
             linear(model, layer.qkv, qkv, ln1)
             q, k, v = _head_views(qkv, B, T, cfg)
+            if layer.qk_norm is not None:
+                self._head_norms(model, ws, i, layer, q, k)
             if rope is not None:   # in place: the saved qkv holds the rotated q and k backward needs
                 fast.rope_forward(q, q, rope[0], rope[1], None)
                 fast.rope_forward(k, k, rope[0], rope[1], None)
@@ -173,6 +204,8 @@ class Runner:
             if rope is not None:
                 fast.rope_backward(dq, dq, rope[0], rope[1], None)
                 fast.rope_backward(dk, dk, rope[0], rope[1], None)
+            if layer.qk_norm is not None:
+                self._head_norms_backward(model, grads, ws, i, layer, dq, dk)
             linear_backward(model, layer.qkv, dln, dqkv, ws.get(f"ln1.{i}", (N, C)))
             norm.backward(model, grads, ws, f"ln1.{i}", dtmp, dln, ws.get(f"x{i}", (N, C)), layer.norm1)
             dx += dtmp     # now d x

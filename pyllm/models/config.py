@@ -12,12 +12,12 @@ from typing import Optional
 
 import numpy as np
 
-ARCHITECTURES = ("gpt2", "llama")
+ARCHITECTURES = ("gpt2", "llama", "qwen2", "qwen3")
 
 
 @dataclass
 class ModelConfig:
-    """Sizes and architecture of a model (GPT-2 or Llama family)."""
+    """Sizes and architecture of a model (GPT-2, Llama, Qwen2 or Qwen3 family)."""
 
     vocab_size: int = 50304
     block_size: int = 256          # longest sequence (learned position embeddings cover it)
@@ -25,12 +25,15 @@ class ModelConfig:
     n_head: int = 6
     n_embd: int = 384
     arch: str = "gpt2"             # "gpt2": LayerNorm, learned positions, GELU MLP, biases;
-                                   # "llama": RMSNorm, rotary positions, SwiGLU MLP, GQA, no biases
+                                   # "llama": RMSNorm, rotary positions, SwiGLU MLP, GQA, no biases;
+                                   # "qwen2": llama with biases on q, k and v;
+                                   # "qwen3": llama with an RMSNorm on each q and k head
     norm_eps: float = 1e-5
     intermediate_size: Optional[int] = None   # feed-forward width; default 4 * n_embd
     n_kv_head: Optional[int] = None           # grouped-query attention (Llama); default n_head
     rope_theta: float = 10000.0               # rotary embeddings (Llama)
     tie_word_embeddings: bool = True          # the output head is the token embedding
+    head_dim: Optional[int] = None            # per attention head; default n_embd // n_head (not gpt2)
 
     PRESETS = {  # name -> (n_layer, n_head, n_embd, block_size)
         "tiny": (2, 2, 64, 64),
@@ -45,8 +48,15 @@ class ModelConfig:
                 raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
         if self.arch not in ARCHITECTURES:
             raise ValueError(f"ModelConfig.arch {self.arch!r} is not supported (choose from {ARCHITECTURES})")
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
+        if self.head_dim is not None:
+            if isinstance(self.head_dim, bool) or not isinstance(self.head_dim, (int, np.integer)) or self.head_dim < 1:
+                raise ValueError(f"ModelConfig.head_dim must be a positive integer or None, got {self.head_dim!r}")
+            if self.arch == "gpt2" and self.head_dim * self.n_head != self.n_embd:
+                raise ValueError(f"gpt2 models have head_dim == n_embd / n_head; got {self.head_dim}")
+            if self.head_dim * self.n_head == self.n_embd:
+                self.head_dim = None   # the default, spelled out
+        elif self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head}), or head_dim set")
         if self.intermediate_size is None:
             self.intermediate_size = 4 * self.n_embd
         if self.n_kv_head is None:
@@ -55,7 +65,7 @@ class ModelConfig:
             raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
         if self.arch == "gpt2" and self.n_kv_head != self.n_head:
             raise ValueError(f"gpt2 models have n_kv_head == n_head; got {self.n_kv_head} and {self.n_head}")
-        if self.arch == "llama" and self.head_size % 2:
+        if self.arch != "gpt2" and self.head_size % 2:
             raise ValueError(f"rotary embeddings need an even head size, got {self.head_size}")
         if not self.norm_eps > 0:
             raise ValueError(f"norm_eps must be positive, got {self.norm_eps!r}")
@@ -72,7 +82,7 @@ class ModelConfig:
 
     @property
     def head_size(self) -> int:
-        return self.n_embd // self.n_head
+        return self.head_dim or self.n_embd // self.n_head
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -39,21 +39,22 @@ def _linear(model: Weights, proj: Projection) -> tuple:
                 width = lora.B[site].shape[0]
                 adapters.append((lora.A[site], lora.B[site], lora.config.rank, width,
                                  0 if cols is None else cols.start, float(lora.scale)))
-    return proj.inp, proj.out, parts, model.p[proj.bias] if proj.bias is not None else None, adapters
+    return proj.inp, proj.out, parts, model.bias(proj), adapters
 
 
 def build_plan(model: Weights, runner: Runner, arch: Architecture) -> "kernels.DecodePlan":
     """The C++ decode plan of `model` as it is now."""
     cfg = runner.cfg
     positions = model.p[arch.positions] if arch.positions is not None else None
-    plan = kernels.DecodePlan(cfg.arch, cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.head_size, cfg.vocab_size,
+    plan = kernels.DecodePlan(arch.step, cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.head_size, cfg.vocab_size,
                               cfg.block_size, cfg.norm_eps, bool(model.int8_activations))
     plan.set_embedding(_matrix(model, arch.embedding, cfg.vocab_size, cfg.n_embd), positions)
     plan.set_head(model.p[arch.final_norm[0]], _param(model, arch.final_norm[1]), _linear(model, runner.head))
     for layer in runner.layers:
+        q_norm, k_norm = (model.p[name] for name in layer.qk_norm) if layer.qk_norm else (None, None)
         plan.add_layer(model.p[layer.norm1[0]], _param(model, layer.norm1[1]), _linear(model, layer.qkv),
                        _linear(model, layer.o), model.p[layer.norm2[0]], _param(model, layer.norm2[1]),
-                       [_linear(model, proj) for proj in layer.mlp])
+                       [_linear(model, proj) for proj in layer.mlp], q_norm, k_norm)
     return plan
 
 

@@ -23,6 +23,7 @@ WTE, WPE = "transformer.wte.weight", "transformer.wpe.weight"
 
 class GPT2(Architecture):
     name = "gpt2"
+    step = "gpt2"
     norm = "layernorm"
     rotary = False
     embedding = WTE

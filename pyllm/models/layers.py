@@ -44,6 +44,8 @@ class Weights(Protocol):
 
     def float_grad(self, proj: "Projection") -> Optional[np.ndarray]: ...   # None when frozen
 
+    def bias(self, proj: "Projection") -> Optional[np.ndarray]: ...         # None without a bias
+
     def bias_grad(self, proj: "Projection") -> Optional[np.ndarray]: ...    # None when frozen or no bias
 
     def scratch(self, name: str, shape: tuple) -> np.ndarray: ...
@@ -56,8 +58,9 @@ class Projection:
     weight: str                          # a parameter, or a fused name over `parts`
     inp: int
     out: int
-    bias: Optional[str] = None
+    bias: Optional[str] = None           # a parameter, or with parts the fused name over bias_parts
     parts: tuple = ()                    # fused: ((parameter name, its output columns), ...), adjacent
+    bias_parts: tuple = ()               # fused: the parts' biases, adjacent in the same order
     in_out: bool = False                 # the float weight is stored (in, out) (GPT-2's Conv1D)
 
     @property
@@ -75,6 +78,7 @@ class Layer:
     o: Projection
     norm2: tuple
     mlp: tuple            # the feed-forward's projections, in the architecture's order
+    qk_norm: Optional[tuple] = None   # (q weight, k weight): an RMSNorm over each q and k head (Qwen3)
 
 
 # ----------------------------------------------------------------------------- linear
@@ -87,7 +91,7 @@ def linear(model: Weights, proj: Projection, out: np.ndarray, x: np.ndarray) -> 
         fast.matmul_quant(out, x, quantized.data, quantized.ggml_type, M, proj.inp, proj.out,
                           model.int8_activations, quantized.packed)
         if proj.bias is not None:
-            out += model.p[proj.bias]
+            out += model.bias(proj)
     elif proj.parts and proj.parts[0][0] in model.quantized:   # fused parts in different quantized types
         for name, cols in proj.parts:
             part = model.quantized[name]
@@ -96,9 +100,9 @@ def linear(model: Weights, proj: Projection, out: np.ndarray, x: np.ndarray) -> 
                               model.int8_activations, part.packed)
             out[:, cols] = piece
         if proj.bias is not None:
-            out += model.p[proj.bias]
+            out += model.bias(proj)
     else:
-        bias = model.p[proj.bias] if proj.bias is not None else None
+        bias = model.bias(proj)
         fast.matmul_forward(out, x, model.float_weight(proj), bias, M, proj.inp, proj.out, not proj.in_out)
     if model.lora is not None:
         for site, cols in proj.sites:

@@ -26,12 +26,20 @@ def qkv_name(i: int) -> str:
     return f"model.layers.{i}.self_attn.qkv"
 
 
+def qkv_bias_name(i: int) -> str:
+    """The fused bias of q, k and v of layer i (not a parameter: q_proj.bias, k_proj.bias and
+    v_proj.bias are), for the families that have them."""
+    return f"model.layers.{i}.self_attn.qkv.bias"
+
+
 class Llama(Architecture):
     name = "llama"
     norm = "rmsnorm"
     rotary = True
     embedding = EMBED
     final_norm = ("model.norm.weight", None)
+    qkv_bias = False     # biases on q, k and v (Qwen2)
+    qk_norm = False      # an RMSNorm over each q and k head before rope (Qwen3)
 
     def parameter_specs(self, cfg: ModelConfig) -> list[ParamSpec]:
         C, F, HS = cfg.n_embd, cfg.intermediate_size, cfg.head_size
@@ -46,6 +54,11 @@ class Llama(Architecture):
                         ParamSpec(h + "mlp.gate_proj.weight", (F, C), True, "normal"),
                         ParamSpec(h + "mlp.up_proj.weight", (F, C), True, "normal"),
                         ParamSpec(h + "mlp.down_proj.weight", (C, F), True, "residual")]
+            if self.qkv_bias:   # adjacent, in q, k, v order: one fused bias over the three
+                other += [ParamSpec(h + f"self_attn.{x}_proj.bias", (n,), False, "zeros")
+                          for x, n in (("q", q_out), ("k", kv_out), ("v", kv_out))]
+            if self.qk_norm:
+                other += [ParamSpec(h + f"self_attn.{x}_norm.weight", (HS,), False, "ones") for x in "qk"]
             other += [ParamSpec(h + "input_layernorm.weight", (C,), False, "ones"),
                       ParamSpec(h + "post_attention_layernorm.weight", (C,), False, "ones")]
         other.append(ParamSpec(self.final_norm[0], (C,), False, "ones"))
@@ -62,12 +75,17 @@ class Llama(Architecture):
             parts = ((h + "self_attn.q_proj.weight", slice(0, nq)),
                      (h + "self_attn.k_proj.weight", slice(nq, nq + nkv)),
                      (h + "self_attn.v_proj.weight", slice(nq + nkv, nq + 2 * nkv)))
+            bias, bias_parts = None, ()
+            if self.qkv_bias:
+                bias = qkv_bias_name(i)
+                bias_parts = tuple(h + f"self_attn.{x}_proj.bias" for x in "qkv")
+            qk_norm = (h + "self_attn.q_norm.weight", h + "self_attn.k_norm.weight") if self.qk_norm else None
             out.append(Layer(norm1=(h + "input_layernorm.weight", None),
-                             qkv=Projection(qkv_name(i), C, nq + 2 * nkv, parts=parts),
+                             qkv=Projection(qkv_name(i), C, nq + 2 * nkv, bias, parts=parts, bias_parts=bias_parts),
                              o=Projection(h + "self_attn.o_proj.weight", nq, C),
                              norm2=(h + "post_attention_layernorm.weight", None),
                              mlp=(Projection(h + "mlp.gate_proj.weight", C, F), Projection(h + "mlp.up_proj.weight", C, F),
-                                  Projection(h + "mlp.down_proj.weight", F, C))))
+                                  Projection(h + "mlp.down_proj.weight", F, C)), qk_norm=qk_norm))
         return out
 
     def embed(self, model: Weights, out: np.ndarray, ids: np.ndarray) -> None:

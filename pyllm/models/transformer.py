@@ -26,10 +26,11 @@ from pyllm.models.config import ModelConfig
 from pyllm.models.gpt2 import GPT2
 from pyllm.models.layers import Projection
 from pyllm.models.llama import Llama
+from pyllm.models.qwen import Qwen2, Qwen3
 from pyllm.models.params import ParamSpec, QuantizedWeight, flat_views, initialise, offsets
 from pyllm.models.workspace import Workspace
 
-ARCHITECTURES: dict[str, Architecture] = {arch.name: arch for arch in (GPT2(), Llama())}
+ARCHITECTURES: dict[str, Architecture] = {arch.name: arch for arch in (GPT2(), Llama(), Qwen2(), Qwen3())}
 assert tuple(ARCHITECTURES) == ARCHITECTURE_NAMES, "models/config.py lists the architectures written here"
 
 IGNORE = -100   # a target that is not learned (a prompt, padding)
@@ -95,6 +96,16 @@ class Transformer:
                 size = proj.out * proj.inp
                 self._fused_weights[proj.weight] = self.params[start:start + size].reshape(proj.out, proj.inp)
                 self._fused_grads[proj.weight] = self.grads[start:start + size].reshape(proj.out, proj.inp)
+        # Fused biases (q, k and v's of Qwen2): one view over the adjacent parts.
+        self._fused_biases, self._fused_bias_grads = {}, {}
+        for proj in self._fused.values():
+            if proj.bias_parts:
+                start = self.offsets[proj.bias_parts[0]]
+                ends = [self.offsets[b] + self.p[b].size for b in proj.bias_parts]
+                assert ends[-1] - start == proj.out and all(self.offsets[b] == e for b, e in
+                                                            zip(proj.bias_parts[1:], ends)), "fused biases are adjacent"
+                self._fused_biases[proj.bias] = self.params[start:start + proj.out]
+                self._fused_bias_grads[proj.bias] = self.grads[start:start + proj.out]
         self._buffers = _Buffers()
         self._rope: Optional[tuple] = None
         self._plan, self._plan_key = None, None
@@ -118,8 +129,15 @@ class Transformer:
             return None
         return self._fused_grads[proj.weight] if proj.parts else self.g[proj.weight]
 
+    def bias(self, proj: Projection) -> Optional[np.ndarray]:
+        if proj.bias is None:
+            return None
+        return self._fused_biases[proj.bias] if proj.bias_parts else self.p[proj.bias]
+
     def bias_grad(self, proj: Projection) -> Optional[np.ndarray]:
-        return None if self.frozen or proj.bias is None else self.g[proj.bias]
+        if self.frozen or proj.bias is None:
+            return None
+        return self._fused_bias_grads[proj.bias] if proj.bias_parts else self.g[proj.bias]
 
     def scratch(self, name: str, shape: tuple) -> np.ndarray:
         return self._buffers.scratch.get(name, shape)

@@ -1,0 +1,140 @@
+"""The Llama-shaped families beyond Llama (Qwen2: q/k/v biases; Qwen3: RMS norms on each q and k
+head, head_dim apart from n_embd / n_head) against transformers on random weights: logits, loss and
+every gradient; cached decode against recomputation; LoRA on them; their folders both ways."""
+
+import json
+
+import numpy as np
+import pytest
+
+from pyllm.model import Model, ModelConfig
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+BASE = dict(vocab_size=91, block_size=40, n_layer=2, n_head=4, n_embd=48, intermediate_size=80, rope_theta=1e6)
+FAMILIES = {
+    "qwen2": [dict(n_kv_head=2), dict(n_kv_head=1, tie_word_embeddings=False)],
+    "qwen3": [dict(n_kv_head=2, head_dim=16), dict(n_kv_head=4, tie_word_embeddings=False),
+              dict(n_kv_head=1, head_dim=8)],
+}
+CASES = [(arch, extra) for arch, extras in FAMILIES.items() for extra in extras]
+CLASSES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+
+def assert_close(ours, theirs, rtol=1e-4, what=""):
+    ours, theirs = np.asarray(ours, np.float64), np.asarray(theirs, np.float64)
+    err = np.abs(ours - theirs).max() / max(np.abs(theirs).max(), 1e-6)
+    assert err <= rtol, f"{what}: max error {err:.2e} of the largest magnitude (limit {rtol})"
+
+
+def random_model(arch, extra, seed=0) -> Model:
+    model = Model(ModelConfig(arch=arch, **BASE, **extra), seed=seed)
+    rng = np.random.default_rng(seed + 1)
+    for spec in model.specs:   # norms away from 1 and biases away from 0, so their use is checked
+        if not spec.decay and "embed" not in spec.name:
+            model.p[spec.name][...] += rng.standard_normal(spec.shape).astype(np.float32) * 0.3
+    return model
+
+
+def twin(model: Model):
+    from pyllm.io.hf import config_to_hf
+
+    doc = config_to_hf(model.config)
+    cfg = getattr(transformers, type(transformers.AutoConfig.for_model(doc["model_type"])).__name__)(**doc)
+    cfg._attn_implementation = "eager"
+    theirs = getattr(transformers, CLASSES[model.config.arch])(cfg)
+    state = {k: torch.from_numpy(np.array(v)) for k, v in model.state_dict().items()}
+    missing, unexpected = theirs.load_state_dict(state, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    if model.config.tie_word_embeddings:
+        theirs.tie_weights()
+    theirs.eval()
+    return theirs
+
+
+@pytest.mark.parametrize("arch, extra", CASES, ids=[f"{a}-{i}" for a, e in FAMILIES.items() for i in range(len(e))])
+def test_logits_loss_and_every_gradient_equal_transformers(arch, extra):
+    model = random_model(arch, extra)
+    theirs = twin(model)
+    rng = np.random.default_rng(2)
+    ids = rng.integers(0, model.config.vocab_size, (2, 13))
+    targets = rng.integers(0, model.config.vocab_size, (2, 13))
+    targets[:, :3] = -100
+    t_logits = theirs(torch.from_numpy(ids)).logits
+    assert_close(model(ids), t_logits.detach().numpy(), what="logits")
+    t_loss = torch.nn.functional.cross_entropy(t_logits.reshape(-1, model.config.vocab_size),
+                                               torch.from_numpy(targets).reshape(-1), ignore_index=-100)
+    t_loss.backward()
+    loss = model.forward_backward(ids, targets)
+    assert loss == pytest.approx(t_loss.item(), rel=1e-5)
+    t_params = dict(theirs.named_parameters())
+    grads = model.named_grads()
+    assert set(grads) == set(t_params) - ({"lm_head.weight"} if model.config.tie_word_embeddings else set())
+    for name, grad in grads.items():
+        assert_close(grad, t_params[name].grad.numpy(), what=name)
+
+
+@pytest.mark.parametrize("arch, extra", CASES[::2])
+def test_cached_decode_equals_recomputation(arch, extra):
+    from pyllm.generate import generate
+
+    model = random_model(arch, extra, seed=3)
+    prompts = [[1, 2, 3, 4, 5, 6], [7], [8, 9, 10]]
+    cached = model.generate(prompts, 9, temperature=0)
+    again = generate(model, prompts, 9, temperature=0, use_cache=False)
+    assert [c.tolist() for c in cached] == [c.tolist() for c in again]
+    # A step's logits are the full forward pass's at that position.
+    from pyllm.models import KVCache
+
+    ids = np.arange(1, 15)[None, :] % model.config.vocab_size
+    full = model(ids)[0]
+    cache = KVCache(model.config, 1, 20)
+    model.forward_step(ids[:, :9], cache)
+    for t in range(9, 14):
+        assert_close(model.forward_step(ids[:, t:t + 1], cache)[0], full[t], rtol=1e-5, what=f"step {t}")
+
+
+@pytest.mark.parametrize("arch, extra", [CASES[0], CASES[2]])
+def test_folders_round_trip_through_transformers(arch, extra, tmp_path):
+    model = random_model(arch, extra, seed=5)
+    model.save_pretrained(tmp_path)
+    theirs = getattr(transformers, CLASSES[arch]).from_pretrained(tmp_path)
+    theirs.eval()
+    ids = np.arange(3, 20)[None, :]
+    with torch.no_grad():
+        assert_close(model(ids), theirs(torch.from_numpy(ids)).logits.numpy(), what="transformers reads ours")
+    # transformers' own writing, sharded and in bfloat16: read as its bf16 values widened.
+    theirs.to(torch.bfloat16).save_pretrained(tmp_path / "back", max_shard_size="20KB")
+    assert json.loads((tmp_path / "back" / "model.safetensors.index.json").read_text())["weight_map"]
+    again = Model.from_pretrained(tmp_path / "back")
+    assert again.config == model.config
+    with torch.no_grad():
+        expected = theirs.float()(torch.from_numpy(ids)).logits.numpy()
+    assert_close(again(ids), expected, rtol=1e-4, what="our reading of a sharded bf16 folder")
+
+
+def test_lora_adapters_train_on_a_qwen3_model():
+    from pyllm.lora import LoRA, LoRAConfig
+
+    model = random_model("qwen3", FAMILIES["qwen3"][0])
+    base = model(np.arange(5)[None, :])
+    lora = model.lora = LoRA(model, LoRAConfig(rank=4, alpha=8, targets=("q_proj", "v_proj", "down_proj")))
+    assert_close(model(np.arange(5)[None, :]), base, rtol=1e-6, what="fresh adapters change nothing")
+    ids = np.arange(10)[None, :]
+    loss = model.forward_backward(ids, np.roll(ids, -1))
+    assert np.isfinite(loss) and any(np.abs(g).sum() > 0 for g in lora.gB.values())
+
+
+def test_bad_family_configs_are_refused():
+    with pytest.raises(ValueError, match="head_dim"):
+        ModelConfig(arch="qwen3", **BASE, head_dim=0)
+    with pytest.raises(ValueError, match="multiple of n_head"):
+        ModelConfig(arch="qwen2", **{**BASE, "n_embd": 50})
+    from pyllm.io.hf import config_from_hf, config_to_hf
+
+    doc = config_to_hf(ModelConfig(arch="qwen2", **BASE))
+    with pytest.raises(ValueError, match="sliding"):
+        config_from_hf({**doc, "use_sliding_window": True})
+    with pytest.raises(ValueError, match="not supported"):
+        config_from_hf({**doc, "model_type": "gemma3"})
