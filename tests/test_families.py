@@ -138,3 +138,101 @@ def test_bad_family_configs_are_refused():
         config_from_hf({**doc, "use_sliding_window": True})
     with pytest.raises(ValueError, match="not supported"):
         config_from_hf({**doc, "model_type": "gemma3"})
+
+
+# ----------------------------------------------------------------------------- GGUF files
+
+GGUF_LAYER = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+              "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+              "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm", "mlp.gate_proj": "ffn_gate",
+              "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+TEXT = "the quick brown fox jumps over the lazy dog. " * 40 + "pack my box with five dozen liquor jugs. " * 40
+
+
+def write_qwen_gguf(path, model: Model, tokenizer, matrix_type) -> None:
+    """A GGUF file as llama.cpp's converter writes a Qwen2/Qwen3 model: its metadata, llama.cpp's
+    tensor names, matrices (out, in) in matrix_type, and q/k rows as they are (rotate-half rope)."""
+    gguf = pytest.importorskip("gguf")
+    from gguf.quants import quantize
+
+    from pyllm.io.tokenizer_files import bytes_to_unicode
+
+    cfg = model.config
+    w = gguf.GGUFWriter(str(path), cfg.arch)
+    w.add_context_length(cfg.block_size)
+    w.add_embedding_length(cfg.n_embd)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_block_count(cfg.n_layer)
+    w.add_head_count(cfg.n_head)
+    w.add_head_count_kv(cfg.n_kv_head)
+    w.add_key_length(cfg.head_size)
+    w.add_value_length(cfg.head_size)
+    w.add_layer_norm_rms_eps(cfg.norm_eps)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt-2")
+    chars = bytes_to_unicode()
+    specials = {sid: name for name, sid in tokenizer.special_tokens.items()}
+    w.add_token_list([specials.get(i) or "".join(chars[b] for b in tokenizer.vocab[i])
+                      for i in range(tokenizer.vocab_size)])
+    w.add_token_types([3 if i in specials else 1 for i in range(tokenizer.vocab_size)])
+    w.add_token_merges(["".join(chars[b] for b in tokenizer.vocab[a]) + " " + "".join(chars[b] for b in tokenizer.vocab[c])
+                        for a, c in tokenizer.merges])
+    w.add_eos_token_id(tokenizer.special_tokens["<|endoftext|>"])
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    for name, value in model.state_dict().items():
+        if name in names:
+            target = names[name]
+        else:
+            _, _, layer, rest = name.split(".", 3)
+            module, part = rest.rsplit(".", 1)
+            target = f"blk.{layer}.{GGUF_LAYER[module]}.{part}"
+        value = np.ascontiguousarray(value, np.float32)
+        if value.ndim == 2 and matrix_type != gguf.GGMLQuantizationType.F32:
+            w.add_tensor(target, quantize(value, matrix_type), raw_dtype=matrix_type)
+        else:
+            w.add_tensor(target, value)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from pyllm.tokenizer import Tokenizer
+
+    return Tokenizer.train(TEXT, 300, pattern="gpt2", special_tokens=["<|endoftext|>"], progress=False)
+
+
+@pytest.mark.parametrize("arch, extra", [CASES[0], CASES[1], CASES[2]], ids=["qwen2", "qwen2-untied", "qwen3"])
+@pytest.mark.parametrize("kind", ["F32", "Q8_0"])
+def test_gguf_files_load_with_the_model_s_logits_and_llama_cpp_agrees(arch, extra, kind, tokenizer, tmp_path):
+    gguf = pytest.importorskip("gguf")
+    from pyllm.llm import LLM
+
+    sizes = {**BASE, "vocab_size": tokenizer.vocab_size, "n_embd": 64, "intermediate_size": 96}   # 32-value blocks
+    model = Model(ModelConfig(arch=arch, **sizes, **extra), seed=7)
+    rng = np.random.default_rng(8)
+    for spec in model.specs:
+        if not spec.decay and "embed" not in spec.name:
+            model.p[spec.name][...] += rng.standard_normal(spec.shape).astype(np.float32) * 0.3
+    path = tmp_path / f"{arch}.gguf"
+    write_qwen_gguf(path, model, tokenizer, getattr(gguf.GGMLQuantizationType, kind))
+    loaded = LLM.load(path)
+    import dataclasses
+
+    assert loaded.model.config.norm_eps == pytest.approx(model.config.norm_eps)   # stored as float32
+    assert dataclasses.replace(loaded.model.config, norm_eps=model.config.norm_eps) == model.config
+    assert bool(loaded.model.quantized) == (kind != "F32")
+    ids = np.array([tokenizer.encode("the quick brown fox jumps")])
+    expected = model(ids)
+    assert_close(loaded.model(ids), expected, rtol=1e-5 if kind == "F32" else 0.03, what=f"{kind} file")
+    llama_cpp = pytest.importorskip("llama_cpp")
+    ref = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_threads=2, verbose=False)
+    ref.eval(ids[0].tolist())
+    theirs = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ref._ctx.ctx, -1), shape=(ref.n_vocab(),))
+    ours = loaded.model(ids)[0, -1]
+    assert int(np.argmax(ours)) == int(np.argmax(theirs))
+    assert_close(ours, theirs, rtol=0.03, what="llama.cpp on the same file")

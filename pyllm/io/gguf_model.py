@@ -1,10 +1,11 @@
-"""Models in GGUF files (llama.cpp's format), architectures llama and gpt2: the config from the
-metadata and every tensor under its Hugging Face name, quantized matrices kept in their blocks.
+"""Models in GGUF files (llama.cpp's format), architectures llama, qwen2, qwen3 and gpt2: the config
+from the metadata and every tensor under its Hugging Face name, quantized matrices kept in their blocks.
 
 Every tensor's byte range is checked against the file before it is read (GGUFFile.raw). A reader
 returns data (pyllm.io.tensors.ModelWeights) and never builds a model. The vocabulary and the chat
 template are tokenizer_files.py's. Layouts: llama.cpp stores every matrix as (out, in) rows, and
-q/k projections with their rows permuted for its interleaved rope (undone here); GPT-2's Conv1D
+llama's q/k projections with their rows permuted for its interleaved rope (undone here; qwen2 and
+qwen3 use llama.cpp's rotate-half rope and are stored as they are); GPT-2's Conv1D
 weights are transposed back to Hugging Face's (in, out) when read as floats.
 """
 
@@ -27,21 +28,25 @@ QUANTIZED = tuple(t.id for t in kernels.GGML_TYPES.values() if t.quantized)
 row_bytes = kernels.row_bytes
 
 # GGUF tensor name -> Hugging Face name: per layer ({i}) and global, per architecture.
+_LLAMA_LAYER = {"attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
+                "attn_q.weight": "self_attn.q_proj.weight", "attn_k.weight": "self_attn.k_proj.weight",
+                "attn_v.weight": "self_attn.v_proj.weight", "attn_output.weight": "self_attn.o_proj.weight",
+                "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
+                "ffn_down.weight": "mlp.down_proj.weight"}
 _LAYER_NAMES = {
-    "llama": {"attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
-              "attn_q.weight": "self_attn.q_proj.weight", "attn_k.weight": "self_attn.k_proj.weight",
-              "attn_v.weight": "self_attn.v_proj.weight", "attn_output.weight": "self_attn.o_proj.weight",
-              "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
-              "ffn_down.weight": "mlp.down_proj.weight"},
+    "llama": _LLAMA_LAYER,
+    "qwen2": {**_LLAMA_LAYER, **{f"attn_{x}.bias": f"self_attn.{x}_proj.bias" for x in "qkv"}},
+    "qwen3": {**_LLAMA_LAYER, **{f"attn_{x}_norm.weight": f"self_attn.{x}_norm.weight" for x in "qk"}},
     "gpt2": {f"{g}.{part}": f"{h}.{part}" for g, h in
              (("attn_norm", "ln_1"), ("attn_qkv", "attn.c_attn"), ("attn_output", "attn.c_proj"),
               ("ffn_norm", "ln_2"), ("ffn_up", "mlp.c_fc"), ("ffn_down", "mlp.c_proj")) for part in ("weight", "bias")},
 }
-_LAYER_PREFIX = {"llama": "model.layers.{i}.", "gpt2": "transformer.h.{i}."}
+LLAMA_LIKE = ("llama", "qwen2", "qwen3")   # the Llama-shaped block, named as Llama's
+_LAYER_PREFIX = {**{a: "model.layers.{i}." for a in LLAMA_LIKE}, "gpt2": "transformer.h.{i}."}
 ARCHITECTURES = tuple(_LAYER_NAMES)   # what this reader maps
 _GLOBAL_NAMES = {
-    "llama": {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
-              "output.weight": "lm_head.weight"},
+    **{a: {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+           "output.weight": "lm_head.weight"} for a in LLAMA_LIKE},
     "gpt2": {"token_embd.weight": "transformer.wte.weight", "position_embd.weight": "transformer.wpe.weight",
              "output_norm.weight": "transformer.ln_f.weight", "output_norm.bias": "transformer.ln_f.bias",
              "output.weight": "lm_head.weight"},
@@ -108,14 +113,19 @@ def config_from_gguf(f: GGUFFile) -> ModelConfig:
     if arch == "gpt2":
         return ModelConfig(arch="gpt2", norm_eps=float(_meta(f, "gpt2.attention.layer_norm_epsilon", 1e-5)),
                            **sizes)
-    rope_dims = f.metadata.get("llama.rope.dimension_count", n_embd // n_head)
-    if rope_dims != n_embd // n_head:
-        raise ValueError(f"{f.path}: partial rotary embeddings ({rope_dims} of {n_embd // n_head}) are not supported")
+    head_dim = _meta(f, f"{arch}.attention.key_length", n_embd // n_head, kind=int)
+    if _meta(f, f"{arch}.attention.value_length", head_dim, kind=int) != head_dim:
+        raise ValueError(f"{f.path}: keys and values of different lengths per head are not supported")
+    rope_dims = f.metadata.get(f"{arch}.rope.dimension_count", head_dim)
+    if rope_dims != head_dim:
+        raise ValueError(f"{f.path}: partial rotary embeddings ({rope_dims} of {head_dim}) are not supported")
     if "rope_freqs.weight" in f.tensors:
         raise ValueError(f"{f.path}: rope_freqs.weight (scaled rotary frequencies) is not supported")
-    return ModelConfig(arch="llama", n_kv_head=int(f.metadata.get("llama.attention.head_count_kv", n_head)),
-                       norm_eps=float(_meta(f, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
-                       rope_theta=float(f.metadata.get("llama.rope.freq_base", 10000.0)), **sizes)
+    if f.metadata.get(f"{arch}.attention.sliding_window"):
+        raise ValueError(f"{f.path}: sliding-window attention is not supported yet")
+    return ModelConfig(arch=arch, n_kv_head=int(f.metadata.get(f"{arch}.attention.head_count_kv", n_head)),
+                       head_dim=head_dim, norm_eps=float(_meta(f, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+                       rope_theta=float(f.metadata.get(f"{arch}.rope.freq_base", 10000.0)), **sizes)
 
 
 def _rows(f: GGUFFile, info: TensorInfo) -> np.ndarray:
@@ -149,18 +159,19 @@ def read_weights(f: GGUFFile, dequantize: bool = False) -> ModelWeights:
         for target, info in names.items():
             if info.type not in QUANTIZED or len(info.shape) != 2 or target == "transformer.wpe.weight":
                 continue   # float tensors, and GPT-2's position table (added, not multiplied), are read as floats
-            if arch == "llama" and target.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight")):
+            if arch in LLAMA_LIKE and target.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight")):
                 continue   # fused below
             quantized[target] = QuantizedWeight(_rows(f, info), info.type, (info.shape[1], info.shape[0]))
-        if arch == "llama":
+        if arch in LLAMA_LIKE:
             _fuse_qkv(f, cfg, names, quantized)
     kept = set(quantized)
+    permuted = arch == "llama"
 
     def read(target: str) -> np.ndarray:
         values = tensor(f, names[target].name)
-        if target.endswith("q_proj.weight"):
+        if permuted and target.endswith("q_proj.weight"):
             values = unpermute_rope(values, cfg.n_head)
-        elif target.endswith("k_proj.weight"):
+        elif permuted and target.endswith("k_proj.weight"):
             values = unpermute_rope(values, cfg.n_kv_head)
         elif target in in_out:
             values = np.ascontiguousarray(values.T)
@@ -174,7 +185,7 @@ def read_weights(f: GGUFFile, dequantize: bool = False) -> ModelWeights:
 
 
 def _fuse_qkv(f: GGUFFile, cfg: ModelConfig, names: dict, quantized: dict) -> None:
-    """Llama's q, k and v of each layer, quantized: rows unpermuted, and as one fused block (one
+    """The q, k and v of each layer, quantized: rows unpermuted (llama), and as one fused block (one
     product for the three) when they share a type, the parts views of it."""
     HS = cfg.head_size
     nq, nkv = cfg.n_head * HS, cfg.n_kv_head * HS
@@ -183,8 +194,9 @@ def _fuse_qkv(f: GGUFFile, cfg: ModelConfig, names: dict, quantized: dict) -> No
         infos = [names.get(h + f"{x}_proj.weight") for x in "qkv"]
         if any(t is None or t.type not in QUANTIZED or len(t.shape) != 2 for t in infos):
             continue   # read as floats (and a missing one reported by the model)
-        q = _unpermute_rows(_rows(f, infos[0]), cfg.n_head)
-        k = _unpermute_rows(_rows(f, infos[1]), cfg.n_kv_head)
+        q, k = _rows(f, infos[0]), _rows(f, infos[1])
+        if cfg.arch == "llama":
+            q, k = _unpermute_rows(q, cfg.n_head), _unpermute_rows(k, cfg.n_kv_head)
         v = _rows(f, infos[2])
         if len({t.type for t in infos}) == 1:
             fused = np.ascontiguousarray(np.concatenate([q, k, v]))
