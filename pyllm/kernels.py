@@ -331,9 +331,11 @@ def swiglu_backward(dout, gate, up):
 
 # ----------------------------------------------------------------------------- rotary embedding
 
-def rope_tables(positions, head_size: int, theta: float = 10000.0) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sin tables for rotary embeddings, each (T, HS/2): angle p / theta^(2i / HS) at each
-    position p (an int T means 0 .. T-1, or a 1-D array of positions).
+def rope_tables(positions, head_size: int, theta: float = 10000.0,
+                freq_factors=None) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin tables for rotary embeddings, each (T, HS/2): angle p / (theta^(2i / HS) f_i) at
+    each position p (an int T means 0 .. T-1, or a 1-D array of positions), f = freq_factors (HS/2
+    positive numbers: a scaled rope such as Llama 3's; None: all 1).
 
     >>> cos, sin = rope_tables(4, 8)
     >>> cos.shape
@@ -353,10 +355,15 @@ def rope_tables(positions, head_size: int, theta: float = 10000.0) -> tuple[np.n
         if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iuf") or not np.isfinite(arr).all():
             raise ValueError(f"positions must be a 1-D array of finite numbers, got {arr.dtype} {arr.shape}")
         table_positions, P = np.ascontiguousarray(arr, np.float64), arr.size
+    factors = None
+    if freq_factors is not None:
+        factors = np.ascontiguousarray(freq_factors, np.float64)
+        if factors.shape != (int(head_size) // 2,) or not (np.isfinite(factors).all() and (factors > 0).all()):
+            raise ValueError(f"freq_factors must be {int(head_size) // 2} finite numbers > 0, got shape {factors.shape}")
     cos = np.empty((P, int(head_size) // 2), np.float32)
     sin = np.empty_like(cos)
     if cos.size:
-        _C.rope_tables(cos, sin, table_positions, P, int(head_size), float(theta))
+        _C.rope_tables(cos, sin, table_positions, P, int(head_size), float(theta), factors)
     return cos, sin
 
 

@@ -202,8 +202,9 @@ def swiglu_backward(dout, gate, up):
 
 # ----------------------------------------------------------------------------- rotary embedding
 
-def rope_tables(positions, head_size, theta=10000.0):
-    """cos and sin tables for rotary embeddings, each (T, HS/2), for the given positions.
+def rope_tables(positions, head_size, theta=10000.0, freq_factors=None):
+    """cos and sin tables for rotary embeddings, each (T, HS/2), for the given positions (the
+    frequencies divided by freq_factors when given).
 
     `positions` is an int (meaning 0..T-1) or a 1-D array of positions.
     >>> cos, sin = rope_tables(4, 8)
@@ -214,6 +215,8 @@ def rope_tables(positions, head_size, theta=10000.0):
         raise ValueError(f"rope needs an even head size, got {head_size}")
     pos = np.arange(positions) if np.ndim(positions) == 0 else np.asarray(positions)
     inv_freq = 1.0 / theta ** (np.arange(0, head_size, 2, dtype=np.float64) / head_size)
+    if freq_factors is not None:
+        inv_freq = inv_freq / np.asarray(freq_factors, np.float64)
     angles = pos.astype(np.float64)[:, None] * inv_freq[None, :]
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 

@@ -149,9 +149,10 @@ GGUF_LAYER = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_n
 TEXT = "the quick brown fox jumps over the lazy dog. " * 40 + "pack my box with five dozen liquor jugs. " * 40
 
 
-def write_qwen_gguf(path, model: Model, tokenizer, matrix_type) -> None:
-    """A GGUF file as llama.cpp's converter writes a Qwen2/Qwen3 model: its metadata, llama.cpp's
-    tensor names, matrices (out, in) in matrix_type, and q/k rows as they are (rotate-half rope)."""
+def write_qwen_gguf(path, model: Model, tokenizer, matrix_type, extra=None) -> None:
+    """A GGUF file as llama.cpp's converter writes a Llama-shaped model: its metadata, llama.cpp's
+    tensor names, matrices (out, in) in matrix_type, q/k rows as they are (qwen: rotate-half rope)
+    or permuted for llama.cpp's interleaved rope (llama); `extra`: more tensors by GGUF name."""
     gguf = pytest.importorskip("gguf")
     from gguf.quants import quantize
 
@@ -188,11 +189,16 @@ def write_qwen_gguf(path, model: Model, tokenizer, matrix_type) -> None:
             _, _, layer, rest = name.split(".", 3)
             module, part = rest.rsplit(".", 1)
             target = f"blk.{layer}.{GGUF_LAYER[module]}.{part}"
+            if cfg.arch == "llama" and module in ("self_attn.q_proj", "self_attn.k_proj"):
+                heads = cfg.n_head if module == "self_attn.q_proj" else cfg.n_kv_head
+                value = value.reshape(heads, 2, value.shape[0] // heads // 2, -1).swapaxes(1, 2).reshape(value.shape)
         value = np.ascontiguousarray(value, np.float32)
         if value.ndim == 2 and matrix_type != gguf.GGMLQuantizationType.F32:
             w.add_tensor(target, quantize(value, matrix_type), raw_dtype=matrix_type)
         else:
             w.add_tensor(target, value)
+    for target, value in (extra or {}).items():
+        w.add_tensor(target, value)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -236,3 +242,54 @@ def test_gguf_files_load_with_the_model_s_logits_and_llama_cpp_agrees(arch, extr
     ours = loaded.model(ids)[0, -1]
     assert int(np.argmax(ours)) == int(np.argmax(theirs))
     assert_close(ours, theirs, rtol=0.03, what="llama.cpp on the same file")
+
+
+# ----------------------------------------------------------------------------- Llama 3's scaled rope
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+
+
+def test_llama3_rope_scaling_equals_transformers_and_survives_its_files(tmp_path):
+    from pyllm.io.hf import config_to_hf
+
+    cfg = ModelConfig(arch="llama", **{**BASE, "rope_theta": 10000.0, "block_size": 128}, n_kv_head=2, head_dim=16,
+                      rope_scaling=LLAMA3_ROPE)
+    factors = cfg.rope_freq_factors()   # wavelengths 2 pi 10000^(i/8): 6.3 (kept), 20 and 63 (blended), more
+    assert factors[0] == 1.0 and (factors[3:] == 8.0).all() and 1 < factors[1] < factors[2] < 8
+    model = Model(cfg, seed=9)
+    theirs = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config_to_hf(cfg)))
+    theirs.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in model.state_dict().items()}, strict=False)
+    theirs.tie_weights()
+    theirs.eval()
+    ids = (np.arange(100)[None, :] * 7) % cfg.vocab_size   # past the original 64 positions
+    with torch.no_grad():
+        expected = theirs(torch.from_numpy(ids)).logits.numpy()
+    assert_close(model(ids), expected, what="llama3 rope")
+    plain = Model(ModelConfig(**{**cfg.to_dict(), "rope_scaling": None}), seed=9)
+    assert np.abs(plain(ids) - expected).max() > 1e-3   # the scaling matters here
+    model.save_pretrained(tmp_path)
+    assert Model.from_pretrained(tmp_path).config == cfg
+
+
+def test_a_gguf_rope_freqs_tensor_scales_the_rope_as_llama_cpp_does(tokenizer, tmp_path):
+    gguf = pytest.importorskip("gguf")
+    from pyllm.llm import LLM
+
+    sizes = {**BASE, "vocab_size": tokenizer.vocab_size, "n_embd": 64, "intermediate_size": 96, "rope_theta": 10000.0,
+             "block_size": 128}
+    cfg = ModelConfig(arch="llama", **sizes, n_kv_head=2, rope_scaling=LLAMA3_ROPE)
+    model = Model(cfg, seed=10)
+    path = tmp_path / "scaled.gguf"
+    write_qwen_gguf(path, model, tokenizer, gguf.GGMLQuantizationType.F32,
+                    extra={"rope_freqs.weight": cfg.rope_freq_factors().astype(np.float32)})
+    loaded = LLM.load(path)
+    assert loaded.model.config.rope_scaling["rope_type"] == "freq_factors"
+    ids = np.array([tokenizer.encode("the quick brown fox jumps over the lazy dog. pack my box " * 4)])
+    assert ids.shape[1] > 64
+    assert_close(loaded.model(ids), model(ids), rtol=1e-5, what="factors from the file")
+    llama_cpp = pytest.importorskip("llama_cpp")
+    ref = llama_cpp.Llama(model_path=str(path), n_ctx=128, n_threads=2, verbose=False)
+    ref.eval(ids[0].tolist())
+    theirs = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ref._ctx.ctx, -1), shape=(ref.n_vocab(),))
+    assert_close(loaded.model(ids)[0, -1], theirs, rtol=1e-3, what="llama.cpp with rope_freqs")

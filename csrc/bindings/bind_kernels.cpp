@@ -243,19 +243,23 @@ void bind_kernels(py::module_& m) {
     py::gil_scoped_release release;
     kernels().swiglu_backward(pdg, pdu, pdout, pg, pu, n);
   });
-  m.def("rope_tables", [](py::array cos, py::array sin, py::object positions, int64_t P, int64_t HS, double theta) {
+  m.def("rope_tables", [](py::array cos, py::array sin, py::object positions, int64_t P, int64_t HS, double theta,
+                          py::object freq_factors) {
     check(HS % 2 == 0 && HS > 0 && P >= 0, "rope tables need an even head size");
     float *pc = out(cos, count(P, HS / 2), "cos"), *ps = out(sin, count(P, HS / 2), "sin");
-    const double* pp = nullptr;
-    if (!positions.is_none()) {
-      py::array pos = positions.cast<py::array>();
-      check(py::dtype::of<double>().is(pos.dtype()) && (pos.flags() & py::array::c_style) && pos.size() >= P,
-            "positions must be a C-contiguous float64 array of P entries");
-      pp = static_cast<const double*>(pos.data());
-    }
+    auto doubles = [](const py::object& o, int64_t n, const char* what) -> const double* {
+      if (o.is_none()) return nullptr;
+      py::array a = o.cast<py::array>();
+      check(py::dtype::of<double>().is(a.dtype()) && (a.flags() & py::array::c_style) && a.size() >= n,
+            std::string(what) + " must be a C-contiguous float64 array of enough entries");
+      return static_cast<const double*>(a.data());
+    };
+    const double* pp = doubles(positions, P, "positions");
+    const double* pf = doubles(freq_factors, HS / 2, "freq_factors");
     py::gil_scoped_release release;
-    kernels().rope_tables(pc, ps, pp, P, HS, theta);
-  });
+    kernels().rope_tables(pc, ps, pp, P, HS, theta, pf);
+  }, py::arg("cos"), py::arg("sin"), py::arg("positions"), py::arg("P"), py::arg("HS"), py::arg("theta"),
+     py::arg("freq_factors") = py::none());
   // rope_*(out, inp, cos, sin, pos0): out and inp (B, T, H, HS) views, cos and sin (P, HS/2).
   auto bind_rope = [&m](const char* name, decltype(pyllm::KernelTable::rope_forward) pyllm::KernelTable::*fn) {
     m.def(name, [fn](py::array o, py::array x, py::array cos, py::array sin, py::object pos0) {

@@ -38,10 +38,10 @@
   X(swiglu_forward, void, (float* out, const float* gate, const float* up, int64_t n))                \
   X(swiglu_backward, void, (float* dgate, float* dup, const float* dout, const float* gate,          \
                             const float* up, int64_t n))                                              \
-  /* cos, sin (P, HS/2): the rotation angles p / theta^(2i / HS) of positions p = positions[r]    \
-     [positions null: r], computed in double precision. */                                          \
+  /* cos, sin (P, HS/2): the rotation angles p / (theta^(2i / HS) freq_factors[i]) of positions   \
+     p = positions[r] [positions null: r; freq_factors null: 1], computed in double precision. */   \
   X(rope_tables, void, (float* cos, float* sin, const double* positions, int64_t P, int64_t HS,      \
-                        double theta))                                                                \
+                        double theta, const double* freq_factors))                                    \
   /* inp, out (B, T, H, HS) at any strides (values contiguous), HS even; the rotation of (b, t) is  \
      row pos0[b] + t of cos, sin (P, HS/2) [pos0 null: t]. out may be inp (in place). */             \
   X(rope_forward, void, (float* out, const float* inp, const float* cos, const float* sin,           \

@@ -36,10 +36,14 @@ void rotate(float* out, const float* inp, const float* cos, const float* sin, co
 }
 }  // namespace
 
-void rope_tables(float* cos, float* sin, const double* positions, int64_t P, int64_t HS, double theta) {
+void rope_tables(float* cos, float* sin, const double* positions, int64_t P, int64_t HS, double theta,
+                 const double* freq_factors) {
   const int64_t half = HS / 2;
   std::vector<double> inv_freq(static_cast<size_t>(half));
-  for (int64_t i = 0; i < half; ++i) inv_freq[size_t(i)] = 1.0 / std::pow(theta, double(2 * i) / double(HS));
+  for (int64_t i = 0; i < half; ++i) {
+    inv_freq[size_t(i)] = 1.0 / std::pow(theta, double(2 * i) / double(HS));
+    if (freq_factors) inv_freq[size_t(i)] /= freq_factors[i];   // scaled rope (Llama 3): slower frequencies
+  }
   parallel_for(P, imax(1, 4096 / imax(1, half)), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const double p = positions ? positions[r] : double(r);

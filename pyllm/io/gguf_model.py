@@ -119,12 +119,16 @@ def config_from_gguf(f: GGUFFile) -> ModelConfig:
     rope_dims = f.metadata.get(f"{arch}.rope.dimension_count", head_dim)
     if rope_dims != head_dim:
         raise ValueError(f"{f.path}: partial rotary embeddings ({rope_dims} of {head_dim}) are not supported")
-    if "rope_freqs.weight" in f.tensors:
-        raise ValueError(f"{f.path}: rope_freqs.weight (scaled rotary frequencies) is not supported")
+    scaling = None
+    if "rope_freqs.weight" in f.tensors:   # Llama 3's scaled rope: what each frequency is divided by
+        factors = tensor(f, "rope_freqs.weight").reshape(-1)
+        if factors.size != head_dim // 2:
+            raise ValueError(f"{f.path}: rope_freqs.weight has {factors.size} entries, the heads need {head_dim // 2}")
+        scaling = {"rope_type": "freq_factors", "factors": [float(x) for x in factors]}
     if f.metadata.get(f"{arch}.attention.sliding_window"):
         raise ValueError(f"{f.path}: sliding-window attention is not supported yet")
     return ModelConfig(arch=arch, n_kv_head=int(f.metadata.get(f"{arch}.attention.head_count_kv", n_head)),
-                       head_dim=head_dim, norm_eps=float(_meta(f, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+                       head_dim=head_dim, rope_scaling=scaling, norm_eps=float(_meta(f, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
                        rope_theta=float(f.metadata.get(f"{arch}.rope.freq_base", 10000.0)), **sizes)
 
 

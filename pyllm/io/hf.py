@@ -44,6 +44,11 @@ def config_to_hf(cfg: ModelConfig) -> dict:
             "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
             "tie_word_embeddings": cfg.tie_word_embeddings, "torch_dtype": "float32",
         }
+        if cfg.rope_scaling is not None:
+            if cfg.rope_scaling.get("rope_type") != "llama3":
+                raise ValueError("a rope scaled by a GGUF's frequency factors has no Hugging Face config; "
+                                 "only llama3 rope scaling does")
+            doc["rope_scaling"] = dict(cfg.rope_scaling)
         if cfg.arch == "llama":
             doc.update(attention_bias=False, mlp_bias=False)
         elif cfg.arch == "qwen3":
@@ -90,9 +95,14 @@ def _llama_config_from_hf(doc: dict, where: str) -> ModelConfig:
         raise ValueError(f"{where}: hidden_act {doc.get('hidden_act')!r} is not supported (silu is)")
     # transformers 5 writes rope settings as rope_parameters; earlier ones as rope_theta/rope_scaling.
     rope = doc.get("rope_parameters") or doc.get("rope_scaling") or {}
-    if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
-        raise ValueError(f"{where}: rope type {rope.get('rope_type', rope.get('type'))!r} is not supported "
-                         f"(plain rotary embeddings are)")
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", None, "llama3"):
+        raise ValueError(f"{where}: rope type {rope_type!r} is not supported (plain and llama3 rotary "
+                         f"embeddings are)")
+    scaling = None
+    if rope_type == "llama3":
+        scaling = {"rope_type": "llama3", **{k: rope.get(k) for k in (
+            "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}}
     theta = rope.get("rope_theta", doc.get("rope_theta", 10000.0))
     arch = doc["model_type"]
     if doc.get("attention_bias") or doc.get("mlp_bias"):
@@ -104,7 +114,7 @@ def _llama_config_from_hf(doc: dict, where: str) -> ModelConfig:
         heads, hidden = int(doc["num_attention_heads"]), int(doc["hidden_size"])
         head_dim = doc.get("head_dim")
         return ModelConfig(arch=arch, vocab_size=int(doc["vocab_size"]),
-                           head_dim=int(head_dim) if head_dim is not None else None,
+                           head_dim=int(head_dim) if head_dim is not None else None, rope_scaling=scaling,
                            block_size=int(doc.get("max_position_embeddings", 2048)),
                            n_layer=int(doc["num_hidden_layers"]), n_head=heads, n_embd=hidden,
                            n_kv_head=int(doc.get("num_key_value_heads") or heads),

@@ -34,6 +34,10 @@ class ModelConfig:
     rope_theta: float = 10000.0               # rotary embeddings (Llama)
     tie_word_embeddings: bool = True          # the output head is the token embedding
     head_dim: Optional[int] = None            # per attention head; default n_embd // n_head (not gpt2)
+    rope_scaling: Optional[dict] = None       # {"rope_type": "llama3", "factor", "low_freq_factor",
+                                              #  "high_freq_factor", "original_max_position_embeddings"}
+                                              # (Hugging Face's), or {"rope_type": "freq_factors",
+                                              # "factors": [HS/2 numbers]} (a GGUF's rope_freqs)
 
     PRESETS = {  # name -> (n_layer, n_head, n_embd, block_size)
         "tiny": (2, 2, 64, 64),
@@ -67,6 +71,10 @@ class ModelConfig:
             raise ValueError(f"gpt2 models have n_kv_head == n_head; got {self.n_kv_head} and {self.n_head}")
         if self.arch != "gpt2" and self.head_size % 2:
             raise ValueError(f"rotary embeddings need an even head size, got {self.head_size}")
+        if self.rope_scaling is not None:
+            if self.arch == "gpt2":
+                raise ValueError("gpt2 models have no rotary embeddings to scale")
+            self.rope_freq_factors()   # checks the fields
         if not self.norm_eps > 0:
             raise ValueError(f"norm_eps must be positive, got {self.norm_eps!r}")
 
@@ -83,6 +91,38 @@ class ModelConfig:
     @property
     def head_size(self) -> int:
         return self.head_dim or self.n_embd // self.n_head
+
+    def rope_freq_factors(self) -> Optional[np.ndarray]:
+        """What each rotary frequency is divided by (HS/2 numbers), or None for plain rope.
+        Llama 3: frequencies whose wavelength exceeds the original context / low_freq_factor are
+        divided by `factor`, those below the original context / high_freq_factor kept, and those
+        between blended smoothly, as transformers' llama3 rope computes them."""
+        s = self.rope_scaling
+        if s is None:
+            return None
+        half = self.head_size // 2
+        kind = s.get("rope_type", s.get("type")) if isinstance(s, dict) else None
+        if kind == "freq_factors":
+            factors = np.asarray(s.get("factors", ()), np.float64)
+            if factors.shape != (half,) or not (np.isfinite(factors).all() and (factors > 0).all()):
+                raise ValueError(f"rope_scaling freq_factors must be {half} finite numbers > 0")
+            return factors
+        if kind != "llama3":
+            raise ValueError(f"rope_scaling {s!r} is not supported (llama3 and freq_factors are)")
+        try:
+            factor, low, high = float(s["factor"]), float(s["low_freq_factor"]), float(s["high_freq_factor"])
+            original = float(s["original_max_position_embeddings"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError("llama3 rope_scaling needs factor, low_freq_factor, high_freq_factor and "
+                             "original_max_position_embeddings") from None
+        if not (factor >= 1 and 0 < low < high and original > 0):
+            raise ValueError(f"llama3 rope_scaling needs factor >= 1, 0 < low_freq_factor < high_freq_factor, got {s!r}")
+        inv_freq = 1.0 / self.rope_theta ** (np.arange(0, self.head_size, 2, dtype=np.float64) / self.head_size)
+        wavelen = 2 * np.pi / inv_freq
+        smooth = (original / wavelen - low) / (high - low)
+        factors = 1.0 / ((1 - smooth) / factor + smooth)
+        factors = np.where(wavelen > original / low, factor, factors)
+        return np.where(wavelen < original / high, 1.0, factors)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

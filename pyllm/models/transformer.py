@@ -150,7 +150,8 @@ class Transformer:
         if tables is None or tables[0].shape[0] < length:   # grown geometrically, up to the context
             have = 0 if tables is None else tables[0].shape[0]
             size = max(length, min(self.config.block_size, max(4096, 2 * have)))
-            tables = self._rope = kernels.rope_tables(size, self.config.head_size, self.config.rope_theta)
+            tables = self._rope = kernels.rope_tables(size, self.config.head_size, self.config.rope_theta,
+                                                      self.config.rope_freq_factors())
         return tables
 
     def _pack_quantized(self) -> None:
