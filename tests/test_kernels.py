@@ -84,6 +84,13 @@ def test_rope_tables_is_the_reference_helper(K):
     exp = R.rope_tables(4, 6, theta=500000.0)
     assert_bitwise_equal(got[0], exp[0])
     assert_bitwise_equal(got[1], exp[1])
+    factors = np.array([1.0, 2.5, 8.0, 31.0])   # a scaled rope (Llama 3): frequencies divided
+    for got, exp in zip(K.rope_tables(np.array([0, 9, 4000]), 8, 10000.0, factors),
+                        R.rope_tables(np.array([0, 9, 4000]), 8, 10000.0, factors)):
+        assert_bitwise_equal(got, exp)
+    for bad in (np.ones(3), np.array([1.0, 0.0, 1.0, 1.0]), np.array([1.0, np.nan, 1.0, 1.0])):
+        with pytest.raises(ValueError, match="freq_factors"):
+            K.rope_tables(4, 8, 10000.0, bad)
 
 
 def test_kernels_doctests(K, restore_threads):
