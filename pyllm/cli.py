@@ -251,6 +251,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    llm = _load_llm(args.model, args.adapter)
+    llm.save_gguf(args.out, args.type)
+    size = Path(args.out).stat().st_size
+    print(f"wrote {args.out}: {llm.model.config.arch}, {args.type}, {size / 1e6:.1f} MB", file=sys.stderr)
+    return 0
+
+
 def _cmd_chat(args: argparse.Namespace) -> int:
     llm = _load_llm(args.model, args.adapter)
     options = _sampling_options(args)
@@ -375,6 +383,16 @@ def main(argv: list[str] | None = None) -> int:
     _add_sampling_flags(chat, 256)
     chat.add_argument("--system", help="a system prompt")
     chat.set_defaults(func=_cmd_chat)
+    exp = sub.add_parser("export", help="write a model as a GGUF file (llama.cpp, Ollama)",
+                         description="Writes a model folder or GGUF file (with --adapter, merged) as one GGUF "
+                                     "file with its tokenizer and chat template, for llama.cpp and Ollama. "
+                                     "Needs the export extra: pip install \"pyllm[export]\".")
+    exp.add_argument("--model", help="a model folder, a .gguf file, or smollm2-135m-instruct (the default)")
+    exp.add_argument("--adapter", help="a LoRA adapter folder, merged into the written weights")
+    exp.add_argument("--out", required=True, help="the .gguf file to write")
+    exp.add_argument("--type", default="f16", choices=["f32", "f16", "q8_0", "q4_0", "q4_1"],
+                     help="how the matrices are stored (default f16; norms and biases stay f32)")
+    exp.set_defaults(func=_cmd_export)
     srv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with a chat page",
                          description="Serves one model over HTTP as OpenAI's API does (/v1/chat/completions, "
                                      "/v1/completions, /v1/embeddings, /v1/models), with /health, /metrics, "

@@ -39,7 +39,7 @@ __all__ = [
     "cross_entropy", "cross_entropy_forward", "cross_entropy_backward",
     "embedding", "embedding_backward", "adamw", "matmul_quant", "matmul_quant_backward", "dequantize",
     "GGML_TYPES", "QUANT_TYPES", "GgmlType", "row_bytes", "unchecked", "pack_quant", "matmul_rows",
-    "matmul_rows_parts", "embed_quant", "PACKED_ROWS",
+    "matmul_rows_parts", "embed_quant", "PACKED_ROWS", "quantize", "QUANTIZABLE",
     "set_num_threads", "get_num_threads", "available_isas", "get_isa", "set_isa",
     "measure_fma_peak", "measure_read_bandwidth", "JsonGrammar", "JsonState", "TokenBytes",
 ]
@@ -791,6 +791,27 @@ def dequantize(w, ggml_type: int, shape: tuple[int, int], packed: bool = False) 
     out = np.empty((N, K), np.float32)
     if out.size:
         _C.dequantize_rows(out, w, int(ggml_type), N, K, bool(packed))
+    return out
+
+
+QUANTIZABLE = tuple(QUANT_TYPES[n] for n in ("Q4_0", "Q4_1", "Q8_0"))   # what quantize writes
+
+
+def quantize(w, ggml_type: int) -> np.ndarray:
+    """The (N, K) float matrix w as ggml blocks, (N, row_bytes) uint8: the bytes llama.cpp's
+    reference quantizer writes (Q4_0, Q4_1, Q8_0; K a multiple of 32)."""
+    if ggml_type not in QUANTIZABLE:
+        names = ", ".join(GGML_TYPES[t].name for t in QUANTIZABLE)
+        raise ValueError(f"quantize writes {names}; got type {ggml_type!r}")
+    w = _floats(w, "w", ndim=2)
+    N, K = w.shape
+    if K % GGML_TYPES[ggml_type].block_values:
+        raise ValueError(f"quantize needs rows of a multiple of 32 values, got {K}")
+    if not np.isfinite(w).all():
+        raise ValueError("quantize: w holds NaN or infinity")
+    out = np.empty((N, row_bytes(ggml_type, K)), np.uint8)
+    if out.size:
+        _C.quantize_rows(out, w, int(ggml_type), N, K)
     return out
 
 

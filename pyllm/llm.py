@@ -169,6 +169,21 @@ class LLM:
                                          self.bos_token))
 
 
+    def save_gguf(self, path: Union[str, Path], type: str = "f16", progress: bool = True) -> None:
+        """A GGUF file llama.cpp and Ollama load: the model (matrices as `type`: f32, f16, q8_0, q4_0,
+        q4_1), its tokenizer, chat template, end-of-turn and begin tokens. An attached LoRA adapter
+        is merged into the written weights."""
+        bos = self.tokenizer.special_tokens.get(self.bos_token) if self.bos_token else None
+        model = self.model
+        if model.lora is not None:   # a float copy with the adapters added in; the live model unchanged
+            merged = model.__class__(model.config, seed=None)
+            merged.load_state_dict(model.state_dict())
+            model.lora.merge_into(merged)
+            model = merged
+        model.save_gguf(path, type, self.tokenizer, self.chat_template,
+                        self.stop_token_ids[0] if self.stop_token_ids else None, bos, progress)
+
+
 def load_gguf(path, dequantize: bool = False) -> tuple:
     """(Model, Tokenizer, chat template or None, end-of-turn token id or None) from a GGUF file.
 

@@ -1,5 +1,5 @@
 """pyllm.Model: the transformer (pyllm.models.Transformer) with its files and its generation:
-`Model.from_pretrained`, `save_pretrained`, `generate`.
+`Model.from_pretrained`, `save_pretrained`, `save_gguf`, `generate`.
 
 The model layer below knows no files and no sampling; this is where they meet it. Loading reads a
 file once (pyllm.io returns the config and tensors) and fills the model one tensor at a time.
@@ -11,9 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+from tqdm.auto import tqdm
+
 from pyllm.generate import generate
 from pyllm.hub import DEFAULT_MODEL, resolve_model
-from pyllm.io import gguf_model, hf
+from pyllm.io import gguf_model, gguf_writer, hf
 from pyllm.io.gguf import GGUFFile
 from pyllm.io.tensors import ModelWeights
 from pyllm.models import ARCHITECTURES, KVCache, ModelConfig, ParamSpec, QuantizedWeight, Transformer, parameter_specs
@@ -24,7 +26,7 @@ __all__ = ["ARCHITECTURES", "DEFAULT_MODEL", "KVCache", "Model", "ModelConfig", 
 
 
 class Model(Transformer):
-    """A GPT-style decoder-only transformer (GPT-2 or Llama family) with hand-written backward passes
+    """A GPT-style decoder-only transformer (GPT-2, Llama, Qwen2, Qwen3) with hand-written backward passes
     over the C++ kernels, its Hugging Face / GGUF files, and generation.
 
     Parameters live in `self.params`, gradients in `self.grads` (flat float32 buffers); `self.p` and
@@ -43,6 +45,23 @@ class Model(Transformer):
         hf.write_folder(directory, self.config, self.state_dict())
         if tokenizer is not None:
             tokenizer.save(Path(directory) / hf.TOKENIZER, format="hf")
+
+    def save_gguf(self, path, type: str = "f16", tokenizer=None, chat_template: Optional[str] = None,
+                  eos_id: Optional[int] = None, bos_id: Optional[int] = None, progress: bool = True) -> None:
+        """A GGUF file llama.cpp loads: matrices as `type` (f32, f16, q8_0, q4_0, q4_1; quantized
+        weights of a loaded GGUF are dequantized and quantized again), with the tokenizer (a
+        pyllm.Tokenizer; llama.cpp needs one) and the chat template in the metadata."""
+        bar = tqdm(total=0, unit="tensor", desc=f"writing {Path(path).name}", disable=not progress, leave=False)
+
+        def step(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+        try:
+            gguf_writer.write_gguf(path, self.config, self.state_dict(), type,
+                                   tokenizer.data() if tokenizer is not None else None, chat_template, eos_id, bos_id,
+                                   progress=step)
+        finally:
+            bar.close()
 
     @classmethod
     def from_weights(cls, weights: ModelWeights, where: str = "") -> "Model":

@@ -436,6 +436,46 @@ def dequantize(w, ggml_type, shape, packed=False):
     return dequantize_values(w, ggml_type, N * K).reshape(N, K)
 
 
+def _roundf(x):
+    """C's roundf: to the nearest integer, halves away from zero (x float32; exact)."""
+    t = np.trunc(x)
+    return np.where(np.abs(x - t) >= 0.5, t + np.sign(x), t)
+
+
+def quantize(w, ggml_type):
+    """The (N, K) float matrix w as ggml blocks (Q4_0, Q4_1, Q8_0), (N, row bytes) uint8: ggml's
+    reference quantizers (quantize_row_*_ref) in float32 numpy."""
+    w = np.asarray(w, np.float32)
+    N, K = w.shape
+    x = w.reshape(-1, 32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if ggml_type == Q8_0:
+            d = (np.abs(x).max(axis=1) / np.float32(127)).astype(np.float32)
+            inv = np.where(d != 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
+            q = _roundf((x * inv[:, None]).astype(np.float32)).astype(np.int8).view(np.uint8)
+            blocks = np.concatenate([d.astype(np.float16).view(np.uint8).reshape(-1, 2), q], axis=1)
+        elif ggml_type in (Q4_0, Q4_1):
+            if ggml_type == Q4_0:
+                at = np.abs(x).argmax(axis=1)   # the first value of largest magnitude, with its sign
+                d = (x[np.arange(x.shape[0]), at] / np.float32(-8)).astype(np.float32)
+                shift, offset = np.float32(0), np.float32(8.5)
+            else:
+                lo, hi = x.min(axis=1), x.max(axis=1)
+                d = ((hi - lo) / np.float32(15)).astype(np.float32)
+                shift, offset = lo[:, None], np.float32(0.5)
+            inv = np.where(d != 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
+            scaled = ((x - shift).astype(np.float32) * inv[:, None]).astype(np.float32)
+            q = np.minimum(15, np.trunc((scaled + offset).astype(np.float32))).astype(np.uint8)
+            nibbles = q[:, :16] | (q[:, 16:] << 4)
+            head = [d.astype(np.float16).view(np.uint8).reshape(-1, 2)]
+            if ggml_type == Q4_1:
+                head.append(lo.astype(np.float16).view(np.uint8).reshape(-1, 2))
+            blocks = np.concatenate(head + [nibbles], axis=1)
+        else:
+            raise ValueError(f"quantize writes Q4_0, Q4_1 and Q8_0, not type {ggml_type}")
+    return np.ascontiguousarray(blocks).reshape(N, -1)
+
+
 def dequantize_values(raw, ggml_type, count):
     """float32 values of `count` elements stored as ggml_type in raw bytes (any type of BLOCKS)."""
     raw = np.asarray(raw, np.uint8).reshape(-1)

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "common.h"
+#include "formats/quantize.h"
 #include "kernels/kernels.h"
 
 namespace py = pybind11;
@@ -475,6 +476,17 @@ void bind_kernels(py::module_& m) {
     }
     py::gil_scoped_release release;
     kernels().matmul_rows(po.data(), pw.data(), Ns.data(), int64_t(Ns.size()), pa, type, M, K);
+  });
+  m.def("quantize_rows", [quant_row_bytes](py::array o, py::array x, int type, int64_t rows, int64_t K) {
+    check(pyllm::formats::can_quantize(type), "pyllm quantizes to Q4_0, Q4_1 and Q8_0");
+    const int64_t row_bytes = quant_row_bytes(type, K);
+    check(py::dtype::of<uint8_t>().is(o.dtype()) && (o.flags() & py::array::c_style) && o.writeable() &&
+              o.size() >= count(rows, row_bytes),
+          "out must be a writeable C-contiguous uint8 array of the rows' size");
+    const float* px = in(x, count(rows, K), "x");
+    uint8_t* po = static_cast<uint8_t*>(o.mutable_data());
+    py::gil_scoped_release release;
+    pyllm::formats::quantize_rows(po, px, type, rows, K);
   });
   m.def("dequantize_rows", [quant_row_bytes, layout_ok](py::array o, py::array w, int type, int64_t rows, int64_t K,
                                                         bool packed) {

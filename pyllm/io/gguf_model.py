@@ -63,6 +63,18 @@ def hf_name(arch: str, gguf_name: str) -> Optional[str]:
     return None
 
 
+def gguf_names(cfg: ModelConfig) -> dict[str, str]:
+    """Hugging Face name -> GGUF tensor name, for every tensor of a model of this config (what a
+    writer names them)."""
+    arch = cfg.arch
+    names = {hf: g for g, hf in _GLOBAL_NAMES[arch].items()}
+    prefix = _LAYER_PREFIX[arch]
+    for i in range(cfg.n_layer):
+        for g, hf in _LAYER_NAMES[arch].items():
+            names[prefix.format(i=i) + hf] = f"blk.{i}.{g}"
+    return names
+
+
 def dequantize(raw: np.ndarray, ggml_type: int, count: int) -> np.ndarray:
     """float32 values of `count` elements stored as ggml_type in raw bytes."""
     if ggml_type == F32:

@@ -22,8 +22,9 @@ from pyllm.pretokenize import PATTERNS, GPT4_PATTERN
 # number of digits), not as a possessive `{1,3}`. Without that `+` the GPT-4 pattern means the
 # same to `regex` and tiktoken, so tokenizer.json files carry this spelling.
 HF_PATTERNS = {**PATTERNS, "gpt4": GPT4_PATTERN.replace(r"\p{N}{1,3}+", r"\p{N}{1,3}")}
-# GGUF's tokenizer.ggml.pre -> pattern name
-GGUF_PRE = {"default": "gpt2", "gpt-2": "gpt2", "gpt2": "gpt2", "smollm": "gpt2_digits"}
+# GGUF's tokenizer.ggml.pre -> pattern name (llama-bpe: Llama 3's, the GPT-4 split), and back
+GGUF_PRE = {"default": "gpt2", "gpt-2": "gpt2", "gpt2": "gpt2", "smollm": "gpt2_digits", "llama-bpe": "gpt4"}
+GGUF_PRE_OF = {"gpt2": "gpt-2", "gpt2_digits": "smollm", "gpt4": "llama-bpe"}
 
 FORMAT_NAME = "pyllm.tokenizer"
 FORMAT_VERSION = 1
@@ -232,6 +233,32 @@ def gguf_tokenizer(f: GGUFFile) -> TokenizerData:
 
 
 # ----------------------------------------------------------------------------- writing
+
+def gguf_vocabulary(data: TokenizerData) -> tuple:
+    """(pre, tokens, token types, merges) as GGUF's tokenizer.ggml.* keys spell a byte-level BPE
+    vocabulary: tokens in GPT-2's printable characters, special tokens by name as control tokens
+    (type 3), merges as "left right"."""
+    if data.pattern not in GGUF_PRE_OF:
+        raise ValueError(f"the split pattern {data.pattern!r} has no llama.cpp pre-tokenizer "
+                         f"(GGUF files take {sorted(GGUF_PRE_OF)})")
+    chars = bytes_to_unicode()
+    special = {sid: name for name, sid in data.special_tokens.items()}
+    size = max([len(data.vocab)] + [sid + 1 for sid in special])
+    tokens, types = [], []
+    for i in range(size):
+        if i in special:
+            tokens.append(special[i])
+            types.append(3)
+        elif i < len(data.vocab) and data.vocab[i]:
+            tokens.append("".join(chars[b] for b in data.vocab[i]))
+            types.append(1)
+        else:   # an id no text reaches (padding): unused
+            tokens.append(f"[PAD{i}]")
+            types.append(5)
+    spell = lambda t: "".join(chars[b] for b in data.vocab[t])   # noqa: E731
+    merges = [f"{spell(a)} {spell(b)}" for a, b in data.merges]
+    return GGUF_PRE_OF[data.pattern], tokens, types, merges
+
 
 def write_tokenizer(path: Union[str, os.PathLike], data: TokenizerData, format: str = "pyllm") -> None:
     """pyllm's JSON, or with format="hf" a tokenizer.json the `tokenizers` package reads; atomic."""

@@ -1,0 +1,147 @@
+"""GGUF export: pyllm's quantizers against ggml's (the gguf package's numpy port of
+quantize_row_*_ref) bit for bit, and trained models of each architecture written at each type,
+read back by pyllm and loaded by llama.cpp with the same greedy text (float files) or next token
+(quantized files)."""
+
+import numpy as np
+import pytest
+
+from pyllm import kernels, reference
+from pyllm.llm import LLM
+from pyllm.model import Model, ModelConfig
+from pyllm.tokenizer import Tokenizer
+
+gguf = pytest.importorskip("gguf")
+from gguf.quants import dequantize as ggml_dequantize  # noqa: E402
+from gguf.quants import quantize as ggml_quantize  # noqa: E402
+
+NAMES = ("Q8_0", "Q4_0", "Q4_1")
+TEXT = ("the cat sat on the mat. the dog ran to the park and the cat sat on the dog. "
+        "a bird flew over the house and the dog barked at the bird. ")
+
+
+def awkward(rows: int, K: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((rows, K)).astype(np.float32)
+    w[0] = 0.0                                          # an all-zero row: scale 0
+    if rows > 3:
+        w[1, :32] = np.arange(32) - 15.5                    # halves: rounding ties
+        w[2] *= 1e4                                         # large magnitudes (float16 minimums near their top)
+        w[3, :32] = -np.abs(w[3, :32])                      # the largest value negative
+        w[3, 5] = -9.0
+    if rows > 5:
+        w[4, 32:64] = 1e-8                                  # scales below float16's smallest normal
+        w[5, :32] = 7.0                                     # a constant block
+    return w
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("rows, K", [(7, 64), (1, 32), (33, 96), (3, 4096)])
+def test_quantize_writes_ggml_s_bytes(name, rows, K):
+    w = awkward(rows, K)
+    t = kernels.QUANT_TYPES[name]
+    ours = kernels.quantize(w, t)
+    assert ours.shape == (rows, kernels.row_bytes(t, K))
+    np.testing.assert_array_equal(ours, reference.quantize(w, t))
+    np.testing.assert_array_equal(ours.reshape(-1), ggml_quantize(w, getattr(gguf.GGMLQuantizationType, name)).reshape(-1))
+    # ggml's own decoding of pyllm's blocks is pyllm's.
+    theirs = ggml_dequantize(ours, getattr(gguf.GGMLQuantizationType, name)).reshape(rows, K)
+    np.testing.assert_array_equal(kernels.dequantize(ours, t, (rows, K)), theirs)
+
+
+def test_quantize_refuses_what_it_cannot_write():
+    with pytest.raises(ValueError, match="multiple of 32"):
+        kernels.quantize(np.zeros((2, 33), np.float32), kernels.QUANT_TYPES["Q8_0"])
+    with pytest.raises(ValueError, match="NaN"):
+        kernels.quantize(np.full((1, 32), np.nan, np.float32), kernels.QUANT_TYPES["Q8_0"])
+    with pytest.raises(ValueError, match="writes"):
+        kernels.quantize(np.zeros((1, 256), np.float32), kernels.QUANT_TYPES["Q4_K"])
+
+
+# ----------------------------------------------------------------------------- whole models
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return Tokenizer.train([TEXT * 20], 300, pattern="gpt2", special_tokens=["<|endoftext|>"], progress=False)
+
+
+SHAPES = {
+    "llama": dict(n_kv_head=2),
+    "qwen3": dict(n_kv_head=2, head_dim=32),
+    "gpt2": dict(),
+}
+
+
+@pytest.fixture(scope="module", params=list(SHAPES))
+def trained(request, tokenizer):
+    """A small model of each architecture trained for a few seconds (peaked next-token guesses)."""
+    from pyllm.optim import AdamW
+
+    arch = request.param
+    model = Model(ModelConfig(arch=arch, vocab_size=tokenizer.vocab_size, block_size=128, n_layer=2, n_head=4,
+                              n_embd=64, intermediate_size=128, **SHAPES[arch]), seed=0)
+    ids = np.array(tokenizer.encode(TEXT * 30))
+    opt, rng = AdamW(model, lr=3e-3, weight_decay=0.0), np.random.default_rng(0)
+    for _ in range(80):
+        starts = rng.integers(0, ids.size - 49, 8)
+        batch = np.stack([ids[s:s + 49] for s in starts])
+        model.forward_backward(batch[:, :-1], batch[:, 1:])
+        opt.step()
+        model.zero_grad()
+    template = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}<|endoftext|>{% endfor %}"
+    return LLM(model, tokenizer, chat_template=template)
+
+
+def _llama_cpp_greedy(path, prompt: list, n: int) -> list:
+    llama_cpp = pytest.importorskip("llama_cpp")
+    ref = llama_cpp.Llama(model_path=str(path), n_ctx=128, n_threads=2, verbose=False)
+    ref.eval(prompt)
+    out = []
+    for _ in range(n):
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ref._ctx.ctx, -1), shape=(ref.n_vocab(),))
+        out.append(int(np.argmax(logits)))
+        ref.eval([out[-1]])
+    return out
+
+
+@pytest.mark.parametrize("type", ["f32", "f16", "q8_0", "q4_0", "q4_1"])
+def test_exported_files_load_in_pyllm_and_llama_cpp_alike(trained, type, tmp_path, tokenizer):
+    path = tmp_path / f"model.{type}.gguf"
+    trained.save_gguf(path, type, progress=False)
+    back = LLM.load(path)
+    cfg, theirs = trained.model.config, back.model.config
+    assert (theirs.arch, theirs.n_layer, theirs.n_head, theirs.n_kv_head, theirs.head_size, theirs.vocab_size) == \
+        (cfg.arch, cfg.n_layer, cfg.n_head, cfg.n_kv_head, cfg.head_size, cfg.vocab_size)
+    assert back.tokenizer.encode(TEXT) == tokenizer.encode(TEXT) and back.chat_template == trained.chat_template
+    assert back.stop_token_ids == trained.stop_token_ids
+    prompt = tokenizer.encode("the dog ran to the")
+    ids = np.array([prompt])
+    if type == "f32":   # the same weights: the same logits
+        np.testing.assert_allclose(back.model(ids), trained.model(ids), rtol=1e-5, atol=1e-5)
+    ours = back.model.generate(prompt, 12, temperature=0)[len(prompt):].tolist()
+    theirs_tokens = _llama_cpp_greedy(path, prompt, 12)
+    if type in ("f32", "f16"):
+        assert theirs_tokens == ours          # the greedy text
+    else:
+        assert theirs_tokens[0] == ours[0]    # the next token (the rest may part where two nearly tie)
+
+
+@pytest.mark.parametrize("trained", ["llama"], indirect=True)
+def test_cli_export_of_a_folder_with_an_adapter_merged(trained, tmp_path):
+    from pyllm.cli import main as cli
+    from pyllm.lora import LoRA, LoRAConfig
+
+    folder = tmp_path / "model"
+    trained.save(folder)
+    lora = LoRA(trained.model, LoRAConfig(rank=4, alpha=8))
+    lora.B[next(iter(lora.B))][...] = 0.05   # an adapter that changes the output
+    lora.save(tmp_path / "adapter")
+    assert cli(["export", "--model", str(folder), "--adapter", str(tmp_path / "adapter"),
+                "--out", str(tmp_path / "out.gguf"), "--type", "f32"]) == 0
+    adapted = LLM.load(folder)
+    adapted.model.lora = LoRA.load(adapted.model, tmp_path / "adapter")
+    ids = np.array([trained.tokenizer.encode("the cat sat")])
+    exported = LLM.load(tmp_path / "out.gguf")
+    np.testing.assert_allclose(exported.model(ids), adapted.model(ids), rtol=1e-4, atol=1e-4)
+    with pytest.raises(SystemExit):
+        cli(["export", "--model", str(folder), "--out", str(tmp_path / "x.gguf"), "--type", "q4_k"])
