@@ -17,7 +17,7 @@ from pyllm.generate import SamplingConfig, generate_stream
 from pyllm.hub import DEFAULT_MODEL
 from pyllm.llm import LLM, top_probabilities
 from pyllm.lora import LoRA
-from pyllm.models import ModelConfig
+from pyllm.models import ARCHITECTURES, ModelConfig
 from pyllm.serve import serve
 from pyllm.tokenizer import Tokenizer
 from pyllm.train import TrainConfig, TrainingError, TrainingInterrupted, plot_losses, train
@@ -475,14 +475,18 @@ def _add_finetune_flags(parser) -> None:
 
 def _add_train_parser(sub) -> None:
     train = sub.add_parser("train", help="pretrain a GPT model by next-token prediction",
-                           description="Pretrain a GPT-2-style model. With no --data, the corpus is the "
+                           description="Pretrain a model (GPT-2, Llama, Qwen2 or Qwen3 shaped). With no --data, the corpus is the "
                                        "Python standard library's sources; with no --tokenizer, a BPE "
                                        "tokenizer is trained on the data first.")
     train.add_argument("--data", nargs="+", metavar="PATH", help="text files, folders or JSONL (\"text\" field)")
     train.add_argument("--tokenizer", help="a tokenizer file to use instead of training one")
     train.add_argument("--out", dest="out_dir", default="out", help="output folder (default: out)")
-    train.add_argument("--preset", choices=sorted(ModelConfig.PRESETS), default="small",
-                       help="model size (default: small = 6 layers, 6 heads, 384 wide, block 256)")
+    train.add_argument("--preset", choices=sorted(ModelConfig.PRESETS) + sorted(ModelConfig.SHAPED_PRESETS),
+                       default="small", help="model size (default: small = 6 layers, 6 heads, 384 wide, block "
+                                             "256), or a released model's shape")
+    train.add_argument("--arch", choices=list(ARCHITECTURES),
+                       help="architecture (default: gpt2, or the shaped preset's): llama and qwen3 as people "
+                            "train them today (rotary, RMSNorm, SwiGLU, grouped-query attention)")
     for name in ("n_layer", "n_head", "n_embd", "block_size"):
         train.add_argument("--" + name.replace("_", "-"), type=int, help=f"override the preset's {name}")
     train.add_argument("--vocab-size", type=int, help="tokenizer size when one is trained (default 8192)")

@@ -22,7 +22,8 @@ from pyllm.generate import SamplingConfig, generate_stream
 from pyllm.hub import DEFAULT_MODEL, resolve_model
 from pyllm.io.gguf import GGUFFile
 from pyllm.io.hf import TOKENIZER
-from pyllm.io.tokenizer_files import ChatFormat, gguf_chat, gguf_tokenizer, read_hf_chat, write_hf_chat
+from pyllm.io.tokenizer_files import (END_OF_TEXT_NAMES, ChatFormat, gguf_chat, gguf_tokenizer, read_hf_chat,
+                                      write_hf_chat)
 from pyllm.model import Model, release
 from pyllm.tokenizer import Tokenizer
 
@@ -36,7 +37,6 @@ PLAIN_TEMPLATE = (
     "{% if add_generation_prompt %}Assistant:{% endif %}"
 )
 PLAIN_STOPS = ("\nUser:",)
-END_OF_TEXT_NAMES = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "</s>", "<|end|>")
 
 Message = dict
 
@@ -49,6 +49,7 @@ class LLM:
         self.model, self.tokenizer = model, tokenizer
         self.chat_template = chat_template
         self.bos_token = bos_token    # what the template writes for {{ bos_token }}
+        self.source: Optional[Path] = None   # the folder or file it was loaded from (LLM.load)
         if stop_token_ids is None:
             stop_token_ids = [tokenizer.special_tokens[n] for n in END_OF_TEXT_NAMES if n in tokenizer.special_tokens]
         self.stop_token_ids = list(stop_token_ids)
@@ -65,8 +66,10 @@ class LLM:
         folder = resolve_model(source)
         if folder.suffix == ".gguf":
             model, tokenizer, chat = _read_gguf(folder, dequantize)
-            return cls(model, tokenizer, chat.template, [chat.eos_id] if chat.eos_id is not None else None,
-                       chat.bos_token)
+            llm = cls(model, tokenizer, chat.template, [chat.eos_id] if chat.eos_id is not None else None,
+                      chat.bos_token)
+            llm.source = folder.resolve()
+            return llm
         if folder.is_file():
             raise ValueError(f"{folder}: give a model folder (config.json, model.safetensors, tokenizer.json) "
                              f"or a .gguf file")
@@ -79,7 +82,9 @@ class LLM:
                              f"{model.config.vocab_size}")
         chat = read_hf_chat(folder)
         bos = chat.bos_token if chat.bos_token in tokenizer.special_tokens else ""
-        return cls(model, tokenizer, chat.template, _ids(tokenizer, [chat.eos_token]), bos)
+        llm = cls(model, tokenizer, chat.template, _ids(tokenizer, [chat.eos_token]), bos)
+        llm.source = folder.resolve()
+        return llm
 
     # ------------------------------------------------------------------ generation
 

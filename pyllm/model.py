@@ -18,6 +18,7 @@ from pyllm.hub import DEFAULT_MODEL, resolve_model
 from pyllm.io import gguf_model, gguf_writer, hf
 from pyllm.io.gguf import GGUFFile
 from pyllm.io.tensors import ModelWeights
+from pyllm.io.tokenizer_files import ChatFormat, end_of_text, write_hf_chat
 from pyllm.models import ARCHITECTURES, KVCache, ModelConfig, ParamSpec, QuantizedWeight, Transformer, parameter_specs
 
 # Re-exported for the code that imported them from here before the model layer had its own package.
@@ -41,10 +42,15 @@ class Model(Transformer):
         return generate(self, ids, max_new_tokens, temperature, top_k, top_p, seed, **options)
 
     def save_pretrained(self, directory, tokenizer=None) -> None:
-        """A Hugging Face folder: config.json, model.safetensors (and tokenizer.json, if given)."""
-        hf.write_folder(directory, self.config, self.state_dict())
+        """A Hugging Face folder: config.json, model.safetensors, and with a tokenizer its
+        tokenizer.json and tokenizer_config.json (the end-of-text token also in config.json), so
+        that transformers' AutoTokenizer and pipelines open the folder whole."""
+        eos = end_of_text(tokenizer.special_tokens) if tokenizer is not None else None
+        token_ids = {"eos_token_id": tokenizer.special_tokens[eos]} if eos is not None else {}
+        hf.write_folder(directory, self.config, self.state_dict(), token_ids)
         if tokenizer is not None:
             tokenizer.save(Path(directory) / hf.TOKENIZER, format="hf")
+            write_hf_chat(directory, ChatFormat(None, eos))
 
     def save_gguf(self, path, type: str = "f16", tokenizer=None, chat_template: Optional[str] = None,
                   eos_id: Optional[int] = None, bos_id: Optional[int] = None, progress: bool = True) -> None:

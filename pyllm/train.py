@@ -52,6 +52,7 @@ class TrainConfig:
     tokenizer: Optional[str] = None           # a tokenizer file; None: train one on the data
     vocab_size: int = 8192                    # of the tokenizer trained when none is given
     preset: str = "small"
+    arch: Optional[str] = None                # gpt2, llama, qwen2, qwen3; None: the preset's (gpt2 for sizes)
     n_layer: Optional[int] = None
     n_head: Optional[int] = None
     n_embd: Optional[int] = None
@@ -92,7 +93,7 @@ class TrainConfig:
     def model_config(self, vocab_size: int) -> ModelConfig:
         overrides = {k: getattr(self, k) for k in ("n_layer", "n_head", "n_embd", "block_size")
                      if getattr(self, k) is not None}
-        return ModelConfig.preset(self.preset, vocab_size=vocab_size, **overrides)
+        return ModelConfig.preset(self.preset, arch=self.arch, vocab_size=vocab_size, **overrides)
 
 
 @dataclass

@@ -310,3 +310,28 @@ def test_cli_ctrl_c_before_training_is_a_message(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(C, "_finetune_llm", interrupted)
     rc = cli(["finetune", "sft", "--data", str(tmp_path / "x.jsonl"), "--out", str(tmp_path / "o")])
     assert rc == 130 and "interrupted" in capsys.readouterr().err
+
+
+def test_a_lora_run_names_its_base_so_peft_opens_the_adapter_alone(tmp_path):
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    records = F.arithmetic_examples(24, seed=5)
+    texts = [f"User: {r['messages'][0]['content']}\nAssistant: {r['messages'][1]['content']}\n" for r in records]
+    tok = Tokenizer.train(texts, 330, special_tokens=["<|endoftext|>"], progress=False)
+    cfg = ModelConfig(arch="qwen3", vocab_size=tok.vocab_size, block_size=48, n_layer=2, n_head=2, n_kv_head=1,
+                      n_embd=32, intermediate_size=64)
+    LLM(Model(cfg, seed=1), tok).save(tmp_path / "base")
+    llm = LLM.load(tmp_path / "base")
+    data = tmp_path / "a.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    examples = F.read_examples(data, llm)
+    F.sft(llm, examples, examples[:4], F.SFTConfig(epochs=2, lr=1e-2, lora_rank=4), out_dir=tmp_path / "out",
+          progress=False, say=lambda *_: None)
+    named = json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert named == str((tmp_path / "base").resolve())
+    theirs = peft.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "out" / "adapter")
+    theirs.eval()
+    ids = np.array([tok.encode("User: what is 3 plus 4?")])
+    with torch.no_grad():
+        logits = theirs(torch.from_numpy(ids)).logits.numpy()
+    np.testing.assert_allclose(LLM.load(tmp_path / "out").model(ids), logits, rtol=1e-4, atol=1e-4)

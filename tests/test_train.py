@@ -201,3 +201,28 @@ def test_too_little_validation_data_is_refused_before_training(tmp_path):
     with pytest.raises(ValueError, match="validation split"):
         train(TrainConfig(out_dir=str(tmp_path / "run"), data=[str(small)], vocab_size=260, preset="tiny",
                           max_steps=2, progress=False), say=lambda *_: None)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_train_a_llama_shaped_model_that_transformers_opens_whole(tmp_path, corpus, arch):
+    """`pyllm train --arch`: the folder loads in transformers' AutoTokenizer and pipeline with
+    pyllm's ids and greedy text, its end token in config.json and tokenizer_config.json."""
+    transformers = pytest.importorskip("transformers")
+    from pyllm.llm import LLM
+
+    out = tmp_path / arch
+    rc = cli(["train", "--arch", arch, "--data", str(corpus), "--preset", "tiny", "--vocab-size", "300",
+              "--max-steps", "30", "--eval-interval", "30", "--lr", "1e-2", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    ours = LLM.load(out)
+    assert ours.model.config.arch == arch and ours.model.config.n_kv_head == 1   # tiny: 2 heads, 1 kv head
+    doc = json.loads((out / "config.json").read_text())
+    eos = ours.tokenizer.special_tokens["<|endoftext|>"]
+    assert doc["eos_token_id"] == eos
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    text = "alpha beta def return (x)\n gamma"
+    assert tokenizer(text)["input_ids"] == ours.tokenizer.encode(text)
+    assert tokenizer.eos_token_id == eos
+    generator = transformers.pipeline("text-generation", model=str(out), tokenizer=tokenizer)
+    theirs = generator("alpha beta", max_new_tokens=12, do_sample=False, return_full_text=False)[0]["generated_text"]
+    assert theirs == ours.generate("alpha beta", 12, temperature=0)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import struct
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
@@ -133,12 +134,13 @@ def write_safetensors(path, tensors: dict[str, np.ndarray]) -> None:
                   metadata={"format": "pt"})
 
 
-def write_folder(directory, config: ModelConfig, state: dict[str, np.ndarray]) -> None:
-    """config.json and model.safetensors: a folder transformers loads."""
+def write_folder(directory, config: ModelConfig, state: dict[str, np.ndarray], token_ids: Optional[dict] = None) -> None:
+    """config.json (with token_ids such as {"eos_token_id": 0}) and model.safetensors: a folder
+    transformers loads."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     write_safetensors(directory / WEIGHTS, state)
-    write_text(directory / CONFIG, json.dumps(config_to_hf(config), indent=2) + "\n")
+    write_text(directory / CONFIG, json.dumps({**config_to_hf(config), **(token_ids or {})}, indent=2) + "\n")
 
 
 def _normalise_name(name: str) -> str:

@@ -298,6 +298,15 @@ def _hf_document(data: TokenizerData) -> dict:
 
 # ----------------------------------------------------------------------------- chat formats
 
+# The special tokens that end a text or a turn, in the order a model's end token is looked for.
+END_OF_TEXT_NAMES = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "</s>", "<|end|>")
+
+
+def end_of_text(special_tokens: dict) -> Optional[str]:
+    """The first special token (text -> id) that ends a text, or None."""
+    return next((n for n in END_OF_TEXT_NAMES if n in special_tokens), None)
+
+
 TOKENIZER_CONFIG = "tokenizer_config.json"
 
 
@@ -319,7 +328,10 @@ def read_hf_chat(folder: Union[str, os.PathLike]) -> ChatFormat:
 
 def write_hf_chat(folder: Union[str, os.PathLike], chat: ChatFormat) -> None:
     """tokenizer_config.json with the chat template and the end/begin tokens."""
-    doc = {"chat_template": chat.template, "eos_token": chat.eos_token, "bos_token": chat.bos_token or None}
+    # The class makes AutoTokenizer read tokenizer.json as it is (the model_type's own class could
+    # add a begin token pyllm does not).
+    doc = {"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": chat.template, "eos_token": chat.eos_token,
+           "bos_token": chat.bos_token or None}
     write_text(Path(folder) / TOKENIZER_CONFIG, json.dumps(doc, indent=2) + "\n")
 
 

@@ -78,13 +78,33 @@ class ModelConfig:
         if not self.norm_eps > 0:
             raise ValueError(f"norm_eps must be positive, got {self.norm_eps!r}")
 
+    # Shapes of released models (their sizes; vocab_size comes from the tokenizer trained).
+    SHAPED_PRESETS = {
+        "smollm2-135m": dict(arch="llama", n_layer=30, n_head=9, n_kv_head=3, n_embd=576, intermediate_size=1536,
+                             block_size=2048, rope_theta=100000.0, norm_eps=1e-5),
+        "qwen3-0.6b": dict(arch="qwen3", n_layer=28, n_head=16, n_kv_head=8, n_embd=1024, head_dim=128,
+                           intermediate_size=3072, block_size=4096, rope_theta=1000000.0, norm_eps=1e-6),
+    }
+
     @classmethod
-    def preset(cls, name: str, **overrides) -> "ModelConfig":
-        """A named size (tiny, small, gpt2) with any field overridden."""
-        if name not in cls.PRESETS:
-            raise ValueError(f"unknown preset {name!r}; choose from {sorted(cls.PRESETS)}")
-        n_layer, n_head, n_embd, block_size = cls.PRESETS[name]
-        fields = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size)
+    def preset(cls, name: str, arch: Optional[str] = None, **overrides) -> "ModelConfig":
+        """A named size with any field overridden: tiny, small, gpt2 (GPT-2's widths, in any
+        architecture: the Llama-shaped ones get half as many key/value heads and a SwiGLU width of
+        8/3 the channels, a multiple of 32), or a released model's shape (smollm2-135m, qwen3-0.6b)."""
+        if name in cls.SHAPED_PRESETS:
+            fields = dict(cls.SHAPED_PRESETS[name])
+            if arch is not None and arch != fields["arch"]:
+                raise ValueError(f"the preset {name!r} is a {fields['arch']} model, not {arch}")
+        elif name in cls.PRESETS:
+            n_layer, n_head, n_embd, block_size = cls.PRESETS[name]
+            fields = dict(arch=arch or "gpt2", n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size)
+            fields.update(overrides)
+            if fields["arch"] != "gpt2":   # widths derived from the (overridden) heads and channels
+                heads = fields["n_head"]
+                fields.setdefault("n_kv_head", heads // 2 if heads % 2 == 0 else heads)
+                fields.setdefault("intermediate_size", 32 * -(-fields["n_embd"] // 12))
+        else:
+            raise ValueError(f"unknown preset {name!r}; choose from {sorted(cls.PRESETS) + sorted(cls.SHAPED_PRESETS)}")
         fields.update(overrides)
         return cls(**fields)
 
