@@ -52,13 +52,18 @@ def _prompt_ids(tokenizer) -> list[int]:
 def load(impl: str, quant: str = "Q4_1"):
     """(tokenizer, prefill(ids) -> state, decode(state, n) -> tokens, model or None) for impl on the
     file of that quantization."""
+    return load_file(impl, _path(quant))
+
+
+def load_file(impl: str, path):
+    """load() for any GGUF file."""
     if impl == "pyllm":
         from pyllm import kernels
         from pyllm.llm import LLM
         from pyllm.models import KVCache
 
         kernels.set_num_threads(THREADS)
-        llm = LLM.load(_path(quant))
+        llm = LLM.load(path)
         model = llm.model
 
         def prefill(ids):
@@ -79,7 +84,7 @@ def load(impl: str, quant: str = "Q4_1"):
 
     from pyllm.tokenizer import Tokenizer
 
-    llm = llama_cpp.Llama(model_path=str(_path(quant)), n_ctx=PROMPT + DECODE + 8, n_threads=THREADS,
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=PROMPT + DECODE + 8, n_threads=THREADS,
                           n_threads_batch=THREADS, n_batch=512, verbose=False)
 
     def prefill(ids):
@@ -97,7 +102,7 @@ def load(impl: str, quant: str = "Q4_1"):
             out.append(token)
             llm.eval([token])
         return out
-    return Tokenizer.from_gguf(_path(quant)), prefill, decode, None
+    return Tokenizer.from_gguf(path), prefill, decode, None
 
 
 def batch_prompts(ids: list[int]) -> list[list[int]]:
