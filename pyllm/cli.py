@@ -390,8 +390,9 @@ def main(argv: list[str] | None = None) -> int:
     exp.add_argument("--model", help="a model folder, a .gguf file, or smollm2-135m-instruct (the default)")
     exp.add_argument("--adapter", help="a LoRA adapter folder, merged into the written weights")
     exp.add_argument("--out", required=True, help="the .gguf file to write")
-    exp.add_argument("--type", default="f16", choices=["f32", "f16", "q8_0", "q4_0", "q4_1"],
-                     help="how the matrices are stored (default f16; norms and biases stay f32)")
+    exp.add_argument("--type", default="f16", choices=["f32", "f16", "q8_0", "q4_0", "q4_1", "q4_k"],
+                     help="how the matrices are stored (default f16; norms and biases stay f32; q4_k "
+                          "matrices whose rows are not whole 256-value blocks are q8_0)")
     exp.set_defaults(func=_cmd_export)
     srv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with a chat page",
                          description="Serves one model over HTTP as OpenAI's API does (/v1/chat/completions, "
@@ -474,10 +475,10 @@ def _add_finetune_flags(parser) -> None:
 
 
 def _add_train_parser(sub) -> None:
-    train = sub.add_parser("train", help="pretrain a GPT model by next-token prediction",
-                           description="Pretrain a model (GPT-2, Llama, Qwen2 or Qwen3 shaped). With no --data, the corpus is the "
-                                       "Python standard library's sources; with no --tokenizer, a BPE "
-                                       "tokenizer is trained on the data first.")
+    train = sub.add_parser("train", help="pretrain a model by next-token prediction",
+                           description="Pretrain a model (GPT-2, Llama, Qwen2 or Qwen3 shaped). With no --data, "
+                                       "the corpus is the Python standard library's sources; with no "
+                                       "--tokenizer, a BPE tokenizer is trained on the data first.")
     train.add_argument("--data", nargs="+", metavar="PATH", help="text files, folders or JSONL (\"text\" field)")
     train.add_argument("--tokenizer", help="a tokenizer file to use instead of training one")
     train.add_argument("--out", dest="out_dir", default="out", help="output folder (default: out)")

@@ -359,7 +359,8 @@ def rope_tables(positions, head_size: int, theta: float = 10000.0,
     if freq_factors is not None:
         factors = np.ascontiguousarray(freq_factors, np.float64)
         if factors.shape != (int(head_size) // 2,) or not (np.isfinite(factors).all() and (factors > 0).all()):
-            raise ValueError(f"freq_factors must be {int(head_size) // 2} finite numbers > 0, got shape {factors.shape}")
+            raise ValueError(f"freq_factors must be {int(head_size) // 2} finite numbers > 0, "
+                             f"got shape {factors.shape}")
     cos = np.empty((P, int(head_size) // 2), np.float32)
     sin = np.empty_like(cos)
     if cos.size:
@@ -794,19 +795,20 @@ def dequantize(w, ggml_type: int, shape: tuple[int, int], packed: bool = False) 
     return out
 
 
-QUANTIZABLE = tuple(QUANT_TYPES[n] for n in ("Q4_0", "Q4_1", "Q8_0"))   # what quantize writes
+QUANTIZABLE = tuple(QUANT_TYPES[n] for n in ("Q4_0", "Q4_1", "Q8_0", "Q4_K"))   # what quantize writes
 
 
 def quantize(w, ggml_type: int) -> np.ndarray:
     """The (N, K) float matrix w as ggml blocks, (N, row_bytes) uint8: the bytes llama.cpp's
-    reference quantizer writes (Q4_0, Q4_1, Q8_0; K a multiple of 32)."""
+    reference quantizer writes (Q4_0, Q4_1, Q8_0: K a multiple of 32; Q4_K: of 256)."""
     if ggml_type not in QUANTIZABLE:
         names = ", ".join(GGML_TYPES[t].name for t in QUANTIZABLE)
         raise ValueError(f"quantize writes {names}; got type {ggml_type!r}")
     w = _floats(w, "w", ndim=2)
     N, K = w.shape
-    if K % GGML_TYPES[ggml_type].block_values:
-        raise ValueError(f"quantize needs rows of a multiple of 32 values, got {K}")
+    block = GGML_TYPES[ggml_type].block_values
+    if K % block:
+        raise ValueError(f"quantize to {GGML_TYPES[ggml_type].name} needs rows of a multiple of {block} values, got {K}")
     if not np.isfinite(w).all():
         raise ValueError("quantize: w holds NaN or infinity")
     out = np.empty((N, row_bytes(ggml_type, K)), np.uint8)

@@ -176,7 +176,7 @@ class LLM:
 
     def save_gguf(self, path: Union[str, Path], type: str = "f16", progress: bool = True) -> None:
         """A GGUF file llama.cpp and Ollama load: the model (matrices as `type`: f32, f16, q8_0, q4_0,
-        q4_1), its tokenizer, chat template, end-of-turn and begin tokens. An attached LoRA adapter
+        q4_1, q4_k), its tokenizer, chat template, end-of-turn and begin tokens. An attached LoRA adapter
         is merged into the written weights."""
         bos = self.tokenizer.special_tokens.get(self.bos_token) if self.bos_token else None
         model = self.model

@@ -54,7 +54,7 @@ class Model(Transformer):
 
     def save_gguf(self, path, type: str = "f16", tokenizer=None, chat_template: Optional[str] = None,
                   eos_id: Optional[int] = None, bos_id: Optional[int] = None, progress: bool = True) -> None:
-        """A GGUF file llama.cpp loads: matrices as `type` (f32, f16, q8_0, q4_0, q4_1; quantized
+        """A GGUF file llama.cpp loads: matrices as `type` (f32, f16, q8_0, q4_0, q4_1, q4_k; quantized
         weights of a loaded GGUF are dequantized and quantized again), with the tokenizer (a
         pyllm.Tokenizer; llama.cpp needs one) and the chat template in the metadata."""
         bar = tqdm(total=0, unit="tensor", desc=f"writing {Path(path).name}", disable=not progress, leave=False)

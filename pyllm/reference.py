@@ -442,11 +442,100 @@ def _roundf(x):
     return np.where(np.abs(x - t) >= 0.5, t + np.sign(x), t)
 
 
+def _nearest_int(v):
+    """ggml's nearest_int: ties to even, through the float32 mantissa of v + 1.5 * 2^23."""
+    bits = (np.asarray(v, np.float32) + np.float32(12582912.0)).astype(np.float32).view(np.int32)
+    return (bits & 0x007FFFFF) - 0x00400000
+
+
+def _make_qkx2_quants(x, w, nmax, rmin, rdelta, nstep):
+    """ggml's make_qkx2_quants on rows of x (S, n) with weights w, every sum in float32 and in
+    ggml's order: (scale (S,), minimum to subtract (S,), levels (S, n) uint8)."""
+    f = np.float32
+    S, n = x.shape
+    lo, hi, sum_w = x[:, 0].copy(), x[:, 0].copy(), w[:, 0].copy()
+    sum_x = sum_w * x[:, 0]
+    for i in range(1, n):
+        lo, hi = np.where(x[:, i] < lo, x[:, i], lo), np.where(x[:, i] > hi, x[:, i], hi)
+        sum_w = sum_w + w[:, i]
+        sum_x = sum_x + w[:, i] * x[:, i]
+    lo = np.where(lo > 0, f(0), lo)
+    flat = hi == lo
+    span = np.where(flat, f(1), hi - lo)
+    iscale = f(nmax) / span
+    scale = f(1) / iscale
+    L = np.clip(_nearest_int(iscale[:, None] * (x - lo[:, None])), 0, nmax).astype(np.uint8)
+    best = np.zeros(S, f)
+    for i in range(n):
+        diff = scale * L[:, i] + lo - x[:, i]
+        best = best + w[:, i] * (diff * diff)
+    mn = lo.copy()
+    for step in range(nstep + 1):   # ggml's loop reads the minimum as the candidates update it
+        span = np.where(flat, f(1), hi - mn)
+        iscale = (f(rmin) + f(rdelta) * f(step) + f(nmax)) / span
+        laux = np.clip(_nearest_int(iscale[:, None] * (x - mn[:, None])), 0, nmax).astype(np.uint8)
+        sum_l = sum_l2 = sum_xl = np.zeros(S, f)
+        for i in range(n):
+            wl = w[:, i] * laux[:, i].astype(f)
+            sum_l, sum_l2, sum_xl = sum_l + wl, sum_l2 + wl * laux[:, i].astype(f), sum_xl + wl * x[:, i]
+        D = sum_w * sum_l2 - sum_l * sum_l
+        with np.errstate(divide="ignore", invalid="ignore"):
+            this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
+            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
+            positive = this_min > 0
+            this_scale = np.where(positive, sum_xl / sum_l2, this_scale)
+        this_min = np.where(positive, f(0), this_min)
+        error = np.zeros(S, f)
+        for i in range(n):
+            diff = this_scale * laux[:, i] + this_min - x[:, i]
+            error = error + w[:, i] * (diff * diff)
+        better = (D > 0) & (error < best) & ~flat
+        L = np.where(better[:, None], laux, L)
+        best, scale, mn = np.where(better, error, best), np.where(better, this_scale, scale), np.where(better, this_min, mn)
+    L = np.where(flat[:, None], np.uint8(0), L)
+    return np.where(flat, f(0), scale).astype(f), (-np.where(flat, lo, mn)).astype(f), L
+
+
+def _quantize_q4_k(x):
+    """ggml's quantize_row_q4_K_ref on blocks of 256 (rows of x): (blocks, 144) uint8."""
+    f = np.float32
+    B = x.shape[0]
+    sub = x.reshape(B * 8, 32)
+    sum_x2 = np.zeros(B * 8, f)
+    for i in range(32):
+        sum_x2 = sum_x2 + sub[:, i] * sub[:, i]
+    av_x = np.sqrt(sum_x2 / f(32))
+    scales, mins, L = _make_qkx2_quants(sub, av_x[:, None] + np.abs(sub), 15, -1.0, 0.1, 20)
+    scales, mins, L = scales.reshape(B, 8), mins.reshape(B, 8), L.reshape(B, 256)
+    max_scale = np.maximum(scales.max(axis=1), f(0))
+    max_min = np.maximum(mins.max(axis=1), f(0))
+    with np.errstate(divide="ignore"):
+        inv_scale = np.where(max_scale > 0, f(63) / max_scale, f(0))
+        inv_min = np.where(max_min > 0, f(63) / max_min, f(0))
+    ls = np.minimum(63, (_nearest_int(inv_scale[:, None] * scales) & 0xFF)).astype(np.uint8)
+    lm = np.minimum(63, (_nearest_int(inv_min[:, None] * mins) & 0xFF)).astype(np.uint8)
+    sc = np.zeros((B, 12), np.uint8)
+    sc[:, :4], sc[:, 4:8] = ls[:, :4], lm[:, :4]
+    sc[:, 8:] = (ls[:, 4:] & 0xF) | ((lm[:, 4:] & 0xF) << 4)
+    sc[:, :4] |= (ls[:, 4:] >> 4) << 6
+    sc[:, 4:8] |= (lm[:, 4:] >> 4) << 6
+    d16, dmin16 = (max_scale / f(63)).astype(np.float16), (max_min / f(63)).astype(np.float16)
+    d = d16.astype(f)[:, None] * ls.astype(f)          # the scales as stored (6 bits each)
+    dm = dmin16.astype(f)[:, None] * lm.astype(f)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        requant = np.clip(_nearest_int((x.reshape(B, 8, 32) + dm[:, :, None]) / d[:, :, None]), 0, 15)
+    L = np.where((d != 0)[:, :, None], requant, L.reshape(B, 8, 32)).astype(np.uint8).reshape(B, 4, 2, 32)
+    qs = (L[:, :, 0] | (L[:, :, 1] << 4)).reshape(B, 128)
+    return np.concatenate([d16.view(np.uint8).reshape(B, 2), dmin16.view(np.uint8).reshape(B, 2), sc, qs], axis=1)
+
+
 def quantize(w, ggml_type):
-    """The (N, K) float matrix w as ggml blocks (Q4_0, Q4_1, Q8_0), (N, row bytes) uint8: ggml's
-    reference quantizers (quantize_row_*_ref) in float32 numpy."""
+    """The (N, K) float matrix w as ggml blocks (Q4_0, Q4_1, Q8_0, Q4_K), (N, row bytes) uint8:
+    ggml's reference quantizers (quantize_row_*_ref) in float32 numpy."""
     w = np.asarray(w, np.float32)
     N, K = w.shape
+    if ggml_type == Q4_K:
+        return np.ascontiguousarray(_quantize_q4_k(w.reshape(-1, 256))).reshape(N, -1)
     x = w.reshape(-1, 32)
     with np.errstate(divide="ignore", invalid="ignore"):
         if ggml_type == Q8_0:
@@ -472,7 +561,7 @@ def quantize(w, ggml_type):
                 head.append(lo.astype(np.float16).view(np.uint8).reshape(-1, 2))
             blocks = np.concatenate(head + [nibbles], axis=1)
         else:
-            raise ValueError(f"quantize writes Q4_0, Q4_1 and Q8_0, not type {ggml_type}")
+            raise ValueError(f"quantize writes Q4_0, Q4_1, Q8_0 and Q4_K, not type {ggml_type}")
     return np.ascontiguousarray(blocks).reshape(N, -1)
 
 

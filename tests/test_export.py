@@ -1,5 +1,6 @@
 """GGUF export: pyllm's quantizers against ggml's (the gguf package's numpy port of
-quantize_row_*_ref) bit for bit, and trained models of each architecture written at each type,
+quantize_row_*_ref, and llama.cpp's own quantizer for Q4_K) bit for bit, and trained models of
+each architecture written at each type (q4_k: their narrow rows fall back to Q8_0),
 read back by pyllm and loaded by llama.cpp with the same greedy text (float files) or next token
 (quantized files)."""
 
@@ -49,13 +50,56 @@ def test_quantize_writes_ggml_s_bytes(name, rows, K):
     np.testing.assert_array_equal(kernels.dequantize(ours, t, (rows, K)), theirs)
 
 
+@pytest.mark.parametrize("rows, K", [(6, 256), (1, 512), (9, 768)])
+def test_q4_k_blocks_equal_the_twin(rows, K):
+    """Q4_K (gguf's numpy port has no quantizer for it): C++ against the twin, bit for bit; against
+    llama.cpp's own quantizer in the test below."""
+    w = awkward(rows, K) * np.random.default_rng(1).uniform(0.01, 3, (rows, 1)).astype(np.float32)
+    t = kernels.QUANT_TYPES["Q4_K"]
+    ours = kernels.quantize(w, t)
+    np.testing.assert_array_equal(ours, reference.quantize(w, t))
+    np.testing.assert_array_equal(kernels.dequantize(ours, t, (rows, K)),
+                                  ggml_dequantize(ours, gguf.GGMLQuantizationType.Q4_K).reshape(rows, K))
+    scale = np.abs(w).max(axis=1, keepdims=True) + 1e-30
+    assert (np.abs(kernels.dequantize(ours, t, (rows, K)) - w) / scale).max() < 0.1
+
+
+def test_q4_k_blocks_are_llama_cpp_s(tmp_path):
+    """A model written as F32, quantized by llama.cpp to Q4_K_S: every tensor it made Q4_K holds the
+    bytes pyllm's quantizer makes of the same values."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from pyllm.io import gguf_model
+    from pyllm.io.gguf import GGUFFile
+
+    tok = Tokenizer.train([TEXT * 10], 290, pattern="gpt2", special_tokens=["<|endoftext|>"], progress=False)
+    model = Model(ModelConfig(arch="llama", vocab_size=512, block_size=64, n_layer=2, n_head=4, n_kv_head=2,
+                              n_embd=256, intermediate_size=512), seed=0)
+    model.params[...] = np.random.default_rng(2).standard_normal(model.params.size).astype(np.float32) * 0.05
+    LLM(model, tok).save_gguf(tmp_path / "f32.gguf", "f32", progress=False)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_S
+    assert llama_cpp.llama_model_quantize(str(tmp_path / "f32.gguf").encode(), str(tmp_path / "q4k.gguf").encode(),
+                                          params) == 0
+    src, made = GGUFFile(tmp_path / "f32.gguf"), GGUFFile(tmp_path / "q4k.gguf")
+    t = kernels.QUANT_TYPES["Q4_K"]
+    compared = 0
+    for name, info in made.tensors.items():
+        if info.type == t:
+            ours = kernels.quantize(gguf_model.tensor(src, name), t)
+            np.testing.assert_array_equal(ours.reshape(-1), made.raw(info).reshape(-1), err_msg=name)
+            compared += 1
+    assert compared >= 8
+
+
 def test_quantize_refuses_what_it_cannot_write():
     with pytest.raises(ValueError, match="multiple of 32"):
         kernels.quantize(np.zeros((2, 33), np.float32), kernels.QUANT_TYPES["Q8_0"])
     with pytest.raises(ValueError, match="NaN"):
         kernels.quantize(np.full((1, 32), np.nan, np.float32), kernels.QUANT_TYPES["Q8_0"])
+    with pytest.raises(ValueError, match="multiple of 256"):
+        kernels.quantize(np.zeros((1, 288), np.float32), kernels.QUANT_TYPES["Q4_K"])
     with pytest.raises(ValueError, match="writes"):
-        kernels.quantize(np.zeros((1, 256), np.float32), kernels.QUANT_TYPES["Q4_K"])
+        kernels.quantize(np.zeros((1, 256), np.float32), kernels.QUANT_TYPES["Q6_K"])
 
 
 # ----------------------------------------------------------------------------- whole models
@@ -104,7 +148,7 @@ def _llama_cpp_greedy(path, prompt: list, n: int) -> list:
     return out
 
 
-@pytest.mark.parametrize("type", ["f32", "f16", "q8_0", "q4_0", "q4_1"])
+@pytest.mark.parametrize("type", ["f32", "f16", "q8_0", "q4_0", "q4_1", "q4_k"])
 def test_exported_files_load_in_pyllm_and_llama_cpp_alike(trained, type, tmp_path, tokenizer):
     path = tmp_path / f"model.{type}.gguf"
     trained.save_gguf(path, type, progress=False)
@@ -144,4 +188,4 @@ def test_cli_export_of_a_folder_with_an_adapter_merged(trained, tmp_path):
     exported = LLM.load(tmp_path / "out.gguf")
     np.testing.assert_allclose(exported.model(ids), adapted.model(ids), rtol=1e-4, atol=1e-4)
     with pytest.raises(SystemExit):
-        cli(["export", "--model", str(folder), "--out", str(tmp_path / "x.gguf"), "--type", "q4_k"])
+        cli(["export", "--model", str(folder), "--out", str(tmp_path / "x.gguf"), "--type", "q6_k"])

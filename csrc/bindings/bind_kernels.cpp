@@ -478,7 +478,7 @@ void bind_kernels(py::module_& m) {
     kernels().matmul_rows(po.data(), pw.data(), Ns.data(), int64_t(Ns.size()), pa, type, M, K);
   });
   m.def("quantize_rows", [quant_row_bytes](py::array o, py::array x, int type, int64_t rows, int64_t K) {
-    check(pyllm::formats::can_quantize(type), "pyllm quantizes to Q4_0, Q4_1 and Q8_0");
+    check(pyllm::formats::can_quantize(type), "pyllm quantizes to Q4_0, Q4_1, Q8_0 and Q4_K");
     const int64_t row_bytes = quant_row_bytes(type, K);
     check(py::dtype::of<uint8_t>().is(o.dtype()) && (o.flags() & py::array::c_style) && o.writeable() &&
               o.size() >= count(rows, row_bytes),

@@ -9,10 +9,10 @@
 namespace pyllm {
 namespace formats {
 
-// The types quantize_rows writes (ggml ids): Q4_0, Q4_1, Q8_0.
+// The types quantize_rows writes (ggml ids): Q4_0, Q4_1, Q8_0, Q4_K.
 bool can_quantize(int type);
 
-// out (rows, K / 32 blocks) = x (rows, K) in blocks of `type`; K a multiple of 32. Rows on the pool.
+// out (rows, K / block values) = x (rows, K) in blocks of `type`; K a multiple of the block. Rows on the pool.
 void quantize_rows(uint8_t* out, const float* x, int type, int64_t rows, int64_t K);
 
 }  // namespace formats

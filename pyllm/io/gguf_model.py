@@ -140,7 +140,8 @@ def config_from_gguf(f: GGUFFile) -> ModelConfig:
     if f.metadata.get(f"{arch}.attention.sliding_window"):
         raise ValueError(f"{f.path}: sliding-window attention is not supported yet")
     return ModelConfig(arch=arch, n_kv_head=int(f.metadata.get(f"{arch}.attention.head_count_kv", n_head)),
-                       head_dim=head_dim, rope_scaling=scaling, norm_eps=float(_meta(f, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+                       head_dim=head_dim, rope_scaling=scaling,
+                       norm_eps=float(_meta(f, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
                        rope_theta=float(f.metadata.get(f"{arch}.rope.freq_base", 10000.0)), **sizes)
 
 

@@ -5,7 +5,8 @@ llama.cpp and Ollama load what pyllm trained.
 The container is the `gguf` package's writer (the `export` extra); the blocks are pyllm's own
 (kernels.quantize: llama.cpp's reference quantizers, bit for bit). Names and layouts are the inverse
 of gguf_model.py's: every matrix (out, in), llama's q/k rows permuted for llama.cpp's interleaved
-rope. Matrices whose rows are not whole blocks stay float16 (or float32); norms and biases float32.
+rope. Matrices whose rows are not whole blocks go to a smaller block (Q4_K's: Q8_0) or float16;
+norms and biases stay float32.
 Not a reader (gguf_model.py) and not quantization arithmetic (csrc/formats/quantize.cpp).
 """
 
@@ -30,7 +31,10 @@ except ImportError as exc:
 # --type -> (ggml type of the matrices, GGUF general.file_type as llama.cpp numbers it)
 TYPES = {"f32": (0, 0), "f16": (1, 1),
          "q8_0": (kernels.QUANT_TYPES["Q8_0"], 7), "q4_0": (kernels.QUANT_TYPES["Q4_0"], 2),
-         "q4_1": (kernels.QUANT_TYPES["Q4_1"], 3)}
+         "q4_1": (kernels.QUANT_TYPES["Q4_1"], 3), "q4_k": (kernels.QUANT_TYPES["Q4_K"], 14)}
+# A matrix whose rows are not whole blocks of the file's type: stored in this one instead, where
+# they are whole blocks of it (llama.cpp's quantizer falls back likewise), else float16.
+FALLBACK = {kernels.QUANT_TYPES["Q4_K"]: kernels.QUANT_TYPES["Q8_0"]}
 
 
 def permute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -61,7 +65,7 @@ def write_gguf(path, cfg: ModelConfig, state: dict, type: str = "f16", tokenizer
         w = gguf.GGUFWriter(str(tmp), cfg.arch)
         _metadata(w, cfg, name, file_type)
         if tokenizer is not None:
-            _vocabulary(w, tokenizer, chat_template, eos_id, bos_id)
+            _vocabulary(w, tokenizer, cfg.vocab_size, chat_template, eos_id, bos_id)
         in_out = stored_in_out(cfg)
         todo = list(state.items())
         for done, (hf, value) in enumerate(todo):
@@ -103,9 +107,9 @@ def _metadata(w, cfg: ModelConfig, name: str, file_type: int) -> None:
     w.add_vocab_size(cfg.vocab_size)
 
 
-def _vocabulary(w, data: TokenizerData, chat_template: Optional[str], eos_id: Optional[int],
+def _vocabulary(w, data: TokenizerData, vocab_size: int, chat_template: Optional[str], eos_id: Optional[int],
                 bos_id: Optional[int]) -> None:
-    pre, tokens, types, merges = gguf_vocabulary(data)
+    pre, tokens, types, merges = gguf_vocabulary(data, vocab_size)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre(pre)
     w.add_token_list(tokens)
@@ -127,7 +131,12 @@ def _tensor(w, name: str, value: np.ndarray, matrix_type: int, keep_float: bool)
     float32 for an f32 file); vectors and GPT-2's position table float32."""
     if value.ndim != 2 or keep_float or matrix_type == 0:
         w.add_tensor(name, value)
-    elif matrix_type == 1 or value.shape[1] % kernels.GGML_TYPES[matrix_type].block_values:
+        return
+    if matrix_type != 1 and value.shape[1] % kernels.GGML_TYPES[matrix_type].block_values:
+        matrix_type = FALLBACK.get(matrix_type, 1)
+        if matrix_type != 1 and value.shape[1] % kernels.GGML_TYPES[matrix_type].block_values:
+            matrix_type = 1
+    if matrix_type == 1:
         w.add_tensor(name, value.astype(np.float16))
     else:
         blocks = kernels.quantize(value, matrix_type)

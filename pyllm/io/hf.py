@@ -2,9 +2,9 @@
 model.safetensors.index.json), GPT-2, Llama, Qwen2 and Qwen3, and safetensors files in general.
 
 What write_folder writes, `transformers` loads as GPT2LMHeadModel / LlamaForCausalLM /
-Qwen2ForCausalLM / Qwen3ForCausalLM with the same logits; what `transformers` writes (or the hub's GPT-2 files), read_folder reads. Readers return
-data (pyllm.io.tensors.ModelWeights) and never build a model; the tokenizer's files are
-tokenizer_files.py's.
+Qwen2ForCausalLM / Qwen3ForCausalLM with the same logits; what `transformers` writes (or the hub's
+GPT-2 files), read_folder reads. Readers return data (pyllm.io.tensors.ModelWeights) and never
+build a model; the tokenizer's files are tokenizer_files.py's.
 """
 
 from __future__ import annotations
@@ -134,7 +134,8 @@ def write_safetensors(path, tensors: dict[str, np.ndarray]) -> None:
                   metadata={"format": "pt"})
 
 
-def write_folder(directory, config: ModelConfig, state: dict[str, np.ndarray], token_ids: Optional[dict] = None) -> None:
+def write_folder(directory, config: ModelConfig, state: dict[str, np.ndarray],
+                 token_ids: Optional[dict] = None) -> None:
     """config.json (with token_ids such as {"eos_token_id": 0}) and model.safetensors: a folder
     transformers loads."""
     directory = Path(directory)

@@ -234,16 +234,17 @@ def gguf_tokenizer(f: GGUFFile) -> TokenizerData:
 
 # ----------------------------------------------------------------------------- writing
 
-def gguf_vocabulary(data: TokenizerData) -> tuple:
+def gguf_vocabulary(data: TokenizerData, size: int = 0) -> tuple:
     """(pre, tokens, token types, merges) as GGUF's tokenizer.ggml.* keys spell a byte-level BPE
     vocabulary: tokens in GPT-2's printable characters, special tokens by name as control tokens
-    (type 3), merges as "left right"."""
+    (type 3), merges as "left right"; ids up to `size` (a model's vocabulary may be wider than its
+    tokenizer's) padded with unused tokens."""
     if data.pattern not in GGUF_PRE_OF:
         raise ValueError(f"the split pattern {data.pattern!r} has no llama.cpp pre-tokenizer "
                          f"(GGUF files take {sorted(GGUF_PRE_OF)})")
     chars = bytes_to_unicode()
     special = {sid: name for name, sid in data.special_tokens.items()}
-    size = max([len(data.vocab)] + [sid + 1 for sid in special])
+    size = max([len(data.vocab), size] + [sid + 1 for sid in special])
     tokens, types = [], []
     for i in range(size):
         if i in special:

@@ -136,7 +136,8 @@ class ModelConfig:
             raise ValueError("llama3 rope_scaling needs factor, low_freq_factor, high_freq_factor and "
                              "original_max_position_embeddings") from None
         if not (factor >= 1 and 0 < low < high and original > 0):
-            raise ValueError(f"llama3 rope_scaling needs factor >= 1, 0 < low_freq_factor < high_freq_factor, got {s!r}")
+            raise ValueError(f"llama3 rope_scaling needs factor >= 1 and 0 < low_freq_factor < high_freq_factor, "
+                             f"got {s!r}")
         inv_freq = 1.0 / self.rope_theta ** (np.arange(0, self.head_size, 2, dtype=np.float64) / self.head_size)
         wavelen = 2 * np.pi / inv_freq
         smooth = (original / wavelen - low) / (high - low)
