@@ -84,3 +84,45 @@ def test_train(benchmark, impl):
 
     hf = benchmark.pedantic(train, rounds=3, iterations=1)
     assert hf.get_vocab_size() > TRAIN_VOCAB // 2
+
+
+@pytest.fixture(scope="module")
+def sentencepiece(corpus, tmp_path_factory):
+    """A Llama-2-style tokenizer.json (BPE over U+2581-spaced text, <0xNN> byte fallback) trained
+    by `tokenizers` on the corpus, and pyllm's reading of it (merged by score, word by word)."""
+    import json
+
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import models, normalizers, pre_tokenizers, trainers
+
+    normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    trainer_side = tokenizers.Tokenizer(models.BPE(unk_token="<unk>"))
+    trainer_side.normalizer = normalizer
+    # Pieces that never hold a space after another character, as SentencePiece's own training
+    # makes them (split_by_whitespace); the tokenizer used has no pre-tokenizer, as Llama 2's.
+    trainer_side.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never")
+    sample = corpus[:2_000_000]
+    trainer_side.train_from_iterator([sample[i:i + 4000] for i in range(0, len(sample), 4000)],
+                                     trainers.BpeTrainer(vocab_size=ENCODE_VOCAB, show_progress=False,
+                                                         special_tokens=["<unk>", "<s>", "</s>"]))
+    trained = json.loads(trainer_side.to_str())["model"]
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    for token in sorted(trained["vocab"], key=trained["vocab"].get):
+        vocab.setdefault(token, len(vocab))
+    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in trained["merges"]]
+    hf = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True))
+    hf.normalizer = normalizer
+    path = tmp_path_factory.mktemp("spm") / "tokenizer.json"
+    hf.save(str(path))
+    return Tokenizer.load(path), hf
+
+
+@pytest.mark.parametrize("impl", ["pyllm", "tokenizers"])
+def test_encode_sentencepiece_one_thread(benchmark, corpus, sentencepiece, impl):
+    ours, hf = sentencepiece
+    text = corpus[:3_000_000]   # one text: one merge heap over all of it on both sides
+    encode = ours.encode_ordinary if impl == "pyllm" else (lambda t: hf.encode(t).ids)
+    benchmark.group = f"SentencePiece-style encode {len(text.encode()) / 1e6:.1f} MB, vocab {ENCODE_VOCAB} vs tokenizers"
+    benchmark.extra_info.update(impl=impl, bytes=len(text.encode()), target=1.0)
+    ids = benchmark.pedantic(encode, args=(text,), rounds=3, iterations=1, warmup_rounds=1)
+    assert ids == (hf.encode(text).ids if impl == "pyllm" else ours.encode_ordinary(text))

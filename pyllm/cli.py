@@ -155,7 +155,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         print()
         return 0
     # One line per step: the token drawn and the distribution it was drawn from.
-    ids = llm.tokenizer.encode(prompt, allowed_special="all")
+    ids = llm.encode_prompt(prompt)
     if not ids:
         raise ValueError("the prompt is empty: give some text to continue")
     seed = options.pop("seed")

@@ -984,9 +984,11 @@ any buffer too small for the dims given, ids and targets out of range and positi
 tables, so a wrong call raises instead of reading or writing out of bounds; wrong shapes that fit
 give wrong numbers. Users call the checked functions above."""
 
-# The tokenizer's C++ (csrc/tokenizer/): byte-level BPE encode/decode and training, and the
-# built-in pre-tokenizer patterns. Checked by their bindings; pyllm.tokenizer drives them.
+# The tokenizer's C++ (csrc/tokenizer/): byte-level BPE encode/decode and training, SentencePiece-
+# style merging by score (SpmModel(pieces, scores, byte_ids, unk_id).encode(normalized bytes)), and
+# the built-in pre-tokenizer patterns. Checked by their bindings; pyllm.tokenizer drives them.
 BpeModel = _C.BpeModel
+SpmModel = _C.SpmModel
 PieceCounter = _C.PieceCounter
 train_bpe = _C.train_bpe
 pretokenize = _C.pretokenize

@@ -96,13 +96,22 @@ class LLM:
         """The continuation of prompt (without the prompt); with stream=True, an iterator of pieces."""
         if not isinstance(prompt, str):
             raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
-        ids = self.tokenizer.encode(prompt, allowed_special="all")
+        ids = self.encode_prompt(prompt)
         if not ids:
             raise ValueError("the prompt is empty: give some text to continue")
         sampling = SamplingConfig(temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty,
                                   frequency_penalty)
         pieces = self._stream(ids, max_new_tokens, sampling, seed, list(stop))
         return pieces if stream else "".join(pieces)
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """The ids a prompt is fed as: special tokens spelled in it as theirs, and the begin token
+        first when the model's files ask for one (as llama.cpp adds it) and the text lacks it."""
+        ids = self.tokenizer.encode(text, allowed_special="all")
+        bos = self.tokenizer.special_tokens.get(self.bos_token) if self.bos_token else None
+        if bos is not None and ids and ids[0] != bos:
+            ids.insert(0, bos)
+        return ids
 
     def _stream(self, ids: list[int], max_new_tokens: int, sampling: SamplingConfig, seed: Optional[int],
                 stop: list[str]) -> Iterator[str]:
@@ -159,7 +168,7 @@ class LLM:
         return "".join(reply).strip()
 
     def count_tokens(self, messages: Sequence[Message]) -> int:
-        return len(self.tokenizer.encode(self.apply_chat_template(messages), allowed_special="all"))
+        return len(self.encode_prompt(self.apply_chat_template(messages)))
 
     @property
     def context_window(self) -> int:

@@ -25,6 +25,8 @@ from pyllm.io.gguf import GGUFFile
 from pyllm.io.tokenizer_files import TokenizerData, gguf_tokenizer, read_tokenizer, write_tokenizer
 from pyllm.pretokenize import BUILTIN, split_reference
 
+_SPACE = "\u2581".encode()   # SentencePiece's visible space
+
 # Names that lived here before the file formats moved to pyllm.io (re-exported, not redefined).
 from pyllm.io.tokenizer_files import FORMAT_NAME, FORMAT_VERSION, GGUF_PRE, HF_PATTERNS, bytes_to_unicode  # noqa: F401,E402
 from pyllm.pretokenize import GPT2_PATTERN, GPT4_PATTERN, PATTERNS, PIPELINES  # noqa: F401,E402
@@ -85,7 +87,9 @@ def _read_sources(source: TextSource) -> Iterable[str]:
 # ----------------------------------------------------------------------------- the tokenizer
 
 class Tokenizer:
-    """A byte-level BPE tokenizer: any str encodes, and decode(encode(s)) == s.
+    """A byte-level BPE tokenizer (or, pattern "spm", a SentencePiece vocabulary read from a GGUF
+    file or tokenizer.json, merged by score as llama.cpp does): any str encodes, and
+    decode(encode(s)) == s.
 
     >>> tok = Tokenizer.train("hello hello hello world", vocab_size=260)
     >>> tok.decode(tok.encode("hello world"))
@@ -93,7 +97,9 @@ class Tokenizer:
     """
 
     def __init__(self, vocab: Sequence[bytes], merges: Sequence[tuple[int, int]], pattern: str = "gpt4",
-                 special_tokens: dict[str, int] | None = None, unk_token_id: int | None = None):
+                 special_tokens: dict[str, int] | None = None, unk_token_id: int | None = None,
+                 scores: Sequence[float | None] | None = None, byte_ids: Sequence[int] | None = None,
+                 add_space_prefix: bool = True):
         self.vocab: list[bytes] = [bytes(t) for t in vocab]
         merges_arr = np.asarray(merges, dtype=np.int64).reshape(-1, 2)
         if merges_arr.size and (merges_arr.min() < 0 or merges_arr.max() >= len(self.vocab)):
@@ -118,6 +124,19 @@ class Tokenizer:
             raise ValueError(f"unk_token_id {unk_token_id} is outside the vocabulary")
         self._model = kernels.BpeModel(self.vocab, merges_arr.astype(np.uint32),
                                     -1 if unk_token_id is None else int(unk_token_id))
+        # A SentencePiece vocabulary (pattern "spm"): merged by score over U+2581-spaced text,
+        # bytes with no piece as their <0xNN> tokens; vocab[id] is what an id decodes to.
+        self.scores, self.byte_ids, self.add_space_prefix = None, None, bool(add_space_prefix)
+        self._spm = None
+        if pattern == "spm":
+            if scores is None or len(scores) != len(self.vocab) or byte_ids is None or len(byte_ids) != 256:
+                raise ValueError("a SentencePiece vocabulary needs a score per token and 256 byte token ids")
+            self.scores, self.byte_ids = list(scores), [int(b) for b in byte_ids]
+            pieces = [b"" if sc is None or not t else t.replace(b" ", _SPACE) for t, sc in zip(self.vocab, self.scores)]
+            self._spm = kernels.SpmModel(pieces, [0.0 if sc is None else float(sc) for sc in self.scores],
+                                         self.byte_ids, -1 if unk_token_id is None else int(unk_token_id))
+        elif scores is not None:
+            raise ValueError('scores belong to SentencePiece vocabularies (pattern "spm")')
         self._special_by_id = {sid: name for name, sid in self.special_tokens.items()}
         self._special_split = (re.compile("(" + "|".join(re.escape(s) for s in sorted(
             self.special_tokens, key=len, reverse=True)) + ")") if self.special_tokens else None)
@@ -171,6 +190,10 @@ class Tokenizer:
         """
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
+        if self._spm is not None:   # as llama.cpp: a space before each run of text, spaces as U+2581
+            if not text:
+                return []
+            return self._spm.encode(_utf8((" " if self.add_space_prefix else "") + text).replace(b" ", _SPACE)).tolist()
         data = _utf8(text)
         return self._model.encode_pieces(data, piece_ends(data, text, self.pattern)).tolist()
 
@@ -248,8 +271,14 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int], errors: str = "replace") -> str:
         """Text of ids; bytes that are not valid UTF-8 (a token boundary inside a character)
-        become U+FFFD unless errors="strict"."""
-        return self.decode_bytes(ids).decode("utf-8", errors=errors)
+        become U+FFFD unless errors="strict". A SentencePiece vocabulary's added first space is
+        dropped, as its encoding added it."""
+        ids = list(ids)
+        text = self.decode_bytes(ids).decode("utf-8", errors=errors)
+        if self._spm is not None and self.add_space_prefix and ids and ids[0] not in self._special_by_id \
+                and text.startswith(" "):
+            text = text[1:]
+        return text
 
     def token_to_bytes(self, token_id: int) -> bytes:
         """The bytes of one token."""
@@ -265,16 +294,23 @@ class Tokenizer:
 
     # --------------------------------------------------------------------- files
 
+    @property
+    def is_sentencepiece(self) -> bool:
+        return self._spm is not None
+
     def data(self) -> TokenizerData:
         """What the tokenizer files hold (Tokenizer(**vars(data)) builds it again)."""
         return TokenizerData(list(self.vocab), list(self.merges), self.pattern, dict(self.special_tokens),
-                             self.unk_token_id)
+                             self.unk_token_id, self.scores, self.byte_ids, self.add_space_prefix)
 
     def save(self, path: str | os.PathLike, format: Literal["pyllm", "hf"] = "pyllm") -> None:
         """Writes pyllm's JSON, or with format="hf" a tokenizer.json the `tokenizers` package reads.
 
         The write is atomic: a temporary file is written, synced and renamed over path.
         """
+        if self._spm is not None:
+            raise ValueError("writing SentencePiece vocabularies is not supported yet (they are read from "
+                             "GGUF files and tokenizer.json)")
         write_tokenizer(path, self.data(), format)
 
     @classmethod

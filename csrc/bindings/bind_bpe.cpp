@@ -3,6 +3,7 @@
 #include <pybind11/functional.h>
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <string>
 #include <string_view>
@@ -11,9 +12,11 @@
 
 #include "common.h"
 #include "tokenizer/bpe.h"
+#include "tokenizer/spm.h"
 
 namespace py = pybind11;
 using pyllm::tok::BpeModel;
+using pyllm::tok::SpmModel;
 using pyllm::tok::Merge;
 using pyllm::tok::TokenId;
 
@@ -87,6 +90,37 @@ void bind_bpe(py::module_& m) {
         }
         return py::bytes(bytes);
       }, py::arg("ids"), "The bytes of the given token ids.");
+
+  py::class_<SpmModel>(m, "SpmModel")
+      .def(py::init([](const py::list& pieces, const std::vector<float>& scores, const std::vector<int64_t>& byte_ids,
+                       int64_t unk_id) {
+             std::vector<std::string> texts;
+             texts.reserve(pieces.size());
+             for (const auto& t : pieces) texts.emplace_back(view(t.cast<py::bytes>()));
+             try {
+               return std::make_unique<SpmModel>(std::move(texts), scores, byte_ids, unk_id);
+             } catch (const std::invalid_argument& e) {
+               throw py::value_error(e.what());
+             }
+           }),
+           py::arg("pieces"), py::arg("scores"), py::arg("byte_ids"), py::arg("unk_id") = -1)
+      .def("__len__", &SpmModel::size)
+      .def("splits_at_spaces", &SpmModel::splits_at_spaces)
+      .def("encode", [](const SpmModel& self, const py::bytes& text) {
+        const std::string_view t = view(text);
+        std::vector<TokenId> ids;
+        {
+          py::gil_scoped_release release;
+          ids.reserve(t.size() / 3);
+          try {
+            self.encode(t, ids);
+          } catch (const std::invalid_argument& e) {
+            py::gil_scoped_acquire acquire;
+            throw py::value_error(e.what());
+          }
+        }
+        return to_array(ids);
+      }, py::arg("text"), "Token ids (uint32 array) of normalized utf-8 text (spaces as U+2581).");
 
   py::class_<PieceCounts>(m, "PieceCounter")
       .def(py::init<>())

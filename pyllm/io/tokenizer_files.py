@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
@@ -39,6 +40,11 @@ class TokenizerData:
     pattern: str = "gpt4"                         # a built-in split pattern's name, or a regex
     special_tokens: dict = field(default_factory=dict)   # text -> id
     unk_token_id: Optional[int] = None
+    # SentencePiece-style vocabularies (pattern "spm"): each id's score (None: no piece to merge
+    # into), the <0xNN> token of each byte (-1: none), and whether text starts with a space.
+    scores: Optional[list] = None
+    byte_ids: Optional[list] = None
+    add_space_prefix: bool = True
 
 
 @dataclass
@@ -124,10 +130,16 @@ def _from_pyllm(doc: dict, path: Path) -> TokenizerData:
     return TokenizerData(vocab, merges, pattern, specials, unk)
 
 
+SPACE = "\u2581"   # SentencePiece's visible space
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
 def _from_hf(doc: dict, path: Path) -> TokenizerData:
     model = doc["model"]
     if model.get("type", "BPE") != "BPE":
         raise ValueError(f"{path}: only BPE tokenizers are supported, this one is {model.get('type')!r}")
+    if model.get("byte_fallback"):
+        return _spm_from_hf(doc, model, path)
     try:
         by_str: dict[str, int] = {str(k): int(v) for k, v in model["vocab"].items()}
         raw_merges = model.get("merges", [])
@@ -167,6 +179,67 @@ def _from_hf(doc: dict, path: Path) -> TokenizerData:
     return TokenizerData(vocab, merges, _hf_pattern(doc.get("pre_tokenizer"), path), specials, unk)
 
 
+def _spm_from_hf(doc: dict, model: dict, path: Path) -> TokenizerData:
+    """A tokenizer.json of SentencePiece's kind (Llama 2, Mistral: BPE over U+2581-spaced text with
+    <0xNN> byte fallback): merged by score, the score of each token the rank of the merge that
+    makes it."""
+    try:
+        by_str: dict[str, int] = {str(k): int(v) for k, v in model["vocab"].items()}
+        raw_merges = model.get("merges", [])
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ValueError(f"{path}: corrupt tokenizer.json model ({exc!r})") from None
+    added = {t["content"]: int(t["id"]) for t in doc.get("added_tokens") or []}
+    size = max(list(by_str.values()) + list(added.values()) + [-1]) + 1
+    texts: list = [None] * size
+    for text, tid in by_str.items():
+        texts[tid] = text
+    scores: list = [None] * size
+    for text, tid in by_str.items():
+        if len(text) == 1:
+            scores[tid] = 0.0
+    for r, m in enumerate(raw_merges):
+        left, right = m.split(" ", 1) if isinstance(m, str) else m
+        tid = by_str.get(left + right)
+        if tid is None:
+            raise ValueError(f"{path}: merge {r} ({left!r}, {right!r}) makes a token not in the vocabulary")
+        if scores[tid] is None or len(left + right) == 1:
+            scores[tid] = float(-r - 1)
+    pre = json.dumps([doc.get("normalizer"), doc.get("pre_tokenizer")])
+    prefix = '"Prepend"' in pre or '"prepend_scheme": "first"' in pre or '"prepend_scheme": "always"' in pre \
+        or '"add_prefix_space": true' in pre
+    unk_name = model.get("unk_token")
+    unk = by_str.get(unk_name, added.get(unk_name)) if unk_name is not None else None
+    specials = dict(added)
+    if unk is not None and unk_name not in specials:
+        specials[unk_name] = unk
+    return _spm_data(texts, scores, specials, unk, prefix, path)
+
+
+def _spm_data(texts: list, scores: list, specials: dict, unk: Optional[int], prefix: bool, where) -> TokenizerData:
+    """TokenizerData of a SentencePiece vocabulary: texts[id] the piece (U+2581 for spaces,
+    <0xNN> for byte tokens, None for an id with none), scores[id] (None: never merged into)."""
+    byte_ids = [-1] * 256
+    vocab, piece_scores = [], []
+    special_ids = set(specials.values())
+    for tid, text in enumerate(texts):
+        byte = _BYTE_PIECE.fullmatch(text) if isinstance(text, str) else None
+        if tid in special_ids or text is None:
+            vocab.append(b"")
+            piece_scores.append(None)
+        elif byte:
+            value = int(byte.group(1), 16)
+            if byte_ids[value] < 0:
+                byte_ids[value] = tid
+            vocab.append(bytes([value]))
+            piece_scores.append(None)
+        else:
+            vocab.append(text.replace(SPACE, " ").encode("utf-8"))
+            piece_scores.append(scores[tid])
+    if unk is not None and not 0 <= unk < len(texts):
+        raise ValueError(f"{where}: the unknown token {unk} is outside the vocabulary")
+    return TokenizerData(vocab, [], "spm", dict(specials), unk, piece_scores, byte_ids, bool(prefix))
+
+
 def _hf_pre_tokenizer(pattern: str) -> dict:
     """The tokenizer.json pre_tokenizer that splits like `pattern`, then maps bytes to characters."""
     if pattern == "gpt2_digits":
@@ -202,9 +275,11 @@ def gguf_tokenizer(f: GGUFFile) -> TokenizerData:
     """The vocabulary stored in a GGUF file's metadata (tokens, merges, token types, pattern)."""
     meta, path = f.metadata, f.path
     model = meta.get("tokenizer.ggml.model")
+    if model == "llama":
+        return _spm_from_gguf(meta, path)
     if model != "gpt2":
         raise ValueError(f"{path}: tokenizer.ggml.model is {model!r}; pyllm reads byte-level BPE "
-                         f"('gpt2') tokenizers")
+                         f"('gpt2') and SentencePiece ('llama') tokenizers")
     pre = meta.get("tokenizer.ggml.pre", "default")
     if pre not in GGUF_PRE:
         raise ValueError(f"{path}: pre-tokenizer {pre!r} is not supported (supported: {sorted(GGUF_PRE)})")
@@ -230,6 +305,24 @@ def gguf_tokenizer(f: GGUFFile) -> TokenizerData:
             raise ValueError(f"{path}: merge {r} ({m!r}) is malformed or names an unknown token") from None
     unk = meta.get("tokenizer.ggml.unknown_token_id")
     return TokenizerData(vocab, merges, GGUF_PRE[pre], specials, unk if isinstance(unk, int) else None)
+
+
+def _spm_from_gguf(meta: dict, path) -> TokenizerData:
+    """A GGUF's SentencePiece vocabulary: pieces, their scores and types (1 normal, 2 unknown,
+    3 control, 4 user-defined, 5 unused, 6 byte)."""
+    tokens = meta.get("tokenizer.ggml.tokens")
+    scores = meta.get("tokenizer.ggml.scores")
+    types = meta.get("tokenizer.ggml.token_type", [1] * len(tokens or []))
+    if not isinstance(tokens, list) or not isinstance(scores, list) or len(scores) != len(tokens) \
+            or len(types) != len(tokens):
+        raise ValueError(f"{path}: a SentencePiece vocabulary needs tokens, scores and token types of one length")
+    specials = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty in (2, 3, 4)}
+    texts = [None if ty == 5 else t for t, ty in zip(tokens, types)]
+    unk = meta.get("tokenizer.ggml.unknown_token_id")
+    if not isinstance(unk, int):
+        unk = next((i for i, ty in enumerate(types) if ty == 2), None)
+    prefix = meta.get("tokenizer.ggml.add_space_prefix", True)
+    return _spm_data(texts, [float(x) for x in scores], specials, unk, bool(prefix), path)
 
 
 # ----------------------------------------------------------------------------- writing
@@ -344,6 +437,8 @@ def gguf_chat(f: GGUFFile, data: TokenizerData) -> ChatFormat:
     if eos is not None and (not isinstance(eos, int) or isinstance(eos, bool) or not 0 <= eos < len(data.vocab)):
         raise ValueError(f"{f.path}: tokenizer.ggml.eos_token_id {eos!r} is not a token of the vocabulary "
                          f"(0 .. {len(data.vocab) - 1})")
-    bos = f.metadata.get("tokenizer.ggml.bos_token_id") if f.metadata.get("tokenizer.ggml.add_bos_token") else None
+    # llama.cpp adds the begin token when the file says so, and by default for SentencePiece vocabularies.
+    add_bos = f.metadata.get("tokenizer.ggml.add_bos_token", f.metadata.get("tokenizer.ggml.model") == "llama")
+    bos = f.metadata.get("tokenizer.ggml.bos_token_id") if add_bos else None
     return ChatFormat(template if isinstance(template, str) else None, names.get(eos),
                       names.get(bos, "") if isinstance(bos, int) else "", eos)

@@ -151,7 +151,7 @@ def create_app(load: Callable[[], LLM], name: str, api_key: Optional[str] = None
             text = llm.apply_chat_template(conversation)
         except ValueError as exc:
             raise ApiError(400, str(exc), "messages", "invalid_value") from None
-        ids = llm.tokenizer.encode(text, allowed_special="all")
+        ids = llm.encode_prompt(text)
         stop = gen.stop + (["\nUser:"] if llm.chat_template is None else [])
         return await _complete(service, request, ids, gen, stop, chat=True)
 
@@ -167,7 +167,7 @@ def create_app(load: Callable[[], LLM], name: str, api_key: Optional[str] = None
             ids = list(prompt)
             _check_ids(llm, ids, "prompt")
         elif isinstance(prompt, str) and prompt:
-            ids = llm.tokenizer.encode(prompt, allowed_special="all")
+            ids = llm.encode_prompt(prompt)
         else:
             raise ApiError(400, "prompt: must be a non-empty string (or a list of token ids)", "prompt",
                            "invalid_value")
