@@ -10,6 +10,8 @@ Helpers meant for the test modules (import them with `from conftest import ...`)
   load_reference()                              the pyllm.reference module (works without the build)
   load_kernels()                                the pyllm.kernels module (pytest.fail if unavailable)
   run_doctests(module)                          a module's docstring examples, floats to 1e-6
+  add_gguf_vocabulary(writer, tokenizer)        a byte-level BPE vocabulary into a gguf.GGUFWriter, as
+                                                llama.cpp's converter writes one (independent of pyllm's writer)
 """
 
 from __future__ import annotations
@@ -283,3 +285,19 @@ def smollm2_path():
         return smollm2_gguf(quiet=True)
     except RuntimeError as exc:   # offline and not cached: say so rather than pass silently
         pytest.skip(str(exc))
+
+
+def add_gguf_vocabulary(w, tokenizer) -> None:
+    """The tokenizer.ggml.* keys of a byte-level BPE pyllm.Tokenizer, written with the gguf package
+    itself (not pyllm's exporter), ending with <|endoftext|> as the end token."""
+    from pyllm.io.tokenizer_files import bytes_to_unicode
+
+    chars = bytes_to_unicode()
+    spell = lambda t: "".join(chars[b] for b in tokenizer.vocab[t])   # noqa: E731
+    specials = {sid: name for name, sid in tokenizer.special_tokens.items()}
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt-2")
+    w.add_token_list([specials.get(i) or spell(i) for i in range(tokenizer.vocab_size)])
+    w.add_token_types([3 if i in specials else 1 for i in range(tokenizer.vocab_size)])
+    w.add_token_merges([spell(a) + " " + spell(b) for a, b in tokenizer.merges])
+    w.add_eos_token_id(tokenizer.special_tokens["<|endoftext|>"])

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from conftest import add_gguf_vocabulary
 from pyllm.model import Model, ModelConfig
 
 torch = pytest.importorskip("torch")
@@ -156,8 +157,6 @@ def write_qwen_gguf(path, model: Model, tokenizer, matrix_type, extra=None) -> N
     gguf = pytest.importorskip("gguf")
     from gguf.quants import quantize
 
-    from pyllm.io.tokenizer_files import bytes_to_unicode
-
     cfg = model.config
     w = gguf.GGUFWriter(str(path), cfg.arch)
     w.add_context_length(cfg.block_size)
@@ -170,16 +169,7 @@ def write_qwen_gguf(path, model: Model, tokenizer, matrix_type, extra=None) -> N
     w.add_value_length(cfg.head_size)
     w.add_layer_norm_rms_eps(cfg.norm_eps)
     w.add_rope_freq_base(cfg.rope_theta)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("gpt-2")
-    chars = bytes_to_unicode()
-    specials = {sid: name for name, sid in tokenizer.special_tokens.items()}
-    w.add_token_list([specials.get(i) or "".join(chars[b] for b in tokenizer.vocab[i])
-                      for i in range(tokenizer.vocab_size)])
-    w.add_token_types([3 if i in specials else 1 for i in range(tokenizer.vocab_size)])
-    w.add_token_merges(["".join(chars[b] for b in tokenizer.vocab[a]) + " " + "".join(chars[b] for b in tokenizer.vocab[c])
-                        for a, c in tokenizer.merges])
-    w.add_eos_token_id(tokenizer.special_tokens["<|endoftext|>"])
+    add_gguf_vocabulary(w, tokenizer)
     names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
              "lm_head.weight": "output.weight"}
     for name, value in model.state_dict().items():

@@ -5,7 +5,7 @@ quantized, and compared with the float model, with llama.cpp on the same file, a
 import numpy as np
 import pytest
 
-from pyllm.io.tokenizer_files import bytes_to_unicode
+from conftest import add_gguf_vocabulary
 from pyllm.llm import LLM
 from pyllm.lora import LoRA, LoRAConfig
 from pyllm.model import Model, ModelConfig
@@ -32,16 +32,7 @@ def write_gpt2_gguf(path, model: Model, tokenizer: Tokenizer, types: dict) -> No
     w.add_block_count(cfg.n_layer)
     w.add_head_count(cfg.n_head)
     w.add_layer_norm_eps(cfg.norm_eps)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("gpt-2")
-    chars = bytes_to_unicode()
-    specials = {sid: name for name, sid in tokenizer.special_tokens.items()}
-    w.add_token_list([specials.get(i) or "".join(chars[b] for b in tokenizer.vocab[i])
-                      for i in range(tokenizer.vocab_size)])
-    w.add_token_types([3 if i in specials else 1 for i in range(tokenizer.vocab_size)])
-    w.add_token_merges(["".join(chars[b] for b in tokenizer.vocab[a]) + " " + "".join(chars[b] for b in tokenizer.vocab[b_])
-                        for a, b_ in tokenizer.merges])
-    w.add_eos_token_id(tokenizer.special_tokens["<|endoftext|>"])
+    add_gguf_vocabulary(w, tokenizer)
     names = {"transformer.wte.weight": "token_embd.weight", "transformer.wpe.weight": "position_embd.weight",
              "transformer.ln_f.weight": "output_norm.weight", "transformer.ln_f.bias": "output_norm.bias",
              "lm_head.weight": "output.weight"}

@@ -138,14 +138,9 @@ def _from_hf(doc: dict, path: Path) -> TokenizerData:
     model = doc["model"]
     if model.get("type", "BPE") != "BPE":
         raise ValueError(f"{path}: only BPE tokenizers are supported, this one is {model.get('type')!r}")
+    by_str, raw_merges, added = _hf_vocabulary(doc, model, path)
     if model.get("byte_fallback"):
-        return _spm_from_hf(doc, model, path)
-    try:
-        by_str: dict[str, int] = {str(k): int(v) for k, v in model["vocab"].items()}
-        raw_merges = model.get("merges", [])
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise ValueError(f"{path}: corrupt tokenizer.json model ({exc!r})") from None
-    added = {t["content"]: int(t["id"]) for t in doc.get("added_tokens") or []}
+        return _spm_from_hf(doc, model, by_str, raw_merges, added, path)
     size = max(list(by_str.values()) + [-1]) + 1
     vocab: list[bytes | None] = [None] * size
     specials: dict[str, int] = {}
@@ -179,16 +174,21 @@ def _from_hf(doc: dict, path: Path) -> TokenizerData:
     return TokenizerData(vocab, merges, _hf_pattern(doc.get("pre_tokenizer"), path), specials, unk)
 
 
-def _spm_from_hf(doc: dict, model: dict, path: Path) -> TokenizerData:
-    """A tokenizer.json of SentencePiece's kind (Llama 2, Mistral: BPE over U+2581-spaced text with
-    <0xNN> byte fallback): merged by score, the score of each token the rank of the merge that
-    makes it."""
+def _hf_vocabulary(doc: dict, model: dict, path: Path) -> tuple:
+    """(token text -> id, the merges as written, added token text -> id) of a tokenizer.json."""
     try:
         by_str: dict[str, int] = {str(k): int(v) for k, v in model["vocab"].items()}
         raw_merges = model.get("merges", [])
+        added = {t["content"]: int(t["id"]) for t in doc.get("added_tokens") or []}
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ValueError(f"{path}: corrupt tokenizer.json model ({exc!r})") from None
-    added = {t["content"]: int(t["id"]) for t in doc.get("added_tokens") or []}
+    return by_str, raw_merges, added
+
+
+def _spm_from_hf(doc: dict, model: dict, by_str: dict, raw_merges: list, added: dict, path: Path) -> TokenizerData:
+    """A tokenizer.json of SentencePiece's kind (Llama 2, Mistral: BPE over U+2581-spaced text with
+    <0xNN> byte fallback): merged by score, the score of each token the rank of the merge that
+    makes it."""
     size = max(list(by_str.values()) + list(added.values()) + [-1]) + 1
     texts: list = [None] * size
     for text, tid in by_str.items():
