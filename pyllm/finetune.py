@@ -343,8 +343,7 @@ def _save(llm, out_dir, records: list[dict]) -> None:
         lora = model.lora
         # peft's AutoPeftModelForCausalLM opens the adapter with the base it names: a model folder
         # (a GGUF base has none transformers opens as it is).
-        source = getattr(llm, "source", None)
-        base = str(source) if source is not None and source.is_dir() else ""
+        base = str(llm.source) if llm.source is not None and llm.source.is_dir() else ""
         lora.save(Path(out_dir) / "adapter", base_model=base)
         model.lora = None
         if model.quantized:

@@ -182,7 +182,6 @@ class LLM:
                                          names.get(self.stop_token_ids[0]) if self.stop_token_ids else None,
                                          self.bos_token))
 
-
     def save_gguf(self, path: Union[str, Path], type: str = "f16", progress: bool = True) -> None:
         """A GGUF file llama.cpp and Ollama load: the model (matrices as `type`: f32, f16, q8_0, q4_0,
         q4_1, q4_k), its tokenizer, chat template, end-of-turn and begin tokens. An attached LoRA adapter

@@ -132,7 +132,8 @@ class Tokenizer:
             if scores is None or len(scores) != len(self.vocab) or byte_ids is None or len(byte_ids) != 256:
                 raise ValueError("a SentencePiece vocabulary needs a score per token and 256 byte token ids")
             self.scores, self.byte_ids = list(scores), [int(b) for b in byte_ids]
-            pieces = [b"" if sc is None or not t else t.replace(b" ", _SPACE) for t, sc in zip(self.vocab, self.scores)]
+            pieces = [b"" if sc is None or not t else t.replace(b" ", _SPACE)
+                      for t, sc in zip(self.vocab, self.scores)]
             self._spm = kernels.SpmModel(pieces, [0.0 if sc is None else float(sc) for sc in self.scores],
                                          self.byte_ids, -1 if unk_token_id is None else int(unk_token_id))
         elif scores is not None:
@@ -193,7 +194,8 @@ class Tokenizer:
         if self._spm is not None:   # as llama.cpp: a space before each run of text, spaces as U+2581
             if not text:
                 return []
-            return self._spm.encode(_utf8((" " if self.add_space_prefix else "") + text).replace(b" ", _SPACE)).tolist()
+            spaced = _utf8((" " if self.add_space_prefix else "") + text).replace(b" ", _SPACE)
+            return self._spm.encode(spaced).tolist()
         data = _utf8(text)
         return self._model.encode_pieces(data, piece_ends(data, text, self.pattern)).tolist()
 
