@@ -26,6 +26,8 @@ struct Symbol {
 
 inline uint64_t pair_key(uint32_t a, uint32_t b) { return (uint64_t(a) << 32) | b; }
 
+constexpr std::string_view kSpace = "\xE2\x96\x81";   // U+2581, SentencePiece's space
+
 struct Bigram {
   float score;
   int64_t left;
@@ -48,7 +50,6 @@ SpmModel::SpmModel(std::vector<std::string> pieces, std::vector<float> scores, s
   index_.reserve(pieces_.size());
   for (size_t i = 0; i < pieces_.size(); ++i)
     if (!pieces_[i].empty()) index_.emplace(std::string_view(pieces_[i]), uint32_t(i));   // the first id wins
-  static const std::string_view kSpace = "\xE2\x96\x81";
   for (const auto& [text, id] : index_) {   // a space after another character: no cutting at spaces
     size_t at = 0;
     while (at < text.size() && text.substr(at, 3) == kSpace) at += 3;
@@ -71,7 +72,6 @@ SpmModel::Match SpmModel::find(std::string_view text) const {
 
 void SpmModel::encode(std::string_view text, std::vector<uint32_t>& out) const {
   if (!splits_at_spaces_) return encode_run(text, out);
-  static const std::string_view kSpace = "\xE2\x96\x81";
   size_t start = 0;
   for (size_t at = text.find(kSpace, 1); at != std::string_view::npos; at = text.find(kSpace, at + 3)) {
     if (at >= 3 && text.substr(at - 3, 3) == kSpace) continue;   // inside a run of spaces: no cut
