@@ -134,9 +134,13 @@ def test_a_gguf_sentencepiece_vocabulary_tokenizes_as_llama_cpp(spm_json, tmp_pa
     samples = ["Hello world", "def f(x):\n    return x  # é 中文 😀", read_default_corpus(3000)]
     for text in samples:
         assert llm.tokenizer.encode(text) == hf.encode(text).ids
+    llm.save_gguf(tmp_path / "again.gguf", "q8_0", progress=False)   # pyllm's export of such a vocabulary
+    again = LLM.load(tmp_path / "again.gguf")
+    assert again.tokenizer.data() == llm.tokenizer.data() and again.bos_token == "<s>"
     llama_cpp = pytest.importorskip("llama_cpp")
-    ref = llama_cpp.Llama(model_path=str(tmp_path / "spm.gguf"), n_ctx=64, vocab_only=True, verbose=False)
-    for text in samples:
-        assert llm.tokenizer.encode(text) == ref.tokenize(text.encode(), add_bos=False, special=False), text[:30]
-        # the begin token first, as llama.cpp adds it for a SentencePiece vocabulary by default
-        assert llm.encode_prompt(text) == ref.tokenize(text.encode(), add_bos=True, special=True)
+    for file in ("spm.gguf", "again.gguf"):
+        ref = llama_cpp.Llama(model_path=str(tmp_path / file), n_ctx=64, vocab_only=True, verbose=False)
+        for text in samples:
+            assert llm.tokenizer.encode(text) == ref.tokenize(text.encode(), add_bos=False, special=False), text[:30]
+            # the begin token first, as llama.cpp adds it for a SentencePiece vocabulary by default
+            assert llm.encode_prompt(text) == ref.tokenize(text.encode(), add_bos=True, special=True)

@@ -1,5 +1,6 @@
 """Writing GGUF files (llama.cpp's format) of the architectures pyllm runs: llama, qwen2, qwen3 and
-gpt2, with the tokenizer, its special tokens and the chat template in the metadata, so that
+gpt2, with the tokenizer (byte-level BPE or SentencePiece), its special tokens and the chat
+template in the metadata, so that
 llama.cpp and Ollama load what pyllm trained.
 
 The container is the `gguf` package's writer (the `export` extra); the blocks are pyllm's own
@@ -109,12 +110,18 @@ def _metadata(w, cfg: ModelConfig, name: str, file_type: int) -> None:
 
 def _vocabulary(w, data: TokenizerData, vocab_size: int, chat_template: Optional[str], eos_id: Optional[int],
                 bos_id: Optional[int]) -> None:
-    pre, tokens, types, merges = gguf_vocabulary(data, vocab_size)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(pre)
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges(merges)
+    vocab = gguf_vocabulary(data, vocab_size)
+    w.add_tokenizer_model(vocab.model)
+    if vocab.pre is not None:
+        w.add_tokenizer_pre(vocab.pre)
+    w.add_token_list(vocab.tokens)
+    w.add_token_types(vocab.types)
+    if vocab.merges is not None:
+        w.add_token_merges(vocab.merges)
+    if vocab.scores is not None:
+        w.add_token_scores(vocab.scores)
+    if vocab.add_space_prefix is not None:
+        w.add_add_space_prefix(vocab.add_space_prefix)
     if eos_id is not None:
         w.add_eos_token_id(int(eos_id))
     if bos_id is not None:

@@ -327,17 +327,49 @@ def _spm_from_gguf(meta: dict, path) -> TokenizerData:
 
 # ----------------------------------------------------------------------------- writing
 
-def gguf_vocabulary(data: TokenizerData, size: int = 0) -> tuple:
-    """(pre, tokens, token types, merges) as GGUF's tokenizer.ggml.* keys spell a byte-level BPE
-    vocabulary: tokens in GPT-2's printable characters, special tokens by name as control tokens
-    (type 3), merges as "left right"; ids up to `size` (a model's vocabulary may be wider than its
-    tokenizer's) padded with unused tokens."""
+@dataclass
+class GgufVocabulary:
+    """A vocabulary as GGUF's tokenizer.ggml.* keys spell it."""
+
+    model: str                 # "gpt2" (byte-level BPE) or "llama" (SentencePiece)
+    tokens: list
+    types: list                # 1 normal, 2 unknown, 3 control, 5 unused, 6 byte
+    pre: Optional[str] = None  # gpt2: llama.cpp's pre-tokenizer name
+    merges: Optional[list] = None
+    scores: Optional[list] = None
+    add_space_prefix: Optional[bool] = None
+
+
+def gguf_vocabulary(data: TokenizerData, size: int = 0) -> GgufVocabulary:
+    """The GGUF spelling of a vocabulary, ids up to `size` (a model's vocabulary may be wider than
+    its tokenizer's) padded with unused tokens. Byte-level BPE: tokens in GPT-2's printable
+    characters, special tokens by name as control tokens, merges as "left right". SentencePiece:
+    pieces with U+2581 for spaces, <0xNN> byte tokens, scores."""
+    special = {sid: name for name, sid in data.special_tokens.items()}
+    size = max([len(data.vocab), size] + [sid + 1 for sid in special])
+    if data.pattern == "spm":
+        byte_of = {tid: b for b, tid in enumerate(data.byte_ids or []) if tid >= 0}
+        tokens, types, scores = [], [], []
+        for i in range(size):
+            score = data.scores[i] if i < len(data.scores or []) else None
+            if i in special:
+                tokens.append(special[i])
+                types.append(2 if i == data.unk_token_id else 3)
+            elif i in byte_of:
+                tokens.append(f"<0x{byte_of[i]:02X}>")
+                types.append(6)
+            elif i < len(data.vocab) and data.vocab[i] and score is not None:
+                tokens.append(data.vocab[i].decode("utf-8").replace(" ", SPACE))
+                types.append(1)
+            else:
+                tokens.append(f"[PAD{i}]")
+                types.append(5)
+            scores.append(0.0 if score is None else float(score))
+        return GgufVocabulary("llama", tokens, types, scores=scores, add_space_prefix=data.add_space_prefix)
     if data.pattern not in GGUF_PRE_OF:
         raise ValueError(f"the split pattern {data.pattern!r} has no llama.cpp pre-tokenizer "
                          f"(GGUF files take {sorted(GGUF_PRE_OF)})")
     chars = bytes_to_unicode()
-    special = {sid: name for name, sid in data.special_tokens.items()}
-    size = max([len(data.vocab), size] + [sid + 1 for sid in special])
     tokens, types = [], []
     for i in range(size):
         if i in special:
@@ -350,8 +382,8 @@ def gguf_vocabulary(data: TokenizerData, size: int = 0) -> tuple:
             tokens.append(f"[PAD{i}]")
             types.append(5)
     spell = lambda t: "".join(chars[b] for b in data.vocab[t])   # noqa: E731
-    merges = [f"{spell(a)} {spell(b)}" for a, b in data.merges]
-    return GGUF_PRE_OF[data.pattern], tokens, types, merges
+    return GgufVocabulary("gpt2", tokens, types, GGUF_PRE_OF[data.pattern],
+                          [f"{spell(a)} {spell(b)}" for a, b in data.merges])
 
 
 def write_tokenizer(path: Union[str, os.PathLike], data: TokenizerData, format: str = "pyllm") -> None:
