@@ -492,7 +492,18 @@ def _attention_args(q, k, v, causal, half_kv: bool = False, rows: bool = False):
     return q, k, v, (B, NH, NKV, Tq, Tk, HS)
 
 
-def attention_forward(q, k, v, causal: bool = True, kv_lengths=None, kv_rows=None):
+def _window(window, causal: bool) -> int:
+    """A sliding window as the kernels take it: a count of keys >= 1 (causal only), 0 for none."""
+    if window is None:
+        return 0
+    if isinstance(window, bool) or int(window) != window or window < 1:
+        raise ValueError(f"window must be an integer >= 1 or None, got {window!r}")
+    if not causal:
+        raise ValueError("a sliding window belongs to causal attention")
+    return int(window)
+
+
+def attention_forward(q, k, v, causal: bool = True, kv_lengths=None, kv_rows=None, window=None):
     """Scaled dot-product attention; returns (out (B, NH, Tq, HS), lse (B, NH, Tq)).
 
     k and v are (B, NKV, Tk, HS) with NH a multiple of NKV; with causal, query i (of Tq) sees
@@ -501,8 +512,10 @@ def attention_forward(q, k, v, causal: bool = True, kv_lengths=None, kv_rows=Non
     caches), each row aligned causally to its own length; kv_rows (B,), if given, makes batch row
     b read row kv_rows[b] of k and v (then (R, NKV, Tk, HS), R >= B: a continuous batch's cache).
     k and v both float16 (a half-precision KV cache) are read as they are, widened to float32 in
-    registers; other dtypes become float32.
+    registers; other dtypes become float32. window (causal): each query sees only the last `window`
+    keys up to its own position (sliding-window attention, Mistral's).
     """
+    w = _window(window, causal)
     q, k, v, dims = _attention_args(q, k, v, causal, half_kv=True, rows=kv_rows is not None)
     B, NH, NKV, Tq, Tk, HS = dims
     kv_rows = _cache_rows(kv_rows, B, k.shape[0])
@@ -515,7 +528,7 @@ def attention_forward(q, k, v, causal: bool = True, kv_lengths=None, kv_rows=Non
     lse = np.empty((B, NH, Tq), np.float32)
     if q.size and Tk and HS:
         forward = _C.attention_forward_half if k.dtype == np.float16 else _C.attention_forward
-        forward(out, lse, q, k, v, bool(causal), kv_lengths, kv_rows)
+        forward(out, lse, q, k, v, bool(causal), kv_lengths, kv_rows, w)
     elif q.size:  # no keys or no width: nothing to attend to
         out.fill(0.0)
         lse.fill(-np.inf if Tk == 0 else math.log(Tk))
@@ -532,8 +545,9 @@ def attention(q, k, v, causal: bool = True) -> np.ndarray:
     return attention_forward(q, k, v, causal)[0]
 
 
-def attention_backward(dout, q, k, v, out, lse, causal: bool = True):
+def attention_backward(dout, q, k, v, out, lse, causal: bool = True, window=None):
     """Gradients of attention: (dq, dk, dv), from the saved out and lse of attention_forward."""
+    w = _window(window, causal)
     q, k, v, dims = _attention_args(q, k, v, causal)
     B, NH, NKV, Tq, Tk, HS = dims
     dout, out = _floats(dout, "dout"), _floats(out, "out")
@@ -544,7 +558,7 @@ def attention_backward(dout, q, k, v, out, lse, causal: bool = True):
     if not (q.size and Tk and HS):
         return np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
     dq, dk, dv = np.empty_like(q), np.empty_like(k), np.empty_like(v)
-    _C.attention_backward(dq, dk, dv, dout, q, k, v, out, lse, bool(causal))
+    _C.attention_backward(dq, dk, dv, dout, q, k, v, out, lse, bool(causal), w)
     return dq, dk, dv
 
 

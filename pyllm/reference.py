@@ -262,25 +262,31 @@ def kv_write(cache, src, pos0, rows=None):
 
 # ----------------------------------------------------------------------------- attention
 
-def _causal_mask(Tq, Tk):
-    # Query i sits at absolute position i + (Tk - Tq): the last Tq of Tk positions (KV cache).
-    return np.arange(Tk)[None, :] > (np.arange(Tq)[:, None] + (Tk - Tq))
+def _causal_mask(Tq, Tk, window=None):
+    # Query i sits at absolute position i + (Tk - Tq): the last Tq of Tk positions (KV cache); with
+    # a window it sees only the last `window` keys up to its own position.
+    keys, position = np.arange(Tk)[None, :], np.arange(Tq)[:, None] + (Tk - Tq)
+    mask = keys > position
+    if window:
+        mask |= keys <= position - window
+    return mask
 
 
-def attention_forward(q, k, v, causal=True, kv_lengths=None, kv_rows=None):
+def attention_forward(q, k, v, causal=True, kv_lengths=None, kv_rows=None, window=None):
     """Scaled dot-product attention; returns (out (B, NH, Tq, HS), lse (B, NH, Tq)).
 
     q is (B, NH, Tq, HS); k and v are (B, NKV, Tk, HS) with NH a multiple of NKV (grouped-query
     attention). lse is the log-sum-exp of each row of scaled scores, what backward needs.
     kv_lengths (B,), if given, keeps only the first kv_lengths[b] keys of batch row b (a ragged
     batch of KV caches); the causal alignment then uses that row's length. kv_rows (B,), if given,
-    makes batch row b read row kv_rows[b] of k and v.
+    makes batch row b read row kv_rows[b] of k and v. window (causal): each query sees only the
+    last `window` keys up to its own position (sliding-window attention).
     """
     if kv_rows is not None:
         rows = np.asarray(kv_rows, np.int64)
-        return attention_forward(q, np.asarray(k)[rows], np.asarray(v)[rows], causal, kv_lengths)
+        return attention_forward(q, np.asarray(k)[rows], np.asarray(v)[rows], causal, kv_lengths, window=window)
     if kv_lengths is not None:
-        rows = [attention_forward(q[b:b + 1], k[b:b + 1, :, :n], v[b:b + 1, :, :n], causal)
+        rows = [attention_forward(q[b:b + 1], k[b:b + 1, :, :n], v[b:b + 1, :, :n], causal, window=window)
                 for b, n in enumerate(np.asarray(kv_lengths))]
         return (np.concatenate([r[0] for r in rows]), np.concatenate([r[1] for r in rows]))
     q, k, v = _f32(q), _f32(k), _f32(v)
@@ -289,7 +295,7 @@ def attention_forward(q, k, v, causal=True, kv_lengths=None, kv_rows=None):
     k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
     scores = (q @ k.transpose(0, 1, 3, 2)) * (1.0 / math.sqrt(HS))
     if causal:
-        scores = np.where(_causal_mask(Tq, k.shape[2]), -np.inf, scores)
+        scores = np.where(_causal_mask(Tq, k.shape[2], window), -np.inf, scores)
     m = scores.max(axis=-1, keepdims=True)
     e = np.exp(scores - m)
     s = e.sum(axis=-1, keepdims=True)
@@ -308,7 +314,7 @@ def attention(q, k, v, causal=True):
     return attention_forward(q, k, v, causal)[0]
 
 
-def attention_backward(dout, q, k, v, out, lse, causal=True):
+def attention_backward(dout, q, k, v, out, lse, causal=True, window=None):
     """Gradients of attention: (dq, dk, dv), from the saved out and lse of attention_forward."""
     dout, q, k, v, out, lse = (_f32(t) for t in (dout, q, k, v, out, lse))
     B, NH, Tq, HS = q.shape
@@ -318,7 +324,7 @@ def attention_backward(dout, q, k, v, out, lse, causal=True):
     scale = 1.0 / math.sqrt(HS)
     scores = (q @ kr.transpose(0, 1, 3, 2)) * scale
     if causal:
-        scores = np.where(_causal_mask(Tq, Tk), -np.inf, scores)
+        scores = np.where(_causal_mask(Tq, Tk, window), -np.inf, scores)
     p = np.exp(scores - lse[..., None])
     dv = p.transpose(0, 1, 3, 2) @ dout
     dp = dout @ vr.transpose(0, 1, 3, 2)

@@ -18,9 +18,10 @@ FAMILIES = {
     "qwen2": [dict(n_kv_head=2), dict(n_kv_head=1, tie_word_embeddings=False)],
     "qwen3": [dict(n_kv_head=2, head_dim=16), dict(n_kv_head=4, tie_word_embeddings=False),
               dict(n_kv_head=1, head_dim=8)],
+    "llama": [dict(n_kv_head=2, sliding_window=4), dict(n_kv_head=1, sliding_window=9, head_dim=16,
+                                                        tie_word_embeddings=False)],   # Mistral's
 }
 CASES = [(arch, extra) for arch, extras in FAMILIES.items() for extra in extras]
-CLASSES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
 
 def assert_close(ours, theirs, rtol=1e-4, what=""):
@@ -44,7 +45,7 @@ def twin(model: Model):
     doc = config_to_hf(model.config)
     cfg = getattr(transformers, type(transformers.AutoConfig.for_model(doc["model_type"])).__name__)(**doc)
     cfg._attn_implementation = "eager"
-    theirs = getattr(transformers, CLASSES[model.config.arch])(cfg)
+    theirs = getattr(transformers, doc["architectures"][0])(cfg)
     state = {k: torch.from_numpy(np.array(v)) for k, v in model.state_dict().items()}
     missing, unexpected = theirs.load_state_dict(state, strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
@@ -96,11 +97,12 @@ def test_cached_decode_equals_recomputation(arch, extra):
         assert_close(model.forward_step(ids[:, t:t + 1], cache)[0], full[t], rtol=1e-5, what=f"step {t}")
 
 
-@pytest.mark.parametrize("arch, extra", [CASES[0], CASES[2]])
+@pytest.mark.parametrize("arch, extra", [CASES[0], CASES[2], CASES[5]], ids=["qwen2", "qwen3", "mistral"])
 def test_folders_round_trip_through_transformers(arch, extra, tmp_path):
     model = random_model(arch, extra, seed=5)
     model.save_pretrained(tmp_path)
-    theirs = getattr(transformers, CLASSES[arch]).from_pretrained(tmp_path)
+    theirs = getattr(transformers, json.loads((tmp_path / "config.json").read_text())["architectures"][0]
+                     ).from_pretrained(tmp_path)
     theirs.eval()
     ids = np.arange(3, 20)[None, :]
     with torch.no_grad():
@@ -113,6 +115,29 @@ def test_folders_round_trip_through_transformers(arch, extra, tmp_path):
     with torch.no_grad():
         expected = theirs.float()(torch.from_numpy(ids)).logits.numpy()
     assert_close(again(ids), expected, rtol=1e-4, what="our reading of a sharded bf16 folder")
+
+
+def test_the_sliding_window_is_what_mistral_s_attention_sees():
+    """A window shorter than the sequence changes the logits after it (and only there), the
+    folder says MistralForCausalLM, and a GGUF's sliding_window key gives the same config."""
+    windowed = random_model("llama", dict(n_kv_head=2, sliding_window=4))
+    full = Model(ModelConfig(**{**windowed.config.to_dict(), "sliding_window": None}), seed=None)
+    full.load_state_dict(windowed.state_dict())
+    ids = np.arange(1, 12)[None, :]
+    a, b = windowed(ids), full(ids)
+    assert np.array_equal(a[0, :4], b[0, :4]) and np.abs(a[0, 4:] - b[0, 4:]).max() > 1e-3
+    from pyllm.io.hf import config_from_hf, config_to_hf
+    doc = config_to_hf(windowed.config)
+    assert doc["model_type"] == "mistral" and doc["sliding_window"] == 4
+    assert config_from_hf(doc) == windowed.config
+    import tempfile
+    from pyllm.io.gguf import GGUFFile
+    from pyllm.io.gguf_model import config_from_gguf
+    with tempfile.TemporaryDirectory() as tmp:
+        windowed.save_gguf(f"{tmp}/w.gguf", "f32", progress=False)
+        f = GGUFFile(f"{tmp}/w.gguf")
+        assert config_from_gguf(f).sliding_window == 4
+        f.close()
 
 
 def test_lora_adapters_train_on_a_qwen3_model():

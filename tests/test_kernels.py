@@ -485,6 +485,43 @@ def test_attention_kv_cache(K, isa, rng, case):
     _check_attention(K, rng, *case)
 
 
+@pytest.mark.parametrize("case", [(2, 4, 2, 37, 37, 16, 5), (1, 2, 1, 130, 130, 8, 64), (1, 2, 2, 3, 300, 16, 7),
+                                  (2, 2, 1, 1, 520, 16, 300), (1, 1, 1, 70, 200, 32, 1), (2, 6, 3, 65, 65, 24, 200)],
+                         ids=lambda c: "B{}-NH{}-NKV{}-Tq{}-Tk{}-HS{}-window{}".format(*c))
+def test_attention_within_a_sliding_window(K, isa, rng, case):
+    """Each query sees the last `window` keys up to its position: forward (tiles, few queries, a
+    decode step over a long cache, float16 too) and backward (both paths) against the twin."""
+    B, NH, NKV, Tq, Tk, HS, window = case
+    q, k, v = randn(rng, B, NH, Tq, HS, scale=2.0), randn(rng, B, NKV, Tk, HS, scale=2.0), randn(rng, B, NKV, Tk, HS)
+    out, lse = K.attention_forward(q, k, v, True, window=window)
+    exp_out, exp_lse = R.attention_forward(q, k, v, True, window=window)
+    assert_close(out, exp_out, 1e-4, 1e-5)
+    assert_close(lse, exp_lse, 1e-4, 1e-5)
+    half_out, _ = K.attention_forward(q, k.astype(np.float16), v.astype(np.float16), True, window=window)
+    ref_half, _ = R.attention_forward(q, k.astype(np.float16), v.astype(np.float16), True, window=window)
+    assert_close(half_out, ref_half, 1e-4, 1e-5)
+    lengths = np.array([Tk - b for b in range(B)]) if Tk - B >= Tq else None
+    if lengths is not None:
+        assert_close(K.attention_forward(q, k, v, True, kv_lengths=lengths, window=window)[0],
+                     R.attention_forward(q, k, v, True, kv_lengths=lengths, window=window)[0], 1e-4, 1e-5)
+    if Tq == Tk:
+        dout = randn(rng, B, NH, Tq, HS)
+        for got, exp in zip(K.attention_backward(dout, q, k, v, out, lse, True, window=window),
+                            R.attention_backward(dout, q, k, v, exp_out, exp_lse, True, window=window)):
+            assert_close(got, exp, 1e-3, 1e-4)
+    if window >= Tk:   # a window as long as the sequence changes nothing
+        assert_close(out, K.attention_forward(q, k, v, True)[0], 1e-6, 1e-7)
+
+
+def test_attention_window_refusals(K):
+    q = np.zeros((1, 1, 2, 4), np.float32)
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="window"):
+            K.attention_forward(q, q, q, True, window=bad)
+    with pytest.raises(ValueError, match="causal"):
+        K.attention_forward(q, q, q, False, window=2)
+
+
 @pytest.mark.parametrize("case", ATTN_CACHE_CASES + [(3, 9, 3, 1, 300, 64, True), (2, 6, 2, 70, 200, 72, True),
                                                      (4, 9, 3, 1, 700, 64, True)],
                          ids=lambda c: "B{}-NH{}-NKV{}-Tq{}-Tk{}-HS{}-{}".format(*c[:6], "causal" if c[6] else "full"))

@@ -318,7 +318,8 @@ void bind_kernels(py::module_& m) {
   // q, out (B, NH, Tq, HS) and k, v (B, NKV, Tk, HS): views at any strides (values contiguous);
   // k and v float32 (attention_forward) or float16 (attention_forward_half: a half-precision cache).
   auto attention_forward = [cache_rows](auto element, py::array o, py::array lse, py::array q, py::array k,
-                                        py::array v, bool causal, py::object kv_lengths, py::object kv_rows) {
+                                        py::array v, bool causal, py::object kv_lengths, py::object kv_rows,
+                                        int64_t window) {
     using T = decltype(element);
     const Heads ho = heads(o, "out", true, 1), hq = heads(q, "q", false, 1);
     const HeadsOf<T> hk = heads_of<T>(k, "k", false, 1), hv = heads_of<T>(v, "v", false, 1);
@@ -328,6 +329,7 @@ void bind_kernels(py::module_& m) {
               hk.dims[3] == HS && std::equal(hk.dims, hk.dims + 4, hv.dims) && NKV >= 1 && NH % NKV == 0,
           "inconsistent attention shapes");
     const int64_t* prows = cache_rows(kv_rows, B, hk.dims[0], "kv_rows");
+    check(window >= 0 && (window == 0 || causal), "a window must be >= 0, and belongs to causal attention");
     float* pl = out(lse, count(B, NH, Tq), "lse");
     const int64_t* plen = nullptr;
     if (!kv_lengths.is_none()) {
@@ -339,27 +341,28 @@ void bind_kernels(py::module_& m) {
     }
     py::gil_scoped_release release;
     if constexpr (std::is_same_v<T, uint16_t>)
-      kernels().attention_forward_half(ho.p, pl, hq.p, hk.p, hv.p, B, NH, NKV, Tq, Tk, HS, causal, plen, prows, ho.s,
-                                       hq.s, hk.s, hv.s);
+      kernels().attention_forward_half(ho.p, pl, hq.p, hk.p, hv.p, B, NH, NKV, Tq, Tk, HS, causal, window, plen, prows,
+                                       ho.s, hq.s, hk.s, hv.s);
     else
-      kernels().attention_forward(ho.p, pl, hq.p, hk.p, hv.p, B, NH, NKV, Tq, Tk, HS, causal, plen, prows, ho.s,
-                                  hq.s, hk.s, hv.s);
+      kernels().attention_forward(ho.p, pl, hq.p, hk.p, hv.p, B, NH, NKV, Tq, Tk, HS, causal, window, plen, prows,
+                                  ho.s, hq.s, hk.s, hv.s);
   };
   m.def("attention_forward", [attention_forward](py::array o, py::array lse, py::array q, py::array k, py::array v,
-                                                 bool causal, py::object kv_lengths, py::object kv_rows) {
-    attention_forward(float{}, o, lse, q, k, v, causal, kv_lengths, kv_rows);
+                                                 bool causal, py::object kv_lengths, py::object kv_rows,
+                                                 int64_t window) {
+    attention_forward(float{}, o, lse, q, k, v, causal, kv_lengths, kv_rows, window);
   }, arg("out"), arg("lse"), arg("q"), arg("k"), arg("v"), arg("causal"), arg("kv_lengths"),
-     arg("kv_rows") = py::none());
+     arg("kv_rows") = py::none(), arg("window") = 0);
   m.def("attention_forward_half", [attention_forward](py::array o, py::array lse, py::array q, py::array k,
                                                       py::array v, bool causal, py::object kv_lengths,
-                                                      py::object kv_rows) {
-    attention_forward(uint16_t{}, o, lse, q, k, v, causal, kv_lengths, kv_rows);
+                                                      py::object kv_rows, int64_t window) {
+    attention_forward(uint16_t{}, o, lse, q, k, v, causal, kv_lengths, kv_rows, window);
   }, arg("out"), arg("lse"), arg("q"), arg("k"), arg("v"), arg("causal"), arg("kv_lengths"),
-     arg("kv_rows") = py::none());
+     arg("kv_rows") = py::none(), arg("window") = 0);
   // The gradients of q, k and v at their strides (each None when not wanted), dout at out's.
   m.def("attention_backward", [](py::object dq, py::object dk, py::object dv, py::array dout,
                                  py::array q, py::array k, py::array v, py::array o, py::array lse,
-                                 bool causal) {
+                                 bool causal, int64_t window) {
     const Heads hq = heads(q, "q", false, 1), hk = heads(k, "k", false, 1), hv = heads(v, "v", false, 1);
     const Heads ho = heads(o, "out", false, 1), hg = heads(dout, "dout", false, 1);
     const int64_t B = hq.dims[0], NH = hq.dims[1], Tq = hq.dims[2], HS = hq.dims[3];
@@ -368,6 +371,7 @@ void bind_kernels(py::module_& m) {
               hk.dims[3] == HS && std::equal(hk.dims, hk.dims + 4, hv.dims) && NKV >= 1 && NH % NKV == 0 &&
               (!causal || Tk >= Tq),
           "inconsistent attention shapes");
+    check(window >= 0 && (window == 0 || causal), "a window must be >= 0, and belongs to causal attention");
     const float* pl = in(lse, count(B, NH, Tq), "lse");
     // A gradient has the layout of its input, so one HeadStrides serves both.
     auto grad = [](py::object g, const Heads& like, const char* name) -> float* {
@@ -379,8 +383,9 @@ void bind_kernels(py::module_& m) {
     float *pdq = grad(dq, hq, "dq"), *pdk = grad(dk, hk, "dk"), *pdv = grad(dv, hv, "dv");
     py::gil_scoped_release release;
     kernels().attention_backward(pdq, pdk, pdv, hg.p, hq.p, hk.p, hv.p, ho.p, pl, B, NH, NKV, Tq, Tk, HS, causal,
-                                 ho.s, hq.s, hk.s, hv.s);
-  });
+                                 window, ho.s, hq.s, hk.s, hv.s);
+  }, arg("dq"), arg("dk"), arg("dv"), arg("dout"), arg("q"), arg("k"), arg("v"), arg("out"), arg("lse"),
+     arg("causal"), arg("window") = 0);
   m.def("embedding_forward", [](py::array o, py::array idx, py::array w, int64_t N, int64_t V,
                                 int64_t C) {
     float* po = out(o, count(N, C), "out");

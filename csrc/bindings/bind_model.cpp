@@ -111,6 +111,11 @@ class DecodePlan {
     check((plan_.positions != nullptr) == (plan_.arch == model::Arch::kGPT2), "positions belong to GPT-2");
   }
 
+  void set_window(int64_t window) {
+    check(window >= 0 && (window == 0 || plan_.arch == model::Arch::kLlama), "a window belongs to the llama block");
+    plan_.window = window;
+  }
+
   void set_head(const py::object& w, const py::object& b, const py::tuple& head) {
     plan_.final_w = vector(w, plan_.C, "final norm");
     plan_.final_b = vector(b, plan_.C, "final norm bias");
@@ -236,6 +241,7 @@ void bind_model(py::module_& m) {
       .def(py::init<const std::string&, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, float, bool>())
       .def("set_embedding", &DecodePlan::set_embedding)
       .def("set_head", &DecodePlan::set_head)
+      .def("set_window", &DecodePlan::set_window)
       .def("add_layer", &DecodePlan::add_layer)
       .def("step", &DecodePlan::step, py::arg("logits"), py::arg("ids"), py::arg("counts"), py::arg("lengths"),
            py::arg("k"), py::arg("v"), py::arg("rows"), py::arg("cos"), py::arg("sin"), py::arg("profile") = py::none())

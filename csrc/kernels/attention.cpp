@@ -3,7 +3,8 @@
 // (NKV < NH) and a query block that sits at the end of a longer key sequence (KV cache) included.
 // Every tensor is read and written at its own HeadStrides, so q, k and v can be the column blocks
 // of a fused qkv projection and out the input of the output projection: no head is ever copied.
-// Not a general sparse/masked attention: the only masks are none and causal.
+// Not a general sparse/masked attention: the only masks are none, causal, and causal within a
+// sliding window of the last `window` keys.
 //
 // The tile products are small GEMMs on strided views (gemm_serial), so the register-blocked
 // micro-kernel of matmul.cpp does the arithmetic here too.
@@ -30,6 +31,7 @@ thread_local ThreadBuffer scores_buffer, dscores_buffer, rowstat_buffer;
 struct Shape {
   int64_t B, NH, NKV, Tq, Tk, HS;
   bool causal;
+  int64_t window = 0;   // > 0: query i also sees no key before i + offset - window + 1
   int64_t group() const { return NH / NKV; }
   int64_t offset() const { return Tk - Tq; }  // query i sits at absolute position i + offset
   int64_t q_blocks() const { return (Tq + BQ - 1) / BQ; }
@@ -40,6 +42,13 @@ struct Shape {
   int64_t visible(int64_t i, int64_t j0, int64_t nk) const {
     return causal ? imax(0, imin(nk, i + offset() + 1 - j0)) : nk;
   }
+  // Number of keys at the start of the block starting at j0 (of nk) that are before query row i's
+  // window (masked as well).
+  int64_t hidden(int64_t i, int64_t j0, int64_t nk) const {
+    return window > 0 ? imax(0, imin(nk, i + offset() - window + 1 - j0)) : 0;
+  }
+  // The first key block that some query in rows [i0, ...) sees.
+  int64_t key_begin(int64_t i0) const { return window > 0 ? imax(0, i0 + offset() - window + 1) / BK * BK : 0; }
 };
 
 // P (nq x nk, row stride BK) = exp(scale * S - lse) with masked entries 0: the probabilities
@@ -53,6 +62,7 @@ void probabilities(float* P, const float* lse, const Shape& s, int64_t i0, int64
     int64_t j = 0;
     for (; j < n; j += W) store(p + j, vexp(load(p + j) * sc - sh));  // BK is a multiple of W
     for (j = n; j < nk; ++j) p[j] = 0.f;
+    for (j = 0; j < imin(s.hidden(i0 + r, j0, nk), n); ++j) p[j] = 0.f;   // before the window
   }
 }
 
@@ -223,18 +233,19 @@ inline void zero_rows(float* p, int64_t rs, int64_t n, int64_t HS) {
 // into each row's running max m and sum l, rescaling what O already holds by exp(m_old - m_new);
 // S becomes the block's probabilities (unnormalised), zero past each row's visible keys. Rows are
 // BK floats wide, so whole vectors are read; lanes past the visible keys are masked to -inf.
-template <class Visible>
+template <class Visible, class Hidden>
 void fold_scores(float* S, float* m, float* l, float* O, int64_t os, int64_t nq, int64_t HS, float scale,
-                 Visible visible) {
+                 Visible visible, Hidden hidden) {
   const vf sc = splat(scale), neg_inf = splat(-INFINITY);
   for (int64_t r = 0; r < nq; ++r) {
     float* p = S + r * BK;
-    const int64_t n = visible(r);
+    const int64_t n = visible(r), lo = hidden(r);   // keys [lo, n) of the block are seen
     vf vmax_ = neg_inf;
     for (int64_t j = 0; j < n; j += W) {
       vf x = load(p + j) * sc;
       if (j + W > n)
         for (int64_t t = n - j; t < W; ++t) x[t] = -INFINITY;
+      for (int64_t t = 0; t < W && j + t < lo; ++t) x[t] = -INFINITY;
       store(p + j, x);
       vmax_ = vmax(vmax_, x);
     }
@@ -305,7 +316,9 @@ void decode(float* out, float* lse, const float* q, const KV* k, const KV* v, co
     for (int64_t u = u0; u < u1; ++u) {
       while (u >= first[size_t(bk) + 1]) ++bk;
       const int64_t b = bk / NKV, kvh = bk % NKV, len = kv_lengths ? kv_lengths[b] : all.Tk;
-      const int64_t j_begin = (u - first[size_t(bk)]) * kDecodeChunk, j_end = imin(len, j_begin + kDecodeChunk);
+      // Chunks follow the row's length alone; a window only drops the keys before it.
+      const int64_t j_chunk = (u - first[size_t(bk)]) * kDecodeChunk, j_end = imin(len, j_chunk + kDecodeChunk);
+      const int64_t j_begin = all.window > 0 ? imax(j_chunk, len - all.window) : j_chunk;
       float *O = partial.data() + u * slot, *m = O + G * HS, *l = m + G;
       for (int64_t g = 0; g < G; ++g) m[g] = -INFINITY, l[g] = 0.f;
       zero_rows(O, HS, G, HS);
@@ -316,7 +329,7 @@ void decode(float* out, float* lse, const float* q, const KV* k, const KV* v, co
       for (int64_t j0 = j_begin; j0 < j_end; j0 += BK) {
         const int64_t nk = imin(BK, j_end - j0);
         few_query_scores(S, qg, q_s.head, kh + j0 * ks, ks, G, nk, HS);
-        fold_scores(S, m, l, O, HS, G, HS, scale, [nk](int64_t) { return nk; });
+        fold_scores(S, m, l, O, HS, G, HS, scale, [nk](int64_t) { return nk; }, [](int64_t) { return int64_t(0); });
         few_query_values(O, HS, S, vh + j0 * vs, vs, G, nk, HS);
       }
     }
@@ -348,9 +361,9 @@ void decode(float* out, float* lse, const float* q, const KV* k, const KV* v, co
 
 template <class KV>
 void forward(float* out, float* lse, const float* q, const KV* k, const KV* v, int64_t B, int64_t NH, int64_t NKV,
-             int64_t Tq, int64_t Tk, int64_t HS, bool causal, const int64_t* kv_lengths, const int64_t* kv_rows,
-             HeadStrides out_s, HeadStrides q_s, HeadStrides k_s, HeadStrides v_s) {
-  const Shape all{B, NH, NKV, Tq, Tk, HS, causal};
+             int64_t Tq, int64_t Tk, int64_t HS, bool causal, int64_t window, const int64_t* kv_lengths,
+             const int64_t* kv_rows, HeadStrides out_s, HeadStrides q_s, HeadStrides k_s, HeadStrides v_s) {
+  const Shape all{B, NH, NKV, Tq, Tk, HS, causal, causal ? window : 0};
   const float scale = 1.0f / std::sqrt(float(HS));
   if (Tq == 1) return decode(out, lse, q, k, v, all, kv_lengths, kv_rows, out_s, q_s, k_s, v_s, scale);
   const int64_t qs = q_s.pos, ks = k_s.pos, vs = v_s.pos, os = out_s.pos;
@@ -372,7 +385,7 @@ void forward(float* out, float* lse, const float* q, const KV* k, const KV* v, i
       for (int64_t r = 0; r < nq; ++r) m[r] = -INFINITY, l[r] = 0.f;
       zero_rows(O, os, nq, HS);
       const int64_t key_end = s.key_end(i0 + nq);
-      for (int64_t j0 = 0; j0 < key_end; j0 += BK) {
+      for (int64_t j0 = s.key_begin(i0); j0 < key_end; j0 += BK) {
         const int64_t nk = imin(BK, key_end - j0);
         // S = Q K^T: K^T is K's rows read as columns.
         if (nq <= kFewQueries)
@@ -380,7 +393,8 @@ void forward(float* out, float* lse, const float* q, const KV* k, const KV* v, i
         else
           gemm_serial(nq, nk, HS, MatView{qb, qs, 1}, rows_as_floats(kh + j0 * ks, ks, nk, HS, key_tile_buffer, true),
                       S, BK, false);
-        fold_scores(S, m, l, O, os, nq, HS, scale, [&](int64_t r) { return s.visible(i0 + r, j0, nk); });
+        fold_scores(S, m, l, O, os, nq, HS, scale, [&](int64_t r) { return s.visible(i0 + r, j0, nk); },
+                    [&](int64_t r) { return s.hidden(i0 + r, j0, nk); });
         // O += P V
         if (nq <= kFewQueries)
           few_query_values(O, os, S, vh + j0 * vs, vs, nq, nk, HS);
@@ -396,24 +410,25 @@ void forward(float* out, float* lse, const float* q, const KV* k, const KV* v, i
 }  // namespace
 
 void attention_forward(float* out, float* lse, const float* q, const float* k, const float* v, int64_t B, int64_t NH,
-                       int64_t NKV, int64_t Tq, int64_t Tk, int64_t HS, bool causal, const int64_t* kv_lengths,
-                       const int64_t* kv_rows, HeadStrides out_s, HeadStrides q_s, HeadStrides k_s, HeadStrides v_s) {
-  forward(out, lse, q, k, v, B, NH, NKV, Tq, Tk, HS, causal, kv_lengths, kv_rows, out_s, q_s, k_s, v_s);
+                       int64_t NKV, int64_t Tq, int64_t Tk, int64_t HS, bool causal, int64_t window,
+                       const int64_t* kv_lengths, const int64_t* kv_rows, HeadStrides out_s, HeadStrides q_s,
+                       HeadStrides k_s, HeadStrides v_s) {
+  forward(out, lse, q, k, v, B, NH, NKV, Tq, Tk, HS, causal, window, kv_lengths, kv_rows, out_s, q_s, k_s, v_s);
 }
 
 void attention_forward_half(float* out, float* lse, const float* q, const uint16_t* k, const uint16_t* v, int64_t B,
                             int64_t NH, int64_t NKV, int64_t Tq, int64_t Tk, int64_t HS, bool causal,
-                            const int64_t* kv_lengths, const int64_t* kv_rows, HeadStrides out_s, HeadStrides q_s,
-                            HeadStrides k_s, HeadStrides v_s) {
-  forward(out, lse, q, k, v, B, NH, NKV, Tq, Tk, HS, causal, kv_lengths, kv_rows, out_s, q_s, k_s, v_s);
+                            int64_t window, const int64_t* kv_lengths, const int64_t* kv_rows, HeadStrides out_s,
+                            HeadStrides q_s, HeadStrides k_s, HeadStrides v_s) {
+  forward(out, lse, q, k, v, B, NH, NKV, Tq, Tk, HS, causal, window, kv_lengths, kv_rows, out_s, q_s, k_s, v_s);
 }
 
 void attention_backward(float* dq, float* dk, float* dv, const float* dout, const float* q,
                         const float* k, const float* v, const float* out, const float* lse,
                         int64_t B, int64_t NH, int64_t NKV, int64_t Tq, int64_t Tk, int64_t HS,
-                        bool causal, HeadStrides out_s, HeadStrides q_s, HeadStrides k_s,
+                        bool causal, int64_t window, HeadStrides out_s, HeadStrides q_s, HeadStrides k_s,
                         HeadStrides v_s) {
-  const Shape s{B, NH, NKV, Tq, Tk, HS, causal};
+  const Shape s{B, NH, NKV, Tq, Tk, HS, causal, causal ? window : 0};
   const float scale = 1.0f / std::sqrt(float(HS));
   const int64_t qs = q_s.pos, ks = k_s.pos, vs = v_s.pos, os = out_s.pos;
   // D[i] = dout[i] . out[i], the softmax-backward term shared by every key of row i.
@@ -492,7 +507,7 @@ void attention_backward(float* dq, float* dk, float* dv, const float* dout, cons
         const int64_t bkv = (bh / NH) * NKV + (bh % NH) / s.group();
         zero_rows(row_of(dq, q_s, bh / NH, bh % NH, i0), qs, imin(BQ, Tq - i0), HS);
         const int64_t key_end = s.key_end(imin(Tq, i0 + BQ));
-        for (int64_t j0 = 0; j0 < key_end; j0 += BK) tile_backward(P, dP, bh, bkv, i0, j0, true, false);
+        for (int64_t j0 = s.key_begin(i0); j0 < key_end; j0 += BK) tile_backward(P, dP, bh, bkv, i0, j0, true, false);
       }
     });
   }

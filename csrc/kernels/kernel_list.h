@@ -63,23 +63,26 @@
      lse (B, NH, Tq). kv_lengths, if not null, gives batch row b its own key count (<= Tk), for     \
      ragged batches; kv_rows, if not null, the row of k and v it reads (a continuous batch's cache   \
      rows). Causal aligns the last query with the last key: query i sees keys                      \
-     j <= i + Tk - Tq (Tk the row's own count). */                                                    \
+     j <= i + Tk - Tq (Tk the row's own count); a window > 0 (causal only) keeps the last `window`  \
+     of those, j > i + Tk - Tq - window (sliding-window attention). */                               \
   X(attention_forward, void, (float* out, float* lse, const float* q, const float* k, const float* v, \
                               int64_t B, int64_t NH, int64_t NKV, int64_t Tq, int64_t Tk, int64_t HS, \
-                              bool causal, const int64_t* kv_lengths, const int64_t* kv_rows,         \
-                              HeadStrides out_s, HeadStrides q_s, HeadStrides k_s, HeadStrides v_s))  \
+                              bool causal, int64_t window, const int64_t* kv_lengths,                \
+                              const int64_t* kv_rows, HeadStrides out_s, HeadStrides q_s,             \
+                              HeadStrides k_s, HeadStrides v_s))                                      \
   /* The same with k and v float16 (a half-precision KV cache), widened as they are read. */          \
   X(attention_forward_half, void, (float* out, float* lse, const float* q, const uint16_t* k,        \
                                    const uint16_t* v, int64_t B, int64_t NH, int64_t NKV, int64_t Tq, \
-                                   int64_t Tk, int64_t HS, bool causal, const int64_t* kv_lengths,    \
-                                   const int64_t* kv_rows, HeadStrides out_s, HeadStrides q_s,        \
-                                   HeadStrides k_s, HeadStrides v_s))                                 \
+                                   int64_t Tk, int64_t HS, bool causal, int64_t window,               \
+                                   const int64_t* kv_lengths, const int64_t* kv_rows,                 \
+                                   HeadStrides out_s, HeadStrides q_s, HeadStrides k_s,               \
+                                   HeadStrides v_s))                                                  \
   /* dq, dk, dv at the strides of q, k, v; dout and out at out_s. */                                   \
   X(attention_backward, void, (float* dq, float* dk, float* dv, const float* dout, const float* q,   \
                                const float* k, const float* v, const float* out, const float* lse,    \
                                int64_t B, int64_t NH, int64_t NKV, int64_t Tq, int64_t Tk,            \
-                               int64_t HS, bool causal, HeadStrides out_s, HeadStrides q_s,           \
-                               HeadStrides k_s, HeadStrides v_s))                                      \
+                               int64_t HS, bool causal, int64_t window, HeadStrides out_s,            \
+                               HeadStrides q_s, HeadStrides k_s, HeadStrides v_s))                    \
   X(embedding_forward, void, (float* out, const int64_t* ids, const float* weight, int64_t N,        \
                               int64_t V, int64_t C))                                                  \
   X(embedding_backward, void, (float* dweight, const float* dout, const int64_t* ids, int64_t N,     \

@@ -187,7 +187,8 @@ void step(const Plan& plan, float* logits, const int64_t* ids, int64_t B, int64_
       k.kv_write_half(k_cache, kk, lengths, cache.rows, B, Tq, NKV, HS, cap, q_s);
       k.kv_write_half(v_cache, vv, lengths, cache.rows, B, Tq, NKV, HS, cap, q_s);
       clock.mark(Op::kv_write);
-      k.attention_forward_half(atty, lse, q, k_cache, v_cache, B, NH, NKV, Tq, cap, HS, true, bf.kv_lengths.data(),
+      k.attention_forward_half(atty, lse, q, k_cache, v_cache, B, NH, NKV, Tq, cap, HS, true, plan.window,
+                               bf.kv_lengths.data(),
                                cache.rows, att_s, q_s, cache_s, cache_s);
     } else {
       float* k_cache = static_cast<float*>(cache.k) + layer_at;
@@ -195,7 +196,8 @@ void step(const Plan& plan, float* logits, const int64_t* ids, int64_t B, int64_
       k.kv_write(k_cache, kk, lengths, cache.rows, B, Tq, NKV, HS, cap, q_s);
       k.kv_write(v_cache, vv, lengths, cache.rows, B, Tq, NKV, HS, cap, q_s);
       clock.mark(Op::kv_write);
-      k.attention_forward(atty, lse, q, k_cache, v_cache, B, NH, NKV, Tq, cap, HS, true, bf.kv_lengths.data(),
+      k.attention_forward(atty, lse, q, k_cache, v_cache, B, NH, NKV, Tq, cap, HS, true, plan.window,
+                          bf.kv_lengths.data(),
                           cache.rows, att_s, q_s, cache_s, cache_s);
     }
     clock.mark(Op::attention);

@@ -58,6 +58,7 @@ struct Plan {
   int64_t C = 0, NH = 0, NKV = 0, HS = 0, F = 0, V = 0;
   float eps = 1e-5f;
   bool int8_activations = true;
+  int64_t window = 0;                 // > 0: sliding-window attention over the last `window` keys
   Matrix embedding;                   // the token embedding (V, C), float or quantized rows
   const float* positions = nullptr;   // GPT-2's learned position table (block_size, C)
   const float *final_w = nullptr, *final_b = nullptr;

@@ -137,10 +137,11 @@ def config_from_gguf(f: GGUFFile) -> ModelConfig:
         if factors.size != head_dim // 2:
             raise ValueError(f"{f.path}: rope_freqs.weight has {factors.size} entries, the heads need {head_dim // 2}")
         scaling = {"rope_type": "freq_factors", "factors": [float(x) for x in factors]}
-    if f.metadata.get(f"{arch}.attention.sliding_window"):
-        raise ValueError(f"{f.path}: sliding-window attention is not supported yet")
+    window = f.metadata.get(f"{arch}.attention.sliding_window")
+    if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
+        raise ValueError(f"{f.path}: {arch}.attention.sliding_window is {window!r}, not a positive integer")
     return ModelConfig(arch=arch, n_kv_head=int(f.metadata.get(f"{arch}.attention.head_count_kv", n_head)),
-                       head_dim=head_dim, rope_scaling=scaling,
+                       head_dim=head_dim, rope_scaling=scaling, sliding_window=window,
                        norm_eps=float(_meta(f, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
                        rope_theta=float(f.metadata.get(f"{arch}.rope.freq_base", 10000.0)), **sizes)
 

@@ -106,6 +106,8 @@ def _metadata(w, cfg: ModelConfig, name: str, file_type: int) -> None:
     w.add_layer_norm_rms_eps(cfg.norm_eps)
     w.add_rope_freq_base(cfg.rope_theta)
     w.add_vocab_size(cfg.vocab_size)
+    if cfg.sliding_window:   # read back by pyllm; llama.cpp runs llama-arch files with full attention
+        w.add_sliding_window(cfg.sliding_window)
 
 
 def _vocabulary(w, data: TokenizerData, vocab_size: int, chat_template: Optional[str], eos_id: Optional[int],

@@ -31,13 +31,17 @@ _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 
 
 # The Llama-shaped families: pyllm arch -> (transformers class, model_type).
-_LLAMA_LIKE = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+_LLAMA_LIKE = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+               "mistral": "MistralForCausalLM"}   # mistral: pyllm's llama with a sliding window
 
 
 def config_to_hf(cfg: ModelConfig) -> dict:
     if cfg.arch in _LLAMA_LIKE:
+        model_type = "mistral" if cfg.arch == "llama" and cfg.sliding_window else cfg.arch
+        if cfg.sliding_window and model_type != "mistral":
+            raise ValueError(f"a {cfg.arch} model with a sliding window has no Hugging Face config")
         doc = {
-            "architectures": [_LLAMA_LIKE[cfg.arch]], "model_type": cfg.arch,
+            "architectures": [_LLAMA_LIKE[model_type]], "model_type": model_type,
             "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.block_size,
             "hidden_size": cfg.n_embd, "intermediate_size": cfg.intermediate_size,
             "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
@@ -50,7 +54,9 @@ def config_to_hf(cfg: ModelConfig) -> dict:
                 raise ValueError("a rope scaled by a GGUF's frequency factors has no Hugging Face config; "
                                  "only llama3 rope scaling does")
             doc["rope_scaling"] = dict(cfg.rope_scaling)
-        if cfg.arch == "llama":
+        if model_type == "mistral":
+            doc.update(sliding_window=cfg.sliding_window)
+        elif cfg.arch == "llama":
             doc.update(attention_bias=False, mlp_bias=False)
         elif cfg.arch == "qwen3":
             doc.update(attention_bias=False, use_sliding_window=False)
@@ -106,16 +112,22 @@ def _llama_config_from_hf(doc: dict, where: str) -> ModelConfig:
             "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}}
     theta = rope.get("rope_theta", doc.get("rope_theta", 10000.0))
     arch = doc["model_type"]
+    window = None
+    if arch == "mistral":   # Llama's block with an optional sliding window
+        arch, window = "llama", doc.get("sliding_window")
+        window = int(window) if window is not None else None
     if doc.get("attention_bias") or doc.get("mlp_bias"):
         raise ValueError(f"{where}: attention/mlp biases are not supported for {arch}"
                          + (" (qwen2 has its q/k/v biases always)" if arch == "qwen2" else ""))
     if doc.get("use_sliding_window"):
-        raise ValueError(f"{where}: use_sliding_window=true (sliding-window attention) is not supported yet")
+        raise ValueError(f"{where}: use_sliding_window=true (Qwen's sliding window on some layers) is not "
+                         f"supported yet")
     try:
         heads, hidden = int(doc["num_attention_heads"]), int(doc["hidden_size"])
         head_dim = doc.get("head_dim")
         return ModelConfig(arch=arch, vocab_size=int(doc["vocab_size"]),
                            head_dim=int(head_dim) if head_dim is not None else None, rope_scaling=scaling,
+                           sliding_window=window,
                            block_size=int(doc.get("max_position_embeddings", 2048)),
                            n_layer=int(doc["num_hidden_layers"]), n_head=heads, n_embd=hidden,
                            n_kv_head=int(doc.get("num_key_value_heads") or heads),

@@ -88,6 +88,7 @@ class Runner:
         self.layers = arch.layers(cfg)
         self.head = head_projection(cfg, arch)
         self.qkv_width = (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_size
+        self.window = cfg.sliding_window or 0   # the kernels' sliding window (0: none)
 
     # ------------------------------------------------------------------ Qwen3's head norms
 
@@ -143,7 +144,7 @@ class Runner:
                 fast.rope_forward(k, k, rope[0], rope[1], None)
             atty = ws.get(f"atty.{i}", (N, NH * HS))
             fast.attention_forward(_by_head(atty.reshape(B, T, NH, HS)), ws.get(f"attlse.{i}", (B, NH, T)),
-                                   _by_head(q), _by_head(k), _by_head(v), True, None)
+                                   _by_head(q), _by_head(k), _by_head(v), True, None, window=self.window)
             proj = ws.get("proj", (N, C))
             linear(model, layer.o, proj, atty)
             x_mid = ws.get(f"xmid.{i}", (N, C))
@@ -200,7 +201,7 @@ class Runner:
             dq, dk, dv = _head_views(dqkv, B, T, cfg)
             fast.attention_backward(_by_head(dq), _by_head(dk), _by_head(dv), _by_head(datty.reshape(B, T, NH, HS)),
                                     _by_head(q), _by_head(k), _by_head(v), _by_head(atty.reshape(B, T, NH, HS)),
-                                    ws.get(f"attlse.{i}", (B, NH, T)), True)
+                                    ws.get(f"attlse.{i}", (B, NH, T)), True, window=self.window)
             if rope is not None:
                 fast.rope_backward(dq, dq, rope[0], rope[1], None)
                 fast.rope_backward(dk, dk, rope[0], rope[1], None)

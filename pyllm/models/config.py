@@ -34,6 +34,7 @@ class ModelConfig:
     rope_theta: float = 10000.0               # rotary embeddings (Llama)
     tie_word_embeddings: bool = True          # the output head is the token embedding
     head_dim: Optional[int] = None            # per attention head; default n_embd // n_head (not gpt2)
+    sliding_window: Optional[int] = None      # each query sees only the last this many keys (Mistral)
     rope_scaling: Optional[dict] = None       # {"rope_type": "llama3", "factor", "low_freq_factor",
                                               #  "high_freq_factor", "original_max_position_embeddings"}
                                               # (Hugging Face's), or {"rope_type": "freq_factors",
@@ -71,6 +72,13 @@ class ModelConfig:
             raise ValueError(f"gpt2 models have n_kv_head == n_head; got {self.n_kv_head} and {self.n_head}")
         if self.arch != "gpt2" and self.head_size % 2:
             raise ValueError(f"rotary embeddings need an even head size, got {self.head_size}")
+        if self.sliding_window is not None:
+            if isinstance(self.sliding_window, bool) or not isinstance(self.sliding_window, (int, np.integer)) \
+                    or self.sliding_window < 1:
+                raise ValueError(f"ModelConfig.sliding_window must be a positive integer or None, "
+                                 f"got {self.sliding_window!r}")
+            if self.arch == "gpt2":
+                raise ValueError("gpt2 models have no sliding-window attention")
         if self.rope_scaling is not None:
             if self.arch == "gpt2":
                 raise ValueError("gpt2 models have no rotary embeddings to scale")

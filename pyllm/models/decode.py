@@ -48,6 +48,7 @@ def build_plan(model: Weights, runner: Runner, arch: Architecture) -> "kernels.D
     positions = model.p[arch.positions] if arch.positions is not None else None
     plan = kernels.DecodePlan(arch.step, cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.head_size, cfg.vocab_size,
                               cfg.block_size, cfg.norm_eps, bool(model.int8_activations))
+    plan.set_window(runner.window)
     plan.set_embedding(_matrix(model, arch.embedding, cfg.vocab_size, cfg.n_embd), positions)
     plan.set_head(model.p[arch.final_norm[0]], _param(model, arch.final_norm[1]), _linear(model, runner.head))
     for layer in runner.layers:
