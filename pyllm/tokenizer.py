@@ -310,9 +310,8 @@ class Tokenizer:
 
         The write is atomic: a temporary file is written, synced and renamed over path.
         """
-        if self._spm is not None:
-            raise ValueError("writing SentencePiece vocabularies is not supported yet (they are read from "
-                             "GGUF files and tokenizer.json)")
+        if self._spm is not None and format != "hf":
+            raise ValueError('a SentencePiece vocabulary is written as a tokenizer.json: save(path, format="hf")')
         write_tokenizer(path, self.data(), format)
 
     @classmethod

@@ -83,6 +83,23 @@ def test_unknown_characters_fall_back_to_bytes(spm_json):
     assert ids[1:] == [3 + b for b in "\U0001F600".encode()] and ours.decode(ids) == "\U0001F600"
 
 
+def test_written_back_as_a_tokenizer_json_it_encodes_the_same(spm_json, tmp_path):
+    """pyllm's tokenizer.json of a SentencePiece vocabulary (a merge per split of each piece, by
+    score): `tokenizers` and pyllm read it back to the same ids on the corpus."""
+    path, hf = spm_json
+    ours = Tokenizer.load(path)
+    ours.save(tmp_path / "tokenizer.json", format="hf")
+    theirs = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    back = Tokenizer.load(tmp_path / "tokenizer.json")
+    lines = read_default_corpus(300_000).split("\n")
+    expected = [ours.encode(line) for line in lines]
+    assert [e.ids for e in theirs.encode_batch(lines)] == expected
+    assert [back.encode(line) for line in lines] == expected
+    assert theirs.decode(expected[5]) == ours.decode(expected[5])
+    with pytest.raises(ValueError, match="tokenizer.json"):
+        ours.save(tmp_path / "t.json")
+
+
 def test_a_merge_that_makes_no_token_is_refused(spm_json, tmp_path):
     path, _ = spm_json
     doc = json.loads(path.read_text())

@@ -393,10 +393,52 @@ def write_tokenizer(path: Union[str, os.PathLike], data: TokenizerData, format: 
                "vocab": [_token_to_str(t) for t in data.vocab], "merges": [list(m) for m in data.merges],
                "special_tokens": data.special_tokens, "unk_token_id": data.unk_token_id}
     elif format == "hf":
-        doc = _hf_document(data)
+        doc = _hf_spm_document(data) if data.pattern == "spm" else _hf_document(data)
     else:
         raise ValueError(f"format must be 'pyllm' or 'hf', got {format!r}")
     write_text(Path(path), json.dumps(doc, ensure_ascii=False))
+
+
+def _hf_spm_document(data: TokenizerData) -> dict:
+    """A SentencePiece vocabulary as a tokenizer.json of Llama 2's kind: BPE with byte fallback over
+    U+2581-spaced text, a merge for every split of a piece into two pieces, ranked by the piece's
+    score (highest first), which merges as the scores do."""
+    special = {sid: name for name, sid in data.special_tokens.items()}
+    byte_of = {tid: b for b, tid in enumerate(data.byte_ids or []) if tid >= 0}
+    texts, merge_pieces = [], []
+    for i, t in enumerate(data.vocab):
+        if i in special:
+            texts.append(special[i])
+        elif i in byte_of:
+            texts.append(f"<0x{byte_of[i]:02X}>")
+        elif t and data.scores[i] is not None:
+            texts.append(t.decode("utf-8").replace(" ", SPACE))
+            merge_pieces.append(i)
+        else:
+            texts.append(f"[PAD{i}]")
+    ids = {text: i for i, text in reversed(list(enumerate(texts))) if i in set(merge_pieces)}
+    merges = []
+    for i in sorted((i for i in merge_pieces if len(texts[i]) > 1), key=lambda i: (-data.scores[i], i)):
+        text = texts[i]
+        merges += [[text[:k], text[k:]] for k in range(1, len(text)) if text[:k] in ids and text[k:] in ids]
+    normalizers = ([{"type": "Prepend", "prepend": SPACE}] if data.add_space_prefix else []) + \
+        [{"type": "Replace", "pattern": {"String": " "}, "content": SPACE}]
+    decoders = [{"type": "Replace", "pattern": {"String": SPACE}, "content": " "}, {"type": "ByteFallback"},
+                {"type": "Fuse"}] + ([{"type": "Strip", "content": " ", "start": 1, "stop": 0}]
+                                     if data.add_space_prefix else [])
+    unk = special.get(data.unk_token_id) if data.unk_token_id is not None else None
+    return {
+        "version": "1.0", "truncation": None, "padding": None,
+        "added_tokens": [{"id": sid, "content": name, "single_word": False, "lstrip": False,
+                          "rstrip": False, "normalized": False, "special": True}
+                         for name, sid in sorted(data.special_tokens.items(), key=lambda kv: kv[1])],
+        "normalizer": {"type": "Sequence", "normalizers": normalizers},
+        "pre_tokenizer": None, "post_processor": None,
+        "decoder": {"type": "Sequence", "decoders": decoders},
+        "model": {"type": "BPE", "dropout": None, "unk_token": unk, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": True, "ignore_merges": False,
+                  "vocab": {text: i for i, text in enumerate(texts)}, "merges": merges},
+    }
 
 
 def _hf_document(data: TokenizerData) -> dict:
