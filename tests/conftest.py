@@ -10,6 +10,8 @@ Helpers meant for the test modules (import them with `from conftest import ...`)
   load_reference()                              the pyllm.reference module (works without the build)
   load_kernels()                                the pyllm.kernels module (pytest.fail if unavailable)
   run_doctests(module)                          a module's docstring examples, floats to 1e-6
+  quick_train(model, ids, steps, seq)           AdamW steps on random windows of ids: a model with peaked guesses
+  hf_twin(model)                                transformers' model of a Llama-shaped pyllm.Model's config and weights
   add_gguf_vocabulary(writer, tokenizer)        a byte-level BPE vocabulary into a gguf.GGUFWriter, as
                                                 llama.cpp's converter writes one (independent of pyllm's writer)
 """
@@ -301,3 +303,38 @@ def add_gguf_vocabulary(w, tokenizer) -> None:
     w.add_token_types([3 if i in specials else 1 for i in range(tokenizer.vocab_size)])
     w.add_token_merges([spell(a) + " " + spell(b) for a, b in tokenizer.merges])
     w.add_eos_token_id(tokenizer.special_tokens["<|endoftext|>"])
+
+
+def quick_train(model, ids, steps: int, seq: int, lr: float = 3e-3, batch: int = 8, seed: int = 0) -> None:
+    """`steps` AdamW steps of next-token prediction on `batch` random windows of `seq` tokens of ids
+    (a few seconds: enough for a small model to write text-like output)."""
+    from pyllm.optim import AdamW
+
+    ids = np.asarray(ids)
+    opt, rng = AdamW(model, lr=lr, weight_decay=0.0), np.random.default_rng(seed)
+    for _ in range(steps):
+        starts = rng.integers(0, ids.size - seq - 1, batch)
+        windows = np.stack([ids[s:s + seq + 1] for s in starts])
+        model.forward_backward(windows[:, :-1], windows[:, 1:])
+        opt.step()
+        model.zero_grad()
+
+
+def hf_twin(model):
+    """transformers' model (the class config.json names: Llama, Qwen2, Qwen3, Mistral) with the
+    config and weights of a Llama-shaped pyllm.Model: float32, eager attention, eval mode."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from pyllm.io.hf import config_to_hf
+
+    doc = config_to_hf(model.config)
+    cfg = type(transformers.AutoConfig.for_model(doc["model_type"]))(**doc)
+    cfg._attn_implementation = "eager"
+    theirs = getattr(transformers, doc["architectures"][0])(cfg)
+    state = {k: torch.from_numpy(np.array(v)) for k, v in model.state_dict().items()}
+    missing, unexpected = theirs.load_state_dict(state, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    if model.config.tie_word_embeddings:
+        theirs.tie_weights()
+    theirs.eval()
+    return theirs

@@ -7,6 +7,7 @@ read back by pyllm and loaded by llama.cpp with the same greedy text (float file
 import numpy as np
 import pytest
 
+from conftest import quick_train
 from pyllm import kernels, reference
 from pyllm.llm import LLM
 from pyllm.model import Model, ModelConfig
@@ -119,19 +120,10 @@ SHAPES = {
 @pytest.fixture(scope="module", params=list(SHAPES))
 def trained(request, tokenizer):
     """A small model of each architecture trained for a few seconds (peaked next-token guesses)."""
-    from pyllm.optim import AdamW
-
     arch = request.param
     model = Model(ModelConfig(arch=arch, vocab_size=tokenizer.vocab_size, block_size=128, n_layer=2, n_head=4,
                               n_embd=64, intermediate_size=128, **SHAPES[arch]), seed=0)
-    ids = np.array(tokenizer.encode(TEXT * 30))
-    opt, rng = AdamW(model, lr=3e-3, weight_decay=0.0), np.random.default_rng(0)
-    for _ in range(80):
-        starts = rng.integers(0, ids.size - 49, 8)
-        batch = np.stack([ids[s:s + 49] for s in starts])
-        model.forward_backward(batch[:, :-1], batch[:, 1:])
-        opt.step()
-        model.zero_grad()
+    quick_train(model, tokenizer.encode(TEXT * 30), 80, 48)
     template = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}<|endoftext|>{% endfor %}"
     return LLM(model, tokenizer, chat_template=template)
 

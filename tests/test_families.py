@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import add_gguf_vocabulary
+from conftest import add_gguf_vocabulary, hf_twin
 from pyllm.model import Model, ModelConfig
 
 torch = pytest.importorskip("torch")
@@ -39,26 +39,10 @@ def random_model(arch, extra, seed=0) -> Model:
     return model
 
 
-def twin(model: Model):
-    from pyllm.io.hf import config_to_hf
-
-    doc = config_to_hf(model.config)
-    cfg = getattr(transformers, type(transformers.AutoConfig.for_model(doc["model_type"])).__name__)(**doc)
-    cfg._attn_implementation = "eager"
-    theirs = getattr(transformers, doc["architectures"][0])(cfg)
-    state = {k: torch.from_numpy(np.array(v)) for k, v in model.state_dict().items()}
-    missing, unexpected = theirs.load_state_dict(state, strict=False)
-    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
-    if model.config.tie_word_embeddings:
-        theirs.tie_weights()
-    theirs.eval()
-    return theirs
-
-
 @pytest.mark.parametrize("arch, extra", CASES, ids=[f"{a}-{i}" for a, e in FAMILIES.items() for i in range(len(e))])
 def test_logits_loss_and_every_gradient_equal_transformers(arch, extra):
     model = random_model(arch, extra)
-    theirs = twin(model)
+    theirs = hf_twin(model)
     rng = np.random.default_rng(2)
     ids = rng.integers(0, model.config.vocab_size, (2, 13))
     targets = rng.integers(0, model.config.vocab_size, (2, 13))

@@ -158,26 +158,30 @@ def _q8_0(weight):
     return np.ascontiguousarray(blocks.reshape(weight.shape[0], -1))
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["qkv-fused", "qkv-apart"])
-def test_lora_on_a_quantized_base_equals_lora_on_its_float_twin(fused):
-    """fused: q, k, v in one quantized product (one type, as GGUF loading fuses them), or three
-    (their types differ in llama.cpp's Q4_K_M files)."""
+def _q8_0_model(cfg, seed: int, fused: bool):
+    """A random model of cfg with every matrix kept as Q8_0 blocks (q, k, v also as one fused
+    block, as the GGUF loader keeps them, when fused), the rest float."""
     from pyllm.model import QuantizedWeight
 
-    cfg = ModelConfig(**LLAMA)
-    dense = Model(cfg, seed=1)
-    quantized = {}
-    for name, w in dense.p.items():
-        if w.ndim == 2 and "norm" not in name:
-            quantized[name] = QuantizedWeight(_q8_0(w), 8, w.shape)
+    dense = Model(cfg, seed=seed)
+    quantized = {name: QuantizedWeight(_q8_0(w), 8, w.shape)
+                 for name, w in dense.p.items() if w.ndim == 2 and "norm" not in name}
     h = "model.layers.{}.self_attn."
-    for i in range(cfg.n_layer if fused else 0):     # the fused q, k, v rows, as the GGUF loader keeps them
+    for i in range(cfg.n_layer if fused else 0):
         parts = [quantized[h.format(i) + f"{x}_proj.weight"] for x in "qkv"]
         quantized[h.format(i) + "qkv"] = QuantizedWeight(np.concatenate([p.data for p in parts]), 8,
                                                          (sum(p.shape[0] for p in parts), cfg.n_embd))
     kept = Model(cfg, seed=None, quantized=quantized)
     for name in kept.p:
         kept.p[name][...] = dense.p[name]
+    return kept
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["qkv-fused", "qkv-apart"])
+def test_lora_on_a_quantized_base_equals_lora_on_its_float_twin(fused):
+    """fused: q, k, v in one quantized product (one type, as GGUF loading fuses them), or three
+    (their types differ in llama.cpp's Q4_K_M files)."""
+    kept = _q8_0_model(ModelConfig(**LLAMA), 1, fused)
     kept.int8_activations = False
     twin = kept.dequantized()            # the same (rounded) weights in float32
     assert not twin.quantized
@@ -203,20 +207,11 @@ def test_fused_parts_off_the_packed_row_groups_are_packed_on_their_own():
     cannot be row ranges of the packed q|k|v; each is packed on its own, and both the fused
     product and the parts give the float twin's results."""
     from pyllm import kernels
-    from pyllm.model import KVCache, QuantizedWeight
+    from pyllm.model import KVCache
 
     cfg = ModelConfig(**{**LLAMA, "n_embd": 96, "n_head": 12, "n_kv_head": 1})
-    dense = Model(cfg, seed=3)
-    quantized = {name: QuantizedWeight(_q8_0(w), 8, w.shape)
-                 for name, w in dense.p.items() if w.ndim == 2 and "norm" not in name}
+    kept = _q8_0_model(cfg, 3, fused=True)
     h = "model.layers.{}.self_attn."
-    for i in range(cfg.n_layer):
-        parts = [quantized[h.format(i) + f"{x}_proj.weight"] for x in "qkv"]
-        quantized[h.format(i) + "qkv"] = QuantizedWeight(np.concatenate([p.data for p in parts]), 8,
-                                                         (sum(p.shape[0] for p in parts), cfg.n_embd))
-    kept = Model(cfg, seed=None, quantized=quantized)
-    for name in kept.p:
-        kept.p[name][...] = dense.p[name]
     whole, k_part = kept.quantized[h.format(0) + "qkv"], kept.quantized[h.format(0) + "k_proj.weight"]
     assert whole.packed and k_part.packed and not np.shares_memory(whole.data, k_part.data)
     assert np.array_equal(k_part.dequantize(), whole.dequantize()[96:104])

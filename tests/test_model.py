@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import pyllm
+from conftest import hf_twin
 from pyllm.model import Model, ModelConfig
 
 torch = pytest.importorskip("torch")
@@ -184,21 +185,6 @@ LLAMA = dict(arch="llama", vocab_size=89, block_size=32, n_layer=2, n_head=4, n_
              intermediate_size=96, rope_theta=500.0, norm_eps=1e-6)
 
 
-def llama_twin(model: Model):
-    from pyllm.io.hf import config_to_hf
-
-    cfg = transformers.LlamaConfig(**config_to_hf(model.config))
-    cfg._attn_implementation = "eager"
-    twin = transformers.LlamaForCausalLM(cfg)
-    state = {k: torch.from_numpy(np.array(v)) for k, v in model.state_dict().items()}
-    missing, unexpected = twin.load_state_dict(state, strict=False)
-    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
-    if model.config.tie_word_embeddings:
-        twin.tie_weights()
-    twin.eval()
-    return twin
-
-
 @pytest.mark.parametrize("tied", [True, False])
 @pytest.mark.parametrize("n_kv_head", [2, 4, 1])
 @pytest.mark.parametrize("prompt", [0, 10], ids=["all-learned", "prompt-masked"])
@@ -209,7 +195,7 @@ def test_llama_matches_transformers_logits_loss_and_gradients(tied, n_kv_head, p
     for spec in model.specs:
         if spec.name.endswith("norm.weight"):
             model.p[spec.name][...] += rng.standard_normal(spec.shape).astype(np.float32) * 0.2
-    twin = llama_twin(model)
+    twin = hf_twin(model)
     ids, targets = batch(cfg, 2, 17)
     targets[:, :prompt] = -100
     t_logits = twin(torch.from_numpy(ids)).logits

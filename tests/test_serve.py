@@ -16,6 +16,7 @@ import pytest
 uvicorn = pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 
+from conftest import quick_train  # noqa: E402
 from pyllm.engine import EngineConfig  # noqa: E402
 from pyllm.llm import LLM  # noqa: E402
 from pyllm.model import Model, ModelConfig  # noqa: E402
@@ -32,19 +33,10 @@ TEXT = ("hello world, the cat sat on the mat. the dog ran to the park and the ca
 @pytest.fixture(scope="module")
 def tiny():
     """A small Llama trained for a few seconds on a few sentences: it writes text-like output."""
-    from pyllm.optim import AdamW
-
     tok = Tokenizer.train([TEXT * 30], 320, special_tokens=["<|endoftext|>"], progress=False)
     model = Model(ModelConfig(arch="llama", vocab_size=tok.vocab_size, block_size=256, n_layer=2, n_head=4,
                               n_kv_head=2, n_embd=64, intermediate_size=96), seed=0)
-    ids = np.array(tok.encode(TEXT * 40))
-    opt, rng = AdamW(model, lr=3e-3, weight_decay=0.0), np.random.default_rng(0)
-    for _ in range(120):
-        starts = rng.integers(0, ids.size - 65, 8)
-        batch = np.stack([ids[s:s + 65] for s in starts])
-        model.forward_backward(batch[:, :-1], batch[:, 1:])
-        opt.step()
-        model.zero_grad()
+    quick_train(model, tok.encode(TEXT * 40), 120, 64)
     return LLM(model, tok)
 
 

@@ -4,6 +4,7 @@
 
 #include <chrono>
 #include <cstring>
+#include <type_traits>
 
 #include "kernels/kernels.h"
 #include "kernels/quant_types.h"
@@ -142,6 +143,34 @@ void embed(const Plan& plan, float* x, const int64_t* ids, int64_t B, int64_t Tq
       for (int64_t t = 0; t < Tq; ++t) add(x + (b * Tq + t) * C, plan.positions + (lengths[b] + t) * C, C);
 }
 
+// The new keys and values appended to layer_at's cache, then the attention of q over it (float32
+// or, KV = uint16_t, float16 cache: the kernels of each).
+template <class KV>
+void cache_attention(const Plan& plan, const Cache& cache, int64_t layer_at, float* atty, float* lse, const float* q,
+                     const float* kk, const float* vv, const int64_t* lengths, int64_t B, int64_t Tq,
+                     HeadStrides q_s, HeadStrides att_s, HeadStrides cache_s, Clock& clock) {
+  const KernelTable& k = kernels();
+  const int64_t NH = plan.NH, NKV = plan.NKV, HS = plan.HS, cap = cache.capacity;
+  KV* k_cache = static_cast<KV*>(cache.k) + layer_at;
+  KV* v_cache = static_cast<KV*>(cache.v) + layer_at;
+  constexpr bool half = std::is_same_v<KV, uint16_t>;
+  if constexpr (half) {
+    k.kv_write_half(k_cache, kk, lengths, cache.rows, B, Tq, NKV, HS, cap, q_s);
+    k.kv_write_half(v_cache, vv, lengths, cache.rows, B, Tq, NKV, HS, cap, q_s);
+  } else {
+    k.kv_write(k_cache, kk, lengths, cache.rows, B, Tq, NKV, HS, cap, q_s);
+    k.kv_write(v_cache, vv, lengths, cache.rows, B, Tq, NKV, HS, cap, q_s);
+  }
+  clock.mark(Op::kv_write);
+  const int64_t* kv_lengths = buffers.kv_lengths.data();
+  if constexpr (half)
+    k.attention_forward_half(atty, lse, q, k_cache, v_cache, B, NH, NKV, Tq, cap, HS, true, plan.window, kv_lengths,
+                             cache.rows, att_s, q_s, cache_s, cache_s);
+  else
+    k.attention_forward(atty, lse, q, k_cache, v_cache, B, NH, NKV, Tq, cap, HS, true, plan.window, kv_lengths,
+                        cache.rows, att_s, q_s, cache_s, cache_s);
+}
+
 }  // namespace
 
 void step(const Plan& plan, float* logits, const int64_t* ids, int64_t B, int64_t Tq, const int64_t* counts,
@@ -181,25 +210,10 @@ void step(const Plan& plan, float* logits, const int64_t* ids, int64_t B, int64_
       k.rope_forward(kk, kk, cos, sin, lengths, B, Tq, NKV, HS, q_s, q_s);
       clock.mark(Op::rope);
     }
-    if (cache.half) {
-      uint16_t* k_cache = static_cast<uint16_t*>(cache.k) + layer_at;
-      uint16_t* v_cache = static_cast<uint16_t*>(cache.v) + layer_at;
-      k.kv_write_half(k_cache, kk, lengths, cache.rows, B, Tq, NKV, HS, cap, q_s);
-      k.kv_write_half(v_cache, vv, lengths, cache.rows, B, Tq, NKV, HS, cap, q_s);
-      clock.mark(Op::kv_write);
-      k.attention_forward_half(atty, lse, q, k_cache, v_cache, B, NH, NKV, Tq, cap, HS, true, plan.window,
-                               bf.kv_lengths.data(),
-                               cache.rows, att_s, q_s, cache_s, cache_s);
-    } else {
-      float* k_cache = static_cast<float*>(cache.k) + layer_at;
-      float* v_cache = static_cast<float*>(cache.v) + layer_at;
-      k.kv_write(k_cache, kk, lengths, cache.rows, B, Tq, NKV, HS, cap, q_s);
-      k.kv_write(v_cache, vv, lengths, cache.rows, B, Tq, NKV, HS, cap, q_s);
-      clock.mark(Op::kv_write);
-      k.attention_forward(atty, lse, q, k_cache, v_cache, B, NH, NKV, Tq, cap, HS, true, plan.window,
-                          bf.kv_lengths.data(),
-                          cache.rows, att_s, q_s, cache_s, cache_s);
-    }
+    if (cache.half)
+      cache_attention<uint16_t>(plan, cache, layer_at, atty, lse, q, kk, vv, lengths, B, Tq, q_s, att_s, cache_s, clock);
+    else
+      cache_attention<float>(plan, cache, layer_at, atty, lse, q, kk, vv, lengths, B, Tq, q_s, att_s, cache_s, clock);
     clock.mark(Op::attention);
     linear(plan, layer.o, proj, atty, N);
     clock.mark(Op::o);
