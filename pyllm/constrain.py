@@ -114,18 +114,18 @@ class JsonConstraint:
     the tokens allowed next (the end tokens only once the document is complete)."""
 
     def __init__(self, grammar: "kernels.JsonGrammar", vocab: "kernels.TokenBytes", vocab_size: int,
-                 end_ids: Sequence[int], max_new_tokens: int, token_bytes) -> None:
+                 end_ids: Sequence[int], max_new_tokens: int) -> None:
         self.grammar, self.vocab, self.vocab_size = grammar, vocab, vocab_size
         self.end_ids = [int(t) for t in end_ids if 0 <= int(t) < vocab_size]
-        self.max_new_tokens, self.token_bytes = int(max_new_tokens), token_bytes
+        self.max_new_tokens = int(max_new_tokens)
         self.state = grammar.start()
         self.fed = 0
         self._flags = np.zeros(len(vocab), np.uint8)
 
     def __call__(self, generated: Sequence[int]) -> Optional[np.ndarray]:
         for token in generated[self.fed:]:
-            if int(token) not in self.end_ids:
-                self.grammar.feed(self.state, self.token_bytes(int(token)))
+            if int(token) not in self.end_ids and int(token) < len(self.vocab):   # ids past it: padding
+                self.grammar.feed(self.state, self.vocab[int(token)])
         self.fed = len(generated)
         complete = self.grammar.complete(self.state)
         allowed = np.zeros(self.vocab_size, bool)
@@ -148,9 +148,8 @@ class JsonConstraint:
         return allowed
 
 
-def json_mask(tokenizer, vocab: "kernels.TokenBytes", schema, vocab_size: int, end_ids: Sequence[int],
+def json_mask(vocab: "kernels.TokenBytes", schema, vocab_size: int, end_ids: Sequence[int],
               max_new_tokens: int) -> JsonConstraint:
-    """The mask for one request whose output must be JSON (schema None: any JSON document)."""
-    grammar = kernels.JsonGrammar(compile_schema(schema), 0)
-    return JsonConstraint(grammar, vocab, vocab_size, end_ids, max_new_tokens,
-                          lambda t: tokenizer.decode_bytes([t]) if t < tokenizer.vocab_size else b"")
+    """The mask for one request whose output must be JSON (schema None: any JSON document), over the
+    vocabulary's bytes (vocabulary_bytes)."""
+    return JsonConstraint(kernels.JsonGrammar(compile_schema(schema), 0), vocab, vocab_size, end_ids, max_new_tokens)

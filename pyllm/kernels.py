@@ -938,7 +938,7 @@ def sample(logits, *, temperature: float = 1.0, top_k: Optional[int] = None, top
 # the tokens that may follow and leave a document that `budget` more bytes can close (-1: any).
 JsonGrammar = _C.JsonGrammar
 JsonState = _C.JsonState
-TokenBytes = _C.TokenBytes   # TokenBytes(list of each token's bytes): a vocabulary, held once in C++
+TokenBytes = _C.TokenBytes   # TokenBytes(list of each token's bytes): a vocabulary held once in C++; t[id] its bytes
 
 
 # ----------------------------------------------------------------------------- runtime controls

@@ -249,18 +249,12 @@ def test_json_mask_ends_only_a_whole_document_and_closes_before_the_budget():
     """The request-level mask: end tokens only once the document is whole, and a reply with few tokens
     left is steered to its end (here over a byte vocabulary plus an end token)."""
 
-    class Bytes:
-        vocab_size = 256
-        special_tokens = {}
-
-        def decode_bytes(self, ids):
-            return bytes(ids)
     end = 256
     vocab = kernels.TokenBytes([bytes([b]) for b in range(256)])
     rng = np.random.default_rng(1)
     for trial in range(30):
         budget = int(rng.integers(2, 40))
-        mask = json_mask(Bytes(), vocab, {"type": "object"}, 257, [end], budget)
+        mask = json_mask(vocab, {"type": "object"}, 257, [end], budget)
         generated = []
         while len(generated) < budget:
             allowed = mask(generated)

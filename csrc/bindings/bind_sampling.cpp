@@ -73,7 +73,11 @@ void bind_sampling(py::module_& m) {
         for (const py::bytes& b : tokens) t.emplace_back(std::string(b));
         return TokenBytes(std::move(t));
       }))
-      .def("__len__", [](const TokenBytes& t) { return t.tokens.size(); });
+      .def("__len__", [](const TokenBytes& t) { return t.tokens.size(); })
+      .def("__getitem__", [](const TokenBytes& t, int64_t i) {
+        if (i < 0 || i >= int64_t(t.tokens.size())) throw py::index_error("token id outside the vocabulary");
+        return py::bytes(t.tokens[size_t(i)]);
+      });
   py::class_<JsonGrammar::State>(m, "JsonState").def("copy", [](const JsonGrammar::State& s) { return s; });
   // nodes: (kind, keys, children, required, additional, literals) per schema node; none: any JSON.
   py::class_<JsonGrammar>(m, "JsonGrammar")

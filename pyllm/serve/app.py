@@ -253,7 +253,7 @@ async def _complete(service: Service, http: HttpRequest, ids: list, gen: Generat
     if gen.response_format is not None:   # json_object: any JSON; json_schema: its schema
         schema = (gen.response_format.get("json_schema") or {}).get("schema", {"type": "object"})
         try:
-            mask = json_mask(llm.tokenizer, service.vocab, schema, llm.model.config.vocab_size, llm.stop_token_ids,
+            mask = json_mask(service.vocab, schema, llm.model.config.vocab_size, llm.stop_token_ids,
                              max_new)
         except (SchemaError, ValueError) as exc:
             raise ApiError(400, f"response_format: {exc}", "response_format", "invalid_schema") from None
