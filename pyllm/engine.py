@@ -21,6 +21,7 @@ pyllm/serve. Not the HTTP server, and not the single-call generation of pyllm.ge
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import threading
 import time
@@ -317,10 +318,7 @@ class Engine:
         # Rows with the same sampling settings are drawn in one call, each at its own seed and step.
         groups: dict = {}
         for r in ready:
-            s = r.handle.request.sampling
-            key = (s.temperature, s.top_k, s.top_p, s.min_p, s.repetition_penalty, s.presence_penalty,
-                   s.frequency_penalty)
-            groups.setdefault(key, []).append(r)
+            groups.setdefault(dataclasses.astuple(r.handle.request.sampling), []).append(r)
         for members in groups.values():
             sampling = members[0].handle.request.sampling
             logits = np.stack([r.logits for r in members])

@@ -7,7 +7,7 @@ batching itself, nor the model: this layer speaks HTTP and text.
 
 from __future__ import annotations
 
-from pyllm.serve.app import create_app
+from pyllm.serve.app import create_app, uvicorn
 
 __all__ = ["create_app", "serve"]
 
@@ -15,6 +15,5 @@ __all__ = ["create_app", "serve"]
 def serve(load, name: str, host: str = "127.0.0.1", port: int = 8000, api_key=None, engine_config=None,
           log_level: str = "info") -> None:
     """Runs the server until interrupted; load() -> LLM runs once the socket listens."""
-    import uvicorn   # the serve extra; imported here so that `import pyllm.serve` works without it
-
-    uvicorn.run(create_app(load, name, api_key, engine_config), host=host, port=port, log_level=log_level)
+    app = create_app(load, name, api_key, engine_config)   # a clear error without the serve extra
+    uvicorn.run(app, host=host, port=port, log_level=log_level)

@@ -22,11 +22,12 @@ from typing import Callable, Optional
 import numpy as np
 
 try:   # the serve extra: `pip install "pyllm[serve]"`; pyllm imports without it
+    import uvicorn
     from fastapi import FastAPI, Request as HttpRequest
     from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
     MISSING = None
 except ImportError as exc:
-    MISSING = exc
+    MISSING, uvicorn = exc, None
 
 from pyllm.constrain import SchemaError, json_mask, vocabulary_bytes
 from pyllm.engine import Engine, EngineConfig, Event, QueueFull, Request
