@@ -33,7 +33,7 @@ __all__ = [
     "matmul", "matmul_backward", "softmax", "softmax_backward",
     "layernorm", "layernorm_forward", "layernorm_backward",
     "rmsnorm", "rmsnorm_forward", "rmsnorm_backward",
-    "gelu", "gelu_backward", "silu", "silu_backward", "swiglu", "swiglu_backward",
+    "gelu", "gelu_backward", "silu", "silu_backward", "swiglu", "swiglu_backward", "geglu", "geglu_backward",
     "rope_tables", "rope", "rope_backward", "rope_at", "kv_write",
     "attention", "attention_forward", "attention_backward", "sample",
     "cross_entropy", "cross_entropy_forward", "cross_entropy_backward",
@@ -304,29 +304,51 @@ def silu_backward(dout, x) -> np.ndarray:
     return _unary_backward(_C.silu_backward, dout, x)
 
 
+def _gated(forward, gate, up) -> np.ndarray:
+    gate, up = _floats(gate, "gate"), _floats(up, "up")
+    _same_shape("up", up, gate.shape)
+    out = np.empty_like(gate)
+    if gate.size:
+        forward(out, gate, up)
+    return out
+
+
+def _gated_backward(backward, dout, gate, up):
+    gate, up, dout = _floats(gate, "gate"), _floats(up, "up"), _floats(dout, "dout")
+    _same_shape("up", up, gate.shape)
+    _same_shape("dout", dout, gate.shape)
+    dgate, dup = np.empty_like(gate), np.empty_like(gate)
+    if gate.size:
+        backward(dgate, dup, dout, gate, up)
+    return dgate, dup
+
+
 def swiglu(gate, up) -> np.ndarray:
     """silu(gate) * up, Llama's feed-forward gate.
 
     >>> swiglu(np.zeros(2, np.float32), np.ones(2, np.float32))
     array([0., 0.], dtype=float32)
     """
-    gate, up = _floats(gate, "gate"), _floats(up, "up")
-    _same_shape("up", up, gate.shape)
-    out = np.empty_like(gate)
-    if gate.size:
-        _C.swiglu_forward(out, gate, up)
-    return out
+    return _gated(_C.swiglu_forward, gate, up)
 
 
 def swiglu_backward(dout, gate, up):
     """Gradients of swiglu: (dgate, dup)."""
-    gate, up, dout = _floats(gate, "gate"), _floats(up, "up"), _floats(dout, "dout")
-    _same_shape("up", up, gate.shape)
-    _same_shape("dout", dout, gate.shape)
-    dgate, dup = np.empty_like(gate), np.empty_like(gate)
-    if gate.size:
-        _C.swiglu_backward(dgate, dup, dout, gate, up)
-    return dgate, dup
+    return _gated_backward(_C.swiglu_backward, dout, gate, up)
+
+
+def geglu(gate, up) -> np.ndarray:
+    """gelu(gate) * up with GELU's tanh form, Gemma's feed-forward gate.
+
+    >>> geglu(np.ones(2, np.float32), np.full(2, 2.0, np.float32))
+    array([1.682384, 1.682384], dtype=float32)
+    """
+    return _gated(_C.geglu_forward, gate, up)
+
+
+def geglu_backward(dout, gate, up):
+    """Gradients of geglu: (dgate, dup)."""
+    return _gated_backward(_C.geglu_backward, dout, gate, up)
 
 
 # ----------------------------------------------------------------------------- rotary embedding

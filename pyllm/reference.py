@@ -200,6 +200,22 @@ def swiglu_backward(dout, gate, up):
     return silu_backward(dout * up, gate), (dout * silu(gate)).astype(np.float32)
 
 
+def geglu(gate, up):
+    """GeGLU feed-forward gate: gelu(gate) * up, GELU's tanh form (Gemma's MLP).
+
+    >>> geglu(np.ones(2, np.float32), np.full(2, 2.0, np.float32))
+    array([1.682384, 1.682384], dtype=float32)
+    """
+    gate, up = _f32(gate), _f32(up)
+    return (gelu(gate) * up).astype(np.float32)
+
+
+def geglu_backward(dout, gate, up):
+    """Gradients of geglu: (dgate, dup)."""
+    dout, gate, up = _f32(dout), _f32(gate), _f32(up)
+    return gelu_backward(dout * up, gate), (dout * gelu(gate)).astype(np.float32)
+
+
 # ----------------------------------------------------------------------------- rotary embedding
 
 def rope_tables(positions, head_size, theta=10000.0, freq_factors=None):

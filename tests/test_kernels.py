@@ -32,7 +32,7 @@ KERNEL_NAMES = [
     "matmul", "matmul_backward", "softmax", "softmax_backward",
     "layernorm", "layernorm_forward", "layernorm_backward",
     "rmsnorm", "rmsnorm_forward", "rmsnorm_backward",
-    "gelu", "gelu_backward", "silu", "silu_backward", "swiglu", "swiglu_backward",
+    "gelu", "gelu_backward", "silu", "silu_backward", "swiglu", "swiglu_backward", "geglu", "geglu_backward",
     "rope_tables", "rope", "rope_backward", "rope_at", "kv_write",
     "attention", "attention_forward", "attention_backward",
     "cross_entropy", "cross_entropy_forward", "cross_entropy_backward",
@@ -400,28 +400,30 @@ def test_activation_extremes(K, isa, rng, name):
     _check_unary(K, rng, name, np.tile(EXTREMES, (3, 1)).T.copy())
 
 
+@pytest.mark.parametrize("gated", ["swiglu", "geglu"])
 @pytest.mark.parametrize("shape", ELEMENTWISE_SHAPES, ids=shape_id)
-def test_swiglu(K, isa, rng, shape):
+def test_gated(K, isa, rng, shape, gated):
     gate, up = randn(rng, *shape, scale=3.0), randn(rng, *shape)
-    _check_swiglu(K, rng, gate, up)
+    _check_gated(K, rng, gate, up, gated)
 
 
-def _check_swiglu(K, rng, gate, up):
-    exp = R.swiglu(gate, up)
-    got = K.swiglu(gate, up)
-    assert np.all(np.isfinite(got)), "swiglu produced non-finite values"
-    assert_close(got, exp, rtol=1e-5, atol=_activation_atol(gate) * np.maximum(np.abs(up), 1), name="swiglu")
+def _check_gated(K, rng, gate, up, name):
+    exp = getattr(R, name)(gate, up)
+    got = getattr(K, name)(gate, up)
+    assert np.all(np.isfinite(got)), f"{name} produced non-finite values"
+    assert_close(got, exp, rtol=1e-5, atol=_activation_atol(gate) * np.maximum(np.abs(up), 1), name=name)
     dout = randn(rng, *gate.shape)
-    e_dg, e_du = R.swiglu_backward(dout, gate, up)
-    g_dg, g_du = K.swiglu_backward(dout, gate, up)
+    e_dg, e_du = getattr(R, name + "_backward")(dout, gate, up)
+    g_dg, g_du = getattr(K, name + "_backward")(dout, gate, up)
     assert np.all(np.isfinite(g_dg)) and np.all(np.isfinite(g_du))
-    assert_close(g_dg, e_dg, rtol=1e-5, atol=_activation_atol(gate, dout * up), name="swiglu dgate")
+    assert_close(g_dg, e_dg, rtol=1e-5, atol=_activation_atol(gate, dout * up), name=f"{name} dgate")
     assert_close(g_du, e_du, rtol=1e-5, atol=_activation_atol(gate) * np.maximum(np.abs(dout), 1),
-                 name="swiglu dup")
+                 name=f"{name} dup")
 
 
-def test_swiglu_extremes(K, isa, rng):
-    _check_swiglu(K, rng, EXTREMES, randn(rng, *EXTREMES.shape))
+@pytest.mark.parametrize("gated", ["swiglu", "geglu"])
+def test_gated_extremes(K, isa, rng, gated):
+    _check_gated(K, rng, EXTREMES, randn(rng, *EXTREMES.shape), gated)
 
 
 # ----------------------------------------------------------------------------- rope
@@ -973,6 +975,8 @@ def _call_specs(rng):
     up = randn(rng, 4, 17)
     s["swiglu"] = ((x, up), {})
     s["swiglu_backward"] = ((randn(rng, 4, 17), x, up), {})
+    s["geglu"] = ((x, up), {})
+    s["geglu_backward"] = ((randn(rng, 4, 17), x, up), {})
     cos, sin = R.rope_tables(np.arange(5) + 3, 8)
     s["rope"] = ((randn(rng, 1, 2, 5, 8), cos, sin), {})
     s["rope_backward"] = ((randn(rng, 1, 2, 5, 8), cos, sin), {})
@@ -1436,6 +1440,8 @@ def _value_error_cases():
         ("swiglu-shape", lambda K: K.swiglu(_f(4, 17), _f(4, 18)), r"\b(gate|up)\b", []),
         ("swiglu_backward-dout", lambda K: K.swiglu_backward(_f(3), _f(4), _f(4)), r"\b(dout|gate)\b", []),
         ("swiglu_backward-up", lambda K: K.swiglu_backward(_f(4), _f(4), _f(5)), r"\b(gate|up)\b", []),
+        ("geglu-shape", lambda K: K.geglu(_f(4, 17), _f(4, 18)), r"\b(gate|up)\b", []),
+        ("geglu_backward-dout", lambda K: K.geglu_backward(_f(3), _f(4), _f(4)), r"\b(dout|gate)\b", []),
         # rope
         ("rope-odd-HS", lambda K: K.rope(_f(1, 1, 5, 7), _f(5, 3), _f(5, 3)), r"(?i)even|\bHS\b|head", []),
         ("rope-cos-T", lambda K: K.rope(_f(1, 2, 5, 8), _f(6, 4), sin4), r"\bcos\b", []),

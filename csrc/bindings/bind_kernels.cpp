@@ -229,21 +229,30 @@ void bind_kernels(py::module_& m) {
   bind_unary("silu_forward", &pyllm::KernelTable::silu_forward);
   bind_unary_backward("gelu_backward", &pyllm::KernelTable::gelu_backward);
   bind_unary_backward("silu_backward", &pyllm::KernelTable::silu_backward);
-  m.def("swiglu_forward", [](py::array o, py::array gate, py::array up) {
-    const int64_t n = gate.size();
-    float* po = out(o, count(n), "out");
-    const float *pg = in(gate, count(n), "gate"), *pu = in(up, count(n), "up");
-    py::gil_scoped_release release;
-    kernels().swiglu_forward(po, pg, pu, n);
-  });
-  m.def("swiglu_backward", [](py::array dgate, py::array dup, py::array dout, py::array gate,
-                              py::array up) {
-    const int64_t n = gate.size();
-    float *pdg = out(dgate, count(n), "dgate"), *pdu = out(dup, count(n), "dup");
-    const float *pdout = in(dout, count(n), "dout"), *pg = in(gate, count(n), "gate"), *pu = in(up, count(n), "up");
-    py::gil_scoped_release release;
-    kernels().swiglu_backward(pdg, pdu, pdout, pg, pu, n);
-  });
+  // The gated activations (SwiGLU, GeGLU): out = act(gate) * up, and both gradients.
+  using Gated = void (*)(float*, const float*, const float*, int64_t);
+  using GatedBackward = void (*)(float*, float*, const float*, const float*, const float*, int64_t);
+  auto bind_gated = [&m](const char* name, const char* backward_name, Gated pyllm::KernelTable::*fn,
+                         GatedBackward pyllm::KernelTable::*backward) {
+    m.def(name, [fn](py::array o, py::array gate, py::array up) {
+      const int64_t n = gate.size();
+      float* po = out(o, count(n), "out");
+      const float *pg = in(gate, count(n), "gate"), *pu = in(up, count(n), "up");
+      py::gil_scoped_release release;
+      (kernels().*fn)(po, pg, pu, n);
+    });
+    m.def(backward_name, [backward](py::array dgate, py::array dup, py::array dout, py::array gate, py::array up) {
+      const int64_t n = gate.size();
+      float *pdg = out(dgate, count(n), "dgate"), *pdu = out(dup, count(n), "dup");
+      const float *pdout = in(dout, count(n), "dout"), *pg = in(gate, count(n), "gate"), *pu = in(up, count(n), "up");
+      py::gil_scoped_release release;
+      (kernels().*backward)(pdg, pdu, pdout, pg, pu, n);
+    });
+  };
+  bind_gated("swiglu_forward", "swiglu_backward", &pyllm::KernelTable::swiglu_forward,
+             &pyllm::KernelTable::swiglu_backward);
+  bind_gated("geglu_forward", "geglu_backward", &pyllm::KernelTable::geglu_forward,
+             &pyllm::KernelTable::geglu_backward);
   m.def("rope_tables", [](py::array cos, py::array sin, py::object positions, int64_t P, int64_t HS, double theta,
                           py::object freq_factors) {
     check(HS % 2 == 0 && HS > 0 && P >= 0, "rope tables need an even head size");

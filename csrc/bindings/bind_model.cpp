@@ -7,6 +7,7 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <cmath>
 #include <memory>
 #include <string>
 #include <vector>
@@ -111,9 +112,17 @@ class DecodePlan {
     check((plan_.positions != nullptr) == (plan_.arch == model::Arch::kGPT2), "positions belong to GPT-2");
   }
 
-  void set_window(int64_t window) {
-    check(window >= 0 && (window == 0 || plan_.arch == model::Arch::kLlama), "a window belongs to the llama block");
-    plan_.window = window;
+  // Gemma's additions to the llama block: the gate's activation ("swiglu" or "geglu"), the embedding
+  // scale, q's scale and the logits' soft cap (0: none).
+  void set_options(const std::string& activation, float embed_scale, float q_scale, float logit_softcap) {
+    check(activation == "swiglu" || activation == "geglu", "unknown activation " + activation);
+    check(std::isfinite(embed_scale) && std::isfinite(q_scale) && std::isfinite(logit_softcap) && embed_scale > 0 &&
+              q_scale > 0 && logit_softcap >= 0,
+          "scales must be finite and positive");
+    check(plan_.arch == model::Arch::kLlama || (activation == "swiglu" && embed_scale == 1.f && q_scale == 1.f),
+          "these options belong to the llama block");
+    plan_.geglu = activation == "geglu";
+    plan_.embed_scale = embed_scale, plan_.q_scale = q_scale, plan_.logit_softcap = logit_softcap;
   }
 
   void set_head(const py::object& w, const py::object& b, const py::tuple& head) {
@@ -125,7 +134,8 @@ class DecodePlan {
 
   void add_layer(const py::object& n1w, const py::object& n1b, const py::tuple& qkv, const py::tuple& o,
                  const py::object& n2w, const py::object& n2b, const py::list& mlp, const py::object& q_norm,
-                 const py::object& k_norm) {
+                 const py::object& k_norm, const py::object& post1, const py::object& post2, int64_t window,
+                 bool local_rope) {
     const int64_t C = plan_.C, A = plan_.NH * plan_.HS, QKV = (plan_.NH + 2 * plan_.NKV) * plan_.HS;
     const std::string name = "layer " + std::to_string(plan_.layers.size());
     model::Layer layer;
@@ -140,6 +150,13 @@ class DecodePlan {
     layer.k_norm = vector(k_norm, plan_.HS, name + " k norm");
     check((layer.q_norm != nullptr) == (layer.k_norm != nullptr) && (!layer.q_norm || !gpt2),
           name + ": head norms come as a pair, in the llama block");
+    layer.post1_w = vector(post1, C, name + " norm after attention");
+    layer.post2_w = vector(post2, C, name + " norm after the feed-forward");
+    check((layer.post1_w != nullptr) == (layer.post2_w != nullptr) && (!layer.post1_w || !gpt2),
+          name + ": norms after the sub-blocks come as a pair, in the llama block");
+    check(window >= 0 && (window == 0 || !gpt2) && (!local_rope || !gpt2), name + ": a window belongs to the llama block");
+    layer.window = window;
+    layer.local_rope = local_rope;
     layer.qkv = linear(qkv, C, QKV, name + " qkv");
     layer.o = linear(o, A, C, name + " o");
     check(mlp.size() == (gpt2 ? 2u : 3u), name + ": the feed-forward does not fit the architecture");
@@ -155,7 +172,8 @@ class DecodePlan {
   // with each layer's rows contiguous; rows (B,) distinct cache rows, or None for rows 0..B-1;
   // cos, sin (P, HS/2) or None.
   void step(py::array logits, py::array ids, py::object counts, py::array lengths, py::array k, py::array v,
-            py::object rows, py::object cos, py::object sin, py::object profile) {
+            py::object rows, py::object cos, py::object sin, py::object cos_local, py::object sin_local,
+            py::object profile) {
     const model::Plan& p = plan_;
     check(!p.layers.empty() && p.head.out == p.V, "the plan is not complete");
     check(ids.ndim() == 2, "ids must be (B, Tq)");
@@ -206,13 +224,16 @@ class DecodePlan {
       check(plen[b] >= 0 && plen[b] <= cache.capacity - Tq, "the cache holds too few positions for this step");
       longest = std::max(longest, plen[b] + Tq);
     }
-    const float *pcos = nullptr, *psin = nullptr;
+    model::Rope rope;
     if (p.arch == model::Arch::kLlama) {
-      check(!cos.is_none() && !sin.is_none(), "a rotary model needs its tables");
-      py::array ca = cos.cast<py::array>();
-      check(ca.ndim() == 2 && ca.shape(1) == p.HS / 2 && ca.shape(0) >= longest, "the rope tables are too short");
-      pcos = array_of<float>(cos, ca.shape(0) * p.HS / 2, "cos");
-      psin = array_of<float>(sin, ca.shape(0) * p.HS / 2, "sin");
+      auto table = [&](const py::object& t, const char* name) {
+        check(!t.is_none(), "a rotary model needs its tables");
+        py::array a = t.cast<py::array>();
+        check(a.ndim() == 2 && a.shape(1) == p.HS / 2 && a.shape(0) >= longest, "the rope tables are too short");
+        return array_of<float>(t, a.shape(0) * p.HS / 2, name);
+      };
+      rope.cos = table(cos, "cos"), rope.sin = table(sin, "sin");
+      rope.cos_local = table(cos_local, "local cos"), rope.sin_local = table(sin_local, "local sin");
     } else {
       check(longest <= position_rows_, "positions past the model's block_size");
     }
@@ -225,7 +246,7 @@ class DecodePlan {
       pprof = static_cast<double*>(pa.mutable_data());
     }
     py::gil_scoped_release release;
-    model::step(p, plog, pid, B, Tq, pc, plen, cache, pcos, psin, pprof);
+    model::step(p, plog, pid, B, Tq, pc, plen, cache, rope, pprof);
   }
 
  private:
@@ -241,10 +262,11 @@ void bind_model(py::module_& m) {
       .def(py::init<const std::string&, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, float, bool>())
       .def("set_embedding", &DecodePlan::set_embedding)
       .def("set_head", &DecodePlan::set_head)
-      .def("set_window", &DecodePlan::set_window)
+      .def("set_options", &DecodePlan::set_options)
       .def("add_layer", &DecodePlan::add_layer)
       .def("step", &DecodePlan::step, py::arg("logits"), py::arg("ids"), py::arg("counts"), py::arg("lengths"),
-           py::arg("k"), py::arg("v"), py::arg("rows"), py::arg("cos"), py::arg("sin"), py::arg("profile") = py::none())
+           py::arg("k"), py::arg("v"), py::arg("rows"), py::arg("cos"), py::arg("sin"), py::arg("cos_local"),
+           py::arg("sin_local"), py::arg("profile") = py::none())
       .def_property_readonly_static("operations", [](py::object) {
         std::vector<std::string> names(model::kOpNames, model::kOpNames + int(model::Op::count));
         return names;

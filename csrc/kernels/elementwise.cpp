@@ -1,4 +1,4 @@
-// Pointwise activations: GELU (tanh form), SiLU and SwiGLU, forward and backward.
+// Pointwise activations: GELU (tanh form), SiLU, SwiGLU and GeGLU, forward and backward.
 // Not fused with matmuls here; each is one pass over memory, split into W-aligned chunks.
 #include "kernels/isa.h"
 #include "threads.h"
@@ -74,6 +74,25 @@ void swiglu_backward(float* dgate, float* dup, const float* dout, const float* g
     const vf dy = load_partial(dout + i, k);
     const vf s = vsigmoid(g);
     store_partial(dgate + i, dy * u * s * (1.0f + g * (1.0f - s)), k);
+    store_partial(dup + i, dy * g * s, k);
+  });
+}
+
+void geglu_forward(float* out, const float* gate, const float* up, int64_t n) {
+  for_each_vector(n, [&](int64_t i, int64_t k) {
+    const vf g = load_partial(gate + i, k);
+    store_partial(out + i, g * gelu_gate(g) * load_partial(up + i, k), k);
+  });
+}
+
+void geglu_backward(float* dgate, float* dup, const float* dout, const float* gate,
+                    const float* up, int64_t n) {
+  for_each_vector(n, [&](int64_t i, int64_t k) {
+    const vf g = load_partial(gate + i, k), u = load_partial(up + i, k);
+    const vf dy = load_partial(dout + i, k);
+    const vf s = gelu_gate(g);
+    const vf du = kGeluScale * (1.0f + 3.0f * kGeluCubic * g * g);
+    store_partial(dgate + i, dy * u * (s + g * (2.0f * s * (1.0f - s)) * du), k);
     store_partial(dup + i, dy * g * s, k);
   });
 }

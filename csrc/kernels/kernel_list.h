@@ -38,6 +38,10 @@
   X(swiglu_forward, void, (float* out, const float* gate, const float* up, int64_t n))                \
   X(swiglu_backward, void, (float* dgate, float* dup, const float* dout, const float* gate,          \
                             const float* up, int64_t n))                                              \
+  /* gelu(gate) * up, gelu the tanh form (Gemma's feed-forward). */                                     \
+  X(geglu_forward, void, (float* out, const float* gate, const float* up, int64_t n))                \
+  X(geglu_backward, void, (float* dgate, float* dup, const float* dout, const float* gate,          \
+                            const float* up, int64_t n))                                              \
   /* cos, sin (P, HS/2): the rotation angles p / (theta^(2i / HS) freq_factors[i]) of positions   \
      p = positions[r] [positions null: r; freq_factors null: 1], computed in double precision. */   \
   X(rope_tables, void, (float* cos, float* sin, const double* positions, int64_t P, int64_t HS,      \

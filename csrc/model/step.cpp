@@ -3,6 +3,7 @@
 #include "model/step.h"
 
 #include <chrono>
+#include <cmath>
 #include <cstring>
 #include <type_traits>
 
@@ -130,6 +131,14 @@ void head_norm(const Plan& plan, float* base, int64_t H, int64_t N, int64_t stri
   for (int64_t i = 0; i < N; ++i) std::memcpy(base + i * stride, out + i * width, sizeof(float) * width);
 }
 
+// What a sub-block adds to the residual: its output (N, C), or that through the RMSNorm after it
+// (Gemma), written to out.
+const float* post_norm(const Plan& plan, float* out, const float* x, const float* w, int64_t N) {
+  if (w == nullptr) return x;
+  kernels().rmsnorm_forward(out, sized(buffers.rstd, N), x, w, N, plan.C, plan.eps);
+  return out;
+}
+
 void embed(const Plan& plan, float* x, const int64_t* ids, int64_t B, int64_t Tq, const int64_t* lengths) {
   const int64_t N = B * Tq, C = plan.C;
   const Matrix& e = plan.embedding;
@@ -138,6 +147,8 @@ void embed(const Plan& plan, float* x, const int64_t* ids, int64_t B, int64_t Tq
   } else {
     kernels().embed_quant(x, e.q, e.type, plan.V, C, ids, N, e.packed);
   }
+  if (plan.embed_scale != 1.f)
+    for (int64_t i = 0; i < N * C; ++i) x[i] *= plan.embed_scale;
   if (plan.positions != nullptr)
     for (int64_t b = 0; b < B; ++b)
       for (int64_t t = 0; t < Tq; ++t) add(x + (b * Tq + t) * C, plan.positions + (lengths[b] + t) * C, C);
@@ -146,7 +157,8 @@ void embed(const Plan& plan, float* x, const int64_t* ids, int64_t B, int64_t Tq
 // The new keys and values appended to layer_at's cache, then the attention of q over it (float32
 // or, KV = uint16_t, float16 cache: the kernels of each).
 template <class KV>
-void cache_attention(const Plan& plan, const Cache& cache, int64_t layer_at, float* atty, float* lse, const float* q,
+void cache_attention(const Plan& plan, const Cache& cache, int64_t layer_at, int64_t window, float* atty, float* lse,
+                     const float* q,
                      const float* kk, const float* vv, const int64_t* lengths, int64_t B, int64_t Tq,
                      HeadStrides q_s, HeadStrides att_s, HeadStrides cache_s, Clock& clock) {
   const KernelTable& k = kernels();
@@ -164,17 +176,17 @@ void cache_attention(const Plan& plan, const Cache& cache, int64_t layer_at, flo
   clock.mark(Op::kv_write);
   const int64_t* kv_lengths = buffers.kv_lengths.data();
   if constexpr (half)
-    k.attention_forward_half(atty, lse, q, k_cache, v_cache, B, NH, NKV, Tq, cap, HS, true, plan.window, kv_lengths,
+    k.attention_forward_half(atty, lse, q, k_cache, v_cache, B, NH, NKV, Tq, cap, HS, true, window, kv_lengths,
                              cache.rows, att_s, q_s, cache_s, cache_s);
   else
-    k.attention_forward(atty, lse, q, k_cache, v_cache, B, NH, NKV, Tq, cap, HS, true, plan.window, kv_lengths,
+    k.attention_forward(atty, lse, q, k_cache, v_cache, B, NH, NKV, Tq, cap, HS, true, window, kv_lengths,
                         cache.rows, att_s, q_s, cache_s, cache_s);
 }
 
 }  // namespace
 
 void step(const Plan& plan, float* logits, const int64_t* ids, int64_t B, int64_t Tq, const int64_t* counts,
-          const int64_t* lengths, const Cache& cache, const float* cos, const float* sin, double* profile) {
+          const int64_t* lengths, const Cache& cache, const Rope& rope, double* profile) {
   const KernelTable& k = kernels();
   Clock clock(profile);
   Buffers& bf = buffers;
@@ -206,18 +218,25 @@ void step(const Plan& plan, float* logits, const int64_t* ids, int64_t B, int64_
       clock.mark(Op::norm);
     }
     if (plan.arch == Arch::kLlama) {
+      const float* cos = layer.local_rope ? rope.cos_local : rope.cos;
+      const float* sin = layer.local_rope ? rope.sin_local : rope.sin;
       k.rope_forward(q, q, cos, sin, lengths, B, Tq, NH, HS, q_s, q_s);
       k.rope_forward(kk, kk, cos, sin, lengths, B, Tq, NKV, HS, q_s, q_s);
+      if (plan.q_scale != 1.f)
+        for (int64_t i = 0; i < N; ++i)
+          for (int64_t j = 0; j < NH * HS; ++j) q[i * QKV + j] *= plan.q_scale;
       clock.mark(Op::rope);
     }
     if (cache.half)
-      cache_attention<uint16_t>(plan, cache, layer_at, atty, lse, q, kk, vv, lengths, B, Tq, q_s, att_s, cache_s, clock);
+      cache_attention<uint16_t>(plan, cache, layer_at, layer.window, atty, lse, q, kk, vv, lengths, B, Tq, q_s, att_s,
+                                cache_s, clock);
     else
-      cache_attention<float>(plan, cache, layer_at, atty, lse, q, kk, vv, lengths, B, Tq, q_s, att_s, cache_s, clock);
+      cache_attention<float>(plan, cache, layer_at, layer.window, atty, lse, q, kk, vv, lengths, B, Tq, q_s, att_s,
+                             cache_s, clock);
     clock.mark(Op::attention);
     linear(plan, layer.o, proj, atty, N);
     clock.mark(Op::o);
-    add(x, proj, N * C);
+    add(x, post_norm(plan, ln, proj, layer.post1_w, N), N * C);   // ln is free: qkv consumed it
     clock.mark(Op::residual);
     norm(plan, ln, x, layer.norm2_w, layer.norm2_b, N);
     clock.mark(Op::norm);
@@ -233,12 +252,12 @@ void step(const Plan& plan, float* logits, const int64_t* ids, int64_t B, int64_
       float* h2 = sized(bf.mlp2, N * F);
       linear_pair(plan, layer.mlp[0], layer.mlp[1], h1, h2, ln, N);
       clock.mark(Op::mlp_in);
-      k.swiglu_forward(h1, h1, h2, N * F);
+      (plan.geglu ? k.geglu_forward : k.swiglu_forward)(h1, h1, h2, N * F);
       clock.mark(Op::activation);
       linear(plan, layer.mlp[2], proj, h1, N);
     }
     clock.mark(Op::mlp_out);
-    add(x, proj, N * C);
+    add(x, post_norm(plan, ln, proj, layer.post2_w, N), N * C);
     clock.mark(Op::residual);
   }
   const float* last = x;
@@ -254,6 +273,10 @@ void step(const Plan& plan, float* logits, const int64_t* ids, int64_t B, int64_
   norm(plan, lnf, last, plan.final_w, plan.final_b, B);
   clock.mark(Op::norm);
   linear(plan, plan.head, logits, lnf, B);
+  if (plan.logit_softcap > 0.f) {
+    const float c = plan.logit_softcap;
+    for (int64_t i = 0; i < B * plan.V; ++i) logits[i] = std::tanh(logits[i] / c) * c;
+  }
   clock.mark(Op::head);
 }
 

@@ -49,8 +49,11 @@ struct Linear {
 struct Layer {
   const float *norm1_w = nullptr, *norm1_b = nullptr, *norm2_w = nullptr, *norm2_b = nullptr;
   Linear qkv, o;
-  std::vector<Linear> mlp;   // GPT-2: c_fc, c_proj. Llama: gate, up, down.
+  std::vector<Linear> mlp;   // GPT-2: c_fc, c_proj. Llama (and Gemma): gate, up, down.
   const float *q_norm = nullptr, *k_norm = nullptr;   // Qwen3: an RMSNorm (HS weights) on each q and k head
+  const float *post1_w = nullptr, *post2_w = nullptr;  // Gemma: RMSNorms after attention and the feed-forward
+  int64_t window = 0;                 // > 0: sliding-window attention over the last `window` keys
+  bool local_rope = false;            // rope from the local tables (Gemma's sliding layers)
 };
 
 struct Plan {
@@ -58,7 +61,10 @@ struct Plan {
   int64_t C = 0, NH = 0, NKV = 0, HS = 0, F = 0, V = 0;
   float eps = 1e-5f;
   bool int8_activations = true;
-  int64_t window = 0;                 // > 0: sliding-window attention over the last `window` keys
+  bool geglu = false;                 // the llama block's gate: gelu(gate) * up (Gemma), not silu
+  float embed_scale = 1.f;            // token embeddings multiplied by it (Gemma: sqrt(C))
+  float q_scale = 1.f;                // q multiplied by it after rope (Gemma's query_pre_attn_scalar)
+  float logit_softcap = 0.f;          // > 0: logits = c tanh(logits / c)
   Matrix embedding;                   // the token embedding (V, C), float or quantized rows
   const float* positions = nullptr;   // GPT-2's learned position table (block_size, C)
   const float *final_w = nullptr, *final_b = nullptr;
@@ -90,10 +96,14 @@ enum class Op {
 extern const char* const kOpNames[];
 
 // logits (B, V) of each row's last new token (counts[b] - 1 when counts is given, else Tq - 1);
-// rows hold lengths[b] positions before the step. cos, sin: rope tables of rope_rows positions.
+// rows hold lengths[b] positions before the step. rope: the tables of the global and the local
+// layers (the same pointers when the model has one rope base).
 // profile, if not null, gets each Op's nanoseconds added (int(Op::count) entries).
+struct Rope {
+  const float *cos = nullptr, *sin = nullptr, *cos_local = nullptr, *sin_local = nullptr;
+};
 void step(const Plan& plan, float* logits, const int64_t* ids, int64_t B, int64_t Tq, const int64_t* counts,
-          const int64_t* lengths, const Cache& cache, const float* cos, const float* sin, double* profile = nullptr);
+          const int64_t* lengths, const Cache& cache, const Rope& rope, double* profile = nullptr);
 
 }  // namespace model
 }  // namespace pyllm

@@ -3,6 +3,7 @@ what backward needs) and its backward. The cached decode step runs the same bloc
 (csrc/model/step.cpp, planned by decode.py), with the same kernels in the same order.
 
     x_mid = x + attention(norm1(x)) W_o        x_next = x_mid + mlp(norm2(x_mid))
+    (Gemma: x_mid = x + post1(attention(...) W_o), x_next = x_mid + post2(mlp(norm2(x_mid))))
 
 q, k and v come from one fused product; attention and rope read them as strided views of its output
 (no head is copied). What differs between architectures (norm kind, positions, the feed-forward,
@@ -33,7 +34,16 @@ class Architecture:
     embedding: str          # the token embedding's parameter name
     positions: Optional[str] = None   # a learned position table added to it (GPT-2), if any
     final_norm: tuple       # (weight, bias or None)
-    step: str = "llama"     # the C++ step's block kind: "gpt2" or "llama" (rotary, SwiGLU)
+    step: str = "llama"     # the C++ step's block kind: "gpt2" or "llama" (rotary, a gated MLP)
+    activation: str = "swiglu"   # the llama block's gate: silu(gate) * up, or "geglu" (Gemma)
+
+    def embed_scale(self, n_embd: int) -> float:
+        """What the token embedding's rows are multiplied by (Gemma: sqrt(n_embd))."""
+        return 1.0
+
+    def norm_offsets(self, cfg: ModelConfig) -> dict:
+        """Parameter name -> what Hugging Face's files store less than pyllm keeps (Gemma's norms)."""
+        return {}
 
     def parameter_specs(self, cfg: ModelConfig) -> list:
         """Every parameter (ParamSpec) with its Hugging Face name, decayed ones first."""
@@ -88,7 +98,8 @@ class Runner:
         self.layers = arch.layers(cfg)
         self.head = head_projection(cfg, arch)
         self.qkv_width = (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_size
-        self.window = cfg.sliding_window or 0   # the kernels' sliding window (0: none)
+        self.query_scale = np.float32(cfg.query_scale)
+        self.softcap = cfg.final_logit_softcapping
 
     # ------------------------------------------------------------------ Qwen3's head norms
 
@@ -120,10 +131,11 @@ class Runner:
 
     # ------------------------------------------------------------------ training
 
-    def forward(self, model: Weights, ws: Workspace, ids: np.ndarray, rope: Optional[tuple],
+    def forward(self, model: Weights, ws: Workspace, ids: np.ndarray, ropes: Optional[tuple],
                 rows: Optional[np.ndarray] = None, head: bool = True) -> np.ndarray:
         """Logits (B, T, V), or with rows (flat positions b * T + t) only theirs, (len(rows), V),
-        keeping every activation backward needs in ws. rope: (cos, sin) tables from position 0.
+        keeping every activation backward needs in ws. ropes: the (cos, sin) tables from position 0
+        of the global and the local layers (the same pair unless the config sets a local base).
         head=False: the last hidden states instead (after the final norm), (B, T, C)."""
         cfg, arch, norm = self.cfg, self.arch, self.norm
         B, T = ids.shape
@@ -139,21 +151,26 @@ class Runner:
             q, k, v = _head_views(qkv, B, T, cfg)
             if layer.qk_norm is not None:
                 self._head_norms(model, ws, i, layer, q, k)
-            if rope is not None:   # in place: the saved qkv holds the rotated q and k backward needs
-                fast.rope_forward(q, q, rope[0], rope[1], None)
-                fast.rope_forward(k, k, rope[0], rope[1], None)
+            if ropes is not None:   # in place: the saved qkv holds the rotated q and k backward needs
+                cos, sin = ropes[layer.local_rope]
+                fast.rope_forward(q, q, cos, sin, None)
+                fast.rope_forward(k, k, cos, sin, None)
+            if self.query_scale != 1:
+                q *= self.query_scale
             atty = ws.get(f"atty.{i}", (N, NH * HS))
             fast.attention_forward(_by_head(atty.reshape(B, T, NH, HS)), ws.get(f"attlse.{i}", (B, NH, T)),
-                                   _by_head(q), _by_head(k), _by_head(v), True, None, window=self.window)
-            proj = ws.get("proj", (N, C))
+                                   _by_head(q), _by_head(k), _by_head(v), True, None, window=layer.window)
+            post = layer.post_norms
+            proj = ws.get(f"attout.{i}" if post else "proj", (N, C))
             linear(model, layer.o, proj, atty)
             x_mid = ws.get(f"xmid.{i}", (N, C))
-            np.add(x, proj, out=x_mid)
+            np.add(x, self._post_norm(model, ws, f"pn1.{i}", proj, post, 0), out=x_mid)
             ln2 = ws.get(f"ln2.{i}", (N, C))
             norm.forward(model, ws, f"ln2.{i}", ln2, x_mid, layer.norm2)
-            arch.mlp_forward(model, layer, ws, str(i), ln2, proj)
+            mlp_out = ws.get(f"mlpout.{i}" if post else "proj", (N, C))
+            arch.mlp_forward(model, layer, ws, str(i), ln2, mlp_out)
             x = ws.get(f"x{i + 1}", (N, C))
-            np.add(x_mid, proj, out=x)
+            np.add(x_mid, self._post_norm(model, ws, f"pn2.{i}", mlp_out, post, 1), out=x)
         lnf = ws.get("lnf", (N, C))
         norm.forward(model, ws, "lnf", lnf, x, arch.final_norm)
         if not head:
@@ -163,18 +180,49 @@ class Runner:
             np.take(lnf, rows, axis=0, out=head_in)
             logits = ws.get("logits", (rows.size, cfg.vocab_size))
             linear(model, self.head, logits, head_in)
-            return logits
+            return self._soft_cap(ws, logits)
         logits = ws.get("logits", (B, T, cfg.vocab_size))
         linear(model, self.head, logits.reshape(N, cfg.vocab_size), lnf)
+        return self._soft_cap(ws, logits)
+
+    def _post_norm(self, model: Weights, ws: Workspace, tag: str, x: np.ndarray, post: Optional[tuple],
+                   which: int) -> np.ndarray:
+        """x through the layer's norm after a sub-block (Gemma), or x itself without one."""
+        if post is None:
+            return x
+        out = ws.get("postnorm", x.shape)
+        self.norm.forward(model, ws, tag, out, x, (post[which], None))
+        return out
+
+    def _post_norm_backward(self, model: Weights, grads, ws: Workspace, tag: str, dout: np.ndarray,
+                            x: Optional[np.ndarray], post: Optional[tuple], which: int) -> np.ndarray:
+        """d of the sub-block's output from dout, through the norm after it (Gemma), or dout itself."""
+        if post is None:
+            return dout
+        dx = ws.get("dpostnorm", dout.shape)
+        self.norm.backward(model, grads, ws, tag, dx, dout, x, (post[which], None))
+        return dx
+
+    def _soft_cap(self, ws: Workspace, logits: np.ndarray) -> np.ndarray:
+        """logits = c tanh(logits / c) in place when the config caps them (tanh kept for backward)."""
+        if self.softcap is None:
+            return logits
+        capped = ws.get("softcap", logits.shape)
+        np.divide(logits, np.float32(self.softcap), out=capped)
+        np.tanh(capped, out=capped)
+        np.multiply(capped, np.float32(self.softcap), out=logits)
         return logits
 
     def backward(self, model: Weights, grads, ws: Workspace, ids: np.ndarray, dlogits: np.ndarray,
-                 rope: Optional[tuple], rows: Optional[np.ndarray] = None) -> None:
+                 ropes: Optional[tuple], rows: Optional[np.ndarray] = None) -> None:
         """Gradients from dlogits (N, V), or (len(rows), V) after forward(ids, rows), back through the
-        activations the last forward kept; grads None: frozen (adapters only)."""
+        activations the last forward kept (dlogits overwritten); grads None: frozen (adapters only)."""
         cfg, arch, norm = self.cfg, self.arch, self.norm
         B, T = ids.shape
         N, C, NH, HS = B * T, cfg.n_embd, cfg.n_head, cfg.head_size
+        if self.softcap is not None:   # d c tanh(z / c) / dz = 1 - tanh^2
+            capped = ws.get("softcap", dlogits.shape)
+            dlogits *= 1 - capped * capped
         dln = ws.get("dln", (N, C))
         if rows is None:
             linear_backward(model, self.head, dln, dlogits, ws.get("lnf", (N, C)))
@@ -188,23 +236,31 @@ class Runner:
         dtmp = ws.get("dtmp", (N, C))
         for i in reversed(range(cfg.n_layer)):
             layer = self.layers[i]
-            # x_next = x_mid + mlp(norm2(x_mid))
-            arch.mlp_backward(model, layer, ws, str(i), dln, dx, ws.get(f"ln2.{i}", (N, C)))
+            # x_next = x_mid + post2(mlp(norm2(x_mid)))
+            post = layer.post_norms
+            dmlp = self._post_norm_backward(model, grads, ws, f"pn2.{i}", dx, ws.get(f"mlpout.{i}", (N, C)) if post
+                                            else None, post, 1)
+            arch.mlp_backward(model, layer, ws, str(i), dln, dmlp, ws.get(f"ln2.{i}", (N, C)))
             norm.backward(model, grads, ws, f"ln2.{i}", dtmp, dln, ws.get(f"xmid.{i}", (N, C)), layer.norm2)
             dx += dtmp     # now d x_mid
-            # x_mid = x + attention(q, k, v of norm1(x)) W_o
+            # x_mid = x + post1(attention(q, k, v of norm1(x)) W_o)
             atty = ws.get(f"atty.{i}", (N, NH * HS))
             datty = ws.get("datty", (N, NH * HS))
-            linear_backward(model, layer.o, datty, dx, atty)
+            dproj = self._post_norm_backward(model, grads, ws, f"pn1.{i}", dx, ws.get(f"attout.{i}", (N, C)) if post
+                                             else None, post, 0)
+            linear_backward(model, layer.o, datty, dproj, atty)
             q, k, v = _head_views(ws.get(f"qkv.{i}", (N, self.qkv_width)), B, T, cfg)
             dqkv = ws.get("dqkv", (N, self.qkv_width))
             dq, dk, dv = _head_views(dqkv, B, T, cfg)
             fast.attention_backward(_by_head(dq), _by_head(dk), _by_head(dv), _by_head(datty.reshape(B, T, NH, HS)),
                                     _by_head(q), _by_head(k), _by_head(v), _by_head(atty.reshape(B, T, NH, HS)),
-                                    ws.get(f"attlse.{i}", (B, NH, T)), True, window=self.window)
-            if rope is not None:
-                fast.rope_backward(dq, dq, rope[0], rope[1], None)
-                fast.rope_backward(dk, dk, rope[0], rope[1], None)
+                                    ws.get(f"attlse.{i}", (B, NH, T)), True, window=layer.window)
+            if self.query_scale != 1:
+                dq *= self.query_scale
+            if ropes is not None:
+                cos, sin = ropes[layer.local_rope]
+                fast.rope_backward(dq, dq, cos, sin, None)
+                fast.rope_backward(dk, dk, cos, sin, None)
             if layer.qk_norm is not None:
                 self._head_norms_backward(model, grads, ws, i, layer, dq, dk)
             linear_backward(model, layer.qkv, dln, dqkv, ws.get(f"ln1.{i}", (N, C)))

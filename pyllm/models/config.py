@@ -7,17 +7,19 @@ training flag says, checked once here so that every later layer can trust it.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 
-ARCHITECTURES = ("gpt2", "llama", "qwen2", "qwen3")
+ARCHITECTURES = ("gpt2", "llama", "qwen2", "qwen3", "gemma3")
+LAYER_TYPES = ("sliding_attention", "full_attention")   # Hugging Face's names, per layer
 
 
 @dataclass
 class ModelConfig:
-    """Sizes and architecture of a model (GPT-2, Llama, Qwen2 or Qwen3 family)."""
+    """Sizes and architecture of a model (GPT-2, Llama, Qwen2, Qwen3 or Gemma 3 family)."""
 
     vocab_size: int = 50304
     block_size: int = 256          # longest sequence (learned position embeddings cover it)
@@ -27,7 +29,9 @@ class ModelConfig:
     arch: str = "gpt2"             # "gpt2": LayerNorm, learned positions, GELU MLP, biases;
                                    # "llama": RMSNorm, rotary positions, SwiGLU MLP, GQA, no biases;
                                    # "qwen2": llama with biases on q, k and v;
-                                   # "qwen3": llama with an RMSNorm on each q and k head
+                                   # "qwen3": llama with an RMSNorm on each q and k head;
+                                   # "gemma3": qwen3 with GeGLU, norms after each sub-block too,
+                                   # embeddings scaled by sqrt(n_embd), local and global layers
     norm_eps: float = 1e-5
     intermediate_size: Optional[int] = None   # feed-forward width; default 4 * n_embd
     n_kv_head: Optional[int] = None           # grouped-query attention (Llama); default n_head
@@ -37,8 +41,15 @@ class ModelConfig:
     sliding_window: Optional[int] = None      # each query sees only the last this many keys (Mistral)
     rope_scaling: Optional[dict] = None       # {"rope_type": "llama3", "factor", "low_freq_factor",
                                               #  "high_freq_factor", "original_max_position_embeddings"}
-                                              # (Hugging Face's), or {"rope_type": "freq_factors",
-                                              # "factors": [HS/2 numbers]} (a GGUF's rope_freqs)
+                                              # (Hugging Face's), {"rope_type": "linear", "factor"},
+                                              # or {"rope_type": "freq_factors", "factors": [HS/2
+                                              # numbers]} (a GGUF's rope_freqs); global layers only
+    layer_types: Optional[list] = None        # per layer "sliding_attention" or "full_attention";
+                                              # None: every layer slides when sliding_window is set
+                                              # (Mistral), every sixth is global for gemma3
+    rope_local_theta: Optional[float] = None  # the rope base of sliding layers (Gemma 3: 10000)
+    query_pre_attn_scalar: Optional[float] = None   # scores scaled by its -1/2 power (default head_size)
+    final_logit_softcapping: Optional[float] = None  # logits = c tanh(logits / c) (Gemma 2's kind)
 
     PRESETS = {  # name -> (n_layer, n_head, n_embd, block_size)
         "tiny": (2, 2, 64, 64),
@@ -85,6 +96,24 @@ class ModelConfig:
             self.rope_freq_factors()   # checks the fields
         if not self.norm_eps > 0:
             raise ValueError(f"norm_eps must be positive, got {self.norm_eps!r}")
+        if self.arch == "gemma3" and self.layer_types is None and self.sliding_window is not None:
+            self.layer_types = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention"
+                                for i in range(self.n_layer)]   # Gemma 3's pattern
+        if self.layer_types is not None:
+            self.layer_types = list(self.layer_types)
+            if len(self.layer_types) != self.n_layer or any(t not in LAYER_TYPES for t in self.layer_types):
+                raise ValueError(f"ModelConfig.layer_types must name {self.n_layer} layers, each one of "
+                                 f"{LAYER_TYPES}; got {self.layer_types!r}")
+            if self.sliding_window is None and "sliding_attention" in self.layer_types:
+                raise ValueError("sliding_attention layers need a sliding_window")
+        for name in ("rope_local_theta", "query_pre_attn_scalar", "final_logit_softcapping"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float, np.floating)) and
+                                          not isinstance(value, bool) and math.isfinite(value) and value > 0):
+                raise ValueError(f"ModelConfig.{name} must be a positive number or None, got {value!r}")
+        if self.arch == "gpt2" and (self.rope_local_theta or self.query_pre_attn_scalar or
+                                    self.final_logit_softcapping or self.layer_types):
+            raise ValueError("gpt2 models have no local rope, query scalar, logit soft-capping or layer types")
 
     # Shapes of released models (their sizes; vocab_size comes from the tokenizer trained).
     SHAPED_PRESETS = {
@@ -120,6 +149,26 @@ class ModelConfig:
     def head_size(self) -> int:
         return self.head_dim or self.n_embd // self.n_head
 
+    def layer_window(self, i: int) -> int:
+        """How many of the latest keys layer i's queries see (0: all of them)."""
+        if self.sliding_window is None:
+            return 0
+        if self.layer_types is not None and self.layer_types[i] != "sliding_attention":
+            return 0
+        return int(self.sliding_window)
+
+    def layer_is_local(self, i: int) -> bool:
+        """Layer i uses the local rope base (a sliding layer of a model that sets one)."""
+        return self.rope_local_theta is not None and self.layer_window(i) > 0
+
+    @property
+    def query_scale(self) -> float:
+        """What q is multiplied by before attention's 1/sqrt(head_size), so that scores are scaled
+        by query_pre_attn_scalar^-1/2 instead (1 without one)."""
+        if self.query_pre_attn_scalar is None:
+            return 1.0
+        return math.sqrt(self.head_size / float(self.query_pre_attn_scalar))
+
     def rope_freq_factors(self) -> Optional[np.ndarray]:
         """What each rotary frequency is divided by (HS/2 numbers), or None for plain rope.
         Llama 3: frequencies whose wavelength exceeds the original context / low_freq_factor are
@@ -135,8 +184,14 @@ class ModelConfig:
             if factors.shape != (half,) or not (np.isfinite(factors).all() and (factors > 0).all()):
                 raise ValueError(f"rope_scaling freq_factors must be {half} finite numbers > 0")
             return factors
+        if kind == "linear":   # positions divided by factor: every frequency divided by it
+            factor = s.get("factor")
+            if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor >= 1 \
+                    or not math.isfinite(factor):
+                raise ValueError(f"linear rope_scaling needs a finite factor >= 1, got {s!r}")
+            return np.full(half, float(factor))
         if kind != "llama3":
-            raise ValueError(f"rope_scaling {s!r} is not supported (llama3 and freq_factors are)")
+            raise ValueError(f"rope_scaling {s!r} is not supported (llama3, linear and freq_factors are)")
         try:
             factor, low, high = float(s["factor"]), float(s["low_freq_factor"]), float(s["high_freq_factor"])
             original = float(s["original_max_position_embeddings"])

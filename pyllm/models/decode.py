@@ -48,14 +48,17 @@ def build_plan(model: Weights, runner: Runner, arch: Architecture) -> "kernels.D
     positions = model.p[arch.positions] if arch.positions is not None else None
     plan = kernels.DecodePlan(arch.step, cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.head_size, cfg.vocab_size,
                               cfg.block_size, cfg.norm_eps, bool(model.int8_activations))
-    plan.set_window(runner.window)
+    plan.set_options(arch.activation, arch.embed_scale(cfg.n_embd), float(runner.query_scale),
+                     float(runner.softcap or 0.0))
     plan.set_embedding(_matrix(model, arch.embedding, cfg.vocab_size, cfg.n_embd), positions)
     plan.set_head(model.p[arch.final_norm[0]], _param(model, arch.final_norm[1]), _linear(model, runner.head))
     for layer in runner.layers:
         q_norm, k_norm = (model.p[name] for name in layer.qk_norm) if layer.qk_norm else (None, None)
         plan.add_layer(model.p[layer.norm1[0]], _param(model, layer.norm1[1]), _linear(model, layer.qkv),
                        _linear(model, layer.o), model.p[layer.norm2[0]], _param(model, layer.norm2[1]),
-                       [_linear(model, proj) for proj in layer.mlp], q_norm, k_norm)
+                       [_linear(model, proj) for proj in layer.mlp], q_norm, k_norm,
+                       *((model.p[name] for name in layer.post_norms) if layer.post_norms else (None, None)),
+                       layer.window, layer.local_rope)
     return plan
 
 

@@ -79,6 +79,10 @@ class Layer:
     norm2: tuple
     mlp: tuple            # the feed-forward's projections, in the architecture's order
     qk_norm: Optional[tuple] = None   # (q weight, k weight): an RMSNorm over each q and k head (Qwen3)
+    post_norms: Optional[tuple] = None   # (after attention, after the feed-forward) norms' weights,
+                                         # applied to each sub-block's output before its residual (Gemma)
+    window: int = 0                      # queries see only this many latest keys (0: all)
+    local_rope: bool = False             # rope with the config's local base (Gemma's sliding layers)
 
 
 # ----------------------------------------------------------------------------- linear

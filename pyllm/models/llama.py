@@ -8,6 +8,7 @@ Not the block skeleton (blocks.py); this file holds only what is Llama's own.
 
 from __future__ import annotations
 
+from typing import Optional
 
 import numpy as np
 
@@ -38,8 +39,13 @@ class Llama(Architecture):
     rotary = True
     embedding = EMBED
     final_norm = ("model.norm.weight", None)
+    norm2_name = "post_attention_layernorm.weight"   # the norm before the feed-forward
     qkv_bias = False     # biases on q, k and v (Qwen2)
     qk_norm = False      # an RMSNorm over each q and k head before rope (Qwen3)
+
+    def post_norm_names(self, prefix: str) -> Optional[tuple]:
+        """The norms after attention and after the feed-forward of the layer named prefix, if any."""
+        return None
 
     def parameter_specs(self, cfg: ModelConfig) -> list[ParamSpec]:
         C, F, HS = cfg.n_embd, cfg.intermediate_size, cfg.head_size
@@ -60,7 +66,8 @@ class Llama(Architecture):
             if self.qk_norm:
                 other += [ParamSpec(h + f"self_attn.{x}_norm.weight", (HS,), False, "ones") for x in "qk"]
             other += [ParamSpec(h + "input_layernorm.weight", (C,), False, "ones"),
-                      ParamSpec(h + "post_attention_layernorm.weight", (C,), False, "ones")]
+                      ParamSpec(h + self.norm2_name, (C,), False, "ones")]
+            other += [ParamSpec(name, (C,), False, "ones") for name in self.post_norm_names(h) or ()]
         other.append(ParamSpec(self.final_norm[0], (C,), False, "ones"))
         if not cfg.tie_word_embeddings:
             decayed.append(ParamSpec("lm_head.weight", (cfg.vocab_size, C), True, "normal"))
@@ -83,9 +90,11 @@ class Llama(Architecture):
             out.append(Layer(norm1=(h + "input_layernorm.weight", None),
                              qkv=Projection(qkv_name(i), C, nq + 2 * nkv, bias, parts=parts, bias_parts=bias_parts),
                              o=Projection(h + "self_attn.o_proj.weight", nq, C),
-                             norm2=(h + "post_attention_layernorm.weight", None),
+                             norm2=(h + self.norm2_name, None),
                              mlp=(Projection(h + "mlp.gate_proj.weight", C, F), Projection(h + "mlp.up_proj.weight", C, F),
-                                  Projection(h + "mlp.down_proj.weight", F, C)), qk_norm=qk_norm))
+                                  Projection(h + "mlp.down_proj.weight", F, C)), qk_norm=qk_norm,
+                             post_norms=self.post_norm_names(h), window=cfg.layer_window(i),
+                             local_rope=cfg.layer_is_local(i)))
         return out
 
     def embed(self, model: Weights, out: np.ndarray, ids: np.ndarray) -> None:
@@ -104,7 +113,7 @@ class Llama(Architecture):
         linear(model, gate_proj, gate, x)
         linear(model, up_proj, up, x)
         act = ws.get(f"act.{tag}", shape)
-        fast.swiglu_forward(act, gate, up)
+        (fast.geglu_forward if self.activation == "geglu" else fast.swiglu_forward)(act, gate, up)
         linear(model, down_proj, out, act)
 
     def mlp_backward(self, model: Weights, layer: Layer, ws: Workspace, tag: str, dx: np.ndarray,
@@ -115,7 +124,8 @@ class Llama(Architecture):
         dact = ws.get("dact", shape)
         linear_backward(model, down_proj, dact, dout, act)
         dgate, dup = ws.get("dgate", shape), ws.get("dup", shape)
-        fast.swiglu_backward(dgate, dup, dact, ws.get(f"gate.{tag}", shape), ws.get(f"up.{tag}", shape))
+        (fast.geglu_backward if self.activation == "geglu" else fast.swiglu_backward)(
+            dgate, dup, dact, ws.get(f"gate.{tag}", shape), ws.get(f"up.{tag}", shape))
         linear_backward(model, gate_proj, dx, dgate, x)
         dtmp = ws.get("dmlp", dx.shape)
         linear_backward(model, up_proj, dtmp, dup, x)

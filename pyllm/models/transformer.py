@@ -26,11 +26,12 @@ from pyllm.models.config import ModelConfig
 from pyllm.models.gpt2 import GPT2
 from pyllm.models.layers import Projection
 from pyllm.models.llama import Llama
+from pyllm.models.gemma import Gemma3
 from pyllm.models.qwen import Qwen2, Qwen3
 from pyllm.models.params import ParamSpec, QuantizedWeight, flat_views, initialise, offsets
 from pyllm.models.workspace import Workspace
 
-ARCHITECTURES: dict[str, Architecture] = {arch.name: arch for arch in (GPT2(), Llama(), Qwen2(), Qwen3())}
+ARCHITECTURES: dict[str, Architecture] = {arch.name: arch for arch in (GPT2(), Llama(), Qwen2(), Qwen3(), Gemma3())}
 assert tuple(ARCHITECTURES) == ARCHITECTURE_NAMES, "models/config.py lists the architectures written here"
 
 IGNORE = -100   # a target that is not learned (a prompt, padding)
@@ -143,15 +144,20 @@ class Transformer:
         return self._buffers.scratch.get(name, shape)
 
     def _rope_tables(self, length: int) -> Optional[tuple]:
-        """(cos, sin) covering positions 0 .. length-1 at least (None without rotary embeddings)."""
+        """((cos, sin) of the global layers, (cos, sin) of the local ones), covering positions
+        0 .. length-1 at least; the same pair twice unless the config sets a local rope base (None
+        without rotary embeddings)."""
         if not self.arch.rotary:
             return None
         tables = self._rope
-        if tables is None or tables[0].shape[0] < length:   # grown geometrically, up to the context
-            have = 0 if tables is None else tables[0].shape[0]
+        if tables is None or tables[0][0].shape[0] < length:   # grown geometrically, up to the context
+            have = 0 if tables is None else tables[0][0].shape[0]
             size = max(length, min(self.config.block_size, max(4096, 2 * have)))
-            tables = self._rope = kernels.rope_tables(size, self.config.head_size, self.config.rope_theta,
-                                                      self.config.rope_freq_factors())
+            cfg = self.config
+            full = kernels.rope_tables(size, cfg.head_size, cfg.rope_theta, cfg.rope_freq_factors())
+            local = full if cfg.rope_local_theta is None else kernels.rope_tables(size, cfg.head_size,
+                                                                                 cfg.rope_local_theta)
+            tables = self._rope = (full, local)
         return tables
 
     def _pack_quantized(self) -> None:
@@ -379,7 +385,7 @@ class Transformer:
         rope = self._rope_tables(int(lengths.max()) + Tq)
         logits = np.empty((B, cfg.vocab_size), np.float32)
         self._decode_plan().step(logits, ids, counts, lengths, cache.k_all, cache.v_all, rows,
-                                 *(rope if rope is not None else (None, None)), profile)
+                                 *(rope[0] + rope[1] if rope is not None else (None,) * 4), profile)
         cache.lengths[rows] = lengths + (counts if counts is not None else Tq)
         return logits
 
