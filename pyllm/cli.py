@@ -486,8 +486,9 @@ def _add_train_parser(sub) -> None:
                        default="small", help="model size (default: small = 6 layers, 6 heads, 384 wide, block "
                                              "256), or a released model's shape")
     train.add_argument("--arch", choices=list(ARCHITECTURES),
-                       help="architecture (default: gpt2, or the shaped preset's): llama and qwen3 as people "
-                            "train them today (rotary, RMSNorm, SwiGLU, grouped-query attention)")
+                       help="architecture (default: gpt2, or the shaped preset's): llama, qwen3 and gemma3 as "
+                            "people train them today (rotary, RMSNorm, gated MLP, grouped-query attention; gemma3 "
+                            "with sliding-window layers)")
     for name in ("n_layer", "n_head", "n_embd", "block_size"):
         train.add_argument("--" + name.replace("_", "-"), type=int, help=f"override the preset's {name}")
     train.add_argument("--vocab-size", type=int, help="tokenizer size when one is trained (default 8192)")

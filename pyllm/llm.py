@@ -66,8 +66,7 @@ class LLM:
         folder = resolve_model(source)
         if folder.suffix == ".gguf":
             model, tokenizer, chat = _read_gguf(folder, dequantize)
-            llm = cls(model, tokenizer, chat.template, [chat.eos_id] if chat.eos_id is not None else None,
-                      chat.bos_token)
+            llm = cls(model, tokenizer, chat.template, _stop_ids(tokenizer, chat.eos_id), chat.bos_token)
             llm.source = folder.resolve()
             return llm
         if folder.is_file():
@@ -82,7 +81,8 @@ class LLM:
                              f"{model.config.vocab_size}")
         chat = read_hf_chat(folder)
         bos = chat.bos_token if chat.bos_token in tokenizer.special_tokens else ""
-        llm = cls(model, tokenizer, chat.template, _ids(tokenizer, [chat.eos_token]), bos)
+        eos = tokenizer.special_tokens.get(chat.eos_token) if chat.eos_token else None
+        llm = cls(model, tokenizer, chat.template, _stop_ids(tokenizer, eos), bos)
         llm.source = folder.resolve()
         return llm
 
@@ -222,10 +222,12 @@ def _read_gguf(path, dequantize: bool) -> tuple:
         release(f, model)
 
 
-def _ids(tokenizer: Tokenizer, names: Sequence[Optional[str]]) -> Optional[list[int]]:
-    """The ids of the named special tokens the tokenizer has; None when none of them is named."""
-    ids = [tokenizer.special_tokens[n] for n in names if n is not None and n in tokenizer.special_tokens]
-    return ids or None
+def _stop_ids(tokenizer: Tokenizer, eos: Optional[int]) -> Optional[list[int]]:
+    """What ends generation: the file's end token, then the end-of-text and end-of-turn tokens the
+    vocabulary has (Gemma's files name <eos>, its turns end with <end_of_turn>); None for none."""
+    ids = [] if eos is None else [int(eos)]
+    ids += [tokenizer.special_tokens[n] for n in END_OF_TEXT_NAMES if n in tokenizer.special_tokens]
+    return list(dict.fromkeys(ids)) or None
 
 
 def _check_messages(messages) -> None:

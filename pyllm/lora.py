@@ -32,6 +32,7 @@ _LLAMA_TARGETS = {t: (f"model.layers.{{i}}.{m}.{t}.weight",) for t, m in
                    ("gate_proj", "mlp"), ("up_proj", "mlp"), ("down_proj", "mlp"))}
 TARGETS = {
     "llama": _LLAMA_TARGETS, "qwen2": _LLAMA_TARGETS, "qwen3": _LLAMA_TARGETS,   # Qwen names them as Llama
+    "gemma3": _LLAMA_TARGETS,                                                     # and Gemma
     "gpt2": {"c_attn": ("transformer.h.{i}.attn.c_attn.weight",),
              "c_proj": ("transformer.h.{i}.attn.c_proj.weight", "transformer.h.{i}.mlp.c_proj.weight"),
              "c_fc": ("transformer.h.{i}.mlp.c_fc.weight",)},

@@ -52,7 +52,7 @@ class TrainConfig:
     tokenizer: Optional[str] = None           # a tokenizer file; None: train one on the data
     vocab_size: int = 8192                    # of the tokenizer trained when none is given
     preset: str = "small"
-    arch: Optional[str] = None                # gpt2, llama, qwen2, qwen3; None: the preset's (gpt2 for sizes)
+    arch: Optional[str] = None                # gpt2, llama, qwen2, qwen3, gemma3; None: the preset's (gpt2 for sizes)
     n_layer: Optional[int] = None
     n_head: Optional[int] = None
     n_embd: Optional[int] = None

@@ -321,17 +321,17 @@ def quick_train(model, ids, steps: int, seq: int, lr: float = 3e-3, batch: int =
 
 
 def hf_twin(model):
-    """transformers' model (the class config.json names: Llama, Qwen2, Qwen3, Mistral) with the
+    """transformers' model (the class config.json names: Llama, Qwen2, Qwen3, Mistral, Gemma 3) with the
     config and weights of a Llama-shaped pyllm.Model: float32, eager attention, eval mode."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    from pyllm.io.hf import config_to_hf
+    from pyllm.io.hf import config_to_hf, to_hf_state
 
     doc = config_to_hf(model.config)
     cfg = type(transformers.AutoConfig.for_model(doc["model_type"]))(**doc)
     cfg._attn_implementation = "eager"
     theirs = getattr(transformers, doc["architectures"][0])(cfg)
-    state = {k: torch.from_numpy(np.array(v)) for k, v in model.state_dict().items()}
+    state = {k: torch.from_numpy(np.array(v)) for k, v in to_hf_state(model.config, model.state_dict()).items()}
     missing, unexpected = theirs.load_state_dict(state, strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
     if model.config.tie_word_embeddings:

@@ -113,6 +113,7 @@ def tokenizer():
 SHAPES = {
     "llama": dict(n_kv_head=2),
     "qwen3": dict(n_kv_head=2, head_dim=32),
+    "gemma3": dict(n_kv_head=1, head_dim=32, n_layer=6, sliding_window=6, rope_local_theta=1e4),  # as llama.cpp's
     "gpt2": dict(),
 }
 
@@ -121,8 +122,8 @@ SHAPES = {
 def trained(request, tokenizer):
     """A small model of each architecture trained for a few seconds (peaked next-token guesses)."""
     arch = request.param
-    model = Model(ModelConfig(arch=arch, vocab_size=tokenizer.vocab_size, block_size=128, n_layer=2, n_head=4,
-                              n_embd=64, intermediate_size=128, **SHAPES[arch]), seed=0)
+    model = Model(ModelConfig(**{"arch": arch, "vocab_size": tokenizer.vocab_size, "block_size": 128, "n_layer": 2,
+                                 "n_head": 4, "n_embd": 64, "intermediate_size": 128, **SHAPES[arch]}), seed=0)
     quick_train(model, tokenizer.encode(TEXT * 30), 80, 48)
     template = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}<|endoftext|>{% endfor %}"
     return LLM(model, tokenizer, chat_template=template)

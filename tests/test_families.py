@@ -1,6 +1,8 @@
 """The Llama-shaped families beyond Llama (Qwen2: q/k/v biases; Qwen3: RMS norms on each q and k
-head, head_dim apart from n_embd / n_head) against transformers on random weights: logits, loss and
-every gradient; cached decode against recomputation; LoRA on them; their folders both ways."""
+head, head_dim apart from n_embd / n_head; Mistral: a sliding window; Gemma 3: GeGLU, norms after
+each sub-block, local and global layers, query scalar, soft-capped logits) against transformers on
+random weights: logits, loss and every gradient; cached decode against recomputation; LoRA on them;
+their folders both ways."""
 
 import json
 
@@ -14,12 +16,22 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 BASE = dict(vocab_size=91, block_size=40, n_layer=2, n_head=4, n_embd=48, intermediate_size=80, rope_theta=1e6)
+
+
+def config_of(arch, extra):
+    return ModelConfig(arch=arch, **{**BASE, **extra})
 FAMILIES = {
     "qwen2": [dict(n_kv_head=2), dict(n_kv_head=1, tie_word_embeddings=False)],
     "qwen3": [dict(n_kv_head=2, head_dim=16), dict(n_kv_head=4, tie_word_embeddings=False),
               dict(n_kv_head=1, head_dim=8)],
     "llama": [dict(n_kv_head=2, sliding_window=4), dict(n_kv_head=1, sliding_window=9, head_dim=16,
                                                         tie_word_embeddings=False)],   # Mistral's
+    "gemma3": [dict(n_kv_head=1, head_dim=16, sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+                    rope_local_theta=1e4, query_pre_attn_scalar=20.0, final_logit_softcapping=5.0),
+               dict(n_kv_head=2, sliding_window=3, tie_word_embeddings=False,
+                    rope_scaling={"rope_type": "linear", "factor": 2.0}),
+               dict(n_kv_head=4, head_dim=8, n_layer=3, sliding_window=5, rope_local_theta=1e4,
+                    layer_types=["full_attention", "sliding_attention", "sliding_attention"])],
 }
 CASES = [(arch, extra) for arch, extras in FAMILIES.items() for extra in extras]
 
@@ -31,7 +43,7 @@ def assert_close(ours, theirs, rtol=1e-4, what=""):
 
 
 def random_model(arch, extra, seed=0) -> Model:
-    model = Model(ModelConfig(arch=arch, **BASE, **extra), seed=seed)
+    model = Model(config_of(arch, extra), seed=seed)
     rng = np.random.default_rng(seed + 1)
     for spec in model.specs:   # norms away from 1 and biases away from 0, so their use is checked
         if not spec.decay and "embed" not in spec.name:
@@ -61,7 +73,7 @@ def test_logits_loss_and_every_gradient_equal_transformers(arch, extra):
         assert_close(grad, t_params[name].grad.numpy(), what=name)
 
 
-@pytest.mark.parametrize("arch, extra", CASES[::2])
+@pytest.mark.parametrize("arch, extra", CASES[::2] + [CASES[7], CASES[9]])
 def test_cached_decode_equals_recomputation(arch, extra):
     from pyllm.generate import generate
 
@@ -81,7 +93,8 @@ def test_cached_decode_equals_recomputation(arch, extra):
         assert_close(model.forward_step(ids[:, t:t + 1], cache)[0], full[t], rtol=1e-5, what=f"step {t}")
 
 
-@pytest.mark.parametrize("arch, extra", [CASES[0], CASES[2], CASES[5]], ids=["qwen2", "qwen3", "mistral"])
+@pytest.mark.parametrize("arch, extra", [CASES[0], CASES[2], CASES[5], CASES[7], CASES[8]],
+                         ids=["qwen2", "qwen3", "mistral", "gemma3", "gemma3-scaled"])
 def test_folders_round_trip_through_transformers(arch, extra, tmp_path):
     model = random_model(arch, extra, seed=5)
     model.save_pretrained(tmp_path)
@@ -96,8 +109,11 @@ def test_folders_round_trip_through_transformers(arch, extra, tmp_path):
     assert json.loads((tmp_path / "back" / "model.safetensors.index.json").read_text())["weight_map"]
     again = Model.from_pretrained(tmp_path / "back")
     assert again.config == model.config
+    # Read back into float32 by transformers too (theirs.float() would keep Gemma's embedding scale
+    # rounded to bfloat16, a buffer no file holds).
+    widened = type(theirs).from_pretrained(tmp_path / "back", dtype=torch.float32)
     with torch.no_grad():
-        expected = theirs.float()(torch.from_numpy(ids)).logits.numpy()
+        expected = widened.eval()(torch.from_numpy(ids)).logits.numpy()
     assert_close(again(ids), expected, rtol=1e-4, what="our reading of a sharded bf16 folder")
 
 
@@ -124,10 +140,11 @@ def test_the_sliding_window_is_what_mistral_s_attention_sees():
         f.close()
 
 
-def test_lora_adapters_train_on_a_qwen3_model():
+@pytest.mark.parametrize("arch", ["qwen3", "gemma3"])
+def test_lora_adapters_train_on_the_families(arch):
     from pyllm.lora import LoRA, LoRAConfig
 
-    model = random_model("qwen3", FAMILIES["qwen3"][0])
+    model = random_model(arch, FAMILIES[arch][0])
     base = model(np.arange(5)[None, :])
     lora = model.lora = LoRA(model, LoRAConfig(rank=4, alpha=8, targets=("q_proj", "v_proj", "down_proj")))
     assert_close(model(np.arange(5)[None, :]), base, rtol=1e-6, what="fresh adapters change nothing")
@@ -147,7 +164,18 @@ def test_bad_family_configs_are_refused():
     with pytest.raises(ValueError, match="sliding"):
         config_from_hf({**doc, "use_sliding_window": True})
     with pytest.raises(ValueError, match="not supported"):
+        config_from_hf({**doc, "model_type": "falcon"})
+    with pytest.raises(ValueError, match="multimodal"):
         config_from_hf({**doc, "model_type": "gemma3"})
+    gemma = config_to_hf(config_of("gemma3", FAMILIES["gemma3"][0]))
+    for key, value in (("attn_logit_softcapping", 50.0), ("use_bidirectional_attention", True),
+                       ("hidden_activation", "relu")):
+        with pytest.raises(ValueError, match=key.split("_")[0]):
+            config_from_hf({**gemma, key: value})
+    with pytest.raises(ValueError, match="layer_types"):
+        config_of("gemma3", dict(sliding_window=4, layer_types=["sliding_attention"]))
+    with pytest.raises(ValueError, match="rope_local_theta"):
+        config_of("llama", dict(rope_local_theta=1e4))
 
 
 # ----------------------------------------------------------------------------- GGUF files

@@ -203,7 +203,7 @@ def test_too_little_validation_data_is_refused_before_training(tmp_path):
                           max_steps=2, progress=False), say=lambda *_: None)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3"])
 def test_train_a_llama_shaped_model_that_transformers_opens_whole(tmp_path, corpus, arch):
     """`pyllm train --arch`: the folder loads in transformers' AutoTokenizer and pipeline with
     pyllm's ids and greedy text, its end token in config.json and tokenizer_config.json."""

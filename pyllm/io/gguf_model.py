@@ -1,11 +1,12 @@
-"""Models in GGUF files (llama.cpp's format), architectures llama, qwen2, qwen3 and gpt2: the config
+"""Models in GGUF files (llama.cpp's format), architectures llama, qwen2, qwen3, gemma3 and gpt2: the config
 from the metadata and every tensor under its Hugging Face name, quantized matrices kept in their blocks.
 
 Every tensor's byte range is checked against the file before it is read (GGUFFile.raw). A reader
 returns data (pyllm.io.tensors.ModelWeights) and never builds a model. The vocabulary and the chat
 template are tokenizer_files.py's. Layouts: llama.cpp stores every matrix as (out, in) rows, and
-llama's q/k projections with their rows permuted for its interleaved rope (undone here; qwen2 and
-qwen3 use llama.cpp's rotate-half rope and are stored as they are); GPT-2's Conv1D
+llama's q/k projections with their rows permuted for its interleaved rope (undone here; qwen2,
+qwen3 and gemma3 use llama.cpp's rotate-half rope and are stored as they are); gemma3's norms
+hold 1 + w, as pyllm keeps them; GPT-2's Conv1D
 weights are transposed back to Hugging Face's (in, out) when read as floats.
 """
 
@@ -37,11 +38,15 @@ _LAYER_NAMES = {
     "llama": _LLAMA_LAYER,
     "qwen2": {**_LLAMA_LAYER, **{f"attn_{x}.bias": f"self_attn.{x}_proj.bias" for x in "qkv"}},
     "qwen3": {**_LLAMA_LAYER, **{f"attn_{x}_norm.weight": f"self_attn.{x}_norm.weight" for x in "qk"}},
+    "gemma3": {**_LLAMA_LAYER, **{f"attn_{x}_norm.weight": f"self_attn.{x}_norm.weight" for x in "qk"},
+               "post_attention_norm.weight": "post_attention_layernorm.weight",
+               "ffn_norm.weight": "pre_feedforward_layernorm.weight",
+               "post_ffw_norm.weight": "post_feedforward_layernorm.weight"},
     "gpt2": {f"{g}.{part}": f"{h}.{part}" for g, h in
              (("attn_norm", "ln_1"), ("attn_qkv", "attn.c_attn"), ("attn_output", "attn.c_proj"),
               ("ffn_norm", "ln_2"), ("ffn_up", "mlp.c_fc"), ("ffn_down", "mlp.c_proj")) for part in ("weight", "bias")},
 }
-LLAMA_LIKE = ("llama", "qwen2", "qwen3")   # the Llama-shaped block, named as Llama's
+LLAMA_LIKE = ("llama", "qwen2", "qwen3", "gemma3")   # the Llama-shaped block, named as Llama's
 _LAYER_PREFIX = {**{a: "model.layers.{i}." for a in LLAMA_LIKE}, "gpt2": "transformer.h.{i}."}
 ARCHITECTURES = tuple(_LAYER_NAMES)   # what this reader maps
 _GLOBAL_NAMES = {
@@ -137,13 +142,37 @@ def config_from_gguf(f: GGUFFile) -> ModelConfig:
         if factors.size != head_dim // 2:
             raise ValueError(f"{f.path}: rope_freqs.weight has {factors.size} entries, the heads need {head_dim // 2}")
         scaling = {"rope_type": "freq_factors", "factors": [float(x) for x in factors]}
+    kind = f.metadata.get(f"{arch}.rope.scaling.type")
+    if kind not in (None, "none", "linear"):
+        raise ValueError(f"{f.path}: {arch}.rope.scaling.type {kind!r} is not supported (linear is)")
+    if kind == "linear":
+        factor = _meta(f, f"{arch}.rope.scaling.factor", kind=float)
+        if scaling is not None:
+            raise ValueError(f"{f.path}: both rope_freqs.weight and linear rope scaling")
+        scaling = {"rope_type": "linear", "factor": float(factor)}
     window = f.metadata.get(f"{arch}.attention.sliding_window")
     if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
         raise ValueError(f"{f.path}: {arch}.attention.sliding_window is {window!r}, not a positive integer")
+    extra = {}
+    if arch == "gemma3":   # what llama.cpp fixes for gemma3 rather than reading it
+        extra = gemma3_fixed(sizes["n_layer"], n_embd, n_head, head_dim, window)
+        softcap = f.metadata.get("gemma3.final_logit_softcapping")
+        if softcap:
+            extra["final_logit_softcapping"] = float(_meta(f, "gemma3.final_logit_softcapping", kind=float))
     return ModelConfig(arch=arch, n_kv_head=int(f.metadata.get(f"{arch}.attention.head_count_kv", n_head)),
                        head_dim=head_dim, rope_scaling=scaling, sliding_window=window,
                        norm_eps=float(_meta(f, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
-                       rope_theta=float(f.metadata.get(f"{arch}.rope.freq_base", 10000.0)), **sizes)
+                       rope_theta=float(f.metadata.get(f"{arch}.rope.freq_base", 10000.0)), **extra, **sizes)
+
+
+def gemma3_fixed(n_layer: int, n_embd: int, n_head: int, head_dim: int, window: Optional[int]) -> dict:
+    """The gemma3 settings llama.cpp's loader fixes rather than reads from a file: every sixth layer
+    global (the default layer_types), the sliding layers' rope base 10000, and scores scaled by
+    1/sqrt(head_dim), or by 1/sqrt(n_embd / n_head) for the 62-layer 27B model."""
+    fixed = {"query_pre_attn_scalar": float(n_embd // n_head if n_layer == 62 else head_dim)}
+    if window:
+        fixed["rope_local_theta"] = 10000.0
+    return fixed
 
 
 def _rows(f: GGUFFile, info: TensorInfo) -> np.ndarray:

@@ -1,5 +1,5 @@
-"""Writing GGUF files (llama.cpp's format) of the architectures pyllm runs: llama, qwen2, qwen3 and
-gpt2, with the tokenizer (byte-level BPE or SentencePiece), its special tokens and the chat
+"""Writing GGUF files (llama.cpp's format) of the architectures pyllm runs: llama, qwen2, qwen3,
+gemma3 and gpt2, with the tokenizer (byte-level BPE or SentencePiece), its special tokens and the chat
 template in the metadata, so that
 llama.cpp and Ollama load what pyllm trained.
 
@@ -19,7 +19,7 @@ import numpy as np
 
 from pyllm import kernels
 from pyllm.io.atomic import atomic_path
-from pyllm.io.gguf_model import ARCHITECTURES, gguf_names
+from pyllm.io.gguf_model import ARCHITECTURES, gemma3_fixed, gguf_names
 from pyllm.io.tokenizer_files import TokenizerData, gguf_vocabulary
 from pyllm.models import ModelConfig, stored_in_out
 
@@ -57,6 +57,7 @@ def write_gguf(path, cfg: ModelConfig, state: dict, type: str = "f16", tokenizer
         raise ValueError(f"type {type!r} is not one of {', '.join(TYPES)}")
     if cfg.arch not in ARCHITECTURES:
         raise ValueError(f"architecture {cfg.arch!r} has no GGUF mapping")
+    check_expressible(cfg)
     matrix_type, file_type = TYPES[type]
     names = gguf_names(cfg)
     unknown = sorted(set(state) - set(names))
@@ -108,6 +109,28 @@ def _metadata(w, cfg: ModelConfig, name: str, file_type: int) -> None:
     w.add_vocab_size(cfg.vocab_size)
     if cfg.sliding_window:   # read back by pyllm; llama.cpp runs llama-arch files with full attention
         w.add_sliding_window(cfg.sliding_window)
+    if cfg.rope_scaling is not None and cfg.rope_scaling.get("rope_type") == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(cfg.rope_scaling["factor"]))
+    if cfg.arch == "gemma3":
+        if cfg.final_logit_softcapping:
+            w.add_final_logit_softcapping(float(cfg.final_logit_softcapping))
+
+
+def check_expressible(cfg: ModelConfig) -> None:
+    """Refuses what a GGUF file cannot say for this architecture (llama.cpp fixes some of gemma3's
+    settings instead of reading them: gguf_model.gemma3_fixed)."""
+    if cfg.arch != "gemma3":
+        return
+    if cfg.sliding_window is None:
+        raise ValueError("llama.cpp's gemma3 needs a sliding window (it makes five of every six layers slide)")
+    fixed = gemma3_fixed(cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.head_size, cfg.sliding_window)
+    ours = ModelConfig(**{**cfg.to_dict(), "layer_types": None, **fixed})
+    for name in ("layer_types", "rope_local_theta", "query_pre_attn_scalar"):
+        if getattr(ours, name) != getattr(cfg, name):
+            raise ValueError(f"a GGUF gemma3 file cannot hold {name}={getattr(cfg, name)!r}: llama.cpp fixes it at "
+                             f"{getattr(ours, name)!r} (every sixth layer global, local rope base 10000, "
+                             f"query scalar head_dim)")
 
 
 def _vocabulary(w, data: TokenizerData, vocab_size: int, chat_template: Optional[str], eos_id: Optional[int],

@@ -1,8 +1,9 @@
 """Hugging Face model folders: config.json + model.safetensors (or shards named by
-model.safetensors.index.json), GPT-2, Llama, Qwen2 and Qwen3, and safetensors files in general.
+model.safetensors.index.json), GPT-2, Llama, Mistral, Qwen2, Qwen3 and Gemma 3 (text), and
+safetensors files in general.
 
 What write_folder writes, `transformers` loads as GPT2LMHeadModel / LlamaForCausalLM /
-Qwen2ForCausalLM / Qwen3ForCausalLM with the same logits; what `transformers` writes (or the hub's
+MistralForCausalLM / Qwen2ForCausalLM / Qwen3ForCausalLM / Gemma3ForCausalLM with the same logits; what `transformers` writes (or the hub's
 GPT-2 files), read_folder reads. Readers return data (pyllm.io.tensors.ModelWeights) and never
 build a model; the tokenizer's files are tokenizer_files.py's.
 """
@@ -20,7 +21,7 @@ from safetensors.numpy import save_file
 
 from pyllm.io.atomic import atomic_path, read_json_object, write_text
 from pyllm.io.tensors import LazyTensors, ModelWeights
-from pyllm.models import ModelConfig
+from pyllm.models import ModelConfig, hf_norm_offsets
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -36,6 +37,8 @@ _LLAMA_LIKE = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3"
 
 
 def config_to_hf(cfg: ModelConfig) -> dict:
+    if cfg.arch == "gemma3":
+        return _gemma3_config_to_hf(cfg)
     if cfg.arch in _LLAMA_LIKE:
         model_type = "mistral" if cfg.arch == "llama" and cfg.sliding_window else cfg.arch
         if cfg.sliding_window and model_type != "mistral":
@@ -74,13 +77,100 @@ def config_to_hf(cfg: ModelConfig) -> dict:
     }
 
 
+def _gemma3_config_to_hf(cfg: ModelConfig) -> dict:
+    """Gemma3ForCausalLM's config (text only), in the keys transformers 4.5x and 5 both read."""
+    doc = {
+        "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text",
+        "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.block_size,
+        "hidden_size": cfg.n_embd, "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
+        "num_key_value_heads": cfg.n_kv_head, "head_dim": cfg.head_size,
+        "hidden_activation": "gelu_pytorch_tanh", "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta, "rope_local_base_freq": cfg.rope_local_theta or cfg.rope_theta,
+        "sliding_window": cfg.sliding_window or cfg.block_size,
+        "layer_types": [("sliding_attention" if cfg.layer_window(i) else "full_attention") for i in range(cfg.n_layer)],
+        "query_pre_attn_scalar": _number(cfg.query_pre_attn_scalar or cfg.head_size),
+        "final_logit_softcapping": cfg.final_logit_softcapping, "attn_logit_softcapping": None,
+        "attention_bias": False, "tie_word_embeddings": cfg.tie_word_embeddings, "torch_dtype": "float32",
+    }
+    if cfg.rope_scaling is not None:
+        if cfg.rope_scaling.get("rope_type") not in ("linear", "llama3"):
+            raise ValueError("a rope scaled by a GGUF's frequency factors has no Hugging Face config")
+        doc["rope_scaling"] = dict(cfg.rope_scaling)
+    return doc
+
+
+def _number(x: float):
+    """x as an int when it is one (transformers' Gemma config types the query scalar int)."""
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def _gemma3_config_from_hf(doc: dict, where: str) -> ModelConfig:
+    """Gemma 3's text config: transformers 4.5x's keys (rope_theta, rope_local_base_freq,
+    rope_scaling, sliding_window_pattern) or 5's (rope_parameters per layer type, layer_types)."""
+    if doc.get("hidden_activation", doc.get("hidden_act", "gelu_pytorch_tanh")) not in ("gelu_pytorch_tanh",
+                                                                                         "gelu_new"):
+        raise ValueError(f"{where}: hidden_activation {doc.get('hidden_activation')!r} is not supported "
+                         f"(gelu_pytorch_tanh is)")
+    for flag in ("attn_logit_softcapping", "use_bidirectional_attention", "attention_bias"):
+        if doc.get(flag):
+            raise ValueError(f"{where}: {flag}={doc[flag]!r} is not supported for gemma3")
+    params = doc.get("rope_parameters") or {}
+    full = params.get("full_attention") if isinstance(params.get("full_attention"), dict) else {}
+    local = params.get("sliding_attention") if isinstance(params.get("sliding_attention"), dict) else {}
+    scaling = full if full.get("rope_type", "default") != "default" else doc.get("rope_scaling")
+    if scaling is not None:
+        kind = scaling.get("rope_type", scaling.get("type"))
+        if kind not in ("linear", "llama3"):
+            raise ValueError(f"{where}: rope type {kind!r} is not supported for gemma3 (linear and llama3 are)")
+        scaling = {k: v for k, v in scaling.items() if k != "rope_theta"}
+        scaling["rope_type"] = kind
+    if local.get("rope_type", "default") != "default":
+        raise ValueError(f"{where}: scaled rope on sliding layers is not supported")
+    layer_types = doc.get("layer_types")
+    try:
+        n_layer = int(doc["num_hidden_layers"])
+        if layer_types is None:
+            pattern = int(doc.get("sliding_window_pattern", doc.get("_sliding_window_pattern", 6)))
+            if pattern < 1:
+                raise ValueError(f"{where}: sliding_window_pattern must be positive, got {pattern}")
+            layer_types = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(n_layer)]
+        window = doc.get("sliding_window")
+        heads, hidden = int(doc["num_attention_heads"]), int(doc["hidden_size"])
+        head_dim = doc.get("head_dim")
+        softcap = doc.get("final_logit_softcapping")
+        return ModelConfig(arch="gemma3", vocab_size=int(doc["vocab_size"]),
+                           block_size=int(doc.get("max_position_embeddings", 131072)),
+                           n_layer=n_layer, n_head=heads, n_embd=hidden,
+                           n_kv_head=int(doc.get("num_key_value_heads") or heads),
+                           head_dim=int(head_dim) if head_dim is not None else 256,
+                           intermediate_size=int(doc["intermediate_size"]),
+                           norm_eps=float(doc.get("rms_norm_eps", 1e-6)),
+                           rope_theta=float(full.get("rope_theta", doc.get("rope_theta", 1e6))),
+                           rope_local_theta=float(local.get("rope_theta", doc.get("rope_local_base_freq", 1e4))),
+                           rope_scaling=scaling, layer_types=list(layer_types),
+                           sliding_window=int(window) if window is not None else None,
+                           query_pre_attn_scalar=float(doc.get("query_pre_attn_scalar", 256)),
+                           final_logit_softcapping=float(softcap) if softcap is not None else None,
+                           tie_word_embeddings=bool(doc.get("tie_word_embeddings", True)))
+    except KeyError as exc:
+        raise ValueError(f"{where}: missing key {exc.args[0]!r}") from None
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{where}: {exc}") from None
+
+
 def config_from_hf(doc: dict, where: str = CONFIG) -> ModelConfig:
     model_type = doc.get("model_type")
+    if model_type in ("gemma3_text", "gemma3"):
+        if model_type == "gemma3" or doc.get("text_config"):
+            raise ValueError(f"{where}: this is Gemma 3's multimodal model (Gemma3ForConditionalGeneration); "
+                             f"pyllm runs the text models (gemma3_text, Gemma3ForCausalLM)")
+        return _gemma3_config_from_hf(doc, where)
     if model_type in _LLAMA_LIKE:
         return _llama_config_from_hf(doc, where)
     if model_type != "gpt2":
         raise ValueError(f"{where}: model_type {model_type!r} is not supported "
-                         f"(supported: gpt2, {', '.join(_LLAMA_LIKE)})")
+                         f"(supported: gpt2, {', '.join(_LLAMA_LIKE)}, gemma3_text)")
     activation = doc.get("activation_function", "gelu_new")
     if activation not in ("gelu_new", "gelu_pytorch_tanh"):
         raise ValueError(f"{where}: activation_function {activation!r} is not supported (gelu_new is)")
@@ -152,7 +242,7 @@ def write_folder(directory, config: ModelConfig, state: dict[str, np.ndarray],
     transformers loads."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    write_safetensors(directory / WEIGHTS, state)
+    write_safetensors(directory / WEIGHTS, to_hf_state(config, state))
     write_text(directory / CONFIG, json.dumps({**config_to_hf(config), **(token_ids or {})}, indent=2) + "\n")
 
 
@@ -250,7 +340,19 @@ def read_folder(source) -> ModelWeights:
     by_name = {_normalise_name(n): n for n in readers if not n.endswith(_IGNORED_SUFFIXES)}
     if cfg.tie_word_embeddings:
         by_name.pop("lm_head.weight", None)
-    return ModelWeights(cfg, LazyTensors(by_name, lambda name: readers[by_name[name]](by_name[name])))
+    offsets = hf_norm_offsets(cfg)
+
+    def read(name: str) -> np.ndarray:
+        values = readers[by_name[name]](by_name[name])
+        return values + np.float32(offsets[name]) if name in offsets else values
+
+    return ModelWeights(cfg, LazyTensors(by_name, read))
+
+
+def to_hf_state(cfg: ModelConfig, state: dict) -> dict:
+    """pyllm's tensors as Hugging Face's files hold them (Gemma's norms less their offset of 1)."""
+    offsets = hf_norm_offsets(cfg)
+    return {name: (np.asarray(v) - np.float32(offsets[name])) if name in offsets else v for name, v in state.items()}
 
 
 def _weight_readers(directory: Path) -> dict:

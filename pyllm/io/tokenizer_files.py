@@ -467,7 +467,7 @@ def _hf_document(data: TokenizerData) -> dict:
 # ----------------------------------------------------------------------------- chat formats
 
 # The special tokens that end a text or a turn, in the order a model's end token is looked for.
-END_OF_TEXT_NAMES = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "</s>", "<|end|>")
+END_OF_TEXT_NAMES = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "</s>", "<|end|>", "<end_of_turn>")
 
 
 def end_of_text(special_tokens: dict) -> Optional[str]:

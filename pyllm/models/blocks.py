@@ -207,10 +207,12 @@ class Runner:
         """logits = c tanh(logits / c) in place when the config caps them (tanh kept for backward)."""
         if self.softcap is None:
             return logits
-        capped = ws.get("softcap", logits.shape)
-        np.divide(logits, np.float32(self.softcap), out=capped)
+        V = logits.shape[-1]
+        flat = logits.reshape(-1, V)
+        capped = ws.get("softcap", flat.shape)
+        np.divide(flat, np.float32(self.softcap), out=capped)
         np.tanh(capped, out=capped)
-        np.multiply(capped, np.float32(self.softcap), out=logits)
+        np.multiply(capped, np.float32(self.softcap), out=flat)
         return logits
 
     def backward(self, model: Weights, grads, ws: Workspace, ids: np.ndarray, dlogits: np.ndarray,
@@ -221,8 +223,8 @@ class Runner:
         B, T = ids.shape
         N, C, NH, HS = B * T, cfg.n_embd, cfg.n_head, cfg.head_size
         if self.softcap is not None:   # d c tanh(z / c) / dz = 1 - tanh^2
-            capped = ws.get("softcap", dlogits.shape)
-            dlogits *= 1 - capped * capped
+            capped = ws.get("softcap", (dlogits.size // cfg.vocab_size, cfg.vocab_size))
+            dlogits.reshape(capped.shape)[...] *= 1 - capped * capped
         dln = ws.get("dln", (N, C))
         if rows is None:
             linear_backward(model, self.head, dln, dlogits, ws.get("lnf", (N, C)))

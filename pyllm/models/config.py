@@ -45,9 +45,9 @@ class ModelConfig:
                                               # or {"rope_type": "freq_factors", "factors": [HS/2
                                               # numbers]} (a GGUF's rope_freqs); global layers only
     layer_types: Optional[list] = None        # per layer "sliding_attention" or "full_attention";
-                                              # None: every layer slides when sliding_window is set
-                                              # (Mistral), every sixth is global for gemma3
-    rope_local_theta: Optional[float] = None  # the rope base of sliding layers (Gemma 3: 10000)
+                                              # None: with a sliding_window every layer slides
+                                              # (Mistral), or every sixth is global (gemma3)
+    rope_local_theta: Optional[float] = None  # gemma3's sliding layers' rope base (default rope_theta)
     query_pre_attn_scalar: Optional[float] = None   # scores scaled by its -1/2 power (default head_size)
     final_logit_softcapping: Optional[float] = None  # logits = c tanh(logits / c) (Gemma 2's kind)
 
@@ -96,9 +96,6 @@ class ModelConfig:
             self.rope_freq_factors()   # checks the fields
         if not self.norm_eps > 0:
             raise ValueError(f"norm_eps must be positive, got {self.norm_eps!r}")
-        if self.arch == "gemma3" and self.layer_types is None and self.sliding_window is not None:
-            self.layer_types = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention"
-                                for i in range(self.n_layer)]   # Gemma 3's pattern
         if self.layer_types is not None:
             self.layer_types = list(self.layer_types)
             if len(self.layer_types) != self.n_layer or any(t not in LAYER_TYPES for t in self.layer_types):
@@ -106,14 +103,23 @@ class ModelConfig:
                                  f"{LAYER_TYPES}; got {self.layer_types!r}")
             if self.sliding_window is None and "sliding_attention" in self.layer_types:
                 raise ValueError("sliding_attention layers need a sliding_window")
+            if "sliding_attention" not in self.layer_types:    # one spelling per meaning: no window
+                self.layer_types, self.sliding_window = None, None
+            elif self.layer_types == self._default_layer_types():
+                self.layer_types = None
         for name in ("rope_local_theta", "query_pre_attn_scalar", "final_logit_softcapping"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float, np.floating)) and
                                           not isinstance(value, bool) and math.isfinite(value) and value > 0):
                 raise ValueError(f"ModelConfig.{name} must be a positive number or None, got {value!r}")
-        if self.arch == "gpt2" and (self.rope_local_theta or self.query_pre_attn_scalar or
-                                    self.final_logit_softcapping or self.layer_types):
-            raise ValueError("gpt2 models have no local rope, query scalar, logit soft-capping or layer types")
+        if self.arch == "gpt2" and (self.query_pre_attn_scalar or self.final_logit_softcapping or self.layer_types):
+            raise ValueError("gpt2 models have no query scalar, logit soft-capping or layer types")
+        if self.query_pre_attn_scalar is not None and float(self.query_pre_attn_scalar) == self.head_size:
+            self.query_pre_attn_scalar = None   # the default, spelled out
+        if self.rope_local_theta is not None and float(self.rope_local_theta) == float(self.rope_theta):
+            self.rope_local_theta = None
+        if self.arch != "gemma3" and self.rope_local_theta is not None:
+            raise ValueError("rope_local_theta is the rope base of gemma3's sliding layers; other models have one base")
 
     # Shapes of released models (their sizes; vocab_size comes from the tokenizer trained).
     SHAPED_PRESETS = {
@@ -121,13 +127,17 @@ class ModelConfig:
                              block_size=2048, rope_theta=100000.0, norm_eps=1e-5),
         "qwen3-0.6b": dict(arch="qwen3", n_layer=28, n_head=16, n_kv_head=8, n_embd=1024, head_dim=128,
                            intermediate_size=3072, block_size=4096, rope_theta=1000000.0, norm_eps=1e-6),
+        "gemma3-270m": dict(arch="gemma3", n_layer=18, n_head=4, n_kv_head=1, n_embd=640, head_dim=256,
+                            intermediate_size=2048, block_size=32768, sliding_window=512, rope_theta=1000000.0,
+                            rope_local_theta=10000.0, norm_eps=1e-6),
     }
 
     @classmethod
     def preset(cls, name: str, arch: Optional[str] = None, **overrides) -> "ModelConfig":
         """A named size with any field overridden: tiny, small, gpt2 (GPT-2's widths, in any
         architecture: the Llama-shaped ones get half as many key/value heads and a SwiGLU width of
-        8/3 the channels, a multiple of 32), or a released model's shape (smollm2-135m, qwen3-0.6b)."""
+        8/3 the channels, a multiple of 32; gemma3 a sliding window of a quarter of the block), or a
+        released model's shape (smollm2-135m, qwen3-0.6b, gemma3-270m)."""
         if name in cls.SHAPED_PRESETS:
             fields = dict(cls.SHAPED_PRESETS[name])
             if arch is not None and arch != fields["arch"]:
@@ -140,6 +150,10 @@ class ModelConfig:
                 heads = fields["n_head"]
                 fields.setdefault("n_kv_head", heads // 2 if heads % 2 == 0 else heads)
                 fields.setdefault("intermediate_size", 32 * -(-fields["n_embd"] // 12))
+            if fields["arch"] == "gemma3":   # Gemma's local layers: a window of a quarter of the context
+                fields.setdefault("sliding_window", max(1, fields["block_size"] // 4))
+                fields.setdefault("rope_local_theta", 10000.0)
+                fields.setdefault("rope_theta", 1000000.0)
         else:
             raise ValueError(f"unknown preset {name!r}; choose from {sorted(cls.PRESETS) + sorted(cls.SHAPED_PRESETS)}")
         fields.update(overrides)
@@ -149,17 +163,24 @@ class ModelConfig:
     def head_size(self) -> int:
         return self.head_dim or self.n_embd // self.n_head
 
+    def _default_layer_types(self) -> list:
+        """What layer_types None means with a sliding window: every layer slides (Mistral), or
+        every sixth layer is global (Gemma 3)."""
+        if self.arch == "gemma3":
+            return ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(self.n_layer)]
+        return ["sliding_attention"] * self.n_layer
+
     def layer_window(self, i: int) -> int:
         """How many of the latest keys layer i's queries see (0: all of them)."""
         if self.sliding_window is None:
             return 0
-        if self.layer_types is not None and self.layer_types[i] != "sliding_attention":
-            return 0
-        return int(self.sliding_window)
+        types = self.layer_types or self._default_layer_types()
+        return int(self.sliding_window) if types[i] == "sliding_attention" else 0
 
     def layer_is_local(self, i: int) -> bool:
-        """Layer i uses the local rope base (a sliding layer of a model that sets one)."""
-        return self.rope_local_theta is not None and self.layer_window(i) > 0
+        """Layer i uses the local rope: Gemma 3's sliding layers, whose rope has its own base
+        (rope_local_theta, default rope_theta) and no scaling."""
+        return self.arch == "gemma3" and self.layer_window(i) > 0
 
     @property
     def query_scale(self) -> float:

@@ -50,6 +50,12 @@ def parameter_specs(cfg: ModelConfig) -> list[ParamSpec]:
     return ARCHITECTURES[cfg.arch].parameter_specs(cfg)
 
 
+def hf_norm_offsets(cfg: ModelConfig) -> dict[str, float]:
+    """Parameter name -> what Hugging Face's files store less than pyllm keeps (Gemma's norms,
+    (1 + w) in its RMSNorm: pyllm keeps 1 + w)."""
+    return ARCHITECTURES[cfg.arch].norm_offsets(cfg)
+
+
 def in_out_weights(layers: list) -> set[str]:
     """The matrices of these layers stored (in, out) (GPT-2's Conv1D) rather than (out, in)."""
     return {p.weight for layer in layers for p in (layer.qkv, layer.o) + layer.mlp if p.in_out}
@@ -145,8 +151,8 @@ class Transformer:
 
     def _rope_tables(self, length: int) -> Optional[tuple]:
         """((cos, sin) of the global layers, (cos, sin) of the local ones), covering positions
-        0 .. length-1 at least; the same pair twice unless the config sets a local rope base (None
-        without rotary embeddings)."""
+        0 .. length-1 at least; the same pair twice without local layers (None without rotary
+        embeddings)."""
         if not self.arch.rotary:
             return None
         tables = self._rope
@@ -155,8 +161,9 @@ class Transformer:
             size = max(length, min(self.config.block_size, max(4096, 2 * have)))
             cfg = self.config
             full = kernels.rope_tables(size, cfg.head_size, cfg.rope_theta, cfg.rope_freq_factors())
-            local = full if cfg.rope_local_theta is None else kernels.rope_tables(size, cfg.head_size,
-                                                                                 cfg.rope_local_theta)
+            local = full
+            if any(cfg.layer_is_local(i) for i in range(cfg.n_layer)):
+                local = kernels.rope_tables(size, cfg.head_size, cfg.rope_local_theta or cfg.rope_theta)
             tables = self._rope = (full, local)
         return tables
 
