@@ -260,7 +260,7 @@ class Engine:
                 handle._put(Event(-1, finish="cancelled"))
                 continue
             row, reused = self._row_for(list(map(int, handle.prompt)))
-            self.cache.lengths[row.index] = reused
+            self.cache.truncate(row.index, reused)
             row.tokens = row.tokens[:reused]
             handle.cached_tokens = reused
             prompt = list(map(int, handle.prompt))
@@ -280,7 +280,7 @@ class Engine:
         best, best_len = None, 0
         for r in idle if self.config.prefix_rows else ():
             n = _common_prefix(r.tokens, prompt, len(prompt) - 2)
-            if n > best_len:
+            if n > best_len and self.cache.truncatable(r.index, n):   # a window buffer may have dropped them
                 best, best_len = r, n
         if best is not None:
             return best, best_len

@@ -320,3 +320,72 @@ def test_a_gguf_rope_freqs_tensor_scales_the_rope_as_llama_cpp_does(tokenizer, t
     ref.eval(ids[0].tolist())
     theirs = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ref._ctx.ctx, -1), shape=(ref.n_vocab(),))
     assert_close(loaded.model(ids)[0, -1], theirs, rtol=1e-3, what="llama.cpp with rope_freqs")
+
+
+# ----------------------------------------------------------------------------- window-only KV caches
+
+@pytest.mark.parametrize("arch, extra", [CASES[5], CASES[7], CASES[9]], ids=["mistral", "gemma3", "gemma3-3"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_sliding_layers_keep_only_their_window_and_decode_as_recomputation(arch, extra, dtype):
+    """A cache whose sliding layers hold window - 1 + step_limit positions: token by token, in
+    chunks longer than step_limit (split), and ragged batches, each step's logits are the full
+    forward pass's, far past the window; and its buffers are that small."""
+    from pyllm.models import KVCache
+
+    model = random_model(arch, extra, seed=11)
+    cfg = model.config
+    ids = (np.arange(1, 39)[None, :] * 5) % cfg.vocab_size
+    full = model(ids)[0]
+    cache = KVCache(cfg, 1, 40, dtype, step_limit=3)
+    window = max(cfg.layer_window(i) for i in range(cfg.n_layer))
+    assert cache.k_window is not None and cache.k_window.shape[3] == window - 1 + 3
+    assert cache.k_window.shape[0] == sum(cfg.layer_window(i) > 0 for i in range(cfg.n_layer))
+    assert cache.k_all.shape[0] + cache.k_window.shape[0] == cfg.n_layer
+    rtol = 1e-5 if dtype == np.float32 else 3e-3
+    t = 0
+    for width in (7, 1, 1, 2, 5, 1, 3, 1, 1, 8, 1, 1, 1, 1, 1, 1, 1, 1):   # 38 positions in all
+        logits = model.forward_step(ids[:, t:t + width], cache)
+        t += width
+        assert_close(logits[0], full[t - 1], rtol=rtol, what=f"position {t - 1}")
+    assert t == ids.shape[1] and cache.starts[0] > 0
+    # A ragged batch of prompts, one longer than step_limit, then decoding: each row as alone.
+    prompts = [ids[0, :11], ids[0, 3:5], ids[0, 20:27]]
+    batch = KVCache(cfg, 3, 40, dtype, step_limit=3)
+    padded = np.zeros((3, 11), np.int64)
+    for b, p in enumerate(prompts):
+        padded[b, :p.size] = p
+    counts = np.array([p.size for p in prompts])
+    logits = model.forward_step(padded, batch, counts=counts)
+    for b, p in enumerate(prompts):
+        assert_close(logits[b], model(p[None, :])[0, -1], rtol=rtol, what=f"prompt {b}")
+    assert list(batch.lengths) == list(counts)
+    for step in range(9):
+        nxt = np.argmax(logits, axis=1)
+        logits = model.forward_step(nxt[:, None], batch)
+        for b in range(3):
+            prompts[b] = np.append(prompts[b], nxt[b])
+            assert_close(logits[b], model(prompts[b][None, :])[0, -1], rtol=rtol, what=f"row {b} step {step}")
+
+
+def test_window_buffers_go_back_only_where_they_still_hold_what_the_next_query_sees():
+    from pyllm.models import KVCache
+
+    cfg = config_of("llama", dict(n_kv_head=2, sliding_window=4))
+    model = Model(cfg, seed=1)
+    cache = KVCache(cfg, 2, 40, step_limit=2)
+    model.forward_step(np.arange(1, 13)[None, :].repeat(2, 0), cache)   # 12 positions: dropped some
+    assert cache.starts[0] > 0 and cache.keep == 3
+    start = int(cache.starts[0])
+    assert cache.truncatable(0, 12) and cache.truncatable(0, start + 3) and not cache.truncatable(0, start + 2)
+    assert cache.truncatable(0, 0) and not cache.truncatable(0, 13)
+    with pytest.raises(ValueError, match="cannot go back"):
+        cache.truncate(0, 1)
+    cache.truncate(1, 0)
+    assert cache.lengths[1] == 0 and cache.starts[1] == 0
+    # A whole model's shape: Gemma 3 270M's cache of its 32768 positions, its 15 sliding layers'
+    # part the size of their 512-key window.
+    gemma = ModelConfig.preset("gemma3-270m", vocab_size=1000)
+    per_layer = KVCache(gemma, 1, 32768, np.float16)
+    assert per_layer.k_window.shape == (15, 1, 1, 511 + 256, 256) and per_layer.k_all.shape == (3, 1, 1, 32768, 256)
+    whole = 2 * 18 * 32768 * 256 * 2
+    assert (per_layer.k_all.nbytes + per_layer.k_window.nbytes) * 2 < whole / 5

@@ -171,9 +171,34 @@ class DecodePlan {
   // logits (B, V) out; ids (B, Tq); counts (B,) or None; lengths (B,); k, v (L, R, NKV, capacity, HS)
   // with each layer's rows contiguous; rows (B,) distinct cache rows, or None for rows 0..B-1;
   // cos, sin (P, HS/2) or None.
+  // The cache buffers' layout: (layers, rows >= B, NKV, capacity, HS), each layer contiguous.
+  static void check_cache_buffers(model::Cache& cache, py::array& k, py::array& v, int64_t layers, int64_t B,
+                                  const model::Plan& p, bool window) {
+    const int64_t f = cache.half ? 2 : 4;   // bytes per value
+    for (py::array* c : {&k, &v}) {
+      check((cache.half ? py::dtype("float16").is(c->dtype()) : py::dtype::of<float>().is(c->dtype())) &&
+                c->ndim() == 5 && c->writeable(),
+            "the cache must be writeable float32 or float16 (L, B, NKV, capacity, HS), keys and values alike");
+      check(c->shape(0) == layers && c->shape(1) >= B && c->shape(2) == p.NKV && c->shape(4) == p.HS,
+            "the cache does not fit the model and the batch");
+      const int64_t cap = c->shape(3);
+      check(c->strides(4) == f && c->strides(3) == p.HS * f && c->strides(2) == cap * p.HS * f &&
+                c->strides(1) == p.NKV * cap * p.HS * f && c->strides(0) >= 0 && c->strides(0) % f == 0,
+            "each layer of the cache must be contiguous");
+      (window ? cache.window_capacity : cache.capacity) = cap;
+      (window ? cache.window_layer_stride : cache.layer_stride) = c->strides(0) / f;
+    }
+    check(k.shape(3) == v.shape(3) && k.strides(0) == v.strides(0) && k.shape(1) == v.shape(1),
+          "keys and values differ in layout");
+    (window ? cache.k_window : cache.k) = k.mutable_data();
+    (window ? cache.v_window : cache.v) = v.mutable_data();
+  }
+
+  // window: None, or (k_window, v_window, window_lengths (B,), layer_slots (L,)) for a cache whose
+  // sliding-window layers keep only their window (pyllm/models/cache.py).
   void step(py::array logits, py::array ids, py::object counts, py::array lengths, py::array k, py::array v,
             py::object rows, py::object cos, py::object sin, py::object cos_local, py::object sin_local,
-            py::object profile) {
+            py::object window, py::object profile) {
     const model::Plan& p = plan_;
     check(!p.layers.empty() && p.head.out == p.V, "the plan is not complete");
     check(ids.ndim() == 2, "ids must be (B, Tq)");
@@ -191,24 +216,30 @@ class DecodePlan {
     const int64_t* plen = array_of<int64_t>(lengths, B, "lengths");
     model::Cache cache;
     cache.half = py::dtype("float16").is(k.dtype());
-    const int64_t f = cache.half ? 2 : 4;   // bytes per value
-    for (py::array* c : {&k, &v}) {
-      check((cache.half ? py::dtype("float16").is(c->dtype()) : py::dtype::of<float>().is(c->dtype())) &&
-                c->ndim() == 5 && c->writeable(),
-            "the cache must be writeable float32 or float16 (L, B, NKV, capacity, HS), keys and values alike");
-      check(c->shape(0) == L && c->shape(1) >= B && c->shape(2) == p.NKV && c->shape(4) == p.HS,
-            "the cache does not fit the model and the batch");
-      const int64_t cap = c->shape(3);
-      check(c->strides(4) == f && c->strides(3) == p.HS * f && c->strides(2) == cap * p.HS * f &&
-                c->strides(1) == p.NKV * cap * p.HS * f && c->strides(0) >= 0 && c->strides(0) % f == 0,
-            "each layer of the cache must be contiguous");
-      cache.capacity = cap;
-      cache.layer_stride = c->strides(0) / f;
+    int64_t full_layers = L;
+    std::vector<int64_t> window_held;
+    if (!window.is_none()) {
+      py::tuple w = window.cast<py::tuple>();
+      check(w.size() == 4, "window must be (k_window, v_window, window_lengths, layer_slots)");
+      cache.layer_slots = array_of<int64_t>(w[3], L, "layer_slots");
+      int64_t windowed = 0;
+      for (int64_t l = 0; l < L; ++l) {
+        const int64_t s = cache.layer_slots[l];
+        check(s == (s >= 0 ? l - windowed : -1 - windowed), "layer_slots must number each kind's layers in order");
+        windowed += s < 0;
+      }
+      full_layers = L - windowed;
+      check(windowed > 0, "a window buffer with no layer in it");
+      py::array kw = w[0].cast<py::array>(), vw = w[1].cast<py::array>();
+      check_cache_buffers(cache, kw, vw, windowed, B, p, true);
+      check(kw.shape(1) == k.shape(1), "the window buffers and the full ones hold different rows");
+      cache.window_lengths = array_of<int64_t>(w[2], B, "window_lengths");
+      for (int64_t b = 0; b < B; ++b)
+        check(cache.window_lengths[b] >= 0 && cache.window_lengths[b] <= cache.window_capacity - Tq &&
+                  cache.window_lengths[b] <= plen[b],
+              "a row's window buffer holds too few positions for this step");
     }
-    check(k.shape(3) == v.shape(3) && k.strides(0) == v.strides(0), "keys and values differ in layout");
-    cache.k = k.mutable_data();
-    cache.v = v.mutable_data();
-    if (rows.is_none()) {
+    check_cache_buffers(cache, k, v, full_layers, B, p, false);    if (rows.is_none()) {
       check(k.shape(1) == B, "the cache holds more rows than the batch: say which rows the batch uses");
     } else {
       cache.rows = array_of<int64_t>(rows, B, "rows");
@@ -266,7 +297,7 @@ void bind_model(py::module_& m) {
       .def("add_layer", &DecodePlan::add_layer)
       .def("step", &DecodePlan::step, py::arg("logits"), py::arg("ids"), py::arg("counts"), py::arg("lengths"),
            py::arg("k"), py::arg("v"), py::arg("rows"), py::arg("cos"), py::arg("sin"), py::arg("cos_local"),
-           py::arg("sin_local"), py::arg("profile") = py::none())
+           py::arg("sin_local"), py::arg("window") = py::none(), py::arg("profile") = py::none())
       .def_property_readonly_static("operations", [](py::object) {
         std::vector<std::string> names(model::kOpNames, model::kOpNames + int(model::Op::count));
         return names;

@@ -46,7 +46,7 @@ class Clock {
 struct Buffers {
   std::vector<float> x, ln, qkv, atty, proj, mlp1, mlp2, last, lnf, mean, rstd, lse, part, lora_u, lora_d, heads,
       heads_out;
-  std::vector<int64_t> kv_lengths;
+  std::vector<int64_t> kv_lengths, window_kv_lengths;
 };
 thread_local Buffers buffers;
 
@@ -154,32 +154,40 @@ void embed(const Plan& plan, float* x, const int64_t* ids, int64_t B, int64_t Tq
       for (int64_t t = 0; t < Tq; ++t) add(x + (b * Tq + t) * C, plan.positions + (lengths[b] + t) * C, C);
 }
 
-// The new keys and values appended to layer_at's cache, then the attention of q over it (float32
+// One layer's part of the cache: its keys and values, capacity, and each row's held positions.
+struct LayerCache {
+  void* k;
+  void* v;
+  int64_t capacity;
+  const int64_t* held;      // (B,) positions before the step: where the new ones are written
+  const int64_t* visible;   // (B,) held + Tq: the keys attention reads
+};
+
+// The new keys and values appended to the layer's cache, then the attention of q over it (float32
 // or, KV = uint16_t, float16 cache: the kernels of each).
 template <class KV>
-void cache_attention(const Plan& plan, const Cache& cache, int64_t layer_at, int64_t window, float* atty, float* lse,
-                     const float* q,
-                     const float* kk, const float* vv, const int64_t* lengths, int64_t B, int64_t Tq,
-                     HeadStrides q_s, HeadStrides att_s, HeadStrides cache_s, Clock& clock) {
+void cache_attention(const Plan& plan, const Cache& cache, const LayerCache& lc, int64_t window, float* atty,
+                     float* lse, const float* q, const float* kk, const float* vv, int64_t B, int64_t Tq,
+                     HeadStrides q_s, HeadStrides att_s, Clock& clock) {
   const KernelTable& k = kernels();
-  const int64_t NH = plan.NH, NKV = plan.NKV, HS = plan.HS, cap = cache.capacity;
-  KV* k_cache = static_cast<KV*>(cache.k) + layer_at;
-  KV* v_cache = static_cast<KV*>(cache.v) + layer_at;
+  const int64_t NH = plan.NH, NKV = plan.NKV, HS = plan.HS, cap = lc.capacity;
+  const HeadStrides cache_s{NKV * cap * HS, cap * HS, HS};
+  KV* k_cache = static_cast<KV*>(lc.k);
+  KV* v_cache = static_cast<KV*>(lc.v);
   constexpr bool half = std::is_same_v<KV, uint16_t>;
   if constexpr (half) {
-    k.kv_write_half(k_cache, kk, lengths, cache.rows, B, Tq, NKV, HS, cap, q_s);
-    k.kv_write_half(v_cache, vv, lengths, cache.rows, B, Tq, NKV, HS, cap, q_s);
+    k.kv_write_half(k_cache, kk, lc.held, cache.rows, B, Tq, NKV, HS, cap, q_s);
+    k.kv_write_half(v_cache, vv, lc.held, cache.rows, B, Tq, NKV, HS, cap, q_s);
   } else {
-    k.kv_write(k_cache, kk, lengths, cache.rows, B, Tq, NKV, HS, cap, q_s);
-    k.kv_write(v_cache, vv, lengths, cache.rows, B, Tq, NKV, HS, cap, q_s);
+    k.kv_write(k_cache, kk, lc.held, cache.rows, B, Tq, NKV, HS, cap, q_s);
+    k.kv_write(v_cache, vv, lc.held, cache.rows, B, Tq, NKV, HS, cap, q_s);
   }
   clock.mark(Op::kv_write);
-  const int64_t* kv_lengths = buffers.kv_lengths.data();
   if constexpr (half)
-    k.attention_forward_half(atty, lse, q, k_cache, v_cache, B, NH, NKV, Tq, cap, HS, true, window, kv_lengths,
+    k.attention_forward_half(atty, lse, q, k_cache, v_cache, B, NH, NKV, Tq, cap, HS, true, window, lc.visible,
                              cache.rows, att_s, q_s, cache_s, cache_s);
   else
-    k.attention_forward(atty, lse, q, k_cache, v_cache, B, NH, NKV, Tq, cap, HS, true, window, kv_lengths,
+    k.attention_forward(atty, lse, q, k_cache, v_cache, B, NH, NKV, Tq, cap, HS, true, window, lc.visible,
                         cache.rows, att_s, q_s, cache_s, cache_s);
 }
 
@@ -198,16 +206,31 @@ void step(const Plan& plan, float* logits, const int64_t* ids, int64_t B, int64_
   float* atty = sized(bf.atty, N * NH * HS);
   float* proj = sized(bf.proj, N * C);
   float* lse = sized(bf.lse, N * NH);
-  if (int64_t(bf.kv_lengths.size()) < B) bf.kv_lengths.resize(size_t(B));
+  bf.kv_lengths.resize(size_t(B));
   for (int64_t b = 0; b < B; ++b) bf.kv_lengths[size_t(b)] = lengths[b] + Tq;
+  if (cache.window_lengths != nullptr) {
+    bf.window_kv_lengths.resize(size_t(B));
+    for (int64_t b = 0; b < B; ++b) bf.window_kv_lengths[size_t(b)] = cache.window_lengths[b] + Tq;
+  }
+  const auto layer_cache = [&](size_t l) {
+    const int64_t slot = cache.layer_slots ? cache.layer_slots[l] : int64_t(l);
+    const int64_t f = cache.half ? 2 : 4;
+    if (slot >= 0)
+      return LayerCache{static_cast<char*>(cache.k) + slot * cache.layer_stride * f,
+                        static_cast<char*>(cache.v) + slot * cache.layer_stride * f, cap, lengths,
+                        bf.kv_lengths.data()};
+    const int64_t w = -1 - slot;
+    return LayerCache{static_cast<char*>(cache.k_window) + w * cache.window_layer_stride * f,
+                      static_cast<char*>(cache.v_window) + w * cache.window_layer_stride * f, cache.window_capacity,
+                      cache.window_lengths, bf.window_kv_lengths.data()};
+  };
   // q, k and v are column blocks of qkv, tokens first; the cache keeps heads first.
-  const HeadStrides q_s{Tq * QKV, HS, QKV}, att_s{Tq * NH * HS, HS, NH * HS}, cache_s{NKV * cap * HS, cap * HS, HS};
+  const HeadStrides q_s{Tq * QKV, HS, QKV}, att_s{Tq * NH * HS, HS, NH * HS};
   float *q = qkv, *kk = qkv + NH * HS, *vv = qkv + (NH + NKV) * HS;
   embed(plan, x, ids, B, Tq, lengths);
   clock.mark(Op::embed);
   for (size_t l = 0; l < plan.layers.size(); ++l) {
     const Layer& layer = plan.layers[l];
-    const int64_t layer_at = int64_t(l) * cache.layer_stride;
     norm(plan, ln, x, layer.norm1_w, layer.norm1_b, N);
     clock.mark(Op::norm);
     linear(plan, layer.qkv, qkv, ln, N);
@@ -227,12 +250,11 @@ void step(const Plan& plan, float* logits, const int64_t* ids, int64_t B, int64_
           for (int64_t j = 0; j < NH * HS; ++j) q[i * QKV + j] *= plan.q_scale;
       clock.mark(Op::rope);
     }
+    const LayerCache lc = layer_cache(l);
     if (cache.half)
-      cache_attention<uint16_t>(plan, cache, layer_at, layer.window, atty, lse, q, kk, vv, lengths, B, Tq, q_s, att_s,
-                                cache_s, clock);
+      cache_attention<uint16_t>(plan, cache, lc, layer.window, atty, lse, q, kk, vv, B, Tq, q_s, att_s, clock);
     else
-      cache_attention<float>(plan, cache, layer_at, layer.window, atty, lse, q, kk, vv, lengths, B, Tq, q_s, att_s,
-                             cache_s, clock);
+      cache_attention<float>(plan, cache, lc, layer.window, atty, lse, q, kk, vv, B, Tq, q_s, att_s, clock);
     clock.mark(Op::attention);
     linear(plan, layer.o, proj, atty, N);
     clock.mark(Op::o);

@@ -72,15 +72,22 @@ struct Plan {
   std::vector<Layer> layers;
 };
 
-// The KV cache the step appends to: layer l's keys are (B, NKV, capacity, HS) at k + l * layer_stride.
-// Keys and values of every layer, (L, rows, NKV, capacity, HS) each: float32, or float16 (half).
-// Batch row b of a step reads and writes cache row rows[b] (b when rows is null).
+// The KV cache the step appends to, float32 or float16 (half). Layers that see every key share one
+// buffer, (L_full, rows, NKV, capacity, HS): layer slot s's keys at k + s * layer_stride. Sliding-
+// window layers may keep only their window, in a second buffer of window_capacity positions per
+// row (pyllm/models/cache.py), where row b holds window_lengths[b] positions (its latest). Batch row
+// b of a step reads and writes cache row rows[b] (b when rows is null).
 struct Cache {
   void* k = nullptr;
   void* v = nullptr;
   bool half = false;
   int64_t layer_stride = 0, capacity = 0;   // in values
   const int64_t* rows = nullptr;
+  void* k_window = nullptr;
+  void* v_window = nullptr;
+  int64_t window_layer_stride = 0, window_capacity = 0;
+  const int64_t* window_lengths = nullptr;   // (B,) positions each row's window buffers hold
+  const int64_t* layer_slots = nullptr;      // (L,) s >= 0: slot s of k; < 0: slot -1 - s of k_window
 };
 
 // Where a step's time goes, by operation (nanoseconds, added to), when a profile is asked for.

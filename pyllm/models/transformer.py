@@ -236,8 +236,8 @@ class Transformer:
 
     def bytes_per_token(self, context: int) -> int:
         """The bytes one decode step reads at `context` cached positions: every weight it multiplies
-        once (quantized ones in their blocks), one row of each table it looks up, and the KV cache
-        in its dtype. A decode step runs at most at the memory bandwidth divided by this."""
+        once (quantized ones in their blocks), one row of each table it looks up, and the keys and
+        values its layers see (a sliding layer's window at most) in the cache's dtype. A decode step runs at most at the memory bandwidth divided by this."""
         cfg = self.config
         fused_parts = {part for proj in self._fused.values() if proj.weight in self.quantized
                        for part, _ in proj.parts}
@@ -250,7 +250,8 @@ class Transformer:
         if self.arch.embedding in self.quantized and self.arch.embedding != self.runner.head.weight:
             table = self.quantized[self.arch.embedding]
             total -= table.data.nbytes - table.data.nbytes // table.shape[0]
-        kv = 2 * cfg.n_layer * cfg.n_kv_head * cfg.head_size * int(context) * np.dtype(self.kv_dtype).itemsize
+        seen = sum(min(int(context), cfg.layer_window(i) or int(context)) for i in range(cfg.n_layer))
+        kv = 2 * seen * cfg.n_kv_head * cfg.head_size * np.dtype(self.kv_dtype).itemsize
         return int(total + kv)
 
     def named_grads(self) -> dict[str, np.ndarray]:
@@ -389,11 +390,45 @@ class Transformer:
             if counts.shape != (B,) or counts.dtype.kind not in "iu" or counts.min() < 1 or counts.max() > Tq:
                 raise ValueError(f"counts must be (B={B},) integers in [1, Tq={Tq}], got {counts!r}")
             counts = counts.astype(np.int64)
+        limit = cache.step_limit
+        if limit is not None and Tq > limit:
+            return self._forward_in_pieces(ids, cache, rows, counts, profile, limit)
+        return self._step(ids, cache, rows, lengths, counts, profile)
+
+    def _step(self, ids: np.ndarray, cache: KVCache, rows: np.ndarray, lengths: np.ndarray,
+              counts: Optional[np.ndarray], profile: Optional[np.ndarray]) -> np.ndarray:
+        """forward_step on checked inputs, in one pass of the C++ step."""
+        B, Tq = ids.shape
         rope = self._rope_tables(int(lengths.max()) + Tq)
-        logits = np.empty((B, cfg.vocab_size), np.float32)
+        window = None
+        if cache.k_window is not None:
+            cache.make_room(rows, Tq)
+            window = (cache.k_window, cache.v_window, lengths - cache.starts[rows], cache.layer_slots)
+        logits = np.empty((B, self.config.vocab_size), np.float32)
         self._decode_plan().step(logits, ids, counts, lengths, cache.k_all, cache.v_all, rows,
-                                 *(rope[0] + rope[1] if rope is not None else (None,) * 4), profile)
+                                 *(rope[0] + rope[1] if rope is not None else (None,) * 4), window, profile)
         cache.lengths[rows] = lengths + (counts if counts is not None else Tq)
+        return logits
+
+    def _forward_in_pieces(self, ids: np.ndarray, cache: KVCache, rows: np.ndarray, counts: Optional[np.ndarray],
+                           profile: Optional[np.ndarray], limit: int) -> np.ndarray:
+        """forward_step of more new positions than the cache's window buffers take at once: pieces
+        of `limit` columns, each row taking part while it has real ids left; each row's logits
+        from the piece holding its last one."""
+        B, Tq = ids.shape
+        counts = np.full(B, Tq, np.int64) if counts is None else counts
+        logits = np.empty((B, self.config.vocab_size), np.float32)
+        for start in range(0, Tq, limit):
+            stop = min(Tq, start + limit)
+            piece = np.clip(counts - start, 0, stop - start)
+            live = np.flatnonzero(piece > 0)
+            if not live.size:
+                break
+            sub_counts = piece[live]
+            out = self._step(np.ascontiguousarray(ids[live, start:stop]), cache, rows[live], cache.lengths[rows[live]],
+                             None if (sub_counts == stop - start).all() else sub_counts, profile)
+            last = (counts[live] - 1 >= start) & (counts[live] - 1 < stop)
+            logits[live[last]] = out[last]
         return logits
 
     @staticmethod
