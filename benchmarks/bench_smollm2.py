@@ -55,8 +55,8 @@ def load(impl: str, quant: str = "Q4_1"):
     return load_file(impl, _path(quant))
 
 
-def load_file(impl: str, path):
-    """load() for any GGUF file."""
+def load_file(impl: str, path, n_ctx: int = PROMPT + DECODE + 8):
+    """load() for any GGUF file; n_ctx: llama.cpp's context (pyllm sizes each cache to its prompt)."""
     if impl == "pyllm":
         from pyllm import kernels
         from pyllm.llm import LLM
@@ -84,7 +84,7 @@ def load_file(impl: str, path):
 
     from pyllm.tokenizer import Tokenizer
 
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=PROMPT + DECODE + 8, n_threads=THREADS,
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=THREADS,
                           n_threads_batch=THREADS, n_batch=512, verbose=False)
 
     def prefill(ids):
