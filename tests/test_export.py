@@ -129,7 +129,8 @@ def trained(request, tokenizer):
     return LLM(model, tokenizer, chat_template=template)
 
 
-def _llama_cpp_greedy(path, prompt: list, n: int) -> list:
+def _llama_cpp_greedy(path, prompt: list, n: int) -> tuple:
+    """llama.cpp's greedy tokens after prompt, and its logits after the last of them."""
     llama_cpp = pytest.importorskip("llama_cpp")
     ref = llama_cpp.Llama(model_path=str(path), n_ctx=128, n_threads=2, verbose=False)
     ref.eval(prompt)
@@ -138,7 +139,7 @@ def _llama_cpp_greedy(path, prompt: list, n: int) -> list:
         logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ref._ctx.ctx, -1), shape=(ref.n_vocab(),))
         out.append(int(np.argmax(logits)))
         ref.eval([out[-1]])
-    return out
+    return out, np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ref._ctx.ctx, -1), shape=(ref.n_vocab(),)).copy()
 
 
 @pytest.mark.parametrize("type", ["f32", "f16", "q8_0", "q4_0", "q4_1", "q4_k"])
@@ -156,9 +157,12 @@ def test_exported_files_load_in_pyllm_and_llama_cpp_alike(trained, type, tmp_pat
     if type == "f32":   # the same weights: the same logits
         np.testing.assert_allclose(back.model(ids), trained.model(ids), rtol=1e-5, atol=1e-5)
     ours = back.model.generate(prompt, 12, temperature=0)[len(prompt):].tolist()
-    theirs_tokens = _llama_cpp_greedy(path, prompt, 12)
+    theirs_tokens, theirs_logits = _llama_cpp_greedy(path, prompt, 12)
     if type in ("f32", "f16"):
         assert theirs_tokens == ours          # the greedy text
+        # and the logits after it (past gemma3's window of 6), within llama.cpp's float16 rounding
+        last = back.model(np.array([prompt + ours]))[0, -1]
+        assert np.abs(last - theirs_logits).max() <= 2e-3 * np.abs(theirs_logits).max()
     else:
         assert theirs_tokens[0] == ours[0]    # the next token (the rest may part where two nearly tie)
 

@@ -389,3 +389,39 @@ def test_window_buffers_go_back_only_where_they_still_hold_what_the_next_query_s
     assert per_layer.k_window.shape == (15, 1, 1, 511 + 256, 256) and per_layer.k_all.shape == (3, 1, 1, 32768, 256)
     whole = 2 * 18 * 32768 * 256 * 2
     assert (per_layer.k_all.nbytes + per_layer.k_window.nbytes) * 2 < whole / 5
+
+
+GEMMA_TEMPLATE = ("{{ bos_token }}{% for message in messages %}{% if message['role'] == 'assistant' %}"
+                  "{% set role = 'model' %}{% else %}{% set role = message['role'] %}{% endif %}"
+                  "{{ '<start_of_turn>' + role + '\\n' + message['content'] | trim + '<end_of_turn>\\n' }}"
+                  "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}")
+
+
+def test_a_gemma3_gguf_chats_in_its_template_and_stops_at_the_end_of_its_turn(tmp_path):
+    """Gemma's files name <eos> as their end token; its turns end with <end_of_turn>: a chat read
+    from the GGUF stops at either, renders Gemma's template with its begin token, and a model
+    that says <end_of_turn> at once answers nothing more."""
+    pytest.importorskip("gguf")
+    from pyllm.llm import LLM
+    from pyllm.tokenizer import Tokenizer
+
+    specials = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"]
+    tok = Tokenizer.train(TEXT, 300, pattern="gpt2", special_tokens=specials, progress=False)
+    cfg = config_of("gemma3", {**FAMILIES["gemma3"][0], "vocab_size": tok.vocab_size, "n_embd": 64,
+                               "intermediate_size": 96, "layer_types": None, "sliding_window": 6,
+                               "rope_local_theta": 1e4, "query_pre_attn_scalar": None,
+                               "final_logit_softcapping": None})
+    model = Model(cfg, seed=2)
+    end = tok.special_tokens["<end_of_turn>"]
+    model.p["model.embed_tokens.weight"][end] *= 400.0   # tied head: every position's top token
+    llm = LLM(model, tok, GEMMA_TEMPLATE, [tok.special_tokens["<eos>"]], bos_token="<bos>")
+    llm.save_gguf(tmp_path / "g.gguf", "f32", progress=False)
+    back = LLM.load(tmp_path / "g.gguf")
+    import dataclasses
+    assert dataclasses.replace(back.model.config, norm_eps=cfg.norm_eps) == cfg   # eps stored as float32
+    assert set(back.stop_token_ids) == {tok.special_tokens["<eos>"], end}
+    messages = [{"role": "user", "content": "the quick brown fox"}]
+    assert back.apply_chat_template(messages) == "<bos><start_of_turn>user\nthe quick brown fox<end_of_turn>\n" \
+                                                 "<start_of_turn>model\n"
+    assert back.encode_prompt(back.apply_chat_template(messages))[0] == tok.special_tokens["<bos>"]
+    assert back.chat(messages, temperature=0, max_new_tokens=20) == ""
