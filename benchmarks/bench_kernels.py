@@ -179,6 +179,8 @@ def activation_cases() -> list[Case]:
         twin("silu_backward", shape, two, 8.0 * n),
         twin("swiglu", shape, two, 5.0 * n),
         twin("swiglu_backward", shape, three, 12.0 * n),
+        twin("geglu", shape, two, 10.0 * n),
+        twin("geglu_backward", shape, three, 20.0 * n),
     ]
 
 

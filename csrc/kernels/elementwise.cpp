@@ -25,76 +25,68 @@ constexpr float kGeluCubic = 0.044715f;
 // 0.5 * (1 + tanh(u)) is sigmoid(2u): one exp, no overflow for large |x|.
 inline vf gelu_gate(vf x) { return vsigmoid(2.0f * kGeluScale * (x + kGeluCubic * x * x * x)); }
 
+// Each activation and its derivative, for the plain and the gated (act(gate) * up) kernels.
+inline vf gelu_of(vf x) { return x * gelu_gate(x); }
+inline vf gelu_grad(vf x) {
+  const vf s = gelu_gate(x);  // s = 0.5 (1 + tanh u), so 1 - tanh^2 u = 4 s (1 - s)
+  const vf du = kGeluScale * (1.0f + 3.0f * kGeluCubic * x * x);
+  return s + x * (2.0f * s * (1.0f - s)) * du;
+}
+inline vf silu_of(vf x) { return x * vsigmoid(x); }
+inline vf silu_grad(vf x) {
+  const vf s = vsigmoid(x);
+  return s * (1.0f + x * (1.0f - s));
+}
+
+template <vf (*Act)(vf)>
+void unary_forward(float* out, const float* inp, int64_t n) {
+  for_each_vector(n, [&](int64_t i, int64_t k) { store_partial(out + i, Act(load_partial(inp + i, k)), k); });
+}
+
+template <vf (*Grad)(vf)>
+void unary_backward(float* dinp, const float* dout, const float* inp, int64_t n) {
+  for_each_vector(n, [&](int64_t i, int64_t k) {
+    store_partial(dinp + i, load_partial(dout + i, k) * Grad(load_partial(inp + i, k)), k);
+  });
+}
+
+template <vf (*Act)(vf)>
+void gated_forward(float* out, const float* gate, const float* up, int64_t n) {
+  for_each_vector(n, [&](int64_t i, int64_t k) {
+    store_partial(out + i, Act(load_partial(gate + i, k)) * load_partial(up + i, k), k);
+  });
+}
+
+template <vf (*Act)(vf), vf (*Grad)(vf)>
+void gated_backward(float* dgate, float* dup, const float* dout, const float* gate, const float* up, int64_t n) {
+  for_each_vector(n, [&](int64_t i, int64_t k) {
+    const vf g = load_partial(gate + i, k), dy = load_partial(dout + i, k);
+    store_partial(dgate + i, dy * load_partial(up + i, k) * Grad(g), k);
+    store_partial(dup + i, dy * Act(g), k);
+  });
+}
+
 }  // namespace
 
-void gelu_forward(float* out, const float* inp, int64_t n) {
-  for_each_vector(n, [&](int64_t i, int64_t k) {
-    const vf x = load_partial(inp + i, k);
-    store_partial(out + i, x * gelu_gate(x), k);
-  });
-}
-
+void gelu_forward(float* out, const float* inp, int64_t n) { unary_forward<gelu_of>(out, inp, n); }
 void gelu_backward(float* dinp, const float* dout, const float* inp, int64_t n) {
-  for_each_vector(n, [&](int64_t i, int64_t k) {
-    const vf x = load_partial(inp + i, k);
-    const vf s = gelu_gate(x);  // s = 0.5 (1 + tanh u), so 1 - tanh^2 u = 4 s (1 - s)
-    const vf du = kGeluScale * (1.0f + 3.0f * kGeluCubic * x * x);
-    const vf grad = s + x * (2.0f * s * (1.0f - s)) * du;
-    store_partial(dinp + i, load_partial(dout + i, k) * grad, k);
-  });
+  unary_backward<gelu_grad>(dinp, dout, inp, n);
 }
-
-void silu_forward(float* out, const float* inp, int64_t n) {
-  for_each_vector(n, [&](int64_t i, int64_t k) {
-    const vf x = load_partial(inp + i, k);
-    store_partial(out + i, x * vsigmoid(x), k);
-  });
-}
-
+void silu_forward(float* out, const float* inp, int64_t n) { unary_forward<silu_of>(out, inp, n); }
 void silu_backward(float* dinp, const float* dout, const float* inp, int64_t n) {
-  for_each_vector(n, [&](int64_t i, int64_t k) {
-    const vf x = load_partial(inp + i, k);
-    const vf s = vsigmoid(x);
-    const vf grad = s * (1.0f + x * (1.0f - s));
-    store_partial(dinp + i, load_partial(dout + i, k) * grad, k);
-  });
+  unary_backward<silu_grad>(dinp, dout, inp, n);
 }
-
 void swiglu_forward(float* out, const float* gate, const float* up, int64_t n) {
-  for_each_vector(n, [&](int64_t i, int64_t k) {
-    const vf g = load_partial(gate + i, k);
-    store_partial(out + i, g * vsigmoid(g) * load_partial(up + i, k), k);
-  });
+  gated_forward<silu_of>(out, gate, up, n);
 }
-
-void swiglu_backward(float* dgate, float* dup, const float* dout, const float* gate,
-                     const float* up, int64_t n) {
-  for_each_vector(n, [&](int64_t i, int64_t k) {
-    const vf g = load_partial(gate + i, k), u = load_partial(up + i, k);
-    const vf dy = load_partial(dout + i, k);
-    const vf s = vsigmoid(g);
-    store_partial(dgate + i, dy * u * s * (1.0f + g * (1.0f - s)), k);
-    store_partial(dup + i, dy * g * s, k);
-  });
+void swiglu_backward(float* dgate, float* dup, const float* dout, const float* gate, const float* up, int64_t n) {
+  gated_backward<silu_of, silu_grad>(dgate, dup, dout, gate, up, n);
 }
-
 void geglu_forward(float* out, const float* gate, const float* up, int64_t n) {
-  for_each_vector(n, [&](int64_t i, int64_t k) {
-    const vf g = load_partial(gate + i, k);
-    store_partial(out + i, g * gelu_gate(g) * load_partial(up + i, k), k);
-  });
+  gated_forward<gelu_of>(out, gate, up, n);
 }
-
-void geglu_backward(float* dgate, float* dup, const float* dout, const float* gate,
-                    const float* up, int64_t n) {
-  for_each_vector(n, [&](int64_t i, int64_t k) {
-    const vf g = load_partial(gate + i, k), u = load_partial(up + i, k);
-    const vf dy = load_partial(dout + i, k);
-    const vf s = gelu_gate(g);
-    const vf du = kGeluScale * (1.0f + 3.0f * kGeluCubic * g * g);
-    store_partial(dgate + i, dy * u * (s + g * (2.0f * s * (1.0f - s)) * du), k);
-    store_partial(dup + i, dy * g * s, k);
-  });
+void geglu_backward(float* dgate, float* dup, const float* dout, const float* gate, const float* up, int64_t n) {
+  gated_backward<gelu_of, gelu_grad>(dgate, dup, dout, gate, up, n);
 }
 
 }  // namespace PYLLM_ISA
