@@ -62,18 +62,26 @@ inline uint32_t generation_of(uint64_t state) { return uint32_t(state >> 32); }
 
 class Pool {
  public:
-  explicit Pool(int threads) {
-    for (int i = 1; i < threads; ++i) workers_.emplace_back([this] { worker_loop(); });
-  }
-  ~Pool() {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      stopping_ = true;
-      state_.store(uint64_t(generation_ + 1) << 32);
+  // threads - 1 workers. Where the system refuses a thread (a process or memory limit) the ones
+  // started are stopped; then with strict an error says so, else the pool starts again with half
+  // as many as the system gave (headroom for what the threads themselves allocate).
+  Pool(int threads, bool strict) {
+    for (int want = threads;;) {
+      int i = 1;
+      try {
+        for (; i < want; ++i) workers_.emplace_back([this] { worker_loop(); });
+        return;
+      } catch (const std::exception& e) {
+        stop();
+        if (strict)
+          throw std::runtime_error("could not start " + std::to_string(threads) + " threads: the system refused thread " +
+                                   std::to_string(i + 1) + " (" + e.what() + ")");
+        want = std::max(1, i / 2);
+        stopping_ = false;
+      }
     }
-    start_.notify_all();
-    for (auto& w : workers_) w.join();
   }
+  ~Pool() { stop(); }
   int size() const { return static_cast<int>(workers_.size()) + 1; }
 
   void run(int64_t n, int64_t grain, RangeFn fn, void* ctx) {
@@ -179,6 +187,17 @@ class Pool {
     }
   }
 
+  void stop() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stopping_ = true;
+      state_.store(uint64_t(++generation_) << 32);   // a generation no job will have
+    }
+    start_.notify_all();
+    for (auto& w : workers_) w.join();
+    workers_.clear();
+  }
+
   static constexpr std::chrono::milliseconds kWindow{20}, kSoloTime{200}, kLongestSolo{3200};
 
   std::vector<std::thread> workers_;
@@ -202,10 +221,16 @@ class Pool {
   std::exception_ptr error_;
 };
 
+// The most threads a pool takes: far more than any machine's cores, and few enough that a typo in
+// PYLLM_NUM_THREADS cannot ask the system for millions.
+constexpr int kMaxThreads = 1024;
+
+// PYLLM_NUM_THREADS when it is a number in [1, kMaxThreads] (larger ones clamped), else the cores.
 int default_threads() {
   if (const char* env = std::getenv("PYLLM_NUM_THREADS")) {
-    int n = std::atoi(env);
-    if (n > 0) return n;
+    char* end = nullptr;
+    const long n = std::strtol(env, &end, 10);
+    if (end != env && *end == '\0' && n > 0) return int(std::min<long>(n, kMaxThreads));
   }
   return std::max(1u, std::thread::hardware_concurrency());
 }
@@ -220,7 +245,7 @@ void reset_pool_in_child();
 std::unique_ptr<Pool>& pool() {
   static std::unique_ptr<Pool> p = [] {
     pthread_atfork(nullptr, nullptr, &reset_pool_in_child);
-    return std::make_unique<Pool>(default_threads());
+    return std::make_unique<Pool>(default_threads(), false);
   }();
   return p;
 }
@@ -229,7 +254,7 @@ void reset_pool_in_child() {
   new (&pool_mu) std::mutex();  // it may have been held by another thread at the fork
   const int threads = pool()->size();
   (void)pool().release();
-  pool() = std::make_unique<Pool>(threads);
+  pool() = std::make_unique<Pool>(threads, false);
 }
 
 }  // namespace
@@ -248,11 +273,19 @@ int num_threads() {
 }
 
 void set_num_threads(int n) {
-  check(n >= 1, "number of threads must be at least 1, got " + std::to_string(n));
+  check(n >= 1 && n <= kMaxThreads,
+        "number of threads must be in [1, " + std::to_string(kMaxThreads) + "], got " + std::to_string(n));
   std::lock_guard<std::mutex> lock(pool_mu);
-  if (pool()->size() != n) {
-    pool().reset();
-    pool() = std::make_unique<Pool>(n);
+  const int old = pool()->size();
+  if (old != n) {
+    pool().reset();   // the old workers stopped first: the new pool may need their share of the limit
+    try {
+      pool() = std::make_unique<Pool>(n, true);
+    } catch (...) {   // the machine keeps a pool: as many as it allows of the old size
+      pool() = std::make_unique<Pool>(old, false);
+      pool_threads.store(pool()->size(), std::memory_order_relaxed);
+      throw;
+    }
   }
   pool_threads.store(n, std::memory_order_relaxed);
 }

@@ -965,14 +965,17 @@ TokenBytes = _C.TokenBytes   # TokenBytes(list of each token's bytes): a vocabul
 
 # ----------------------------------------------------------------------------- runtime controls
 
+MAX_THREADS = 1024   # csrc/threads.cpp's kMaxThreads
+
+
 def set_num_threads(n: int) -> None:
     """Sets how many threads every kernel uses (default: all cores, or $PYLLM_NUM_THREADS).
 
     >>> set_num_threads(get_num_threads())
     """
-    if isinstance(n, bool) or int(n) != n or n < 1:
-        raise ValueError(f"the number of threads must be an integer >= 1, got {n!r}")
-    _C.set_num_threads(int(n))
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= MAX_THREADS:
+        raise ValueError(f"the number of threads must be an integer in [1, {MAX_THREADS}], got {n!r}")
+    _C.set_num_threads(int(n))   # RuntimeError, the old pool kept, where the system refuses the threads
 
 
 def get_num_threads() -> int:

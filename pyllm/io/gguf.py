@@ -51,6 +51,7 @@ class GGUFFile:
             if size < 24:
                 raise ValueError(f"{self.path}: not a GGUF file ({size} bytes is too short for a header)")
             self._buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        self.size = size
         self._pos = 0
         if self._bytes(4, "magic") != MAGIC:
             raise ValueError(f"{self.path}: not a GGUF file (bad magic)")
@@ -65,6 +66,8 @@ class GGUFFile:
         self.metadata: dict[str, Any] = {}
         for i in range(n_kv):
             key = self._string(f"metadata key {i}")
+            if key in self.metadata:
+                raise ValueError(f"{self.path}: metadata key {key!r} appears twice")
             self.metadata[key] = self._value(self._scalar(4, f"type of {key}"), key)
         self.tensors: dict[str, TensorInfo] = {}
         for i in range(n_tensors):
@@ -75,11 +78,33 @@ class GGUFFile:
             shape = tuple(self._scalar(10, f"shape of {name}") for _ in range(n_dims))
             ttype = self._scalar(4, f"type of {name}")
             offset = self._scalar(10, f"offset of {name}")
+            if name in self.tensors:
+                raise ValueError(f"{self.path}: tensor {name!r} appears twice")
             self.tensors[name] = TensorInfo(name, shape, ttype, offset)
         alignment = self.metadata.get("general.alignment", 32)
-        if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+        if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment <= 0 or \
+                alignment & (alignment - 1):
             raise ValueError(f"{self.path}: general.alignment {alignment!r} is not a power of two")
         self.data_offset = (self._pos + alignment - 1) // alignment * alignment
+        self._check_ranges()
+
+    def _check_ranges(self) -> None:
+        """Every tensor of a type pyllm reads lies inside the file, and no two share a byte (as
+        ggml's reader requires of them); tensors of other types are refused when read."""
+        spans = []
+        for info in self.tensors.values():
+            if info.type not in GGML_TYPES:
+                continue
+            start = self.data_offset + info.offset
+            end = start + self.nbytes(info)
+            if end > len(self._buf):
+                raise ValueError(f"{self.path}: tensor {info.name} spans bytes {start}..{end}, past the end of the "
+                                 f"file ({len(self._buf)} bytes): truncated or corrupt")
+            spans.append((start, end, info.name))
+        spans.sort()
+        for (_, end, name), (start, _, other) in zip(spans, spans[1:]):
+            if start < end:
+                raise ValueError(f"{self.path}: tensors {name} and {other} overlap (bytes from {start} to {end})")
 
     def close(self) -> None:
         self._buf.close()

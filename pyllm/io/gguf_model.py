@@ -12,15 +12,17 @@ weights are transposed back to Hugging Face's (in, out) when read as floats.
 
 from __future__ import annotations
 
+import re
 from typing import Optional
 
 import numpy as np
 
 from pyllm import kernels
 from pyllm.io.gguf import GGUFFile, TensorInfo
-from pyllm.io.tensors import LazyTensors, ModelWeights
+from pyllm.io.tensors import LazyTensors, ModelWeights, check_sizes_against_file
 from pyllm.models import ModelConfig, QuantizedWeight, parameter_specs, stored_in_out
 
+_LAYER_OF = re.compile(r"blk\.(\d+)\.")
 _ID = {t.name: t.id for t in kernels.GGML_TYPES.values()}
 F32, F16, BF16 = _ID["F32"], _ID["F16"], _ID["BF16"]
 Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q6_K = (_ID[n] for n in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q6_K"))
@@ -193,6 +195,7 @@ def read_weights(f: GGUFFile, dequantize: bool = False) -> ModelWeights:
     (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q6_K) kept as views of the mapped file: inference only, a
     fraction of the memory. With dequantize=True every weight is float32 (trainable)."""
     cfg = config_from_gguf(f)
+    check_sizes_against_file(cfg, f.tensors, _LAYER_OF, f.size, 0.5, str(f.path))   # Q4's 4.5 bits a weight
     arch = cfg.arch
     names = {}   # HF name -> GGUF tensor info
     for name, info in f.tensors.items():

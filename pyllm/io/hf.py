@@ -11,6 +11,8 @@ build a model; the tokenizer's files are tokenizer_files.py's.
 from __future__ import annotations
 
 import json
+import math
+import re
 import struct
 from pathlib import Path
 from typing import Optional
@@ -20,13 +22,14 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from pyllm.io.atomic import atomic_path, read_json_object, write_text
-from pyllm.io.tensors import LazyTensors, ModelWeights
+from pyllm.io.tensors import LazyTensors, ModelWeights, check_sizes_against_file
 from pyllm.models import ModelConfig, hf_norm_offsets
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"   # sharded weights: {"weight_map": {tensor: shard file}}
 TOKENIZER = "tokenizer.json"
+_LAYER_OF = re.compile(r"(?:model\.layers|transformer\.h)\.(\d+)\.")   # a tensor's layer, in pyllm's names
 # Buffers and duplicates that GPT-2 checkpoints may carry besides the parameters.
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 
@@ -34,6 +37,43 @@ _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 # The Llama-shaped families: pyllm arch -> (transformers class, model_type).
 _LLAMA_LIKE = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                "mistral": "MistralForCausalLM"}   # mistral: pyllm's llama with a sliding window
+
+_MISSING = object()
+
+
+def _get(doc: dict, key: str, where: str, default):
+    value = doc.get(key, default)
+    if value is _MISSING:
+        raise ValueError(f"{where}: missing key {key!r}")
+    return value
+
+
+def _int(doc: dict, key: str, where: str, default=_MISSING) -> Optional[int]:
+    """doc[key] as an int (a JSON integer, or a float with no fraction), None where it is null."""
+    value = _get(doc, key, where, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+        raise ValueError(f"{where}: {key} must be an integer, got {value!r}")
+    return int(value)
+
+
+def _num(doc: dict, key: str, where: str, default=_MISSING) -> Optional[float]:
+    """doc[key] as a finite float, None where it is null."""
+    value = _get(doc, key, where, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{where}: {key} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _flag(doc: dict, key: str, where: str, default: bool) -> bool:
+    """doc[key] as a JSON true or false (a string "false" is refused, not read as true)."""
+    value = _get(doc, key, where, default)
+    if not isinstance(value, bool):
+        raise ValueError(f"{where}: {key} must be true or false, got {value!r}")
+    return value
 
 
 def config_to_hf(cfg: ModelConfig) -> dict:
@@ -129,30 +169,30 @@ def _gemma3_config_from_hf(doc: dict, where: str) -> ModelConfig:
         raise ValueError(f"{where}: scaled rope on sliding layers is not supported")
     layer_types = doc.get("layer_types")
     try:
-        n_layer = int(doc["num_hidden_layers"])
+        n_layer = _int(doc, "num_hidden_layers", where)
         if layer_types is None:
-            pattern = int(doc.get("sliding_window_pattern", doc.get("_sliding_window_pattern", 6)))
+            pattern = _int(doc, "sliding_window_pattern", where, doc.get("_sliding_window_pattern", 6))
             if pattern < 1:
                 raise ValueError(f"{where}: sliding_window_pattern must be positive, got {pattern}")
             layer_types = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(n_layer)]
-        window = doc.get("sliding_window")
-        heads, hidden = int(doc["num_attention_heads"]), int(doc["hidden_size"])
-        head_dim = doc.get("head_dim")
-        softcap = doc.get("final_logit_softcapping")
-        return ModelConfig(arch="gemma3", vocab_size=int(doc["vocab_size"]),
-                           block_size=int(doc.get("max_position_embeddings", 131072)),
+        window = _int(doc, "sliding_window", where, None)
+        heads, hidden = _int(doc, "num_attention_heads", where), _int(doc, "hidden_size", where)
+        head_dim = _int(doc, "head_dim", where, None)
+        softcap = _num(doc, "final_logit_softcapping", where, None)
+        return ModelConfig(arch="gemma3", vocab_size=_int(doc, "vocab_size", where),
+                           block_size=_int(doc, "max_position_embeddings", where, 131072),
                            n_layer=n_layer, n_head=heads, n_embd=hidden,
-                           n_kv_head=int(doc.get("num_key_value_heads") or heads),
-                           head_dim=int(head_dim) if head_dim is not None else 256,
-                           intermediate_size=int(doc["intermediate_size"]),
-                           norm_eps=float(doc.get("rms_norm_eps", 1e-6)),
+                           n_kv_head=(_int(doc, "num_key_value_heads", where, None) or heads),
+                           head_dim=head_dim if head_dim is not None else 256,
+                           intermediate_size=_int(doc, "intermediate_size", where),
+                           norm_eps=_num(doc, "rms_norm_eps", where, 1e-6),
                            rope_theta=float(full.get("rope_theta", doc.get("rope_theta", 1e6))),
                            rope_local_theta=float(local.get("rope_theta", doc.get("rope_local_base_freq", 1e4))),
                            rope_scaling=scaling, layer_types=list(layer_types),
-                           sliding_window=int(window) if window is not None else None,
-                           query_pre_attn_scalar=float(doc.get("query_pre_attn_scalar", 256)),
-                           final_logit_softcapping=float(softcap) if softcap is not None else None,
-                           tie_word_embeddings=bool(doc.get("tie_word_embeddings", True)))
+                           sliding_window=window,
+                           query_pre_attn_scalar=_num(doc, "query_pre_attn_scalar", where, 256),
+                           final_logit_softcapping=softcap,
+                           tie_word_embeddings=_flag(doc, "tie_word_embeddings", where, True))
     except KeyError as exc:
         raise ValueError(f"{where}: missing key {exc.args[0]!r}") from None
     except (TypeError, ValueError) as exc:
@@ -160,6 +200,20 @@ def _gemma3_config_from_hf(doc: dict, where: str) -> ModelConfig:
 
 
 def config_from_hf(doc: dict, where: str = CONFIG) -> ModelConfig:
+    """The ModelConfig of a config.json's contents; every malformed value a ValueError naming
+    `where` and the key."""
+    if not isinstance(doc, dict):
+        raise ValueError(f"{where}: not a JSON object")
+    try:
+        return _config_from_hf(doc, where)
+    except ValueError as exc:
+        message = str(exc)
+        raise ValueError(message if message.startswith(where) else f"{where}: {message}") from None
+    except (TypeError, AttributeError) as exc:   # a value of the wrong JSON type where a dict or list goes
+        raise ValueError(f"{where}: a value has the wrong type ({exc})") from None
+
+
+def _config_from_hf(doc: dict, where: str) -> ModelConfig:
     model_type = doc.get("model_type")
     if model_type in ("gemma3_text", "gemma3"):
         if model_type == "gemma3" or doc.get("text_config"):
@@ -178,11 +232,11 @@ def config_from_hf(doc: dict, where: str = CONFIG) -> ModelConfig:
         if doc.get(flag):
             raise ValueError(f"{where}: {flag}=true is not supported")
     try:
-        return ModelConfig(vocab_size=int(doc["vocab_size"]), block_size=int(doc["n_positions"]),
-                           n_layer=int(doc["n_layer"]), n_head=int(doc["n_head"]), n_embd=int(doc["n_embd"]),
-                           intermediate_size=int(doc["n_inner"]) if doc.get("n_inner") else None,
-                           norm_eps=float(doc.get("layer_norm_epsilon", 1e-5)),
-                           tie_word_embeddings=bool(doc.get("tie_word_embeddings", True)))
+        return ModelConfig(vocab_size=_int(doc, "vocab_size", where), block_size=_int(doc, "n_positions", where),
+                           n_layer=_int(doc, "n_layer", where), n_head=_int(doc, "n_head", where), n_embd=_int(doc, "n_embd", where),
+                           intermediate_size=_int(doc, "n_inner", where, None) or None,
+                           norm_eps=_num(doc, "layer_norm_epsilon", where, 1e-5),
+                           tie_word_embeddings=_flag(doc, "tie_word_embeddings", where, True))
     except KeyError as exc:
         raise ValueError(f"{where}: missing key {exc.args[0]!r}") from None
 
@@ -204,8 +258,7 @@ def _llama_config_from_hf(doc: dict, where: str) -> ModelConfig:
     arch = doc["model_type"]
     window = None
     if arch == "mistral":   # Llama's block with an optional sliding window
-        arch, window = "llama", doc.get("sliding_window")
-        window = int(window) if window is not None else None
+        arch, window = "llama", _int(doc, "sliding_window", where, None)
     if doc.get("attention_bias") or doc.get("mlp_bias"):
         raise ValueError(f"{where}: attention/mlp biases are not supported for {arch}"
                          + (" (qwen2 has its q/k/v biases always)" if arch == "qwen2" else ""))
@@ -213,18 +266,17 @@ def _llama_config_from_hf(doc: dict, where: str) -> ModelConfig:
         raise ValueError(f"{where}: use_sliding_window=true (Qwen's sliding window on some layers) is not "
                          f"supported yet")
     try:
-        heads, hidden = int(doc["num_attention_heads"]), int(doc["hidden_size"])
-        head_dim = doc.get("head_dim")
-        return ModelConfig(arch=arch, vocab_size=int(doc["vocab_size"]),
-                           head_dim=int(head_dim) if head_dim is not None else None, rope_scaling=scaling,
+        heads, hidden = _int(doc, "num_attention_heads", where), _int(doc, "hidden_size", where)
+        return ModelConfig(arch=arch, vocab_size=_int(doc, "vocab_size", where),
+                           head_dim=_int(doc, "head_dim", where, None), rope_scaling=scaling,
                            sliding_window=window,
-                           block_size=int(doc.get("max_position_embeddings", 2048)),
-                           n_layer=int(doc["num_hidden_layers"]), n_head=heads, n_embd=hidden,
-                           n_kv_head=int(doc.get("num_key_value_heads") or heads),
-                           intermediate_size=int(doc["intermediate_size"]),
-                           norm_eps=float(doc.get("rms_norm_eps", 1e-6)),
+                           block_size=_int(doc, "max_position_embeddings", where, 2048),
+                           n_layer=_int(doc, "num_hidden_layers", where), n_head=heads, n_embd=hidden,
+                           n_kv_head=(_int(doc, "num_key_value_heads", where, None) or heads),
+                           intermediate_size=_int(doc, "intermediate_size", where),
+                           norm_eps=_num(doc, "rms_norm_eps", where, 1e-6),
                            rope_theta=float(theta),
-                           tie_word_embeddings=bool(doc.get("tie_word_embeddings", False)))
+                           tie_word_embeddings=_flag(doc, "tie_word_embeddings", where, False))
     except KeyError as exc:
         raise ValueError(f"{where}: missing key {exc.args[0]!r}") from None
 
@@ -336,8 +388,9 @@ def read_folder(source) -> ModelWeights:
     if directory.is_file():
         directory = directory.parent
     cfg = read_config(directory)
-    readers = _weight_readers(directory)   # tensor name -> read(name)
+    readers, file_bytes = _weight_readers(directory)   # tensor name -> read(name)
     by_name = {_normalise_name(n): n for n in readers if not n.endswith(_IGNORED_SUFFIXES)}
+    check_sizes_against_file(cfg, by_name, _LAYER_OF, file_bytes, 2, str(directory))
     if cfg.tie_word_embeddings:
         by_name.pop("lm_head.weight", None)
     offsets = hf_norm_offsets(cfg)
@@ -355,12 +408,13 @@ def to_hf_state(cfg: ModelConfig, state: dict) -> dict:
     return {name: (np.asarray(v) - np.float32(offsets[name])) if name in offsets else v for name, v in state.items()}
 
 
-def _weight_readers(directory: Path) -> dict:
-    """Tensor name -> its file's reader, for model.safetensors or the shards its index names."""
+def _weight_readers(directory: Path) -> tuple[dict, int]:
+    """(tensor name -> its file's reader, the files' bytes), for model.safetensors or the shards its
+    index names."""
     weights, index = directory / WEIGHTS, directory / INDEX
     if weights.is_file():
         names, read = _tensor_reader(weights)
-        return {name: read for name in names}
+        return {name: read for name in names}, weights.stat().st_size
     if not index.is_file():
         raise FileNotFoundError(f"{directory}: no {WEIGHTS} and no {INDEX}")
     weight_map = read_json_object(index).get("weight_map")
@@ -380,4 +434,4 @@ def _weight_readers(directory: Path) -> dict:
         if name not in shard_names:
             raise ValueError(f"{index}: {name!r} is not in {file}")
         out[name] = read
-    return out
+    return out, sum((directory / file).stat().st_size for file in shards)

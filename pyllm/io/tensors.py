@@ -6,13 +6,15 @@ Not a model: whoever asked (pyllm.Model.from_pretrained, pyllm.llm.LLM.load) bui
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import numpy as np
 
-from pyllm.models import ModelConfig, QuantizedWeight
+from pyllm.models import ModelConfig, QuantizedWeight, parameter_specs
 
 
 class LazyTensors(Mapping):
@@ -44,3 +46,19 @@ class ModelWeights:
     config: ModelConfig
     tensors: Mapping                                        # HF name -> float32 array (lazy)
     quantized: dict[str, QuantizedWeight] = field(default_factory=dict)   # kept in blocks
+
+
+def check_sizes_against_file(cfg: ModelConfig, names: Iterable[str], layer_of: re.Pattern, file_bytes: int,
+                             min_bytes_per_value: float, where: str) -> None:
+    """Before anything is allocated for a model: the file holds tensors of exactly the config's
+    layers (`layer_of` finds a tensor's layer index in its name), and enough bytes for the weights
+    the config's sizes need at `min_bytes_per_value` (a small file cannot ask for a huge model)."""
+    layers = {int(m.group(1)) for m in map(layer_of.match, names) if m}
+    if layers != set(range(cfg.n_layer)):
+        found = f"layers 0..{max(layers)}" if layers and layers == set(range(max(layers) + 1)) else \
+            f"{len(layers)} layers" if layers else "no layer"
+        raise ValueError(f"{where}: the config says {cfg.n_layer} layers; the file holds tensors of {found}")
+    values = sum(math.prod(spec.shape) for spec in parameter_specs(cfg))
+    if values * min_bytes_per_value > file_bytes:
+        raise ValueError(f"{where}: the config's sizes need {values:,} weights, at least "
+                         f"{int(values * min_bytes_per_value):,} bytes, but the file holds {file_bytes:,}")

@@ -57,11 +57,32 @@ class ModelConfig:
         "gpt2": (12, 12, 768, 1024),
     }
 
+    # Far past every released model, and small enough that no file's or flag's size makes a loop or
+    # an allocation without end before the sizes are compared with the bytes there are.
+    LIMITS = {"vocab_size": 1 << 24, "block_size": 1 << 24, "n_layer": 4096, "n_head": 4096, "n_embd": 1 << 17,
+              "intermediate_size": 1 << 20, "n_kv_head": 4096, "head_dim": 1 << 14, "sliding_window": 1 << 24}
+
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
+        for name in ("intermediate_size", "n_kv_head"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1):
+                raise ValueError(f"ModelConfig.{name} must be a positive integer or None, got {value!r}")
+        for name, limit in self.LIMITS.items():
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, bool) and isinstance(value, (int, np.integer)) \
+                    and value > limit:
+                raise ValueError(f"ModelConfig.{name} is {value}, more than pyllm supports ({limit})")
+        for name in ("rope_theta", "norm_eps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) or \
+                    not (math.isfinite(value) and value > 0):
+                raise ValueError(f"ModelConfig.{name} must be a finite number > 0, got {value!r}")
+        if not isinstance(self.tie_word_embeddings, (bool, np.bool_)):
+            raise ValueError(f"ModelConfig.tie_word_embeddings must be true or false, got {self.tie_word_embeddings!r}")
         if self.arch not in ARCHITECTURES:
             raise ValueError(f"ModelConfig.arch {self.arch!r} is not supported (choose from {ARCHITECTURES})")
         if self.head_dim is not None:
@@ -94,8 +115,6 @@ class ModelConfig:
             if self.arch == "gpt2":
                 raise ValueError("gpt2 models have no rotary embeddings to scale")
             self.rope_freq_factors()   # checks the fields
-        if not self.norm_eps > 0:
-            raise ValueError(f"norm_eps must be positive, got {self.norm_eps!r}")
         if self.layer_types is not None:
             self.layer_types = list(self.layer_types)
             if len(self.layer_types) != self.n_layer or any(t not in LAYER_TYPES for t in self.layer_types):
