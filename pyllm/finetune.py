@@ -103,7 +103,6 @@ def _example(record, llm, line: int) -> Example:
     messages = _messages(record)
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError("no assistant turn to learn from")
-    tok = llm.tokenizer
     ids: list[int] = []
     learn: list[bool] = []
     for i, m in enumerate(messages):
@@ -111,16 +110,15 @@ def _example(record, llm, line: int) -> Example:
             continue
         if not m["content"].strip():
             raise DataError(f"message {i} is an empty assistant turn")
-        before = tok.encode(llm.apply_chat_template(messages[:i], add_generation_prompt=True), allowed_special="all") \
-            if i else []
-        through = tok.encode(llm.apply_chat_template(messages[:i + 1], add_generation_prompt=False),
-                             allowed_special="all")
+        # Encoded as chat encodes them: a message's text that spells a special token stays text.
+        before = llm.encode_chat(messages[:i], add_generation_prompt=True) if i else []
+        through = llm.encode_chat(messages[:i + 1], add_generation_prompt=False)
         if before[:len(ids)] != ids or through[:len(before)] != before or len(through) <= len(before):
             raise DataError("the chat template does not extend the conversation token by token")
         # Tokens up to the reply are context; the reply (and its end-of-turn tokens) is learned.
         learn += [False] * (len(before) - len(ids)) + [True] * (len(through) - len(before))
         ids = through
-    full = tok.encode(llm.apply_chat_template(messages, add_generation_prompt=False), allowed_special="all")
+    full = llm.encode_chat(messages, add_generation_prompt=False)
     if full[:len(ids)] != ids:
         raise DataError("the chat template does not extend the conversation token by token")
     learn += [False] * (len(full) - len(ids))   # turns after the last answer: context only

@@ -93,25 +93,69 @@ class LLM:
                  min_p: Optional[float] = None, repetition_penalty: float = 1.0, presence_penalty: float = 0.0,
                  frequency_penalty: float = 0.0, stop: Sequence[str] = (), stream: bool = False
                  ) -> Union[str, Iterator[str]]:
-        """The continuation of prompt (without the prompt); with stream=True, an iterator of pieces."""
+        """The continuation of prompt (without the prompt); with stream=True, an iterator of pieces.
+        stop: a string or strings that end the text (not shown)."""
         if not isinstance(prompt, str):
             raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
-        ids = self.encode_prompt(prompt)
+        return self._generate_ids(self.encode_prompt(prompt), max_new_tokens, temperature, top_k, top_p, seed,
+                                  min_p=min_p, repetition_penalty=repetition_penalty,
+                                  presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, stop=stop,
+                                  stream=stream)
+
+    def _generate_ids(self, ids: list[int], max_new_tokens: int = 128, temperature: float = 0.8,
+                      top_k: Optional[int] = 50, top_p: Optional[float] = None, seed: Optional[int] = None, *,
+                      min_p: Optional[float] = None, repetition_penalty: float = 1.0, presence_penalty: float = 0.0,
+                      frequency_penalty: float = 0.0, stop: Union[str, Sequence[str]] = (), stream: bool = False
+                      ) -> Union[str, Iterator[str]]:
         if not ids:
             raise ValueError("the prompt is empty: give some text to continue")
         sampling = SamplingConfig(temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty,
                                   frequency_penalty)
-        pieces = self._stream(ids, max_new_tokens, sampling, seed, list(stop))
+        pieces = self._stream(ids, max_new_tokens, sampling, seed, _stop_strings(stop))
         return pieces if stream else "".join(pieces)
 
     def encode_prompt(self, text: str) -> list[int]:
         """The ids a prompt is fed as: special tokens spelled in it as theirs, and the begin token
         first when the model's files ask for one (as llama.cpp adds it) and the text lacks it."""
-        ids = self.tokenizer.encode(text, allowed_special="all")
+        return self._with_bos(self.tokenizer.encode(text, allowed_special="all"))
+
+    def _with_bos(self, ids: list[int]) -> list[int]:
         bos = self.tokenizer.special_tokens.get(self.bos_token) if self.bos_token else None
         if bos is not None and ids and ids[0] != bos:
             ids.insert(0, bos)
         return ids
+
+    def encode_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> list[int]:
+        """The ids of a conversation in the chat template: the template's own special tokens as
+        theirs, and text in a message that spells one as plain text, so no message can close its
+        turn or open another. Which is which: the template rendered again with each message's
+        special tokens masked by same-length filler; a token there in both renderings is the
+        template's."""
+        text = self.apply_chat_template(messages, add_generation_prompt)
+        tok = self.tokenizer
+        spans = tok.special_spans(text)
+        if not spans:
+            return self._with_bos(tok.encode_ordinary(text))
+        masked = [{k: _mask_specials(tok, v) if isinstance(v, str) and k != "role" else v for k, v in m.items()}
+                  for m in messages]
+        shadow = self.apply_chat_template(masked, add_generation_prompt)
+        if len(shadow) != len(text):   # the template changed a message's length: keep them apart by refusing
+            spelled = sorted({name for m in messages for k, v in m.items() if k != "role" and isinstance(v, str)
+                              for _, _, name in tok.special_spans(v)})
+            if spelled:
+                raise ValueError(f"a message spells the special token(s) {spelled}, which this chat template "
+                                 f"cannot keep apart from its own")
+            shadow = text
+        ids: list[int] = []
+        at = 0
+        for start, end, name in spans:
+            if shadow[start:end] != name:
+                continue   # a message's text: encoded as text with what surrounds it
+            ids += tok.encode_ordinary(text[at:start]) if start > at else []
+            ids.append(tok.special_tokens[name])
+            at = end
+        ids += tok.encode_ordinary(text[at:]) if at < len(text) else []
+        return self._with_bos(ids)
 
     def _stream(self, ids: list[int], max_new_tokens: int, sampling: SamplingConfig, seed: Optional[int],
                 stop: list[str]) -> Iterator[str]:
@@ -160,15 +204,15 @@ class LLM:
     def chat(self, messages: Sequence[Message], max_new_tokens: int = 256, stream: bool = False, **options
              ) -> Union[str, Iterator[str]]:
         """The assistant's answer to a conversation (a list of {"role", "content"} dicts)."""
-        prompt = self.apply_chat_template(messages)
-        stop = list(options.pop("stop", ())) + (list(PLAIN_STOPS) if self.chat_template is None else [])
-        reply = self.generate(prompt, max_new_tokens, stop=stop, stream=True, **options)
+        ids = self.encode_chat(messages)
+        stop = _stop_strings(options.pop("stop", ())) + (list(PLAIN_STOPS) if self.chat_template is None else [])
+        reply = self._generate_ids(ids, max_new_tokens, stop=stop, stream=True, **options)
         if stream:
             return reply
         return "".join(reply).strip()
 
     def count_tokens(self, messages: Sequence[Message]) -> int:
-        return len(self.encode_prompt(self.apply_chat_template(messages)))
+        return len(self.encode_chat(messages))
 
     @property
     def context_window(self) -> int:
@@ -228,6 +272,22 @@ def _stop_ids(tokenizer: Tokenizer, eos: Optional[int]) -> Optional[list[int]]:
     ids = [] if eos is None else [int(eos)]
     ids += [tokenizer.special_tokens[n] for n in END_OF_TEXT_NAMES if n in tokenizer.special_tokens]
     return list(dict.fromkeys(ids)) or None
+
+
+def _stop_strings(stop) -> list[str]:
+    """stop as a list of non-empty strings (one string is one stop, not its characters)."""
+    stops = [stop] if isinstance(stop, str) else list(stop)
+    for s in stops:
+        if not isinstance(s, str) or not s:
+            raise ValueError(f"stop must be a non-empty string or a list of them, got {stop!r}")
+    return stops
+
+
+def _mask_specials(tok: Tokenizer, text: str) -> str:
+    """text with each special token it spells replaced by as many private-use characters."""
+    for start, end, _ in reversed(tok.special_spans(text)):
+        text = text[:start] + "\ue000" * (end - start) + text[end:]
+    return text
 
 
 def _check_messages(messages) -> None:

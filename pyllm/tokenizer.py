@@ -235,6 +235,13 @@ class Tokenizer:
                 ids.extend(self.encode_ordinary(chunk))
         return ids
 
+    def special_spans(self, text: str) -> list[tuple[int, int, str]]:
+        """(start, end, token) of each special token spelled in text, left to right, as encode
+        would take them."""
+        if self._special_split is None:
+            return []
+        return [(m.start(), m.end(), m.group()) for m in self._special_split.finditer(text)]
+
     def encode_batch(self, texts: Sequence[str], *, num_threads: int | None = None,
                      allowed_special: Literal["all"] | Collection[str] = (),
                      disallowed_special: Literal["all"] | Collection[str] = "all") -> list[list[int]]:

@@ -148,11 +148,10 @@ def create_app(load: Callable[[], LLM], name: str, api_key: Optional[str] = None
         conversation = messages(f.raw("messages"))
         gen = generation(f, chat=True)
         f.done()
-        try:
-            text = llm.apply_chat_template(conversation)
+        try:   # a message's text that spells a special token stays text: no message opens a turn
+            ids = llm.encode_chat(conversation)
         except ValueError as exc:
             raise ApiError(400, str(exc), "messages", "invalid_value") from None
-        ids = llm.encode_prompt(text)
         stop = gen.stop + (["\nUser:"] if llm.chat_template is None else [])
         return await _complete(service, request, ids, gen, stop, chat=True)
 
