@@ -205,7 +205,8 @@ def _finetune_llm(model_arg, lora_rank: int):
 def _finetune_config(args: argparse.Namespace):
     return finetune.SFTConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                               lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                              checkpoint_interval=args.checkpoint_interval, resume=args.resume)
+                              checkpoint_interval=args.checkpoint_interval, resume=args.resume,
+                              overwrite=args.overwrite)
 
 
 def _cmd_finetune_dpo(args: argparse.Namespace) -> int:
@@ -472,6 +473,7 @@ def _add_finetune_flags(parser) -> None:
     parser.add_argument("--checkpoint-interval", type=int, default=50, metavar="STEPS",
                         help="save a checkpoint in OUT/checkpoint every STEPS steps (default 50); Ctrl-C saves one too")
     parser.add_argument("--resume", action="store_true", help="go on from the checkpoint in --out")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out (else refused)")
 
 
 def _add_train_parser(sub) -> None:
@@ -509,6 +511,7 @@ def _add_train_parser(sub) -> None:
     train.add_argument("--seed", type=int, help="seed for weights and batches (default 0)")
     train.add_argument("--threads", type=int, help="kernel threads (default: all cores)")
     train.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    train.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out (else refused)")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
     train.add_argument("--sample-tokens", type=int, default=100, help="tokens to sample at the end (0: none)")
     train.add_argument("--prompt", default="def ", help="prompt of that sample (default: 'def ')")

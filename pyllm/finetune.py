@@ -27,12 +27,15 @@ from tqdm.auto import tqdm
 
 from pyllm.interrupt import StopRequest
 from pyllm.io.atomic import write_text
-from pyllm.io.checkpoint import read_checkpoint, remove_checkpoint, rng_from, rng_state, write_checkpoint
+from pyllm.io.checkpoint import (read_checkpoint, refuse_earlier_run, remove_checkpoint, rng_from, rng_state,
+                                 write_checkpoint)
 from pyllm.lora import LoRA, LoRAConfig
 from pyllm.models import IGNORE
 from pyllm.optim import AdamW, cosine_lr
 
 CHECKPOINT = "checkpoint"
+LOG = "finetune_log.jsonl"
+ADAPTER = "adapter"                    # LoRA runs: the adapters on their own, a peft folder
 STATE = "state.json"                  # in the checkpoint: step, RNG, data order, log, settings
 TRAINED = "trained.safetensors"       # in the checkpoint: the trained values and AdamW's m and v
 
@@ -164,6 +167,7 @@ class SFTConfig:
     lora_dropout: float = 0.0   # dropout on the adapters' input, while training
     checkpoint_interval: int = 50   # steps between checkpoints (in out_dir/checkpoint, when saving)
     resume: bool = False        # go on from out_dir/checkpoint
+    overwrite: bool = False     # write over an earlier run in out_dir (else refused)
 
     def __post_init__(self) -> None:
         if not self.epochs > 0 or self.batch_size < 1 or self.checkpoint_interval < 1 or not self.lr > 0:
@@ -209,6 +213,8 @@ def _loop(llm, n_items: int, fingerprint: str, cfg: SFTConfig, step_fn, eval_fn,
     rng = np.random.default_rng(cfg.seed)
     order, step, records = rng.permutation(n_items), 0, []
     checkpoint = Path(out_dir) / CHECKPOINT if out_dir is not None else None
+    if out_dir is not None:
+        refuse_earlier_run(out_dir, (CHECKPOINT, LOG, "config.json", ADAPTER), cfg.resume, cfg.overwrite)
     if cfg.resume:
         if checkpoint is None:
             raise ValueError("resume needs the output folder that holds the checkpoint")
@@ -268,7 +274,7 @@ def _fingerprint(data: list[np.ndarray]) -> str:
     return h.hexdigest()
 
 
-_RESUME_FREE = ("resume", "checkpoint_interval")   # settings a resumed run may change
+_RESUME_FREE = ("resume", "overwrite", "checkpoint_interval")   # settings a resumed run may change
 
 
 def _save_checkpoint(folder: Path, trained, opt, cfg: SFTConfig, step: int, rng, order, records, fingerprint,
@@ -342,13 +348,13 @@ def _save(llm, out_dir, records: list[dict]) -> None:
         # peft's AutoPeftModelForCausalLM opens the adapter with the base it names: a model folder
         # (a GGUF base has none transformers opens as it is).
         base = str(llm.source) if llm.source is not None and llm.source.is_dir() else ""
-        lora.save(Path(out_dir) / "adapter", base_model=base)
+        lora.save(Path(out_dir) / ADAPTER, base_model=base)
         model.lora = None
         if model.quantized:
             llm.model = model = model.dequantized()
         lora.merge_into(model)
     llm.save(out_dir)
-    write_jsonl(Path(out_dir) / "finetune_log.jsonl", records)
+    write_jsonl(Path(out_dir) / LOG, records)
 
 
 def write_jsonl(path, records) -> None:

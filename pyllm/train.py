@@ -23,7 +23,8 @@ from pyllm import kernels
 from pyllm.data import EOT, TokenData, default_documents, id_dtype, iter_documents
 from pyllm.interrupt import StopRequest
 from pyllm.io.atomic import write_text
-from pyllm.io.checkpoint import Checkpoint, read_checkpoint, rng_from, rng_state, write_checkpoint
+from pyllm.io.checkpoint import (Checkpoint, read_checkpoint, refuse_earlier_run, rng_from, rng_state,
+                                 write_checkpoint)
 from pyllm.model import Model
 from pyllm.models import ModelConfig
 from pyllm.optim import AdamW, cosine_lr
@@ -74,6 +75,7 @@ class TrainConfig:
     seed: int = 0
     threads: Optional[int] = None
     resume: bool = False
+    overwrite: bool = False                   # write over an earlier run in out_dir (else refused)
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -173,6 +175,7 @@ def train(cfg: TrainConfig, say: Callable[[str], None] = print) -> TrainResult:
     if cfg.threads:
         kernels.set_num_threads(cfg.threads)
     out = Path(cfg.out_dir)
+    refuse_earlier_run(out, (CHECKPOINT, LOG, "config.json"), cfg.resume, cfg.overwrite)
     checkpoint = read_checkpoint(out / CHECKPOINT, MOMENTS, STATE) if cfg.resume else None
     if cfg.resume and checkpoint is None:
         raise FileNotFoundError(f"--resume: no checkpoint in {out}")
@@ -182,7 +185,7 @@ def train(cfg: TrainConfig, say: Callable[[str], None] = print) -> TrainResult:
         defaults = TrainConfig()
         run_length = {k for k in ("max_steps", "max_minutes", "stop_at_step")
                       if getattr(cfg, k) != getattr(defaults, k)}
-        keep = run_length | {"stop_at_step", "progress", "resume", "threads", "out_dir"}
+        keep = run_length | {"stop_at_step", "progress", "resume", "overwrite", "threads", "out_dir"}
         cfg = dataclasses.replace(cfg, **{k: v for k, v in saved.items() if k not in keep and k in saved})
     tokenizer, data = prepare_data(cfg, say)
     model_cfg = cfg.model_config(tokenizer.vocab_size)

@@ -20,6 +20,17 @@ from pyllm.io.atomic import latest_folder, read_json_object, replace_folder, wri
 from pyllm.io.hf import load_state, write_safetensors
 
 
+def refuse_earlier_run(folder, markers: tuple, resume: bool, overwrite: bool) -> None:
+    """A run's output folder that holds an earlier run's files (any of `markers`) is written over
+    only when asked: resume goes on from it, overwrite replaces it; else a FileExistsError says so."""
+    if resume or overwrite:
+        return
+    found = [m for m in markers if (Path(folder) / m).exists()]
+    if found:
+        raise FileExistsError(f"{folder} holds an earlier run ({', '.join(found)}): go on from it with --resume, "
+                              f"write to another --out, or replace it with --overwrite")
+
+
 @dataclass
 class Checkpoint:
     path: Path                       # the folder it was read from (the .old one after a crash)
