@@ -16,6 +16,7 @@ from typing import Iterator, Optional, Sequence, Union
 
 import jinja2
 import numpy as np
+from jinja2.exceptions import SecurityError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from pyllm.generate import SamplingConfig, generate_stream
@@ -186,8 +187,7 @@ class LLM:
                 return datetime.datetime.now().strftime(fmt)
 
             # As Hugging Face renders templates: a sandbox, loop controls, missing names undefined.
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                                extensions=["jinja2.ext.loopcontrols"])
+            env = _BoundedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
             env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now)
             try:
                 self._template = env.from_string(self.chat_template or PLAIN_TEMPLATE)
@@ -198,8 +198,8 @@ class LLM:
         try:
             return self._template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
                                          bos_token=self.bos_token, eos_token=eos, tools=None, documents=None)
-        except jinja2.TemplateError as exc:
-            raise ValueError(f"the model's chat template failed: {exc}") from None
+        except (jinja2.TemplateError, OverflowError, MemoryError, RecursionError) as exc:
+            raise ValueError(f"the model's chat template failed: {type(exc).__name__}: {exc}") from None
 
     def chat(self, messages: Sequence[Message], max_new_tokens: int = 256, stream: bool = False, **options
              ) -> Union[str, Iterator[str]]:
@@ -272,6 +272,28 @@ def _stop_ids(tokenizer: Tokenizer, eos: Optional[int]) -> Optional[list[int]]:
     ids = [] if eos is None else [int(eos)]
     ids += [tokenizer.special_tokens[n] for n in END_OF_TEXT_NAMES if n in tokenizer.special_tokens]
     return list(dict.fromkeys(ids)) or None
+
+
+class _BoundedSandbox(ImmutableSandboxedEnvironment):
+    """Hugging Face's template sandbox, with its arithmetic bounded: no string or list a product or
+    a sum makes grows past MAX_ITEMS, no power past MAX_BITS (a template from a file cannot hang or
+    exhaust memory; Jinja's documented way, intercepted_binops)."""
+
+    MAX_ITEMS, MAX_BITS = 1 << 22, 1 << 16
+    intercepted_binops = frozenset({"*", "**", "+"})
+
+    def call_binop(self, context, operator, left, right):
+        if operator == "**" and isinstance(left, int) and isinstance(right, int) and right > 0 and \
+                max(1, abs(left).bit_length()) * right > self.MAX_BITS:
+            raise SecurityError(f"the power {left} ** {right} is too large")
+        if operator == "*":
+            for seq, n in ((left, right), (right, left)):
+                if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > self.MAX_ITEMS:
+                    raise SecurityError(f"repeating {len(seq)} items {n} times is too large")
+        if operator == "+" and isinstance(left, (str, list, tuple)) and isinstance(right, (str, list, tuple)) and \
+                len(left) + len(right) > self.MAX_ITEMS:
+            raise SecurityError("a concatenation grows too large")
+        return super().call_binop(context, operator, left, right)
 
 
 def _stop_strings(stop) -> list[str]:

@@ -37,6 +37,31 @@ def split(text: str, pattern: str = "gpt4") -> list[str]:
     return split_reference(text, pattern)
 
 
+def check_pattern(pattern) -> None:
+    """A split pattern: a built-in name (BUILTIN, or "spm"), or a regex of your own that compiles
+    and has no capturing group (findall would then return the groups, not the pieces)."""
+    if not isinstance(pattern, str):
+        raise TypeError(f"a split pattern is a str (a built-in name or a regex), got {type(pattern).__name__}")
+    if pattern in BUILTIN or pattern in PATTERNS or pattern == "spm":
+        return
+    try:
+        compiled = regex.compile(pattern)
+    except regex.error as exc:
+        raise ValueError(f"the split pattern {pattern!r} is not a valid regex: {exc}") from None
+    if compiled.groups:
+        raise ValueError(f"the split pattern {pattern!r} has capturing groups: write them (?:...)")
+
+
+def _findall(pattern: str, text: str) -> list[str]:
+    """regex.findall with a time limit (a second plus a microsecond a character): a pattern of
+    your own that backtracks without end on some text is refused, not waited for."""
+    try:
+        return regex.findall(pattern, text, timeout=1.0 + 1e-6 * len(text))
+    except TimeoutError:
+        raise ValueError(f"the split pattern {pattern!r} took too long on a text of {len(text)} characters "
+                         f"(it backtracks without bound: make its repetitions possessive or atomic)") from None
+
+
 def split_reference(text: str, pattern: str) -> list[str]:
     """What split() gives, computed by the `regex` package alone: the spec the C++ is tested against.
 
@@ -44,7 +69,7 @@ def split_reference(text: str, pattern: str) -> list[str]:
     ['x', '  ', '1']
     """
     if pattern in PIPELINES:
-        inner = regex.compile(PATTERNS[PIPELINES[pattern]])
+        inner = PATTERNS[PIPELINES[pattern]]
         return [piece for segment in regex.findall(r"\p{N}|\P{N}+", text)
-                for piece in ([segment] if regex.fullmatch(r"\p{N}", segment) else inner.findall(segment))]
-    return regex.findall(PATTERNS.get(pattern, pattern), text)
+                for piece in ([segment] if regex.fullmatch(r"\p{N}", segment) else _findall(inner, segment))]
+    return _findall(PATTERNS.get(pattern, pattern), text)

@@ -23,9 +23,11 @@ from tqdm.auto import tqdm
 from pyllm import kernels
 from pyllm.io.gguf import GGUFFile
 from pyllm.io.tokenizer_files import TokenizerData, gguf_tokenizer, read_tokenizer, write_tokenizer
-from pyllm.pretokenize import BUILTIN, split_reference
+from pyllm.models import ModelConfig
+from pyllm.pretokenize import BUILTIN, check_pattern, split_reference
 
 _SPACE = "\u2581".encode()   # SentencePiece's visible space
+MAX_VOCAB = ModelConfig.LIMITS["vocab_size"]   # the largest vocabulary a model takes
 
 # Names that lived here before the file formats moved to pyllm.io (re-exported, not redefined).
 from pyllm.io.tokenizer_files import FORMAT_NAME, FORMAT_VERSION, GGUF_PRE, HF_PATTERNS, bytes_to_unicode  # noqa: F401,E402
@@ -100,16 +102,28 @@ class Tokenizer:
                  special_tokens: dict[str, int] | None = None, unk_token_id: int | None = None,
                  scores: Sequence[float | None] | None = None, byte_ids: Sequence[int] | None = None,
                  add_space_prefix: bool = True):
+        if isinstance(vocab, (str, bytes)) or not isinstance(vocab, Sequence) or \
+                not all(isinstance(t, (bytes, bytearray)) for t in vocab):
+            raise TypeError("vocab must be a sequence of bytes, one per token id")
         self.vocab: list[bytes] = [bytes(t) for t in vocab]
-        merges_arr = np.asarray(merges, dtype=np.int64).reshape(-1, 2)
+        try:
+            merges_arr = np.asarray(merges, dtype=np.int64).reshape(-1, 2)
+        except (OverflowError, TypeError, ValueError):
+            raise ValueError("merges must be pairs of token ids (integers in the vocabulary)") from None
         if merges_arr.size and (merges_arr.min() < 0 or merges_arr.max() >= len(self.vocab)):
             raise ValueError(f"merges name token ids outside the vocabulary of {len(self.vocab)}")
         self.merges: list[tuple[int, int]] = [(int(a), int(b)) for a, b in merges_arr]
+        check_pattern(pattern)
         self.pattern = pattern
         self.special_tokens: dict[str, int] = dict(special_tokens or {})
+        limit = len(self.vocab) + len(self.special_tokens)   # ids past the vocabulary: one each at most
+        if len(set(self.special_tokens.values())) != len(self.special_tokens):
+            raise ValueError(f"two special tokens share an id: {self.special_tokens}")
         for name, sid in self.special_tokens.items():
-            if not isinstance(sid, int) or sid < 0:
-                raise ValueError(f"special token {name!r} needs a non-negative integer id, got {sid!r}")
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"a special token needs a non-empty name, got {name!r}")
+            if isinstance(sid, bool) or not isinstance(sid, int) or not 0 <= sid < limit:
+                raise ValueError(f"special token {name!r} needs an integer id in [0, {limit}), got {sid!r}")
             if sid < len(self.vocab):
                 if self.vocab[sid] not in (b"", name.encode("utf-8")):
                     raise ValueError(f"special token {name!r} has id {sid}, which is the ordinary "
@@ -155,12 +169,18 @@ class Tokenizer:
         corpus always gives the same tokenizer. Training stops early if no pair occurs at least
         min_frequency times (or at all).
         """
-        special_tokens = list(dict.fromkeys(special_tokens))
-        if int(vocab_size) != vocab_size or vocab_size < 256 + len(special_tokens):
-            raise ValueError(f"vocab_size must be at least 256 (the bytes) + {len(special_tokens)} "
+        if isinstance(special_tokens, str):
+            raise TypeError("special_tokens must be a list of names, not one str")
+        special_tokens = list(special_tokens)
+        if not all(isinstance(t, str) and t for t in special_tokens) or len(set(special_tokens)) != len(special_tokens):
+            raise ValueError(f"special tokens must be distinct non-empty strings, got {special_tokens!r}")
+        check_pattern(pattern)
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, (int, np.integer)) or \
+                vocab_size < 256 + len(special_tokens):
+            raise ValueError(f"vocab_size must be an integer of at least 256 (the bytes) + {len(special_tokens)} "
                              f"(special tokens), got {vocab_size!r}")
-        if vocab_size > 2 ** 32 - 1:
-            raise ValueError(f"vocab_size {vocab_size} does not fit 32-bit token ids")
+        if vocab_size > MAX_VOCAB:
+            raise ValueError(f"vocab_size {vocab_size} is more than pyllm supports ({MAX_VOCAB})")
         counter = kernels.PieceCounter()
         for text in _read_sources(text_or_iterable):
             data = _utf8(text)

@@ -84,13 +84,14 @@ class TrainConfig:
         for name in positive:
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)!r}")
-        if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
-            raise ValueError(f"need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
+        if not (math.isfinite(self.lr) and self.lr > 0 and 0 <= self.min_lr <= self.lr):
+            raise ValueError(f"need a finite lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise ValueError(f"max_minutes must be positive, got {self.max_minutes}")
         id_dtype(self.vocab_size)
+        self.model_config(self.vocab_size)   # sizes checked now, before a tokenizer is trained for them
 
     def model_config(self, vocab_size: int) -> ModelConfig:
         overrides = {k: getattr(self, k) for k in ("n_layer", "n_head", "n_embd", "block_size")
@@ -189,6 +190,11 @@ def train(cfg: TrainConfig, say: Callable[[str], None] = print) -> TrainResult:
         cfg = dataclasses.replace(cfg, **{k: v for k, v in saved.items() if k not in keep and k in saved})
     tokenizer, data = prepare_data(cfg, say)
     model_cfg = cfg.model_config(tokenizer.vocab_size)
+    for split, tokens in (("training", data.train), ("validation", data.val)):   # before any allocation
+        if len(tokens) <= model_cfg.block_size:
+            raise ValueError(f"the {split} split has {len(tokens)} tokens, not more than block_size "
+                             f"{model_cfg.block_size}: give more data, a smaller --block-size, or a larger "
+                             f"validation fraction")
     model = Model(model_cfg, seed=cfg.seed)
     opt = AdamW(model, lr=cfg.lr, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip)
     step, rng = 0, np.random.default_rng(cfg.seed)
@@ -197,11 +203,6 @@ def train(cfg: TrainConfig, say: Callable[[str], None] = print) -> TrainResult:
         say(f"resuming from {checkpoint.path} at step {step}")
     say(f"{model}; {cfg.batch_size}x{model_cfg.block_size} tokens per micro-batch, "
         f"{cfg.grad_accum} micro-batch(es) per step, {kernels.get_num_threads()} threads")
-    for split, tokens in (("training", data.train), ("validation", data.val)):
-        if len(tokens) <= model_cfg.block_size:
-            raise ValueError(f"the {split} split has {len(tokens)} tokens, not more than block_size "
-                             f"{model_cfg.block_size}: give more data, a smaller --block-size, or a larger "
-                             f"validation fraction")
     log_path = out / LOG
     _truncate_log(log_path, step)
     tokens_per_step = cfg.batch_size * model_cfg.block_size * cfg.grad_accum

@@ -182,6 +182,12 @@ def _hf_vocabulary(doc: dict, model: dict, path: Path) -> tuple:
         added = {t["content"]: int(t["id"]) for t in doc.get("added_tokens") or []}
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ValueError(f"{path}: corrupt tokenizer.json model ({exc!r})") from None
+    limit = len(by_str) + len(added)   # ids are dense: none past the tokens there are
+    for text, tid in list(by_str.items()) + list(added.items()):
+        if not 0 <= tid < limit:
+            raise ValueError(f"{path}: token {text!r} has id {tid}, outside [0, {limit}) for {limit} tokens")
+    if not isinstance(raw_merges, list):
+        raise ValueError(f"{path}: model.merges must be a list")
     return by_str, raw_merges, added
 
 
