@@ -47,6 +47,8 @@ __all__ = [
 
 # ----------------------------------------------------------------------------- argument checks
 
+MAX_ROWS = 1 << 24   # the most rows a table built from a count takes (rope positions, a vocabulary)
+
 def _floats(x, name: str, ndim: Optional[int] = None, min_ndim: int = 0) -> np.ndarray:
     """x as a C-contiguous float32 array; other float dtypes are converted, non-floats refused."""
     arr = np.asarray(x)
@@ -142,6 +144,8 @@ def matmul_backward(dout, a, b, *, trans_b: bool = False, bias: bool = False):
     dbias = np.zeros(N, np.float32) if bias else None
     if da.size or db.size:
         _C.matmul_backward(da, db, dbias, dout, a, b, M, K, N, trans_b)
+    elif dbias is not None and dout.size:   # K == 0: no product, but the bias still sums dout
+        dbias[...] = dout.reshape(-1, N).sum(0, dtype=np.float64)
     return da, db, dbias
 
 
@@ -178,6 +182,8 @@ def softmax_backward(dout, y) -> np.ndarray:
 def _norm_params(x, w, b=None):
     x = _floats(x, "x", min_ndim=1)
     C = x.shape[-1]
+    if C == 0:
+        raise ValueError(f"x is {x.shape}: a norm needs at least one value per row (the last axis)")
     w = _floats(w, "w")
     _same_shape("w", w, (C,))
     if b is not None:
@@ -369,8 +375,9 @@ def rope_tables(positions, head_size: int, theta: float = 10000.0,
                                         and theta > 0):
         raise ValueError(f"rope theta must be a finite number > 0, got {theta!r}")
     if np.ndim(positions) == 0:
-        if isinstance(positions, bool) or int(positions) != positions or positions < 0:
-            raise ValueError(f"positions must be a count >= 0 or a 1-D array, got {positions!r}")
+        if isinstance(positions, bool) or not isinstance(positions, (int, np.integer)) or \
+                not 0 <= positions <= MAX_ROWS:
+            raise ValueError(f"positions must be a count in [0, {MAX_ROWS}] or a 1-D array, got {positions!r}")
         table_positions, P = None, int(positions)
     else:
         arr = np.asarray(positions)
@@ -540,6 +547,8 @@ def attention_forward(q, k, v, causal: bool = True, kv_lengths=None, kv_rows=Non
     w = _window(window, causal)
     q, k, v, dims = _attention_args(q, k, v, causal, half_kv=True, rows=kv_rows is not None)
     B, NH, NKV, Tq, Tk, HS = dims
+    if HS == 0:
+        raise ValueError(f"q is {q.shape}: attention needs heads of at least one value (the last axis)")
     kv_rows = _cache_rows(kv_rows, B, k.shape[0])
     if kv_lengths is not None:
         kv_lengths = _ints(kv_lengths, "kv_lengths", Tk + 1)
@@ -587,6 +596,9 @@ def attention_backward(dout, q, k, v, out, lse, causal: bool = True, window=None
 # ----------------------------------------------------------------------------- cross-entropy
 
 def _ce_args(logits, targets, ignore_index):
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer)) or \
+            not -2 ** 63 <= ignore_index < 2 ** 63:
+        raise ValueError(f"ignore_index must be a 64-bit integer, got {ignore_index!r}")
     logits = _floats(logits, "logits", min_ndim=1)
     V = logits.shape[-1]
     targets = _ints(targets, "targets", V, ignore=ignore_index)
@@ -651,8 +663,9 @@ def embedding_backward(dout, ids, vocab_size: int, *, dweight=None) -> np.ndarra
     With dweight given (a float32, C-contiguous (V, C) array), the rows are added into it in
     place and it is returned: how training accumulates into its gradient buffer.
     """
-    if int(vocab_size) != vocab_size or vocab_size < 0:
-        raise ValueError(f"vocab_size must be a non-negative integer, got {vocab_size!r}")
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, (int, np.integer)) or \
+            not 0 <= vocab_size <= MAX_ROWS:
+        raise ValueError(f"vocab_size must be an integer in [0, {MAX_ROWS}], got {vocab_size!r}")
     vocab_size = int(vocab_size)
     ids = _ints(ids, "ids", vocab_size)
     dout = _floats(dout, "dout", min_ndim=1)
@@ -684,8 +697,15 @@ def adamw(param, grad, m, v, *, lr: float, step: int, beta1: float = 0.9, beta2:
     grad = _floats(grad, "grad")
     for name, arr in (("grad", grad), ("m", m), ("v", v)):
         _same_shape(name, arr, param.shape)
-    if int(step) != step or step < 1:
+    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or not 1 <= step < 2 ** 62:
         raise ValueError(f"step counts from 1, got {step!r}")
+    for name, value, ok in (("lr", lr, lambda x: x >= 0), ("beta1", beta1, lambda x: 0 <= x < 1),
+                            ("beta2", beta2, lambda x: 0 <= x < 1), ("eps", eps, lambda x: x > 0),
+                            ("weight_decay", weight_decay, lambda x: x >= 0),
+                            ("grad_scale", grad_scale, lambda x: x >= 0)):
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) or \
+                not math.isfinite(value) or not ok(value):
+            raise ValueError(f"adamw: {name} must be a finite number in its range, got {value!r}")
     if param.size:
         _C.adamw_update(param, m, v, grad, float(lr), float(beta1), float(beta2), float(eps),
                         float(weight_decay), float(grad_scale), int(step))
@@ -714,7 +734,9 @@ def row_bytes(ggml_type: int, values: int) -> int:
     >>> row_bytes(QUANT_TYPES["Q8_0"], 64)
     68
     """
-    t = GGML_TYPES[ggml_type]
+    t = GGML_TYPES.get(ggml_type)
+    if t is None:
+        raise ValueError(f"unknown ggml type {ggml_type!r} (pyllm reads {sorted(GGML_TYPES)})")
     return values // t.block_values * t.block_bytes
 
 
@@ -871,17 +893,21 @@ def embed_quant(w, ggml_type: int, shape: tuple[int, int], ids, packed: bool = F
 
 # ----------------------------------------------------------------------------- sampling
 
+def _is_number(x) -> bool:
+    return not isinstance(x, bool) and isinstance(x, (int, float, np.integer, np.floating)) and math.isfinite(x)
+
+
 def _sampling_args(logits, temperature, top_k, top_p, min_p, repetition_penalty, history, seed):
     """Checked (logits (B, V), history (B, H) padded with -1, seeds (B,) uint64, squeeze)."""
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+    if not (_is_number(temperature) and temperature >= 0):
         raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature!r}")
-    if top_k is not None and (isinstance(top_k, bool) or int(top_k) != top_k or top_k < 1):
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1):
         raise ValueError(f"top_k must be an integer >= 1 or None, got {top_k!r}")
-    if top_p is not None and not 0 < top_p <= 1:
+    if top_p is not None and not (_is_number(top_p) and 0 < top_p <= 1):
         raise ValueError(f"top_p must lie in (0, 1], got {top_p!r}")
-    if min_p is not None and not 0 <= min_p < 1:
+    if min_p is not None and not (_is_number(min_p) and 0 <= min_p < 1):
         raise ValueError(f"min_p must lie in [0, 1), got {min_p!r}")
-    if not (repetition_penalty > 0 and math.isfinite(repetition_penalty)):
+    if not (_is_number(repetition_penalty) and repetition_penalty > 0):
         raise ValueError(f"repetition_penalty must be a finite number > 0 (1 is off), got {repetition_penalty!r}")
     logits = _floats(logits, "logits", min_ndim=1)
     squeeze = logits.ndim == 1
@@ -909,9 +935,13 @@ def _sampling_args(logits, temperature, top_k, top_p, min_p, repetition_penalty,
         hist = np.full((B, max((len(r) for r in rows), default=0)), -1, np.int64)
         for b, r in enumerate(rows):
             hist[b, :len(r)] = r
-    seeds = np.asarray(seed if seed is not None else 0)
-    if seeds.dtype.kind not in "iu" or seeds.ndim > 1 or (seeds.ndim == 1 and seeds.shape != (B,)):
-        raise ValueError(f"seed must be an integer or one integer per row, got {seed!r}")
+    try:
+        seeds = np.asarray(seed if seed is not None else 0)
+    except OverflowError:
+        raise ValueError(f"seed must fit 64 bits, got {seed!r}") from None
+    if seeds.dtype.kind not in "iu" or seeds.ndim > 1 or (seeds.ndim == 1 and seeds.shape != (B,)) or \
+            (seeds.dtype.kind == "i" and (seeds < 0).any()):
+        raise ValueError(f"seed must be an integer >= 0 or one per row, got {seed!r}")
     seeds = np.ascontiguousarray(np.broadcast_to(seeds, (B,)).astype(np.uint64))
     return logits, hist, seeds, squeeze
 
@@ -930,19 +960,19 @@ def sample(logits, *, temperature: float = 1.0, top_k: Optional[int] = None, top
     sampled from.
     """
     for name, value in (("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty)):
-        if not (isinstance(value, (int, float)) and math.isfinite(value)):
+        if not _is_number(value):
             raise ValueError(f"{name} must be a finite number, got {value!r}")
     logits, hist, seeds, squeeze = _sampling_args(logits, temperature, top_k, top_p, min_p,
                                                   repetition_penalty, history, seed)
     B, V = logits.shape
     steps = np.asarray(step)
     if steps.dtype == bool or steps.dtype.kind not in "iu" or steps.ndim > 1 or (steps < 0).any() \
-            or (steps.ndim == 1 and steps.size != B):
+            or (steps.ndim == 1 and steps.size != B) or (steps.size and int(steps.max()) >= 2 ** 63):
         raise ValueError(f"step must be an integer >= 0 or one per row ({B}), got {step!r}")
     steps = np.ascontiguousarray(np.broadcast_to(steps, (B,)), np.uint64)
     ids = np.empty(B, np.int64)
     probs = np.empty((B, V), np.float32) if return_probs else None
-    _C.sample(ids, logits, hist, seeds, steps, float(temperature), int(top_k or 0),
+    _C.sample(ids, logits, hist, seeds, steps, float(temperature), min(int(top_k or 0), V),
               float(1.0 if top_p is None else top_p), float(min_p or 0.0), float(repetition_penalty),
               float(presence_penalty), float(frequency_penalty), probs)
     result = int(ids[0]) if squeeze else ids

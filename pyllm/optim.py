@@ -51,6 +51,8 @@ class AdamW:
     def step(self, lr: float | None = None) -> None:
         """Updates the parameters from model.grads (clipped to grad_clip by global norm, if set)."""
         lr = self.lr if lr is None else float(lr)
+        if not (math.isfinite(lr) and lr >= 0):   # before anything moves: a NaN rate would ruin every weight
+            raise ValueError(f"the learning rate must be a finite number >= 0, got {lr!r}")
         scale = 1.0
         self.last_grad_norm = global_norm(self.model.grads)
         if not math.isfinite(self.last_grad_norm):
