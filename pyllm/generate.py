@@ -53,12 +53,19 @@ Prompt = Union[Sequence[int], np.ndarray]
 
 def _prompts(model, ids) -> tuple[list[np.ndarray], bool]:
     """The prompts as 1-D int64 arrays, and whether a single prompt was given."""
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, (Sequence, np.ndarray)):
+        raise TypeError(f"ids must be a sequence of token ids, a list of them, or a (B, T) array; "
+                        f"got {type(ids).__name__}")
     if isinstance(ids, np.ndarray) and ids.ndim == 2:
         prompts, single = [row for row in ids], False
-    elif len(ids) and not np.isscalar(ids[0]) and np.ndim(ids[0]) == 1:
+    elif isinstance(ids, np.ndarray) and ids.ndim != 1:
+        raise ValueError(f"ids must be (T,) or (B, T), got an array shaped {ids.shape}")
+    elif len(ids) and not np.isscalar(ids[0]):
         prompts, single = [np.asarray(p) for p in ids], False
+        if any(p.ndim != 1 for p in prompts):
+            raise ValueError("each prompt must be a flat sequence of token ids")
     else:
-        prompts, single = [np.asarray(ids).reshape(-1)], True
+        prompts, single = [np.asarray(ids)], True
     V, block = model.config.vocab_size, model.config.block_size
     out = []
     for i, p in enumerate(prompts):
@@ -73,6 +80,18 @@ def _prompts(model, ids) -> tuple[list[np.ndarray], bool]:
                              f"(the prompt must leave room for at least one new token)")
         out.append(p.astype(np.int64))
     return out, single
+
+
+def _token_ids(ids, vocab_size: int, what: str) -> list[int]:
+    """A sequence of ids in [0, vocab_size) as ints (one int is refused: pass [id])."""
+    if isinstance(ids, (int, np.integer, str, bytes)) or not isinstance(ids, (Sequence, np.ndarray, set, frozenset)):
+        raise TypeError(f"{what} must be a sequence of token ids, got {ids!r}")
+    out = []
+    for t in ids:
+        if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not 0 <= t < vocab_size:
+            raise ValueError(f"{what} must hold token ids in [0, {vocab_size}), got {t!r}")
+        out.append(int(t))
+    return out
 
 
 def seeds_for(seed: Optional[int], batch: int) -> np.ndarray:
@@ -114,7 +133,7 @@ def generate_stream(model, ids, max_new_tokens: int, sampling: SamplingConfig = 
         history[b, :p.size] = p
     filled = np.array([p.size for p in prompts], np.int64)
     done = np.zeros(B, bool)
-    stops = np.array(sorted(set(int(t) for t in stop_tokens)), np.int64)
+    stops = np.array(sorted(set(_token_ids(stop_tokens, model.config.vocab_size, "stop_tokens"))), np.int64)
     rows = np.arange(B)
     for step in range(int(max_new_tokens)):
         drawn = sampling.sample(logits, history, seeds, step, return_probs=with_probs)

@@ -53,7 +53,11 @@ class LLM:
         self.source: Optional[Path] = None   # the folder or file it was loaded from (LLM.load)
         if stop_token_ids is None:
             stop_token_ids = [tokenizer.special_tokens[n] for n in END_OF_TEXT_NAMES if n in tokenizer.special_tokens]
-        self.stop_token_ids = list(stop_token_ids)
+        V = model.config.vocab_size
+        if isinstance(stop_token_ids, (int, str)) or \
+                any(isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not 0 <= t < V for t in stop_token_ids):
+            raise ValueError(f"stop_token_ids must be token ids in [0, {V}), got {stop_token_ids!r}")
+        self.stop_token_ids = [int(t) for t in stop_token_ids]
         self._template = None
 
     # ------------------------------------------------------------------ loading
@@ -298,6 +302,10 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
 
 def _stop_strings(stop) -> list[str]:
     """stop as a list of non-empty strings (one string is one stop, not its characters)."""
+    if stop is None:
+        return []
+    if not isinstance(stop, (str, list, tuple)):
+        raise ValueError(f"stop must be a non-empty string or a list of them, got {stop!r}")
     stops = [stop] if isinstance(stop, str) else list(stop)
     for s in stops:
         if not isinstance(s, str) or not s:

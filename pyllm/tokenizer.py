@@ -228,6 +228,9 @@ class Tokenizer:
         """
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
+        for name, value in (("allowed_special", allowed_special), ("disallowed_special", disallowed_special)):
+            if value != "all" and (isinstance(value, str) or not isinstance(value, Collection)):
+                raise TypeError(f'{name} must be "all" or a collection of special token names, got {value!r}')
         allowed = set(self.special_tokens) if allowed_special == "all" else set(allowed_special)
         disallowed = (set(self.special_tokens) - allowed if disallowed_special == "all"
                       else set(disallowed_special))
@@ -275,7 +278,12 @@ class Tokenizer:
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         """The exact bytes of ids (special tokens as their UTF-8 text)."""
-        ids = list(ids)
+        if isinstance(ids, (str, bytes)) or not isinstance(ids, (Iterable, np.ndarray)):
+            raise TypeError(f"ids must be a sequence of token ids, got {type(ids).__name__}")
+        ids = np.asarray(ids).tolist() if isinstance(ids, np.ndarray) else list(ids)
+        for i in ids:
+            if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
+                raise TypeError(f"token ids must be integers, got {i!r}")
         if not self.special_tokens:
             return self._decode_ordinary(ids)
         out, run = [], []

@@ -45,11 +45,16 @@ def write_checkpoint(folder, tensors: dict[str, np.ndarray], state: dict, tensor
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    if extra is not None:
-        extra(tmp)
-    write_safetensors(tmp / tensors_file, tensors)
-    write_text(tmp / state_file, json.dumps(state, indent=indent))
+    try:
+        tmp.mkdir(parents=True)
+        if extra is not None:
+            extra(tmp)
+        write_safetensors(tmp / tensors_file, tensors)
+        write_text(tmp / state_file, json.dumps(state, indent=indent))
+    except OSError as exc:   # a full disk, say: the half-written copy goes, the previous one stays
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(exc.errno, f"could not write the checkpoint {folder} ({exc.strerror or exc}); "
+                                 f"the previous one, if any, is intact") from None
     replace_folder(tmp, folder)
     return folder
 

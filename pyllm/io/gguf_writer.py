@@ -147,6 +147,10 @@ def _vocabulary(w, data: TokenizerData, vocab_size: int, chat_template: Optional
         w.add_token_scores(vocab.scores)
     if vocab.add_space_prefix is not None:
         w.add_add_space_prefix(vocab.add_space_prefix)
+    for name, tid in (("eos_id", eos_id), ("bos_id", bos_id)):
+        if tid is not None and (isinstance(tid, bool) or not isinstance(tid, (int, np.integer))
+                                or not 0 <= tid < len(vocab.tokens)):
+            raise ValueError(f"{name} {tid!r} is not a token of the vocabulary (0 .. {len(vocab.tokens) - 1})")
     if eos_id is not None:
         w.add_eos_token_id(int(eos_id))
     if bos_id is not None:

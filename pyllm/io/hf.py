@@ -10,6 +10,7 @@ build a model; the tokenizer's files are tokenizer_files.py's.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import re
@@ -284,8 +285,12 @@ def _llama_config_from_hf(doc: dict, where: str) -> ModelConfig:
 def write_safetensors(path, tensors: dict[str, np.ndarray]) -> None:
     """A safetensors file (PyTorch's "pt" format tag, as transformers and peft expect), written atomically."""
     with atomic_path(path) as tmp:
-        save_file({name: np.ascontiguousarray(arr) for name, arr in tensors.items()}, str(tmp),
-                  metadata={"format": "pt"})
+        try:
+            save_file({name: np.ascontiguousarray(arr) for name, arr in tensors.items()}, str(tmp),
+                      metadata={"format": "pt"})
+        except SafetensorError as exc:   # the writer's I/O errors (a full disk) as the OSError they are
+            code = re.search(r"os error (\d+)", str(exc))
+            raise OSError(int(code.group(1)) if code else errno.EIO, f"{path}: could not write ({exc})") from None
 
 
 def write_folder(directory, config: ModelConfig, state: dict[str, np.ndarray],
