@@ -278,12 +278,7 @@ class Tokenizer:
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         """The exact bytes of ids (special tokens as their UTF-8 text)."""
-        if isinstance(ids, (str, bytes)) or not isinstance(ids, (Iterable, np.ndarray)):
-            raise TypeError(f"ids must be a sequence of token ids, got {type(ids).__name__}")
-        ids = np.asarray(ids).tolist() if isinstance(ids, np.ndarray) else list(ids)
-        for i in ids:
-            if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
-                raise TypeError(f"token ids must be integers, got {i!r}")
+        ids = self._check_ids(ids)
         if not self.special_tokens:
             return self._decode_ordinary(ids)
         out, run = [], []
@@ -296,6 +291,18 @@ class Tokenizer:
                 run.append(i)
         out.append(self._decode_ordinary(run))
         return b"".join(out)
+
+    def _check_ids(self, ids) -> list[int]:
+        """ids as a list of ints, each a token of this tokenizer (a clear error otherwise)."""
+        if isinstance(ids, (str, bytes)) or not isinstance(ids, (Iterable, np.ndarray)):
+            raise TypeError(f"ids must be a sequence of token ids, got {type(ids).__name__}")
+        ids = np.asarray(ids).tolist() if isinstance(ids, np.ndarray) else list(ids)
+        for i in ids:
+            if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
+                raise TypeError(f"token ids must be integers, got {i!r}")
+            if not 0 <= i < len(self.vocab) and i not in self._special_by_id:
+                raise ValueError(f"token id {i} is outside the vocabulary (0 .. {self.vocab_size - 1})")
+        return ids
 
     def _decode_ordinary(self, ids: list[int]) -> bytes:
         arr = np.asarray(ids)
@@ -310,7 +317,7 @@ class Tokenizer:
         """Text of ids; bytes that are not valid UTF-8 (a token boundary inside a character)
         become U+FFFD unless errors="strict". A SentencePiece vocabulary's added first space is
         dropped, as its encoding added it."""
-        ids = list(ids)
+        ids = self._check_ids(ids)
         text = self.decode_bytes(ids).decode("utf-8", errors=errors)
         if self._spm is not None and self.add_space_prefix and ids and ids[0] not in self._special_by_id \
                 and text.startswith(" "):

@@ -88,6 +88,8 @@ class TrainConfig:
             raise ValueError(f"need a finite lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.threads is not None and not 0 <= self.threads <= kernels.MAX_THREADS:
+            raise ValueError(f"threads must lie in [0, {kernels.MAX_THREADS}] (0: every core), got {self.threads}")
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise ValueError(f"max_minutes must be positive, got {self.max_minutes}")
         id_dtype(self.vocab_size)
