@@ -48,14 +48,19 @@ class LoRAConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if int(self.rank) != self.rank or self.rank < 1:
-            raise ValueError(f"rank must be an integer >= 1, got {self.rank!r}")
+        if isinstance(self.rank, bool) or int(self.rank) != self.rank or not 1 <= self.rank <= MAX_RANK:
+            raise ValueError(f"rank must be an integer in [1, {MAX_RANK}], got {self.rank!r}")
+        if not math.isfinite(self.alpha):
+            raise ValueError(f"alpha must be a finite number, got {self.alpha!r}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must lie in [0, 1), got {self.dropout!r}")
         known = {t for table in TARGETS.values() for t in table}
         if self.targets is not None and (set(self.targets) - known or not self.targets):
             raise ValueError(f"LoRA targets must be among {sorted(known)}, got "
                              f"{sorted(set(self.targets) - known) or 'none'}")
+
+
+MAX_RANK = 1 << 14   # wider than any layer pyllm runs: an adapter can be no wider than its layer
 
 
 @dataclass
@@ -210,10 +215,23 @@ class LoRA:
             unsupported.append("bias")
         if unsupported:
             raise ValueError(f"{directory}: adapter options pyllm does not apply: {', '.join(unsupported)}")
-        targets = config["target_modules"]
-        lora = cls(model, LoRAConfig(rank=int(config["r"]), alpha=float(config["lora_alpha"]),
-                                     targets=tuple(targets) if isinstance(targets, list) else (targets,),
-                                     dropout=float(config.get("lora_dropout") or 0.0)))
+        missing = [k for k in ("target_modules", "r", "lora_alpha") if k not in config]
+        if missing:
+            raise ValueError(f"{directory}: adapter_config.json lacks {', '.join(missing)}")
+        targets, rank, alpha, dropout = (config["target_modules"], config["r"], config["lora_alpha"],
+                                         config.get("lora_dropout") or 0.0)
+        targets = tuple(targets) if isinstance(targets, list) else (targets,)
+        if not targets or not all(isinstance(t, str) for t in targets):
+            raise ValueError(f"{directory}: target_modules must name modules (strings), got {config['target_modules']!r}")
+        for name, value in (("r", rank), ("lora_alpha", alpha), ("lora_dropout", dropout)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{directory}: {name} must be a number, got {value!r}")
+        if int(rank) != rank:
+            raise ValueError(f"{directory}: r must be an integer, got {rank!r}")
+        try:
+            lora = cls(model, LoRAConfig(rank=int(rank), alpha=float(alpha), targets=targets, dropout=float(dropout)))
+        except ValueError as exc:
+            raise ValueError(f"{directory}: {exc}") from None
         expected = set(lora.state_dict())
         unexpected = sorted(set(state) - expected)
         if unexpected:

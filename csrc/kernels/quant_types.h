@@ -44,16 +44,21 @@ inline constexpr GgmlType kGgmlTypes[] = {
 // Internal linkage (static) and constexpr (usable as a template's constant): kernel sources include
 // this with -m flags, and an inline function shared with baseline code could be linked in its
 // AVX-512 form (see simd.h).
-// The entry of a quantized type id, or null for a float type or an unknown id.
-static constexpr const GgmlType* quant_type(int id) {
-  for (const GgmlType& t : kGgmlTypes)
-    if (t.id == id) return t.quantized ? &t : nullptr;
-  return nullptr;
+// The index in kGgmlTypes of a quantized type id, or -1 for a float type or an unknown id (an index,
+// not a pointer: GCC's UBSan makes a pointer's comparison with null no constant expression).
+static constexpr int quant_index(int id) {
+  for (int i = 0; i < int(sizeof(kGgmlTypes) / sizeof(kGgmlTypes[0])); ++i)
+    if (kGgmlTypes[i].id == id) return kGgmlTypes[i].quantized ? i : -1;
+  return -1;
 }
 // Values per block (32, or 256 for the K-quants' super-blocks) of a quantized type, 0 if not one.
-static constexpr int64_t quant_block_values(int id) { return quant_type(id) ? quant_type(id)->block_values : 0; }
-static constexpr int64_t quant_block_bytes(int id) { return quant_type(id) ? quant_type(id)->block_bytes : 0; }
-static constexpr bool packed_type(int id) { return quant_type(id) && quant_type(id)->packed; }
+static constexpr int64_t quant_block_values(int id) {
+  return quant_index(id) >= 0 ? kGgmlTypes[quant_index(id)].block_values : 0;
+}
+static constexpr int64_t quant_block_bytes(int id) {
+  return quant_index(id) >= 0 ? kGgmlTypes[quant_index(id)].block_bytes : 0;
+}
+static constexpr bool packed_type(int id) { return quant_index(id) >= 0 && kGgmlTypes[quant_index(id)].packed; }
 
 // A packed matrix keeps its rows in groups of this many (quant_packed.cpp): a range of its rows
 // that starts at a multiple of it (and ends at one, or at the last row) is a packed matrix too.
