@@ -82,8 +82,12 @@ class TrainConfig:
         positive = ("vocab_size", "batch_size", "grad_accum", "max_steps", "eval_interval", "eval_batches",
                     "checkpoint_interval")
         for name in positive:
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        for name in ("batch_size", "grad_accum", "eval_batches"):   # each a loop or an allocation per step
+            if getattr(self, name) > 1 << 20:
+                raise ValueError(f"{name} is {getattr(self, name)}, more than pyllm takes ({1 << 20})")
         if not (math.isfinite(self.lr) and self.lr > 0 and 0 <= self.min_lr <= self.lr):
             raise ValueError(f"need a finite lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
         if self.warmup_steps < 0:
@@ -162,13 +166,43 @@ def save_checkpoint(out_dir: Path, model: Model, tokenizer, opt: AdamW, step: in
                             extra=lambda tmp: model.save_pretrained(tmp, tokenizer=tokenizer), indent=1)
 
 
+def resumed_config(checkpoint: Checkpoint, cfg: TrainConfig) -> TrainConfig:
+    """The settings a resumed run goes on with: the checkpoint's, except where this call changes how
+    long to go on; the checkpoint's state checked first (a ValueError naming it)."""
+    state, where = checkpoint.state, checkpoint.path / STATE
+    saved = state.get("train_config")
+    for key, ok in (("train_config", isinstance(saved, dict)), ("rng", isinstance(state.get("rng"), dict))):
+        if not ok:
+            raise ValueError(f"{where}: {key} is missing or not an object")
+    for key in ("step", "optimizer_step"):
+        value = state.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{where}: {key} must be an integer >= 0, got {value!r}")
+    defaults = TrainConfig()
+    run_length = {k for k in ("max_steps", "max_minutes", "stop_at_step") if getattr(cfg, k) != getattr(defaults, k)}
+    keep = run_length | {"stop_at_step", "progress", "resume", "overwrite", "threads", "out_dir"}
+    try:
+        cfg = dataclasses.replace(cfg, **{k: v for k, v in saved.items()
+                                          if k not in keep and k in TrainConfig.__dataclass_fields__})
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{where}: its train_config does not make a run ({exc})") from None
+    return cfg
+
+
 def load_checkpoint(checkpoint: Checkpoint, model: Model, opt: AdamW) -> tuple[int, np.random.Generator]:
     """The checkpoint's weights and moments into model and opt; (its step, its data RNG)."""
     saved = Model.from_pretrained(checkpoint.path)
     model.params[...] = saved.params
-    opt.load_state_dict({"m": checkpoint.tensors["m"], "v": checkpoint.tensors["v"],
-                         "step": checkpoint.state["optimizer_step"]})
-    return int(checkpoint.state["step"]), rng_from(checkpoint.state["rng"])
+    tensors, where = checkpoint.tensors, checkpoint.path
+    for name in ("m", "v"):
+        if name not in tensors or tensors[name].shape != opt.m.shape:
+            raise ValueError(f"{where}: AdamW's {name} is missing or not of the model's {opt.m.size} values")
+    opt.load_state_dict({"m": tensors["m"], "v": tensors["v"], "step": checkpoint.state["optimizer_step"]})
+    try:
+        rng = rng_from(checkpoint.state["rng"])
+    except (TypeError, ValueError, KeyError) as exc:
+        raise ValueError(f"{where}: the data RNG's state is not one ({exc!r})") from None
+    return int(checkpoint.state["step"]), rng
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -183,13 +217,7 @@ def train(cfg: TrainConfig, say: Callable[[str], None] = print) -> TrainResult:
     if cfg.resume and checkpoint is None:
         raise FileNotFoundError(f"--resume: no checkpoint in {out}")
     if checkpoint is not None:
-        saved = checkpoint.state["train_config"]
-        # The checkpoint's settings win, except where this call changes how long to go on.
-        defaults = TrainConfig()
-        run_length = {k for k in ("max_steps", "max_minutes", "stop_at_step")
-                      if getattr(cfg, k) != getattr(defaults, k)}
-        keep = run_length | {"stop_at_step", "progress", "resume", "overwrite", "threads", "out_dir"}
-        cfg = dataclasses.replace(cfg, **{k: v for k, v in saved.items() if k not in keep and k in saved})
+        cfg = resumed_config(checkpoint, cfg)
     tokenizer, data = prepare_data(cfg, say)
     model_cfg = cfg.model_config(tokenizer.vocab_size)
     for split, tokens in (("training", data.train), ("validation", data.val)):   # before any allocation

@@ -3,6 +3,7 @@ allocation without bound or a silent wrong: the thread pool under a system limit
 lie, configs with wrong types, chat messages that spell the template's special tokens."""
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -54,7 +55,7 @@ def test_a_pool_the_system_refuses_threads_to_says_so_and_keeps_working():
     out = subprocess.run([sys.executable, "-c", code, "set"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "refused: could not start 600 threads: the system refused thread" in out.stdout
-    env = {"PYLLM_NUM_THREADS": "1000", "PATH": "/usr/bin:/bin"}
+    env = {**os.environ, "PYLLM_NUM_THREADS": "1000"}
     out = subprocess.run([sys.executable, "-c", code, "env"], capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
     assert 1 <= int(out.stdout.split()[-1]) < 1000

@@ -4,6 +4,7 @@ dropped streams, a full queue, and 16 clients at once (each gets what it gets al
 
 import base64
 import json
+import os
 import socket
 import threading
 import time
@@ -436,7 +437,9 @@ def chromium():
     options.binary_location = binary
     for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
         options.add_argument(flag)
-    return webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver))
+    # The browser without a sanitizer run's preloaded runtimes (tools/sanitize.sh): they are for pyllm.
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    return webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver, env=env))
 
 
 def test_the_chat_page_streams_replies_in_chromium_and_keeps_the_conversation(server, tiny):

@@ -37,8 +37,9 @@ export LD_PRELOAD=${preload#:}
 export ASAN_OPTIONS=detect_leaks=0:halt_on_error=1:abort_on_error=1:allocator_may_return_null=1
 export UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
 export CI=1 PYLLM_SANITIZED=1   # the tests of memory use skip: the shadow memory counts too
+export PYTHONSAFEPATH=1         # no python (the tests' subprocesses too) puts the source tree first on sys.path
 
 echo "== the test suite under the sanitizers"
-# -P: the current folder (the source tree, whose pyllm/ has no compiled module) not on sys.path.
-"$venv/bin/python" -P -c 'import pyllm, pyllm._C; print("pyllm from", pyllm.__file__)'
-exec "$venv/bin/python" -P -m pytest -q -p no:cacheprovider "$@"
+# PYTHONSAFEPATH: the current folder (the source tree, whose pyllm/ has no compiled module) stays off sys.path.
+"$venv/bin/python" -c 'import pyllm, pyllm._C; print("pyllm from", pyllm.__file__)'
+exec "$venv/bin/python" -m pytest -q -p no:cacheprovider "$@"

@@ -107,10 +107,13 @@ def read_tokenizer(path: Union[str, os.PathLike]) -> TokenizerData:
         raise ValueError(f"{path} is not a tokenizer file (not valid JSON: {exc})") from None
     if not isinstance(doc, dict):
         raise ValueError(f"{path} is not a tokenizer file (a JSON {type(doc).__name__})")
-    if doc.get("format") == FORMAT_NAME:
-        return _from_pyllm(doc, path)
-    if isinstance(doc.get("model"), dict):
-        return _from_hf(doc, path)
+    try:
+        if doc.get("format") == FORMAT_NAME:
+            return _from_pyllm(doc, path)
+        if isinstance(doc.get("model"), dict):
+            return _from_hf(doc, path)
+    except (KeyError, TypeError, AttributeError, IndexError) as exc:   # a value of the wrong JSON type
+        raise ValueError(f"{path}: a corrupt tokenizer file (a value of the wrong type or shape: {exc!r})") from None
     raise ValueError(f"{path} is neither pyllm's tokenizer JSON nor a Hugging Face tokenizer.json")
 
 

@@ -348,15 +348,21 @@ def t_sampler(world, data):
 
 
 def t_checkpoint_state(world, data):
-    from pyllm.train import TrainConfig, train
+    """A resumed run's state: read, checked and loaded as `pyllm train --resume` does (not trained on:
+    a well-formed state may ask for any length of run)."""
+    from pyllm.io.checkpoint import read_checkpoint
+    from pyllm.model import Model
+    from pyllm.optim import AdamW
+    from pyllm.train import CHECKPOINT, MOMENTS, STATE, TrainConfig, load_checkpoint, resumed_config
     src = world.root / "run"
     out = _scratch(world, "ckpt") / "run"
     shutil.rmtree(out, ignore_errors=True)
     shutil.copytree(src, out)
-    (out / "checkpoint" / "trainer_state.json").write_bytes(data)
-    train(TrainConfig(out_dir=str(out), data=[str(world.root / "corpus.txt")], vocab_size=300, preset="tiny",
-                      n_embd=16, block_size=16, batch_size=2, max_steps=3, eval_interval=2, eval_batches=1,
-                      checkpoint_interval=1, warmup_steps=1, progress=False, resume=True), say=lambda *_: None)
+    (out / CHECKPOINT / STATE).write_bytes(data)
+    checkpoint = read_checkpoint(out / CHECKPOINT, MOMENTS, STATE)
+    cfg = resumed_config(checkpoint, TrainConfig(out_dir=str(out), resume=True, max_steps=3, progress=False))
+    model = Model(Model.from_pretrained(checkpoint.path).config, seed=None)
+    load_checkpoint(checkpoint, model, AdamW(model, lr=cfg.lr))
 
 
 _APP = {}
