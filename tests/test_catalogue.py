@@ -170,6 +170,10 @@ CASES = [
      r"tok\.json"),
     ("tokenizer-file-id-far", lambda w: Tokenizer.load(_spoil(w, "tok.json", _json_edit(
         lambda doc: doc.__setitem__("special_tokens", {"<x>": 10 ** 12})))), ValueError, r"integer id in|special"),
+    ("tokenizer-hf-shared-id", lambda w: Tokenizer.load(_spoil(w, "model/tokenizer.json", _json_edit(
+        lambda doc: doc["model"]["vocab"].update({"zzz": 5})))), ValueError, r"share the id 5"),
+    ("tokenizer-hf-far-id", lambda w: Tokenizer.load(_spoil(w, "model/tokenizer.json", _json_edit(
+        lambda doc: doc["model"]["vocab"].update({"zzz": 10 ** 12})))), ValueError, r"outside \[0, "),
     # ---------------------------------------------------------------- model configs and models
     ("config-rope-nan", lambda w: ModelConfig(arch="llama", rope_theta=float("nan")), ValueError, r"rope_theta"),
     ("config-layers-huge", lambda w: ModelConfig(n_layer=10 ** 8), ValueError, r"n_layer"),

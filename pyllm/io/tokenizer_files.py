@@ -185,6 +185,12 @@ def _hf_vocabulary(doc: dict, model: dict, path: Path) -> tuple:
         added = {t["content"]: int(t["id"]) for t in doc.get("added_tokens") or []}
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ValueError(f"{path}: corrupt tokenizer.json model ({exc!r})") from None
+    if len(set(by_str.values())) != len(by_str):
+        seen: dict = {}
+        for text, tid in by_str.items():
+            if tid in seen:
+                raise ValueError(f"{path}: tokens {seen[tid]!r} and {text!r} share the id {tid}")
+            seen[tid] = text
     limit = len(by_str) + len(added)   # ids are dense: none past the tokens there are
     for text, tid in list(by_str.items()) + list(added.items()):
         if not 0 <= tid < limit:
