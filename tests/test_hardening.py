@@ -32,6 +32,8 @@ def chat_llm():
 
 # ----------------------------------------------------------------------------- the thread pool
 
+@pytest.mark.skipif(bool(os.environ.get("PYLLM_SANITIZED")),
+                    reason="AddressSanitizer reserves more address space than the limit this test sets")
 def test_a_pool_the_system_refuses_threads_to_says_so_and_keeps_working():
     """Under a memory limit too small for 600 thread stacks: set_num_threads raises a RuntimeError
     saying the system refused, the old pool still runs kernels; PYLLM_NUM_THREADS asking too much
