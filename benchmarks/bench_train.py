@@ -144,6 +144,35 @@ if pytest is not None:
         assert np.isfinite(loss) and loss < np.log(V) + 1.0
 
 
+    @pytest.fixture(scope="module")
+    def busy_core():
+        """Another process keeping one of the cores busy while training steps are timed."""
+        import subprocess
+        import time
+
+        hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        time.sleep(0.5)
+        yield
+        hog.kill()
+        hog.wait()
+
+    @pytest.mark.parametrize("threads", [2, 1], ids=["2 threads", "1 thread"])
+    def test_train_step_with_a_busy_core(benchmark, busy_core, threads):
+        """The 6x384 step with one core busy elsewhere: all threads must not be slower than one."""
+        from pyllm import kernels
+
+        L, H, C, T, B, V = SHAPES["6x384"]
+        step = pyllm_step("6x384")
+        benchmark.group = "train step 6x384, one core busy: 2 threads vs 1"
+        benchmark.extra_info.update(impl="pyllm" if threads == 2 else "1 thread", target=1.0, tokens=B * T)
+        kernels.set_num_threads(threads)
+        try:
+            loss = benchmark.pedantic(step, rounds=5, iterations=1, warmup_rounds=1)
+        finally:
+            kernels.set_num_threads(THREADS)
+        assert np.isfinite(loss)
+
+
 if __name__ == "__main__":
     impl, shape = sys.argv[1], sys.argv[2]
     step = pyllm_step(shape) if impl == "pyllm" else torch_step(shape)

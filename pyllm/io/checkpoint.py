@@ -80,6 +80,10 @@ def rng_state(rng: np.random.Generator) -> dict:
 
 
 def rng_from(state: dict) -> np.random.Generator:
+    """The generator a checkpoint's RNG state describes (a ValueError if it describes none)."""
     rng = np.random.default_rng()
-    rng.bit_generator.state = state
+    try:
+        rng.bit_generator.state = state
+    except (TypeError, ValueError, KeyError, OverflowError) as exc:
+        raise ValueError(f"not a random generator's state ({type(exc).__name__}: {exc})") from None
     return rng
