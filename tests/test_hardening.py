@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import numpy as np
@@ -19,6 +20,8 @@ from pyllm.tokenizer import Tokenizer
 TEXT = "the quick brown fox jumps over the lazy dog. pack my box with five dozen liquor jugs. " * 30
 CHATML = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+OUTSIDE = tempfile.gettempdir()   # subprocesses start here: not the source tree, whose pyllm/ is unbuilt
 
 
 @pytest.fixture(scope="module")
@@ -54,11 +57,12 @@ def test_a_pool_the_system_refuses_threads_to_says_so_and_keeps_working():
         assert float(kernels.matmul(a, a)[0, 0]) == 64.0
         print("threads", kernels.get_num_threads())
     """)
-    out = subprocess.run([sys.executable, "-c", code, "set"], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code, "set"], capture_output=True, text=True, cwd=OUTSIDE, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "refused: could not start 600 threads: the system refused thread" in out.stdout
     env = {**os.environ, "PYLLM_NUM_THREADS": "1000"}
-    out = subprocess.run([sys.executable, "-c", code, "env"], capture_output=True, text=True, timeout=120, env=env)
+    out = subprocess.run([sys.executable, "-c", code, "env"], capture_output=True, text=True, cwd=OUTSIDE,
+                         timeout=120, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
     assert 1 <= int(out.stdout.split()[-1]) < 1000
     with pytest.raises(ValueError, match=r"threads must be an integer in \[1, 1024\]"):

@@ -5,10 +5,10 @@ uninterrupted run; a full disk leaves the old checkpoint and says so; SIGTERM sa
 
 import errno
 import json
-import os
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import numpy as np
@@ -77,10 +77,12 @@ KILLER = textwrap.dedent("""
 
 POINTS = ["tensors", "state", "swap", "cleanup"]
 
+OUTSIDE = tempfile.gettempdir()   # subprocesses start here: not the source tree, whose pyllm/ is unbuilt
+
 
 def _killed(point: str, job: dict) -> None:
     out = subprocess.run([sys.executable, "-c", KILLER, point, json.dumps(job)], capture_output=True, text=True,
-                         timeout=300)
+                         cwd=OUTSIDE, timeout=300)
     assert out.returncode == -signal.SIGKILL, (out.returncode, out.stdout, out.stderr[-2000:])
 
 
@@ -173,8 +175,7 @@ def test_a_full_disk_during_a_save_keeps_the_old_checkpoint_and_says_so(tmp_path
         except OSError as exc:
             print("OSError", exc.errno, exc)
     """)
-    env = dict(os.environ)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env,
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=OUTSIDE, timeout=120,
                          preexec_fn=lambda: signal.signal(signal.SIGXFSZ, signal.SIG_IGN))
     assert "OSError 27" in out.stdout and "previous one, if any, is intact" in out.stdout, out.stdout + out.stderr
     assert read_checkpoint(folder, "t.safetensors", "state.json").state == {"step": 1}
@@ -198,7 +199,8 @@ def test_sigterm_saves_a_checkpoint_as_ctrl_c_does(tmp_path, corpus):
         except TrainingInterrupted as exc:
             print("interrupted:", exc)
     """)
-    out = subprocess.run([sys.executable, "-c", code, json.dumps(config)], capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", code, json.dumps(config)], capture_output=True, text=True,
+                         cwd=OUTSIDE, timeout=300)
     assert "interrupted:" in out.stdout and "SIGTERM: finishing this step" in out.stderr, out.stdout + out.stderr
     found = read_checkpoint(tmp_path / "run" / "checkpoint", MOMENTS, STATE)
     assert found is not None and found.state["step"] == 6
