@@ -274,22 +274,24 @@ def t_tokenizer_hf(world, data):
     tok.decode(tok.encode("the quick brown fox", disallowed_special=()))
 
 
-def t_adapter_config(world, data):
+def _adapter(world, mutated: str, data: bytes) -> None:
+    """An adapter folder whose file `mutated` is data (the other the good one), loaded onto the model."""
     from pyllm.lora import LoRA
-    folder = _scratch(world, "adc")
-    shutil.copyfile(world.root / "adapter" / "adapter_model.safetensors", folder / "adapter_model.safetensors")
-    (folder / "adapter_config.json").write_bytes(data)
+    folder = _scratch(world, mutated)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        if name != mutated:
+            shutil.copyfile(world.root / "adapter" / name, folder / name)
+    (folder / mutated).write_bytes(data)
     LoRA.load(world.llm.model, folder)
     world.llm.model.lora = None
+
+
+def t_adapter_config(world, data):
+    _adapter(world, "adapter_config.json", data)
 
 
 def t_adapter_weights(world, data):
-    from pyllm.lora import LoRA
-    folder = _scratch(world, "adw")
-    shutil.copyfile(world.root / "adapter" / "adapter_config.json", folder / "adapter_config.json")
-    (folder / "adapter_model.safetensors").write_bytes(data)
-    LoRA.load(world.llm.model, folder)
-    world.llm.model.lora = None
+    _adapter(world, "adapter_model.safetensors", data)
 
 
 def t_chat_template(world, data):
