@@ -124,6 +124,9 @@ def config_from_gguf(f: GGUFFile) -> ModelConfig:
         raise ValueError(f"{f.path}: architecture {arch!r} is not supported (supported: {', '.join(ARCHITECTURES)})")
     n_embd = _meta(f, f"{arch}.embedding_length", kind=int)
     n_head = _meta(f, f"{arch}.attention.head_count", kind=int)
+    for key, value in (("embedding_length", n_embd), ("attention.head_count", n_head)):
+        if value < 1:
+            raise ValueError(f"{f.path}: {arch}.{key} is {value}, not a positive integer")
     vocab = f.metadata.get(f"{arch}.vocab_size") or len(_meta(f, "tokenizer.ggml.tokens", kind=list))
     sizes = dict(vocab_size=int(vocab), block_size=_meta(f, f"{arch}.context_length", kind=int),
                  n_layer=_meta(f, f"{arch}.block_count", kind=int), n_head=n_head, n_embd=n_embd,
