@@ -127,7 +127,7 @@ def mutate_json(data: bytes, rng: random.Random, others: list[bytes]) -> bytes:
                     parent = parent[key]
                 if isinstance(parent, dict):
                     parent[rng.choice(["vocab_size", "n_layer", "id", "type", "shape", "extra"])] = \
-                        rng.choice(JSON_VALUES)
+                        copy.deepcopy(rng.choice(JSON_VALUES))   # a copy: a shared one could end up inside itself
         except (KeyError, IndexError, TypeError):
             pass
     return json.dumps(doc).encode()
