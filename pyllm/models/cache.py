@@ -72,7 +72,7 @@ class KVCache:
             self.k_window, self.v_window = (_zeros((local, self.batch, heads[0], self.window_positions, heads[1]),
                                                    self.dtype) for _ in range(2))
         # The positions a window buffer must keep for the next query: the widest window less one.
-        self.keep = max(config.layer_window(i) for i in range(config.n_layer)) - 1 if local else 0
+        self.keep = self.window_positions - self._step_limit if local else 0
         self.lengths = np.zeros(self.batch, np.int64)
         self.starts = np.zeros(self.batch, np.int64)
 
