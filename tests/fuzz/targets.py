@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import random
+import resource
 import shutil
 import tempfile
 import time
@@ -414,21 +415,37 @@ class Report:
     findings: list = field(default_factory=list)   # (kind, detail, input bytes)
 
 
+
+def memory_bound(size: int) -> int:
+    """The most an input of `size` bytes may add to the process's resident peak: a fixed allowance for
+    the interpreter, numpy and the thread pool's scratch, and 64 bytes per input byte (a float32 model
+    from a quantized file is 8x its bytes; packed and cached copies a few times more)."""
+    return (256 << 20) + 64 * size
+
+
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss << 10   # Linux reports KiB
+
+
 def run(world: World, name: str, count: int, seed: int = 0, time_limit_s: float = 1.0,
-        max_findings: int = 20) -> Report:
+        max_findings: int = 20, baseline_rss: int | None = None) -> Report:
     """`count` mutated inputs through one target (the seeds first); what each did."""
     _, mutator = TARGETS[name]
     rng = random.Random(seed)
     seeds = world.seeds[name]
     inputs = (seeds[i] if i < len(seeds) else mutator(rng.choice(seeds), rng, seeds) for i in range(count))
-    return replay(world, name, inputs, time_limit_s, max_findings)
+    return replay(world, name, inputs, time_limit_s, max_findings, baseline_rss)
 
 
-def replay(world: World, name: str, inputs, time_limit_s: float = 1.0, max_findings: int = 20) -> Report:
-    """Each input through one target; what each did."""
+def replay(world: World, name: str, inputs, time_limit_s: float = 1.0, max_findings: int = 20,
+           baseline_rss: int | None = None) -> Report:
+    """Each input through one target; what each did. With `baseline_rss` (the process's resident
+    peak before any input), an input that lifts the peak more than memory_bound(its size) above it is
+    a finding: the peak only rises, so each input that sets a new one is the one measured."""
     target, _ = TARGETS[name]
     report = Report(name)
     for data in inputs:
+        peak_before = _peak_rss() if baseline_rss is not None else 0
         start = time.perf_counter()
         try:
             target(world, data)
@@ -442,6 +459,11 @@ def replay(world: World, name: str, inputs, time_limit_s: float = 1.0, max_findi
         report.slowest_s = max(report.slowest_s, elapsed)
         if elapsed > time_limit_s:
             report.findings.append(("slow", f"{elapsed:.2f} s", data))
+        if baseline_rss is not None:
+            peak = _peak_rss()
+            if peak > peak_before and peak - baseline_rss > memory_bound(len(data)):
+                report.findings.append(("memory", f"resident peak {(peak - baseline_rss) >> 20} MiB above the "
+                                        f"baseline for a {len(data)}-byte input", data))
         report.inputs += 1
         if len(report.findings) >= max_findings:
             break

@@ -1,6 +1,11 @@
 """A short, seeded fuzz pass over every target of tests/fuzz/targets.py (the long runs are
 tools/fuzz.py's): each input answered with a documented error or a result, within a second."""
 
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
 import pytest
 
 import targets as T
@@ -30,3 +35,30 @@ def test_inputs_that_once_failed_are_answered(world, name, path):
     """Every input a fuzz run once found (tests/fuzz/regressions/<target>/), replayed."""
     report = T.replay(world, name, [path.read_bytes()])
     assert not report.findings, report.findings[0][:2]
+
+
+CHECK_MEMORY = """
+import sys
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+import targets as T
+def allocating(world, data):
+    np.ones(len(data) << 20, dtype=np.uint8)   # 1 MiB per input byte, touched
+T.TARGETS["allocating"] = (allocating, T.mutate_bytes)
+T.memory_bound = lambda size: 24 << 20
+baseline = T._peak_rss()
+assert not T.replay(None, "allocating", [b"x" * 8], baseline_rss=baseline).findings
+report = T.replay(None, "allocating", [b"x" * 8, b"x" * 64], baseline_rss=baseline)
+assert [kind for kind, _, _ in report.findings] == ["memory"], report.findings
+assert "64-byte input" in report.findings[0][1], report.findings[0][1]
+"""
+
+
+def test_an_input_that_allocates_beyond_its_bound_is_a_finding():
+    """The long runs' memory check: an input that lifts the resident peak more than
+    memory_bound(its size) is reported, one within it is not (in a fresh process, whose resident
+    peak this suite's earlier tests have not raised)."""
+    here = Path(__file__).resolve().parent
+    proc = subprocess.run([sys.executable, "-c", CHECK_MEMORY, str(here)], capture_output=True, text=True,
+                          timeout=120, cwd=tempfile.gettempdir())
+    assert proc.returncode == 0, proc.stderr[-2000:]
