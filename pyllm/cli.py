@@ -10,9 +10,10 @@ import os
 import sys
 from pathlib import Path
 
-from pyllm import bench, finetune, kernels
+from pyllm import bench, finetune, kernels, report
 from pyllm.data import default_corpus_files, read_default_corpus
 from pyllm.engine import EngineConfig
+from pyllm.explain import piece
 from pyllm.generate import SamplingConfig, generate_stream
 from pyllm.hub import DEFAULT_MODEL
 from pyllm.llm import LLM, top_probabilities
@@ -20,7 +21,7 @@ from pyllm.lora import LoRA
 from pyllm.models import ARCHITECTURES, ModelConfig
 from pyllm.serve import serve
 from pyllm.tokenizer import Tokenizer
-from pyllm.train import TrainConfig, TrainingError, TrainingInterrupted, plot_losses, train
+from pyllm.train import REPORT, TrainConfig, TrainingError, TrainingInterrupted, plot_losses, train
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -81,6 +82,15 @@ def _cmd_tokenize_encode(args: argparse.Namespace) -> int:
                   for i in ids]
         print("|".join(pieces))
         print(f"{len(ids)} tokens, {len(text.encode('utf-8'))} bytes")
+    if args.html:
+        tokens = [(i, piece(tok, i)) for i in ids]
+        body = (f"<h1>How {report.escape(Path(args.tokenizer).name)} cuts the text</h1>"
+                f'<div class="meta">{len(ids)} tokens, {len(text.encode("utf-8"))} bytes, '
+                f"{len(text.encode('utf-8')) / max(1, len(ids)):.2f} bytes per token</div>"
+                + report.token_strip(tokens))
+        path = report.write(args.html, report.page("pyllm tokenize", body))
+        if not args.ids_only:
+            print(f"wrote {path}")
     return 0
 
 
@@ -113,8 +123,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(f"step {last_val['step']}: validation loss {last_val['val_loss']:.4f} "
               f"(perplexity {last_val['val_ppl']:.2f})")
     png = plot_losses(out / "log.jsonl", out / "loss.png")
-    print(f"model, tokenizer and log in {out}/" + (f"; loss curve {png}" if png else
-                                                  " (pip install matplotlib for a loss-curve PNG)"))
+    print(f"model, tokenizer and log in {out}/; curves in {out / REPORT}" + (f" and {png}" if png else ""))
     if args.sample_tokens:
         tok = result.tokenizer
         prompt = (tok.encode(args.prompt) or [0])[-(result.model.config.block_size // 2):]
@@ -162,7 +171,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     sampling = SamplingConfig(**options)
     print(f"prompt: {prompt!r} ({len(ids)} tokens)")
     text = b""
-    for step, (tokens, probs) in enumerate(generate_stream(llm.model, ids, args.max_new_tokens, sampling,
+    for step, (tokens, probs, _) in enumerate(generate_stream(llm.model, ids, args.max_new_tokens, sampling,
                                                            llm.stop_token_ids, seed, with_probs=True)):
         token = int(tokens[0])
         top = ", ".join(f"{piece!r} {p:.3f}" for piece, p in top_probabilities(probs[0], llm.tokenizer, args.show_probs))
@@ -174,6 +183,18 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             break
     print("---")
     print(prompt + text.decode("utf-8", errors="replace"))
+    return 0
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    llm = _load_llm(args.model, args.adapter)
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    explanation = llm.explain(prompt, args.show, args.temperature, generate=args.generate,
+                              sample_top_k=args.top_k or None, top_p=args.top_p, min_p=args.min_p,
+                              repetition_penalty=args.repetition_penalty, seed=args.seed)
+    print(explanation.table())
+    if args.html:
+        print(f"wrote {explanation.to_html(args.html)} (open it in a browser; it needs no network)")
     return 0
 
 
@@ -368,6 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     encode.add_argument("--file", help="read the text from this file")
     encode.add_argument("--allow-special", action="store_true", help="encode special-token text as the special tokens")
     encode.add_argument("--ids-only", action="store_true", help="print the ids only")
+    encode.add_argument("--html", metavar="FILE", help="also write the token strip (pieces and ids) as an HTML page")
     encode.set_defaults(func=_cmd_tokenize_encode)
     decode = tsub.add_parser("decode", help="turn token ids back into text")
     decode.add_argument("--tokenizer", required=True, help="a pyllm tokenizer JSON or a tokenizer.json")
@@ -380,6 +402,25 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--show-probs", type=int, nargs="?", const=5, default=0, metavar="K",
                      help="print each step's K likeliest next tokens and their probabilities (default K=5)")
     gen.set_defaults(func=_cmd_generate)
+    explain = sub.add_parser("explain", help="show how the model decides the next token (tokens, probabilities, "
+                                             "attention, logit lens; --html for a page)",
+                             description="Runs the prompt once with the model's insides kept and prints its tokens, "
+                                         "the next-token table and each layer's logit-lens guess; --generate N adds "
+                                         "a step-by-step trace of N sampled tokens; --html FILE writes all of it, "
+                                         "with every layer's and head's attention map, as one offline HTML page.")
+    explain.add_argument("prompt", nargs="?", help="the text (default: standard input)")
+    explain.add_argument("--model", help="a model folder, a .gguf file, or smollm2-135m-instruct (the default)")
+    explain.add_argument("--adapter", help="a LoRA adapter folder to apply to the model")
+    explain.add_argument("--generate", type=int, default=0, metavar="N", help="also generate N tokens, traced")
+    explain.add_argument("--temperature", type=float, default=1.0, help="0 is greedy (default 1: the model's own p)")
+    explain.add_argument("--top-k", type=int, default=0, help="the sampler keeps the k likeliest (default 0: off)")
+    explain.add_argument("--top-p", type=float, help="the sampler keeps the likeliest up to this mass")
+    explain.add_argument("--min-p", type=float, help="the sampler drops tokens below this fraction of the likeliest")
+    explain.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (default 1)")
+    explain.add_argument("--seed", type=int, help="same seed, same trace")
+    explain.add_argument("--show", type=int, default=10, metavar="K", help="rows of the next-token table (default 10)")
+    explain.add_argument("--html", metavar="FILE", help="write the whole explanation as a self-contained HTML page")
+    explain.set_defaults(func=_cmd_explain)
     chat = sub.add_parser("chat", help="talk with a model, turn after turn")
     _add_sampling_flags(chat, 256)
     chat.add_argument("--system", help="a system prompt")

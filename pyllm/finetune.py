@@ -25,6 +25,7 @@ from typing import Callable, Optional
 import numpy as np
 from tqdm.auto import tqdm
 
+from pyllm import report
 from pyllm.interrupt import StopRequest
 from pyllm.io.atomic import write_text
 from pyllm.io.checkpoint import (read_checkpoint, refuse_earlier_run, remove_checkpoint, rng_from, rng_state,
@@ -35,6 +36,7 @@ from pyllm.optim import AdamW, cosine_lr
 
 CHECKPOINT = "checkpoint"
 LOG = "finetune_log.jsonl"
+REPORT = "finetune_report.html"   # loss, validation loss, learning rate, gradient norm, tokens/s
 ADAPTER = "adapter"                    # LoRA runs: the adapters on their own, a peft folder
 STATE = "state.json"                  # in the checkpoint: step, RNG, data order, log, settings
 TRAINED = "trained.safetensors"       # in the checkpoint: the trained values and AdamW's m and v
@@ -187,6 +189,7 @@ def sft(llm, train: list[Example], val: list[Example], cfg: SFTConfig, out_dir=N
 
     def step(chunk: list[int], record: dict) -> float:
         ids, targets = batch([train[i] for i in chunk])
+        record["tokens"] = int(ids.size)
         return llm.model.forward_backward(ids, targets)
 
     def evaluate(record: dict, step: int, total: int) -> None:
@@ -233,6 +236,7 @@ def _loop(llm, n_items: int, fingerprint: str, cfg: SFTConfig, step_fn, eval_fn,
                 model.zero_grad()
                 trained.grads.fill(0.0)
                 record: dict = {}
+                t0 = time.perf_counter()
                 if model.lora is not None:   # dropout on, with masks drawn for this step
                     model.lora.dropout_seed = cfg.seed * 1_000_003 + step
                 try:
@@ -243,9 +247,13 @@ def _loop(llm, n_items: int, fingerprint: str, cfg: SFTConfig, step_fn, eval_fn,
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"the loss is {loss} at step {step + 1}"
                                              + (f"; the last checkpoint is in {checkpoint}" if checkpoint else ""))
-                opt.step(cosine_lr(step, cfg.lr, cfg.warmup_steps, total, cfg.lr / 10))
+                lr = cosine_lr(step, cfg.lr, cfg.warmup_steps, total, cfg.lr / 10)
+                opt.step(lr)
                 step += 1
-                record = {"step": step, "loss": round(loss, 5), **record, "time_s": round(time.perf_counter() - start, 2)}
+                tokens_per_s = record.pop("tokens", 0) / max(time.perf_counter() - t0, 1e-9)
+                record = {"step": step, "loss": round(loss, 5), **record, "lr": lr,
+                          "grad_norm": round(opt.last_grad_norm, 4), "tokens_per_s": round(tokens_per_s, 1),
+                          "time_s": round(time.perf_counter() - start, 2)}
                 eval_fn(record, step, total)
                 records.append(record)
                 bar.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k in ("loss", "accuracy")})
@@ -355,6 +363,7 @@ def _save(llm, out_dir, records: list[dict]) -> None:
         lora.merge_into(model)
     llm.save(out_dir)
     write_jsonl(Path(out_dir) / LOG, records)
+    report.write(Path(out_dir) / REPORT, report.training_report(Path(out_dir) / LOG, f"fine-tuning {Path(out_dir).name}"))
 
 
 def write_jsonl(path, records) -> None:
@@ -495,6 +504,7 @@ def dpo(llm, train: list[Pair], cfg: SFTConfig, beta: float = 0.1, out_dir=None,
         for k, i in enumerate(chunk):
             with _dropout_for(llm.model, 2 + k):    # each pair its own masks
                 stats.append(dpo_forward_backward(llm.model, train[i], extra["reference"][i], beta, 1.0 / len(chunk)))
+        record["tokens"] = sum(int(p.ids.size) for i in chunk for p in (train[i].chosen, train[i].rejected))
         record["reward_margin"] = round(float(np.mean([s["margin"] for s in stats])) * beta, 5)
         record["accuracy"] = round(float(np.mean([s["correct"] for s in stats])), 3)
         return float(np.mean([s["loss"] for s in stats]))

@@ -111,12 +111,13 @@ def prefill(model, prompts: list[np.ndarray], cache: KVCache) -> np.ndarray:
 
 def generate_stream(model, ids, max_new_tokens: int, sampling: SamplingConfig = SamplingConfig(),
                     stop_tokens: Sequence[int] = (), seed: Optional[int] = None,
-                    with_probs: bool = False) -> Iterator[np.ndarray]:
+                    with_probs: bool = False, kv_dtype=None) -> Iterator[np.ndarray]:
     """Yields, per step, the new token of every sequence (B,), -1 for sequences already stopped
-    (with_probs: a pair, the tokens and the (B, vocab) distributions they were drawn from).
+    (with_probs: a triple, the tokens, the (B, vocab) distributions they were drawn from and the
+    (B, vocab) logits those came from).
 
     Stops after max_new_tokens, when every sequence has met a stop token, or when the context
-    window is full.
+    window is full. kv_dtype: the KV cache's (default the model's: float16 for quantized weights).
     """
     prompts, _ = _prompts(model, ids)
     if int(max_new_tokens) != max_new_tokens or max_new_tokens < 0:
@@ -124,7 +125,7 @@ def generate_stream(model, ids, max_new_tokens: int, sampling: SamplingConfig = 
     B = len(prompts)
     longest = max(p.size for p in prompts)
     capacity = min(model.config.block_size, longest + int(max_new_tokens))
-    cache = KVCache(model.config, B, capacity, model.kv_dtype)
+    cache = KVCache(model.config, B, capacity, kv_dtype or model.kv_dtype)
     logits = prefill(model, prompts, cache)
     seeds = seeds_for(seed, B)
     # What the penalties read: each row's prompt and tokens so far, padded with -1, grown in place.
@@ -139,7 +140,7 @@ def generate_stream(model, ids, max_new_tokens: int, sampling: SamplingConfig = 
         drawn = sampling.sample(logits, history, seeds, step, return_probs=with_probs)
         tokens = np.asarray(drawn[0] if with_probs else drawn, np.int64).reshape(B)
         tokens[done] = -1
-        yield (tokens, drawn[1]) if with_probs else tokens
+        yield (tokens, drawn[1], logits) if with_probs else tokens
         live = ~done
         history[rows[live], filled[live]] = tokens[live]
         filled[live] += 1

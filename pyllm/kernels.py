@@ -532,8 +532,12 @@ def _window(window, causal: bool) -> int:
     return int(window)
 
 
-def attention_forward(q, k, v, causal: bool = True, kv_lengths=None, kv_rows=None, window=None):
-    """Scaled dot-product attention; returns (out (B, NH, Tq, HS), lse (B, NH, Tq)).
+def attention_forward(q, k, v, causal: bool = True, kv_lengths=None, kv_rows=None, window=None,
+                      return_probs: bool = False):
+    """Scaled dot-product attention; returns (out (B, NH, Tq, HS), lse (B, NH, Tq)), and with
+    return_probs (float32 k and v, no kv_lengths or kv_rows) also probs (B, NH, Tq, Tk): the
+    softmax weights each query gave each key, 0 where it sees none (what `pyllm explain` shows;
+    recomputed from the scores and lse as backward does, so the fast path is unchanged).
 
     k and v are (B, NKV, Tk, HS) with NH a multiple of NKV; with causal, query i (of Tq) sees
     keys up to i + Tk - Tq, so a short query block can continue a longer cached sequence.
@@ -563,7 +567,14 @@ def attention_forward(q, k, v, causal: bool = True, kv_lengths=None, kv_rows=Non
     elif q.size:  # no keys or no width: nothing to attend to
         out.fill(0.0)
         lse.fill(-np.inf if Tk == 0 else math.log(Tk))
-    return out, lse
+    if not return_probs:
+        return out, lse
+    if k.dtype != np.float32 or kv_lengths is not None or kv_rows is not None:
+        raise ValueError("return_probs needs float32 k and v and no kv_lengths or kv_rows")
+    probs = np.zeros((B, NH, Tq, Tk), np.float32)
+    if q.size and Tk:
+        _C.attention_probabilities(probs, q, k, lse, bool(causal), w)
+    return out, lse, probs
 
 
 def attention(q, k, v, causal: bool = True) -> np.ndarray:

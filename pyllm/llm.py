@@ -19,6 +19,7 @@ import numpy as np
 from jinja2.exceptions import SecurityError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from pyllm.explain import Explanation, explain, top_of
 from pyllm.generate import SamplingConfig, generate_stream
 from pyllm.hub import DEFAULT_MODEL, resolve_model
 from pyllm.io.gguf import GGUFFile
@@ -215,6 +216,21 @@ class LLM:
             return reply
         return "".join(reply).strip()
 
+    def explain(self, prompt: str, top_k: int = 10, temperature: float = 1.0, *, generate: int = 0,
+                sample_top_k: Optional[int] = None, top_p: Optional[float] = None, min_p: Optional[float] = None,
+                repetition_penalty: float = 1.0, seed: Optional[int] = None, lens_k: int = 5,
+                attention: bool = True) -> Explanation:
+        """How the model decides what follows `prompt`: its tokens, the next-token distribution
+        (the `top_k` likeliest listed), every layer's attention weights, the logit lens and, with
+        generate=N, a trace of N sampled tokens (temperature, sample_top_k, top_p, min_p, penalties
+        and seed as in generate). `.table()` prints it, `.to_html(path)` draws it."""
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
+        sampling = SamplingConfig(temperature, sample_top_k, top_p, min_p, repetition_penalty)
+        name = self.source.name if self.source is not None else repr(self.model)
+        return explain(self.model, self.tokenizer, self.encode_prompt(prompt), prompt, top_k, sampling, generate, seed,
+                       self.stop_token_ids, lens_k, attention, name)
+
     def count_tokens(self, messages: Sequence[Message]) -> int:
         return len(self.encode_chat(messages))
 
@@ -389,6 +405,4 @@ def _stop_prefix_length(text: str, stops: Sequence[str]) -> int:
 
 def top_probabilities(probs: np.ndarray, tokenizer, k: int = 5) -> list[tuple[str, float]]:
     """The k most likely next tokens as (readable piece, probability)."""
-    top = np.argsort(-probs, kind="stable")[:k]
-    return [(tokenizer.token_to_bytes(int(t)).decode("utf-8", errors="backslashreplace"), float(probs[t]))
-            for t in top if probs[t] > 0]
+    return [(text, p) for _, text, p in top_of(probs, tokenizer, k)]

@@ -288,8 +288,9 @@ def _causal_mask(Tq, Tk, window=None):
     return mask
 
 
-def attention_forward(q, k, v, causal=True, kv_lengths=None, kv_rows=None, window=None):
-    """Scaled dot-product attention; returns (out (B, NH, Tq, HS), lse (B, NH, Tq)).
+def attention_forward(q, k, v, causal=True, kv_lengths=None, kv_rows=None, window=None, return_probs=False):
+    """Scaled dot-product attention; returns (out (B, NH, Tq, HS), lse (B, NH, Tq)), and with
+    return_probs also the softmax weights (B, NH, Tq, Tk).
 
     q is (B, NH, Tq, HS); k and v are (B, NKV, Tk, HS) with NH a multiple of NKV (grouped-query
     attention). lse is the log-sum-exp of each row of scaled scores, what backward needs.
@@ -315,8 +316,11 @@ def attention_forward(q, k, v, causal=True, kv_lengths=None, kv_rows=None, windo
     m = scores.max(axis=-1, keepdims=True)
     e = np.exp(scores - m)
     s = e.sum(axis=-1, keepdims=True)
-    out = (e / s) @ v
+    probs = e / s
+    out = probs @ v
     lse = (m + np.log(s))[..., 0]
+    if return_probs:
+        return out.astype(np.float32), lse.astype(np.float32), probs.astype(np.float32)
     return out.astype(np.float32), lse.astype(np.float32)
 
 

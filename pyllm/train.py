@@ -19,7 +19,7 @@ from typing import Callable, Optional
 import numpy as np
 from tqdm.auto import tqdm
 
-from pyllm import kernels
+from pyllm import kernels, report
 from pyllm.data import EOT, TokenData, default_documents, id_dtype, iter_documents
 from pyllm.interrupt import StopRequest
 from pyllm.io.atomic import write_text
@@ -34,6 +34,7 @@ CHECKPOINT = "checkpoint"
 STATE = "trainer_state.json"          # in the checkpoint: step, RNG, settings
 MOMENTS = "optimizer.safetensors"     # in the checkpoint: AdamW's m and v (beside the model folder)
 LOG = "log.jsonl"
+REPORT = "report.html"     # the log drawn: loss, validation loss, learning rate, gradient norm, tokens/s
 
 
 class TrainingError(RuntimeError):
@@ -295,6 +296,7 @@ def train(cfg: TrainConfig, say: Callable[[str], None] = print) -> TrainResult:
                 bar.update(1)
                 if step % cfg.checkpoint_interval == 0:
                     save_checkpoint(out, model, tokenizer, opt, step, rng, cfg)
+                    write_report(out)
             if out_of_time:
                 say(f"time budget of {cfg.max_minutes} min reached at step {step}")
     finally:
@@ -303,10 +305,17 @@ def train(cfg: TrainConfig, say: Callable[[str], None] = print) -> TrainResult:
     interrupted = stop.requested
     save_checkpoint(out, model, tokenizer, opt, step, rng, cfg)
     model.save_pretrained(out, tokenizer=tokenizer)
+    write_report(out)
     if interrupted:
         raise TrainingInterrupted(f"interrupted at step {step}; saved {out / CHECKPOINT} "
                                   f"(continue with --resume)")
     return TrainResult(model, tokenizer, step, history)
+
+
+def write_report(out: Path) -> Path:
+    """OUT/report.html from OUT/log.jsonl: loss and validation loss, learning rate, gradient norm and
+    tokens/s over the steps (rewritten at every checkpoint, so a long run can be watched)."""
+    return report.write(out / REPORT, report.training_report(out / LOG, f"training {out.resolve().name}"))
 
 
 def _truncate_log(path: Path, step: int) -> None:

@@ -338,3 +338,20 @@ def hf_twin(model):
         theirs.tie_weights()
     theirs.eval()
     return theirs
+
+
+def chromium():
+    """A headless Chromium driven by Selenium (Debian's chromium and chromium-driver), or a skip."""
+    webdriver = pytest.importorskip("selenium.webdriver")
+    import shutil
+    binary = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if not binary or not driver:
+        pytest.skip("no chromium / chromedriver (apt-get install chromium chromium-driver)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+        options.add_argument(flag)
+    # The browser without a sanitizer run's preloaded runtimes (tools/sanitize.sh): they are for pyllm.
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    return webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver, env=env))

@@ -515,6 +515,40 @@ def test_attention_within_a_sliding_window(K, isa, rng, case):
         assert_close(out, K.attention_forward(q, k, v, True)[0], 1e-6, 1e-7)
 
 
+@pytest.mark.parametrize("case", [(1, 1, 1, 1, 1, 1, True, None), (2, 4, 2, 17, 17, 16, True, None),
+                                  (1, 3, 1, 130, 130, 80, True, None), (1, 2, 2, 5, 70, 3, True, None),
+                                  (2, 2, 1, 9, 4, 8, False, None), (1, 2, 1, 100, 100, 16, True, 7),
+                                  (1, 2, 1, 65, 200, 32, True, 64)],
+                         ids=lambda c: "B{}-NH{}-NKV{}-Tq{}-Tk{}-HS{}-{}-window{}".format(
+                             *c[:6], "causal" if c[6] else "full", c[7]))
+def test_attention_probabilities_equal_the_twins(K, isa, rng, case):
+    """The weights attention_forward(return_probs=True) reports: the twin's softmax, rows that sum
+    to 1, 0 where a query sees no key (after it, or before its window); large scores too."""
+    B, NH, NKV, Tq, Tk, HS, causal, window = case
+    q, k, v = randn(rng, B, NH, Tq, HS, scale=4.0), randn(rng, B, NKV, Tk, HS, scale=4.0), randn(rng, B, NKV, Tk, HS)
+    out, lse, probs = K.attention_forward(q, k, v, causal, window=window, return_probs=True)
+    e_out, e_lse, e_probs = R.attention_forward(q, k, v, causal, window=window, return_probs=True)
+    assert probs.shape == (B, NH, Tq, Tk)
+    assert_close(probs, e_probs, rtol=1e-4, atol=2e-6, name="probs")
+    assert_close(out, e_out, rtol=1e-4, atol=2e-5, name="out")
+    np.testing.assert_allclose(probs.sum(-1), 1.0, atol=3e-5)
+    if causal:
+        hidden = R._causal_mask(Tq, Tk, window)
+        assert (probs[:, :, hidden] == 0).all()
+    # The same as the output: probs @ v (each query head reading its kv head).
+    assert_close(probs @ np.repeat(v, NH // NKV, axis=1), out, rtol=1e-4, atol=2e-5, name="probs @ v")
+
+
+def test_attention_probabilities_refusals(K):
+    q = np.zeros((1, 1, 2, 4), np.float32)
+    with pytest.raises(ValueError, match="return_probs needs float32"):
+        K.attention_forward(q, q.astype(np.float16), q.astype(np.float16), True, return_probs=True)
+    with pytest.raises(ValueError, match="return_probs needs"):
+        K.attention_forward(q, q, q, True, kv_lengths=[2], return_probs=True)
+    with pytest.raises(ValueError, match="lse"):
+        K.unchecked.attention_probabilities(np.zeros((1, 1, 2, 2), np.float32), q, q, np.zeros(1, np.float32), True)
+
+
 def test_attention_window_refusals(K):
     q = np.zeros((1, 1, 2, 4), np.float32)
     for bad in (0, -3, 2.5, True):

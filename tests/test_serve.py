@@ -4,7 +4,6 @@ dropped streams, a full queue, and 16 clients at once (each gets what it gets al
 
 import base64
 import json
-import os
 import socket
 import threading
 import time
@@ -17,7 +16,7 @@ import pytest
 uvicorn = pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 
-from conftest import quick_train  # noqa: E402
+from conftest import chromium, quick_train  # noqa: E402
 from pyllm.engine import EngineConfig  # noqa: E402
 from pyllm.llm import LLM  # noqa: E402
 from pyllm.model import Model, ModelConfig  # noqa: E402
@@ -423,23 +422,6 @@ def test_schemas_outside_the_subset_are_400s(server, schema, words):
         "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}})
     assert status == 400 and reply["error"]["param"] == "response_format", reply
     assert words in reply["error"]["message"]
-
-
-def chromium():
-    """A headless Chromium driven by Selenium (Debian's chromium and chromium-driver), or a skip."""
-    webdriver = pytest.importorskip("selenium.webdriver")
-    import shutil
-    binary = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver = shutil.which("chromedriver")
-    if not binary or not driver:
-        pytest.skip("no chromium / chromedriver (apt-get install chromium chromium-driver)")
-    options = webdriver.ChromeOptions()
-    options.binary_location = binary
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
-        options.add_argument(flag)
-    # The browser without a sanitizer run's preloaded runtimes (tools/sanitize.sh): they are for pyllm.
-    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
-    return webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver, env=env))
 
 
 def test_the_chat_page_streams_replies_in_chromium_and_keeps_the_conversation(server, tiny):

@@ -395,6 +395,20 @@ void bind_kernels(py::module_& m) {
                                  window, ho.s, hq.s, hk.s, hv.s);
   }, arg("dq"), arg("dk"), arg("dv"), arg("dout"), arg("q"), arg("k"), arg("v"), arg("out"), arg("lse"),
      arg("causal"), arg("window") = 0);
+  // probs (B, NH, Tq, Tk) C-contiguous; q and k at their strides, lse from attention_forward.
+  m.def("attention_probabilities", [](py::array probs, py::array q, py::array k, py::array lse, bool causal,
+                                      int64_t window) {
+    const Heads hq = heads(q, "q", false, 1), hk = heads(k, "k", false, 1);
+    const int64_t B = hq.dims[0], NH = hq.dims[1], Tq = hq.dims[2], HS = hq.dims[3];
+    const int64_t NKV = hk.dims[1], Tk = hk.dims[2];
+    check(hk.dims[0] == B && hk.dims[3] == HS && NKV >= 1 && NH % NKV == 0 && (!causal || Tk >= Tq),
+          "inconsistent attention shapes");
+    check(window >= 0 && (window == 0 || causal), "a window must be >= 0, and belongs to causal attention");
+    const float* pl = in(lse, count(B, NH, Tq), "lse");
+    float* pp = out(probs, count(B, NH, Tq, Tk), "probs");
+    py::gil_scoped_release release;
+    kernels().attention_probabilities(pp, hq.p, hk.p, pl, B, NH, NKV, Tq, Tk, HS, causal, window, hq.s, hk.s);
+  }, arg("probs"), arg("q"), arg("k"), arg("lse"), arg("causal"), arg("window") = 0);
   m.def("embedding_forward", [](py::array o, py::array idx, py::array w, int64_t N, int64_t V,
                                 int64_t C) {
     float* po = out(o, count(N, C), "out");

@@ -528,5 +528,32 @@ void attention_backward(float* dq, float* dk, float* dv, const float* dout, cons
   }
 }
 
+// What a reader of the model asks for (pyllm explain), not the training or decode path: each tile
+// of scores recomputed and turned into probabilities by the function backward uses, so the rows
+// are exactly the weights the forward pass averaged the values with.
+void attention_probabilities(float* probs, const float* q, const float* k, const float* lse, int64_t B, int64_t NH,
+                             int64_t NKV, int64_t Tq, int64_t Tk, int64_t HS, bool causal, int64_t window,
+                             HeadStrides q_s, HeadStrides k_s) {
+  const Shape s{B, NH, NKV, Tq, Tk, HS, causal, causal ? window : 0};
+  const float scale = 1.0f / std::sqrt(float(HS));
+  parallel_for(B * NH * s.q_blocks(), 1, [&](int64_t u0, int64_t u1) {
+    float* P = scores_buffer.get(BQ * BK);
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t bh = u / s.q_blocks(), i0 = (u % s.q_blocks()) * BQ, nq = imin(BQ, Tq - i0);
+      const int64_t b = bh / NH, h = bh % NH, kvh = h / s.group();
+      float* rows = probs + (bh * Tq + i0) * Tk;
+      for (int64_t r = 0; r < nq; ++r) std::memset(rows + r * Tk, 0, sizeof(float) * size_t(Tk));
+      const int64_t key_end = s.key_end(i0 + nq);
+      for (int64_t j0 = s.key_begin(i0); j0 < key_end; j0 += BK) {
+        const int64_t nk = imin(BK, key_end - j0);
+        gemm_serial(nq, nk, HS, MatView{row_of(q, q_s, b, h, i0), q_s.pos, 1},
+                    MatView{row_of(k, k_s, b, kvh, j0), 1, k_s.pos}, P, BK, false);
+        probabilities(P, lse + bh * Tq + i0, s, i0, nq, j0, nk, scale);
+        for (int64_t r = 0; r < nq; ++r) std::memcpy(rows + r * Tk + j0, P + r * BK, sizeof(float) * size_t(nk));
+      }
+    }
+  });
+}
+
 }  // namespace PYLLM_ISA
 }  // namespace pyllm

@@ -87,6 +87,12 @@
                                int64_t B, int64_t NH, int64_t NKV, int64_t Tq, int64_t Tk,            \
                                int64_t HS, bool causal, int64_t window, HeadStrides out_s,            \
                                HeadStrides q_s, HeadStrides k_s, HeadStrides v_s))                    \
+  /* probs (B, NH, Tq, Tk), C-contiguous: the softmax weights attention_forward used, recomputed    \
+     from q, k and its lse (as backward does), 0 where a query does not see a key. */                 \
+  X(attention_probabilities, void, (float* probs, const float* q, const float* k, const float* lse,   \
+                                    int64_t B, int64_t NH, int64_t NKV, int64_t Tq, int64_t Tk,       \
+                                    int64_t HS, bool causal, int64_t window, HeadStrides q_s,         \
+                                    HeadStrides k_s))                                                 \
   X(embedding_forward, void, (float* out, const int64_t* ids, const float* weight, int64_t N,        \
                               int64_t V, int64_t C))                                                  \
   X(embedding_backward, void, (float* dweight, const float* dout, const int64_t* ids, int64_t N,     \

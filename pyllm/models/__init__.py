@@ -15,8 +15,9 @@ and one file per architecture (gpt2.py, llama.py). Imports only pyllm.kernels; k
 from pyllm.models.cache import KVCache
 from pyllm.models.config import ARCHITECTURES, ModelConfig
 from pyllm.models.params import ParamSpec, QuantizedWeight
-from pyllm.models.transformer import (IGNORE, STEP_OPERATIONS, Transformer, hf_norm_offsets, parameter_specs,
+from pyllm.models.transformer import (IGNORE, STEP_OPERATIONS, Inspection, Transformer, hf_norm_offsets,
+                                      parameter_specs,
                                       stored_in_out)
 
-__all__ = ["ARCHITECTURES", "IGNORE", "KVCache", "ModelConfig", "ParamSpec", "QuantizedWeight", "STEP_OPERATIONS",
+__all__ = ["ARCHITECTURES", "IGNORE", "Inspection", "KVCache", "ModelConfig", "ParamSpec", "QuantizedWeight", "STEP_OPERATIONS",
            "Transformer", "hf_norm_offsets", "parameter_specs", "stored_in_out"]

@@ -132,11 +132,13 @@ class Runner:
     # ------------------------------------------------------------------ training
 
     def forward(self, model: Weights, ws: Workspace, ids: np.ndarray, ropes: Optional[tuple],
-                rows: Optional[np.ndarray] = None, head: bool = True) -> np.ndarray:
+                rows: Optional[np.ndarray] = None, head: bool = True,
+                attention_maps: Optional[list] = None) -> np.ndarray:
         """Logits (B, T, V), or with rows (flat positions b * T + t) only theirs, (len(rows), V),
         keeping every activation backward needs in ws. ropes: the (cos, sin) tables from position 0
         of the global and the local layers (the same pair unless the config sets a local base).
-        head=False: the last hidden states instead (after the final norm), (B, T, C)."""
+        head=False: the last hidden states instead (after the final norm), (B, T, C).
+        attention_maps, a list: each layer's attention weights (B, NH, T, T) appended to it."""
         cfg, arch, norm = self.cfg, self.arch, self.norm
         B, T = ids.shape
         N, C, NH, HS = B * T, cfg.n_embd, cfg.n_head, cfg.head_size
@@ -160,6 +162,11 @@ class Runner:
             atty = ws.get(f"atty.{i}", (N, NH * HS))
             fast.attention_forward(_by_head(atty.reshape(B, T, NH, HS)), ws.get(f"attlse.{i}", (B, NH, T)),
                                    _by_head(q), _by_head(k), _by_head(v), True, None, window=layer.window)
+            if attention_maps is not None:
+                probs = np.empty((B, NH, T, T), np.float32)
+                fast.attention_probabilities(probs, _by_head(q), _by_head(k), ws.get(f"attlse.{i}", (B, NH, T)), True,
+                                             window=layer.window)
+                attention_maps.append(probs)
             post = layer.post_norms
             proj = ws.get(f"attout.{i}" if post else "proj", (N, C))
             linear(model, layer.o, proj, atty)
@@ -184,6 +191,20 @@ class Runner:
         logits = ws.get("logits", (B, T, cfg.vocab_size))
         linear(model, self.head, logits.reshape(N, cfg.vocab_size), lnf)
         return self._soft_cap(ws, logits)
+
+    def head_logits(self, model: Weights, ws: Workspace, x: np.ndarray) -> np.ndarray:
+        """Logits (N, V) of residual-stream rows x (N, C) taken through the final norm and the head,
+        as if the layers after them were skipped (the logit lens); after forward, x the last layer's
+        output gives forward's logits. Uses its own buffers: forward's saved values stay."""
+        N, C = x.shape
+        normed = ws.get("lens_norm", (N, C))
+        self.norm.forward(model, ws, "lens", normed, np.ascontiguousarray(x, np.float32), self.arch.final_norm)
+        logits = ws.get("lens_logits", (N, self.cfg.vocab_size))
+        linear(model, self.head, logits, normed)
+        if self.softcap is not None:
+            np.tanh(logits / np.float32(self.softcap), out=logits)
+            logits *= np.float32(self.softcap)
+        return logits
 
     def _post_norm(self, model: Weights, ws: Workspace, tag: str, x: np.ndarray, post: Optional[tuple],
                    which: int) -> np.ndarray:

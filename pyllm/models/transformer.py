@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import threading
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -36,6 +37,15 @@ assert tuple(ARCHITECTURES) == ARCHITECTURE_NAMES, "models/config.py lists the a
 
 IGNORE = -100   # a target that is not learned (a prompt, padding)
 STEP_OPERATIONS = tuple(kernels.DecodePlan.operations)   # what forward_step's profile counts, in order
+
+
+@dataclass
+class Inspection:
+    """What Transformer.inspect kept of one forward pass over T positions."""
+
+    logits: np.ndarray              # (T, vocab): the next-token logits after each position
+    attention: list[np.ndarray]     # per layer (n_head, T, T): each row a causal distribution
+    residuals: list[np.ndarray]     # per layer (T, n_embd): the residual stream after it
 
 
 class _Buffers(threading.local):
@@ -321,6 +331,28 @@ class Transformer:
         ids = self._check_ids(ids)
         return self.runner.forward(self, self._buffers.train, ids, self._rope_tables(ids.shape[1]),
                                    head=False).copy()
+
+    def inspect(self, ids, attention: bool = True) -> "Inspection":
+        """One sequence (T,) run through the model with what happens inside kept: the logits at
+        every position, each layer's attention weights (from the attention kernel) and the residual
+        stream after each layer (what the logit lens reads, through lens_logits)."""
+        ids = self._check_ids(ids)
+        if ids.shape[0] != 1:
+            raise ValueError(f"inspect takes one sequence, got a batch of {ids.shape[0]}")
+        maps: Optional[list] = [] if attention else None
+        ws = self._buffers.train
+        logits = self.runner.forward(self, ws, ids, self._rope_tables(ids.shape[1]), attention_maps=maps)
+        T, C = ids.shape[1], self.config.n_embd
+        residuals = [ws.get(f"x{i + 1}", (T, C)).copy() for i in range(self.config.n_layer)]
+        return Inspection(logits[0].copy(), [m[0] for m in maps] if maps is not None else [], residuals)
+
+    def lens_logits(self, residual) -> np.ndarray:
+        """Logits (N, V) of residual-stream rows (N, C) through the final norm and the head (the
+        logit lens): what the model would predict if the layers after them were skipped."""
+        x = np.asarray(residual, np.float32)
+        if x.ndim != 2 or x.shape[1] != self.config.n_embd or not x.shape[0]:
+            raise ValueError(f"residual must be (N >= 1, {self.config.n_embd}), got {x.shape}")
+        return self.runner.head_logits(self, self._buffers.scratch, x).copy()
 
     @staticmethod
     def _learned_rows(flat_targets: np.ndarray) -> tuple[np.ndarray, Optional[np.ndarray]]:
