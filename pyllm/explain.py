@@ -286,9 +286,10 @@ def _probability_table(e: Explanation) -> str:
         if filtered:
             row += [report.num(sampled), report.bar(sampled / top, sampled=True)]
         rows.append(row)
-    header = ["#", "token", "id", "probability", ""] + ([f"sampled p ({report.escape(_settings(e.sampling))})", ""]
-                                                        if filtered else [])
-    return report.table(header, rows)
+    header = ["#", "token", "id", "probability", ""] + (["sampled p", ""] if filtered else [])
+    note = (f'<div class="meta">probability: the model\'s softmax; sampled p: what the sampler draws from after '
+            f"{report.escape(_settings(e.sampling))}.</div>" if filtered else "")
+    return report.table(header, rows) + note
 
 
 def _lens_table(e: Explanation) -> str:
@@ -307,7 +308,7 @@ def _lens_table(e: Explanation) -> str:
 def _trace_table(e: Explanation) -> str:
     rows = []
     for n, s in enumerate(e.trace, 1):
-        alternatives = ", ".join(f"{report.escape(repr(text))} {mp:.3f}" for _, text, mp, _ in s.alternatives[:5])
+        alternatives = ", ".join(f"{report.visible(text)} {mp:.3f}" for _, text, mp, _ in s.alternatives[:5])
         cut = "; ".join(f"{name}: {count} tokens ({mass:.3f} of the model's p)" for name, count, mass in s.removed
                         if count)
         rows.append([report.num(n, "{}"), f'<td class="mono">{report.escape(report.visible(s.piece))}</td>',

@@ -269,7 +269,13 @@ def test_the_html_page_renders_offline_in_chromium(tiny, tmp_path):
         tables = browser.find_elements(By.TAG_NAME, "table")
         assert len(tables) == 3   # probabilities, logit lens, trace
         assert len(tables[0].find_elements(By.CSS_SELECTOR, "tbody tr")) == 5
-        assert len(tables[2].find_elements(By.CSS_SELECTOR, "tbody tr")) == len(e.trace)
+        trace_rows = tables[2].find_elements(By.CSS_SELECTOR, "tbody tr")
+        assert len(trace_rows) == len(e.trace)
+        for row, step in zip(trace_rows, e.trace):
+            cells = [td.text for td in row.find_elements(By.TAG_NAME, "td")]
+            assert cells[1] == report.visible(step.piece) and cells[2] == f"{step.prob:.4f}"
+            _, text, model_p, _ = step.alternatives[0]
+            assert cells[7].startswith(f"{report.visible(text)} {model_p:.3f}"), cells[7]   # escaped once
         thumbs = browser.find_elements(By.CSS_SELECTOR, "img.thumb")
         assert len(thumbs) == cfg.n_layer * cfg.n_head
         sizes = browser.execute_script("return [...document.querySelectorAll('img.thumb')].map(i => [i.complete, "

@@ -16,8 +16,7 @@ from pyllm.models.cache import KVCache
 from pyllm.models.config import ARCHITECTURES, ModelConfig
 from pyllm.models.params import ParamSpec, QuantizedWeight
 from pyllm.models.transformer import (IGNORE, STEP_OPERATIONS, Inspection, Transformer, hf_norm_offsets,
-                                      parameter_specs,
-                                      stored_in_out)
+                                      parameter_specs, stored_in_out)
 
-__all__ = ["ARCHITECTURES", "IGNORE", "Inspection", "KVCache", "ModelConfig", "ParamSpec", "QuantizedWeight", "STEP_OPERATIONS",
-           "Transformer", "hf_norm_offsets", "parameter_specs", "stored_in_out"]
+__all__ = ["ARCHITECTURES", "IGNORE", "Inspection", "KVCache", "ModelConfig", "ParamSpec", "QuantizedWeight",
+           "STEP_OPERATIONS", "Transformer", "hf_norm_offsets", "parameter_specs", "stored_in_out"]
