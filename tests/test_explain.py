@@ -394,6 +394,15 @@ def test_training_writes_a_report_of_its_curves(tmp_path):
     assert polylines == 2   # train and validation
     train_points = first_chart.split("<polyline")[1].split('points="')[1].split('"')[0].split()
     assert len(train_points) == len(records) == 12
+    browser = chromium()
+    try:   # drawn by a browser: four charts with their lines, nothing fetched, no console error
+        browser.get((tmp_path / "run" / "report.html").as_uri())
+        sizes = browser.execute_script("return [...document.querySelectorAll('svg polyline')].map("
+                                       "p => p.getBBox().width)")
+        assert len(sizes) == 5 and all(w > 100 for w in sizes), sizes
+        assert not [e for e in browser.get_log("browser") if e["level"] in ("SEVERE", "WARNING")]
+    finally:
+        browser.quit()
 
 
 def test_finetuning_writes_a_report_with_learning_rate_and_gradient_norm(tiny, tmp_path):

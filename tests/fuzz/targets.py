@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import json
 import random
-import resource
 import shutil
 import tempfile
 import time
@@ -412,6 +411,7 @@ class Report:
     inputs: int = 0
     expected_errors: int = 0
     slowest_s: float = 0.0
+    largest_growth: int = 0                        # bytes: the most one input added at its peak
     findings: list = field(default_factory=list)   # (kind, detail, input bytes)
 
 
@@ -423,29 +423,60 @@ def memory_bound(size: int) -> int:
     return (256 << 20) + 64 * size
 
 
-def _peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss << 10   # Linux reports KiB
+class MemoryProbe:
+    """How much an input adds to the resident set at its peak, per input: the kernel's high-water
+    mark (VmHWM) is reset before each input (/proc/self/clear_refs) and read after it, against the
+    resident size before. Memory the allocator kept resident from earlier inputs is reused without
+    counting (the address-space cap of tools/fuzz.py bounds that). Linux only; `available` is False
+    elsewhere (the check is then skipped)."""
+
+    def __init__(self) -> None:
+        try:
+            self._reset()
+            self._read("VmHWM")
+            self.available = True
+        except OSError:
+            self.available = False
+
+    @staticmethod
+    def _read(key: str) -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) << 10
+        raise OSError(f"no {key} in /proc/self/status")
+
+    @staticmethod
+    def _reset() -> None:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")   # resets the peak resident size to the current one
+
+    def start(self) -> int:
+        self._reset()
+        return self._read("VmRSS")
+
+    def growth(self, before: int) -> int:
+        return max(0, self._read("VmHWM") - before)
 
 
 def run(world: World, name: str, count: int, seed: int = 0, time_limit_s: float = 1.0,
-        max_findings: int = 20, baseline_rss: int | None = None) -> Report:
+        max_findings: int = 20, memory: MemoryProbe | None = None) -> Report:
     """`count` mutated inputs through one target (the seeds first); what each did."""
     _, mutator = TARGETS[name]
     rng = random.Random(seed)
     seeds = world.seeds[name]
     inputs = (seeds[i] if i < len(seeds) else mutator(rng.choice(seeds), rng, seeds) for i in range(count))
-    return replay(world, name, inputs, time_limit_s, max_findings, baseline_rss)
+    return replay(world, name, inputs, time_limit_s, max_findings, memory)
 
 
 def replay(world: World, name: str, inputs, time_limit_s: float = 1.0, max_findings: int = 20,
-           baseline_rss: int | None = None) -> Report:
-    """Each input through one target; what each did. With `baseline_rss` (the process's resident
-    peak before any input), an input that lifts the peak more than memory_bound(its size) above it is
-    a finding: the peak only rises, so each input that sets a new one is the one measured."""
+           memory: MemoryProbe | None = None) -> Report:
+    """Each input through one target; what each did. With a MemoryProbe, an input whose resident
+    peak exceeds the resident size before it by more than memory_bound(its size) is a finding."""
     target, _ = TARGETS[name]
     report = Report(name)
+    measure = memory is not None and memory.available
     for data in inputs:
-        peak_before = _peak_rss() if baseline_rss is not None else 0
+        before = memory.start() if measure else 0
         start = time.perf_counter()
         try:
             target(world, data)
@@ -459,11 +490,12 @@ def replay(world: World, name: str, inputs, time_limit_s: float = 1.0, max_findi
         report.slowest_s = max(report.slowest_s, elapsed)
         if elapsed > time_limit_s:
             report.findings.append(("slow", f"{elapsed:.2f} s", data))
-        if baseline_rss is not None:
-            peak = _peak_rss()
-            if peak > peak_before and peak - baseline_rss > memory_bound(len(data)):
-                report.findings.append(("memory", f"resident peak {(peak - baseline_rss) >> 20} MiB above the "
-                                        f"baseline for a {len(data)}-byte input", data))
+        if measure:
+            grew = memory.growth(before)
+            report.largest_growth = max(report.largest_growth, grew)
+            if grew > memory_bound(len(data)):
+                report.findings.append(("memory", f"the resident set grew {grew >> 20} MiB for a {len(data)}-byte "
+                                        f"input (bound {memory_bound(len(data)) >> 20} MiB)", data))
         report.inputs += 1
         if len(report.findings) >= max_findings:
             break
