@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from pyllm import bench, finetune, kernels, report
+from pyllm import bench, distributed, finetune, kernels, report
 from pyllm.data import default_corpus_files, read_default_corpus
 from pyllm.engine import EngineConfig
 from pyllm.explain import piece
@@ -112,11 +112,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
     try:
         result = train(cfg)
     except TrainingInterrupted as exc:
-        print(f"\npyllm train: {exc}", file=sys.stderr)
+        if not getattr(exc, "quiet", False):   # under mpirun, rank 0 alone says it
+            print(f"\npyllm train: {exc}", file=sys.stderr)
         return 130
     except TrainingError as exc:
-        print(f"pyllm train: error: {exc}", file=sys.stderr)
+        if not getattr(exc, "quiet", False):
+            print(f"pyllm train: error: {exc}", file=sys.stderr)
         return 1
+    if not result.is_root:
+        return 0
     out = Path(cfg.out_dir)
     last_val = next((r for r in reversed(result.history) if "val_loss" in r), None)
     if last_val:
@@ -227,7 +231,7 @@ def _finetune_config(args: argparse.Namespace):
     return finetune.SFTConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                               lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                               checkpoint_interval=args.checkpoint_interval, resume=args.resume,
-                              overwrite=args.overwrite)
+                              overwrite=args.overwrite, distributed=args.distributed)
 
 
 def _cmd_finetune_dpo(args: argparse.Namespace) -> int:
@@ -495,17 +499,24 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if args.command in ("train", "finetune") and not distributed.connect(args.distributed or "auto").is_root:
+            sys.stdout = open(os.devnull, "w")   # under mpirun rank 0 alone reports
         return args.func(args)
     except (ValueError, TypeError, OSError, FloatingPointError, RuntimeError) as exc:  # bad input: a message, not a traceback
-        print(f"pyllm {args.command}: error: {exc}", file=sys.stderr)
+        if not getattr(exc, "quiet", False):   # under mpirun every rank raises it; rank 0 says it
+            print(f"pyllm {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as exc:   # a loop's own (it saved first, and says where), or any other
-        print(f"\npyllm {args.command}: {str(exc) or 'interrupted'}", file=sys.stderr)
+        if not getattr(exc, "quiet", False):
+            print(f"\npyllm {args.command}: {str(exc) or 'interrupted'}", file=sys.stderr)
         return 130
 
 
 def _add_finetune_flags(parser) -> None:
-    """What SFT and DPO share: adapters, checkpoints and resume."""
+    """What SFT and DPO share: adapters, checkpoints, resume and MPI."""
+    parser.add_argument("--distributed", choices=["auto", "mpi", "none"], default="auto",
+                        help="auto (default): data-parallel over MPI when started by mpirun with several ranks "
+                             "(each takes every N-th example of a batch); mpi: require it; none: one process")
     parser.add_argument("--lora-rank", type=int, default=0,
                         help="train LoRA adapters of this rank on a frozen base (a GGUF base stays quantized); "
                              "0: all weights")
@@ -550,7 +561,13 @@ def _add_train_parser(sub) -> None:
     train.add_argument("--eval-batches", type=int, help="validation batches per evaluation (default 10)")
     train.add_argument("--checkpoint-interval", type=int, help="steps between checkpoints (default 200)")
     train.add_argument("--seed", type=int, help="seed for weights and batches (default 0)")
-    train.add_argument("--threads", type=int, help="kernel threads (default: all cores)")
+    train.add_argument("--threads", type=int, help="kernel threads per process (default: all cores, shared "
+                                                   "out among the MPI ranks on a machine)")
+    train.add_argument("--distributed", choices=["auto", "mpi", "none"],
+                       help="auto (default): data-parallel over MPI when started by mpirun with several ranks; "
+                            "mpi: require it; none: one process")
+    train.add_argument("--zero", type=int, choices=[0, 1],
+                       help="1: ZeRO-1, AdamW's moments sharded across the MPI ranks (default 0)")
     train.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     train.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out (else refused)")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")

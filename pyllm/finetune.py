@@ -25,7 +25,7 @@ from typing import Callable, Optional
 import numpy as np
 from tqdm.auto import tqdm
 
-from pyllm import report
+from pyllm import distributed, kernels, report
 from pyllm.interrupt import StopRequest
 from pyllm.io.atomic import write_text
 from pyllm.io.checkpoint import (read_checkpoint, refuse_earlier_run, remove_checkpoint, rng_from, rng_state,
@@ -168,6 +168,7 @@ class SFTConfig:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0   # dropout on the adapters' input, while training
     checkpoint_interval: int = 50   # steps between checkpoints (in out_dir/checkpoint, when saving)
+    distributed: str = "auto"   # under mpirun: each rank takes every N-th item of a batch (pyllm.distributed)
     resume: bool = False        # go on from out_dir/checkpoint
     overwrite: bool = False     # write over an earlier run in out_dir (else refused)
 
@@ -187,10 +188,17 @@ def sft(llm, train: list[Example], val: list[Example], cfg: SFTConfig, out_dir=N
     """Fine-tunes llm.model on the examples (all parameters, or LoRA adapters); returns the log
     records. With out_dir: checkpoints there, Ctrl-C saves one, and the result is saved there."""
 
-    def step(chunk: list[int], record: dict) -> float:
-        ids, targets = batch([train[i] for i in chunk])
-        record["tokens"] = int(ids.size)
-        return llm.model.forward_backward(ids, targets)
+    def step(chunk: list[int], mine: list[int], record: dict) -> float:
+        # This process's examples of the batch, weighted by their share of its learned tokens, so that
+        # the ranks' gradients and losses add up to those of the batch's token mean.
+        learned = sum(int(np.count_nonzero(np.asarray(train[i].targets) != IGNORE)) for i in chunk)
+        share = [train[chunk[k]] for k in mine]
+        record["tokens"] = float(sum(len(e.ids) for e in share))
+        if not share or not learned:
+            return 0.0
+        ids, targets = batch(share)
+        weight = int(np.count_nonzero(targets != IGNORE)) / learned
+        return llm.model.forward_backward(ids, targets, loss_scale=weight) * weight
 
     def evaluate(record: dict, step: int, total: int) -> None:
         if val and (step == total or step % max(1, total // 5) == 0):
@@ -205,9 +213,17 @@ def _loop(llm, n_items: int, fingerprint: str, cfg: SFTConfig, step_fn, eval_fn,
     """The loop SFT and DPO share: shuffled batches of item indices each epoch, AdamW with warm-up
     and cosine decay, a progress bar; with out_dir, a checkpoint every cfg.checkpoint_interval steps
     and on Ctrl-C (then FinetuneInterrupted), resume from it, and the result saved at the end.
-    step_fn(indices, record) adds the batch's gradients, returns its loss and may add to the
-    record; fingerprint identifies the training data; `extra` is state kept in the checkpoint
-    (DPO's reference log-probabilities)."""
+    step_fn(indices, mine, record) adds the gradients of the batch's items at positions `mine` (this
+    process's share: all of them, or under mpirun every N-th), returns their part of the batch's loss
+    and may add figures to the record; under mpirun the gradients, the loss and the record's figures
+    are summed over the ranks, and rank 0 alone writes. fingerprint identifies the training data;
+    `extra` is state kept in the checkpoint (DPO's reference log-probabilities)."""
+    world = distributed.connect(cfg.distributed)
+    threads = distributed.threads_per_rank(world, None)
+    if threads:
+        kernels.set_num_threads(threads)
+    if not world.is_root:
+        say, progress = _silent, False
     model = llm.model
     trained = _trained_parameters(model, cfg, say)
     opt = AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip)
@@ -217,18 +233,23 @@ def _loop(llm, n_items: int, fingerprint: str, cfg: SFTConfig, step_fn, eval_fn,
     order, step, records = rng.permutation(n_items), 0, []
     checkpoint = Path(out_dir) / CHECKPOINT if out_dir is not None else None
     if out_dir is not None:
-        refuse_earlier_run(out_dir, (CHECKPOINT, LOG, "config.json", ADAPTER), cfg.resume, cfg.overwrite)
+        world.root_first(lambda: refuse_earlier_run(out_dir, (CHECKPOINT, LOG, "config.json", ADAPTER), cfg.resume,
+                                                    cfg.overwrite), "checking the output folder")
     if cfg.resume:
         if checkpoint is None:
             raise ValueError("resume needs the output folder that holds the checkpoint")
         step, rng, order, records = _load_checkpoint(checkpoint, trained, opt, cfg, fingerprint, extra)
         say(f"resuming from {checkpoint} at step {step} of {total}")
     stop = StopRequest() if checkpoint is not None else None
+    stopping = False
+    mine = lambda chunk: [k for k in range(len(chunk)) if k % world.size == world.rank]   # noqa: E731
+    writes = world.is_root and checkpoint is not None
     start = time.perf_counter()
     try:
         with exact_products(model), tqdm(total=total, initial=step, desc=desc, unit="step",
                                           disable=not progress) as bar:
-            while step < total and not (stop and stop.requested):
+            while step < total and not stopping:
+                world.heartbeat(step)
                 if step and step % steps_per_epoch == 0:
                     order = rng.permutation(n_items)
                 position = (step % steps_per_epoch) * cfg.batch_size
@@ -240,10 +261,16 @@ def _loop(llm, n_items: int, fingerprint: str, cfg: SFTConfig, step_fn, eval_fn,
                 if model.lora is not None:   # dropout on, with masks drawn for this step
                     model.lora.dropout_seed = cfg.seed * 1_000_003 + step
                 try:
-                    loss = step_fn(chunk, record)
+                    loss = step_fn(chunk, mine(chunk), record)
                 finally:
                     if model.lora is not None:
                         model.lora.dropout_seed = None
+                keys = sorted(record)
+                totals = world.sum([loss, float(bool(stop and stop.requested))] + [record[k] for k in keys],
+                                   "the step's loss")
+                loss, stopping = totals[0], totals[1] > 0   # every rank stops after the same step
+                record = {k: round(v, 5) for k, v in zip(keys, totals[2:])}
+                world.allreduce(trained.grads, "the gradient all-reduce")
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"the loss is {loss} at step {step + 1}"
                                              + (f"; the last checkpoint is in {checkpoint}" if checkpoint else ""))
@@ -258,19 +285,28 @@ def _loop(llm, n_items: int, fingerprint: str, cfg: SFTConfig, step_fn, eval_fn,
                 records.append(record)
                 bar.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k in ("loss", "accuracy")})
                 bar.update(1)
-                if checkpoint is not None and step % cfg.checkpoint_interval == 0 and step < total:
+                if writes and step % cfg.checkpoint_interval == 0 and step < total:
                     _save_checkpoint(checkpoint, trained, opt, cfg, step, rng, order, records, fingerprint, extra)
     finally:
         if stop:
             stop.restore()
-    if stop and stop.requested and step < total:
-        _save_checkpoint(checkpoint, trained, opt, cfg, step, rng, order, records, fingerprint, extra)
-        raise FinetuneInterrupted(f"interrupted at step {step} of {total}; saved {checkpoint} "
-                                  f"(go on with --resume)")
-    if out_dir is not None:
+    if stopping and step < total:
+        if writes:
+            _save_checkpoint(checkpoint, trained, opt, cfg, step, rng, order, records, fingerprint, extra)
+        world.barrier("the checkpoint")
+        interrupted = FinetuneInterrupted(f"interrupted at step {step} of {total}; saved {checkpoint} "
+                                          f"(go on with --resume)")
+        interrupted.quiet = not world.is_root
+        raise interrupted
+    if out_dir is not None and world.is_root:
         _save(llm, out_dir, records)
         remove_checkpoint(checkpoint)   # the finished run needs no checkpoint
+    world.barrier("the final save")
     return records
+
+
+def _silent(message: str) -> None:
+    pass
 
 
 def _fingerprint(data: list[np.ndarray]) -> str:
@@ -282,7 +318,7 @@ def _fingerprint(data: list[np.ndarray]) -> str:
     return h.hexdigest()
 
 
-_RESUME_FREE = ("resume", "overwrite", "checkpoint_interval")   # settings a resumed run may change
+_RESUME_FREE = ("resume", "overwrite", "checkpoint_interval", "distributed")   # what a resumed run may change
 
 
 def _save_checkpoint(folder: Path, trained, opt, cfg: SFTConfig, step: int, rng, order, records, fingerprint,
@@ -499,15 +535,17 @@ def dpo(llm, train: list[Pair], cfg: SFTConfig, beta: float = 0.1, out_dir=None,
         with exact_products(llm.model):
             extra["reference"] = reference_logprobs(llm.model, train, progress)
 
-    def step(chunk: list[int], record: dict) -> float:
+    def step(chunk: list[int], mine: list[int], record: dict) -> float:
         stats = []
-        for k, i in enumerate(chunk):
-            with _dropout_for(llm.model, 2 + k):    # each pair its own masks
+        for k in mine:   # this process's pairs of the batch; each pair its own dropout masks
+            i = chunk[k]
+            with _dropout_for(llm.model, 2 + k):
                 stats.append(dpo_forward_backward(llm.model, train[i], extra["reference"][i], beta, 1.0 / len(chunk)))
-        record["tokens"] = sum(int(p.ids.size) for i in chunk for p in (train[i].chosen, train[i].rejected))
-        record["reward_margin"] = round(float(np.mean([s["margin"] for s in stats])) * beta, 5)
-        record["accuracy"] = round(float(np.mean([s["correct"] for s in stats])), 3)
-        return float(np.mean([s["loss"] for s in stats]))
+        record["tokens"] = float(sum(int(p.ids.size) for k in mine for p in (train[chunk[k]].chosen,
+                                                                           train[chunk[k]].rejected)))
+        record["reward_margin"] = sum(s["margin"] for s in stats) * beta / len(chunk)
+        record["accuracy"] = sum(s["correct"] for s in stats) / len(chunk)
+        return sum(s["loss"] for s in stats) / len(chunk)
 
     tokens = [a for p in train for a in (p.chosen.ids, p.chosen.targets, p.rejected.ids, p.rejected.targets)]
     return _loop(llm, len(train), _fingerprint(tokens), cfg, step, lambda record, step, total: None, out_dir,

@@ -54,7 +54,7 @@ class AdamW:
         if not (math.isfinite(lr) and lr >= 0):   # before anything moves: a NaN rate would ruin every weight
             raise ValueError(f"the learning rate must be a finite number >= 0, got {lr!r}")
         scale = 1.0
-        self.last_grad_norm = global_norm(self.model.grads)
+        self.last_grad_norm = self._grad_norm()
         if not math.isfinite(self.last_grad_norm):
             raise FloatingPointError(f"the gradient norm is {self.last_grad_norm}")
         self.step_count += 1
@@ -68,6 +68,10 @@ class AdamW:
                 kernels.adamw(p[sl], g[sl], self.m[sl], self.v[sl], lr=lr, step=self.step_count,
                               beta1=self.betas[0], beta2=self.betas[1], eps=self.eps,
                               weight_decay=decay, grad_scale=scale)
+
+    def _grad_norm(self) -> float:
+        """The norm clipping reads (ZeRO-1's sharded AdamW sums it over the ranks' shards)."""
+        return global_norm(self.model.grads)
 
     def state_dict(self) -> dict:
         """Moments as arrays and the step count: what a checkpoint needs to resume exactly."""

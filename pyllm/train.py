@@ -19,14 +19,15 @@ from typing import Callable, Optional
 import numpy as np
 from tqdm.auto import tqdm
 
-from pyllm import kernels, report
+from pyllm import distributed, kernels, report
 from pyllm.data import EOT, TokenData, default_documents, id_dtype, iter_documents
 from pyllm.interrupt import StopRequest
 from pyllm.io.atomic import write_text
 from pyllm.io.checkpoint import (Checkpoint, read_checkpoint, refuse_earlier_run, rng_from, rng_state,
                                  write_checkpoint)
+from pyllm.io.tokenizer_files import tokenizer_document, tokenizer_from_document
 from pyllm.model import Model
-from pyllm.models import ModelConfig
+from pyllm.models import ModelConfig, parameter_specs
 from pyllm.optim import AdamW, cosine_lr
 from pyllm.tokenizer import Tokenizer
 
@@ -74,7 +75,9 @@ class TrainConfig:
     checkpoint_interval: int = 200
     val_fraction: float = 0.1
     seed: int = 0
-    threads: Optional[int] = None
+    threads: Optional[int] = None             # kernel threads per process (default: the cores, shared by the ranks)
+    distributed: str = "auto"                 # "auto" (MPI when mpirun started several), "mpi", "none"
+    zero: int = 0                             # 1: ZeRO-1, AdamW's moments sharded over the ranks
     resume: bool = False
     overwrite: bool = False                   # write over an earlier run in out_dir (else refused)
     progress: bool = True
@@ -95,6 +98,10 @@ class TrainConfig:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.threads is not None and not 0 <= self.threads <= kernels.MAX_THREADS:
             raise ValueError(f"threads must lie in [0, {kernels.MAX_THREADS}] (0: every core), got {self.threads}")
+        if self.distributed not in distributed.MODES:
+            raise ValueError(f"distributed must be one of {', '.join(distributed.MODES)}, got {self.distributed!r}")
+        if self.zero not in (0, 1):
+            raise ValueError(f"zero must be 0 or 1 (ZeRO-1: AdamW's moments sharded), got {self.zero!r}")
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise ValueError(f"max_minutes must be positive, got {self.max_minutes}")
         id_dtype(self.vocab_size)
@@ -113,6 +120,7 @@ class TrainResult:
     step: int
     history: list = field(default_factory=list)   # the log records of this run
     interrupted: bool = False
+    is_root: bool = True                           # rank 0 of a distributed run (the one that writes)
 
 
 def prepare_data(cfg: TrainConfig, say: Callable[[str], None] = print):
@@ -149,27 +157,37 @@ def prepare_data(cfg: TrainConfig, say: Callable[[str], None] = print):
     return tokenizer, data
 
 
-def evaluate(model: Model, data: TokenData, cfg: TrainConfig, block_size: int) -> float:
-    """Mean validation loss over eval_batches fixed batches (the same ones at every evaluation)."""
+def evaluate(model: Model, data: TokenData, cfg: TrainConfig, block_size: int,
+             world: distributed.World = distributed.World()) -> float:
+    """Mean validation loss over eval_batches fixed batches (the same ones at every evaluation),
+    shared out over the ranks of a distributed run (batch i on rank i mod N)."""
     rng = np.random.default_rng(cfg.seed + 1)
-    losses = [model.loss(*data.batch("val", cfg.batch_size, block_size, rng)) for _ in range(cfg.eval_batches)]
-    return float(np.mean(losses))
+    total = 0.0
+    for i in range(cfg.eval_batches):
+        batch = data.batch("val", cfg.batch_size, block_size, rng)
+        if i % world.size == world.rank:
+            total += model.loss(*batch)
+    return world.sum([total], "the validation loss")[0] / cfg.eval_batches
 
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def save_checkpoint(out_dir: Path, model: Model, tokenizer, opt: AdamW, step: int,
-                    rng: np.random.Generator, cfg: TrainConfig) -> Path:
-    """Writes out_dir/checkpoint as a whole: the model folder, AdamW's moments and the trainer state."""
-    state = {"step": step, "optimizer_step": opt.step_count, "rng": rng_state(rng),
+def save_checkpoint(out_dir: Path, model: Model, tokenizer, moments: tuple[np.ndarray, np.ndarray],
+                    optimizer_step: int, step: int, rng: np.random.Generator, cfg: TrainConfig) -> Path:
+    """Writes out_dir/checkpoint as a whole: the model folder, AdamW's moments (m, v of the whole
+    model) and the trainer state. cfg is the run as one process would make it (grad_accum: the
+    micro-batches of the whole step), so the checkpoint resumes with any number of ranks."""
+    state = {"step": step, "optimizer_step": optimizer_step, "rng": rng_state(rng),
              "train_config": dataclasses.asdict(cfg), "model_config": model.config.to_dict()}
-    return write_checkpoint(out_dir / CHECKPOINT, {"m": opt.m, "v": opt.v}, state, MOMENTS, STATE,
+    return write_checkpoint(out_dir / CHECKPOINT, {"m": moments[0], "v": moments[1]}, state, MOMENTS, STATE,
                             extra=lambda tmp: model.save_pretrained(tmp, tokenizer=tokenizer), indent=1)
 
 
-def resumed_config(checkpoint: Checkpoint, cfg: TrainConfig) -> TrainConfig:
+def resumed_config(checkpoint: Checkpoint, cfg: TrainConfig, ranks: int = 1) -> TrainConfig:
     """The settings a resumed run goes on with: the checkpoint's, except where this call changes how
-    long to go on; the checkpoint's state checked first (a ValueError naming it)."""
+    long to go on or how to run (threads, ranks, ZeRO); the checkpoint's state checked first (a
+    ValueError naming it). With `ranks` processes each takes grad_accum / ranks of the checkpoint's
+    micro-batches per step, which must divide evenly (the global batch is the run's)."""
     state, where = checkpoint.state, checkpoint.path / STATE
     saved = state.get("train_config")
     for key, ok in (("train_config", isinstance(saved, dict)), ("rng", isinstance(state.get("rng"), dict))):
@@ -181,112 +199,201 @@ def resumed_config(checkpoint: Checkpoint, cfg: TrainConfig) -> TrainConfig:
             raise ValueError(f"{where}: {key} must be an integer >= 0, got {value!r}")
     defaults = TrainConfig()
     run_length = {k for k in ("max_steps", "max_minutes", "stop_at_step") if getattr(cfg, k) != getattr(defaults, k)}
-    keep = run_length | {"stop_at_step", "progress", "resume", "overwrite", "threads", "out_dir"}
+    keep = run_length | {"stop_at_step", "progress", "resume", "overwrite", "threads", "out_dir", "distributed",
+                         "zero"}
     try:
         cfg = dataclasses.replace(cfg, **{k: v for k, v in saved.items()
                                           if k not in keep and k in TrainConfig.__dataclass_fields__})
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{where}: its train_config does not make a run ({exc})") from None
-    return cfg
+    if cfg.grad_accum % ranks:
+        raise ValueError(f"{where}: a step of this run is {cfg.grad_accum} micro-batch(es) of {cfg.batch_size} "
+                         f"sequences; {ranks} ranks cannot share that out evenly. Resume with a number of ranks "
+                         f"that divides {cfg.grad_accum} (the global batch must stay the same)")
+    return dataclasses.replace(cfg, grad_accum=cfg.grad_accum // ranks)
 
 
-def load_checkpoint(checkpoint: Checkpoint, model: Model, opt: AdamW) -> tuple[int, np.random.Generator]:
-    """The checkpoint's weights and moments into model and opt; (its step, its data RNG)."""
+def read_resume_state(checkpoint: Checkpoint, model_cfg: ModelConfig) -> dict:
+    """What a resumed run needs from its checkpoint, checked against the run's model: the weights,
+    AdamW's m and v, the step, the optimizer's step count and the data RNG's state."""
     saved = Model.from_pretrained(checkpoint.path)
-    model.params[...] = saved.params
+    size = sum(math.prod(spec.shape) for spec in parameter_specs(model_cfg))
     tensors, where = checkpoint.tensors, checkpoint.path
+    if saved.params.size != size:
+        raise ValueError(f"{where}: its model has {saved.params.size} parameters, the run's {size}")
     for name in ("m", "v"):
-        if name not in tensors or tensors[name].shape != opt.m.shape:
-            raise ValueError(f"{where}: AdamW's {name} is missing or not of the model's {opt.m.size} values")
-    opt.load_state_dict({"m": tensors["m"], "v": tensors["v"], "step": checkpoint.state["optimizer_step"]})
+        if name not in tensors or tensors[name].shape != (size,):
+            raise ValueError(f"{where}: AdamW's {name} is missing or not of the model's {size} values")
     try:
-        rng = rng_from(checkpoint.state["rng"])
+        rng_from(checkpoint.state["rng"])
     except ValueError as exc:
         raise ValueError(f"{where}: the data RNG: {exc}") from None
-    return int(checkpoint.state["step"]), rng
+    return {"params": saved.params, "m": np.asarray(tensors["m"], np.float32), "v": np.asarray(tensors["v"], np.float32),
+            "step": int(checkpoint.state["step"]), "optimizer_step": int(checkpoint.state["optimizer_step"]),
+            "rng": checkpoint.state["rng"]}
 
 
 # ----------------------------------------------------------------------------- the loop
 
+def _share_run(world: distributed.World, prepared) -> tuple:
+    """(cfg, tokenizer, data, resume state or None) on every rank: rank 0 prepared them (it alone
+    reads the checkpoint, trains the tokenizer and writes the token files); the others receive them
+    as buffers and JSON, so they need no shared folder and write nothing."""
+    if world.size == 1:
+        return prepared
+    cfg, tokenizer, data, state = prepared if world.is_root else (None, None, None, None)
+    fields = world.broadcast_json(dataclasses.asdict(cfg) if world.is_root else None, "sharing the settings")
+    doc = world.broadcast_json(tokenizer_document(tokenizer.data()) if world.is_root else None,
+                               "sharing the tokenizer")
+    train_ids = world.broadcast_array(data.train if world.is_root else None, "sharing the training tokens")
+    val_ids = world.broadcast_array(data.val if world.is_root else None, "sharing the validation tokens")
+    has_state = world.broadcast_json(state is not None if world.is_root else None, "sharing the checkpoint")
+    if not world.is_root:
+        cfg = TrainConfig(**{**fields, "progress": False})
+        tokenizer = Tokenizer(**vars(tokenizer_from_document(doc, "rank 0's tokenizer")))
+        data = TokenData(Path(cfg.out_dir) / "data", train_ids, val_ids, tokenizer.vocab_size)
+    if has_state:
+        scalars = world.broadcast_json({k: state[k] for k in ("step", "optimizer_step", "rng")}
+                                       if world.is_root else None, "sharing the checkpoint")
+        params = world.broadcast_array(state["params"] if world.is_root else None, "sharing the checkpoint")
+        state = {**scalars, "params": params, "m": state["m"] if world.is_root else None,
+                 "v": state["v"] if world.is_root else None}
+    return cfg, tokenizer, data, state if has_state else None
+
+
 def train(cfg: TrainConfig, say: Callable[[str], None] = print) -> TrainResult:
-    """Runs (or resumes) training; returns the model, the tokenizer and this run's log records."""
-    if cfg.threads:
-        kernels.set_num_threads(cfg.threads)
+    """Runs (or resumes) training; returns the model, the tokenizer and this run's log records.
+    Under mpirun (or cfg.distributed="mpi") each rank takes its share of every step's micro-batches
+    and rank 0 alone writes (pyllm.distributed)."""
+    world = distributed.connect(cfg.distributed)
+    threads = distributed.threads_per_rank(world, cfg.threads)
+    if threads:
+        kernels.set_num_threads(threads)
+    if not world.is_root:
+        say = _silent
     out = Path(cfg.out_dir)
-    refuse_earlier_run(out, (CHECKPOINT, LOG, "config.json"), cfg.resume, cfg.overwrite)
-    checkpoint = read_checkpoint(out / CHECKPOINT, MOMENTS, STATE) if cfg.resume else None
-    if cfg.resume and checkpoint is None:
-        raise FileNotFoundError(f"--resume: no checkpoint in {out}")
-    if checkpoint is not None:
-        cfg = resumed_config(checkpoint, cfg)
-    tokenizer, data = prepare_data(cfg, say)
+
+    def prepare():
+        refuse_earlier_run(out, (CHECKPOINT, LOG, "config.json"), cfg.resume, cfg.overwrite)
+        checkpoint = read_checkpoint(out / CHECKPOINT, MOMENTS, STATE) if cfg.resume else None
+        if cfg.resume and checkpoint is None:
+            raise FileNotFoundError(f"--resume: no checkpoint in {out}")
+        run_cfg = resumed_config(checkpoint, cfg, world.size) if checkpoint is not None else cfg
+        tokenizer, data = prepare_data(run_cfg, say)
+        model_cfg = run_cfg.model_config(tokenizer.vocab_size)
+        for split, tokens in (("training", data.train), ("validation", data.val)):   # before any allocation
+            if len(tokens) <= model_cfg.block_size:
+                raise ValueError(f"the {split} split has {len(tokens)} tokens, not more than block_size "
+                                 f"{model_cfg.block_size}: give more data, a smaller --block-size, or a larger "
+                                 f"validation fraction")
+        state = read_resume_state(checkpoint, model_cfg) if checkpoint is not None else None
+        if checkpoint is not None:
+            say(f"resuming from {checkpoint.path} at step {state['step']}")
+        return run_cfg, tokenizer, data, state
+    cfg, tokenizer, data, state = _share_run(world, world.root_first(prepare, "preparing the run"))
     model_cfg = cfg.model_config(tokenizer.vocab_size)
-    for split, tokens in (("training", data.train), ("validation", data.val)):   # before any allocation
-        if len(tokens) <= model_cfg.block_size:
-            raise ValueError(f"the {split} split has {len(tokens)} tokens, not more than block_size "
-                             f"{model_cfg.block_size}: give more data, a smaller --block-size, or a larger "
-                             f"validation fraction")
     model = Model(model_cfg, seed=cfg.seed)
-    opt = AdamW(model, lr=cfg.lr, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip)
+    world.broadcast(model.params, "sharing the initial weights")   # every rank starts from rank 0's
+    options = dict(lr=cfg.lr, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip)
+    sharded = cfg.zero == 1 and world.size > 1
+    opt = distributed.ShardedAdamW(model, world, **options) if sharded else AdamW(model, **options)
     step, rng = 0, np.random.default_rng(cfg.seed)
-    if checkpoint is not None:
-        step, rng = load_checkpoint(checkpoint, model, opt)
-        say(f"resuming from {checkpoint.path} at step {step}")
-    say(f"{model}; {cfg.batch_size}x{model_cfg.block_size} tokens per micro-batch, "
-        f"{cfg.grad_accum} micro-batch(es) per step, {kernels.get_num_threads()} threads")
+    if state is not None:
+        model.params[...] = state["params"]
+        if sharded:
+            opt.load_full_moments(state["m"], state["v"], state["optimizer_step"])
+        else:
+            for name in ("m", "v"):
+                getattr(opt, name)[...] = world.broadcast_array(state[name], "sharing AdamW's moments")
+            opt.step_count = state["optimizer_step"]
+        step, rng = state["step"], rng_from(state["rng"])
+    accum = cfg.grad_accum * world.size               # micro-batches of a whole step, over every rank
+    as_one = dataclasses.replace(cfg, grad_accum=accum)   # the run as one process makes it (checkpoints)
+    say(f"{model}; {cfg.batch_size}x{model_cfg.block_size} tokens per micro-batch, {accum} micro-batch(es) "
+        f"per step" + (f" over {world.describe()}, " if world.size > 1 else ", ") +
+        f"{kernels.get_num_threads()} thread(s) per process")
+    if sharded:
+        say(f"ZeRO-1: AdamW's m and v take {(opt.m.nbytes + opt.v.nbytes) / 2 ** 20:.1f} MiB per rank instead of "
+            f"{2 * model.params.nbytes / 2 ** 20:.1f} MiB (plus {opt.shard_grads.nbytes / 2 ** 20:.1f} MiB for this "
+            f"rank's gradient shard)")
+    groups = distributed.layer_groups(model) if world.size > 1 and not sharded else None
     log_path = out / LOG
-    _truncate_log(log_path, step)
-    tokens_per_step = cfg.batch_size * model_cfg.block_size * cfg.grad_accum
+    if world.is_root:
+        _truncate_log(log_path, step)
+    tokens_per_step = cfg.batch_size * model_cfg.block_size * accum
     history: list[dict] = []
     start_time = time.perf_counter()
-    bar = tqdm(total=cfg.max_steps, initial=step, desc="training", unit="step", disable=not cfg.progress,
-               dynamic_ncols=True)
-    plan_from_time = cfg.max_minutes is not None and checkpoint is None
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="training", unit="step",
+               disable=not (cfg.progress and world.is_root), dynamic_ncols=True)
+    plan_from_time = cfg.max_minutes is not None and state is None
     max_steps_asked = cfg.max_steps
     stop = StopRequest()
+    stopping = False
+
+    def save() -> None:
+        moments = opt.full_moments() if sharded else (opt.m, opt.v)   # a collective under ZeRO
+        if world.is_root:
+            save_checkpoint(out, model, tokenizer, moments, opt.step_count, step, rng, as_one)
+            write_report(out)
     try:
-        with open(log_path, "a", encoding="utf-8") as log:
+        with open(log_path, "a", encoding="utf-8") if world.is_root else _NoLog() as log:
             out_of_time = False
-            while step < min(cfg.max_steps, cfg.stop_at_step or cfg.max_steps) and not stop.requested \
+            while step < min(cfg.max_steps, cfg.stop_at_step or cfg.max_steps) and not stopping \
                     and not out_of_time:
                 t0 = time.perf_counter()
+                world.heartbeat(step)
                 lr = cosine_lr(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr)
                 model.zero_grad()
+                buckets = world.buckets(model.grads, groups) if groups is not None else None
                 loss = 0.0
-                for _ in range(cfg.grad_accum):
+                for micro in range(accum):   # every rank draws every batch: rank r computes r, r + N, ...
                     ids, targets = data.batch("train", cfg.batch_size, model_cfg.block_size, rng)
-                    loss += model.forward_backward(ids, targets, loss_scale=1.0 / cfg.grad_accum) / cfg.grad_accum
+                    if micro % world.size != world.rank:
+                        continue
+                    last = micro + world.size >= accum
+                    loss += model.forward_backward(ids, targets, loss_scale=1.0 / accum,
+                                                   layer_done=buckets.layer_done if buckets and last else None) / accum
+                comm_s = buckets.finish() if buckets is not None else 0.0
+                loss, asked_to_stop = world.sum([loss, float(stop.requested)], "the step's loss")
+                stopping = asked_to_stop > 0     # every rank stops after the same step
                 if not math.isfinite(loss):
-                    raise TrainingError(f"the loss is {loss} at step {step + 1}; stopping. The last good "
-                                        f"checkpoint is kept in {out / CHECKPOINT} (try a lower --lr)")
+                    raise _quiet(TrainingError(f"the loss is {loss} at step {step + 1}; stopping. The last good "
+                                               f"checkpoint is kept in {out / CHECKPOINT} (try a lower --lr)"), world)
                 try:
                     opt.step(lr)
                 except FloatingPointError as exc:
-                    raise TrainingError(f"{exc} at step {step + 1}; stopping. The last good checkpoint is kept "
-                                        f"in {out / CHECKPOINT} (try a lower --lr)") from None
+                    raise _quiet(TrainingError(f"{exc} at step {step + 1}; stopping. The last good checkpoint is "
+                                               f"kept in {out / CHECKPOINT} (try a lower --lr)"), world) from None
                 step += 1
                 dt = time.perf_counter() - t0
                 record = {"step": step, "loss": round(loss, 5), "lr": lr, "grad_norm": round(opt.last_grad_norm, 4),
                           "tokens_per_s": round(tokens_per_step / dt, 1), "time_s": round(time.perf_counter() - start_time, 2)}
+                if world.size > 1:
+                    record["allreduce_wait_s"] = round(comm_s, 4)
                 if plan_from_time and step == 2:
                     pace_start = time.perf_counter()
                 # The pace so far (from step 2: step 1 allocates buffers) plans how many steps fit the
-                # budget: first at step 5, then again at every evaluation, as the pace settles.
+                # budget: first at step 5, then again at every evaluation, as the pace settles. Rank 0's
+                # clock decides for every rank.
                 if plan_from_time and step >= 5 and (step == 5 or step % cfg.eval_interval == 0):
                     pace = (time.perf_counter() - pace_start) / (step - 2)
                     per_step = pace if step > cfg.eval_interval else \
                         pace * (1 + cfg.eval_batches / (3 * cfg.eval_interval))   # evaluations: forward only
                     left = 60 * cfg.max_minutes - (time.perf_counter() - start_time)
                     planned = min(max_steps_asked, max(step + 1, step + int(left / per_step)))
+                    planned = int(world.broadcast_json(planned if world.is_root else None, "planning the steps"))
                     if planned != cfg.max_steps:
                         cfg = dataclasses.replace(cfg, max_steps=planned)
+                        as_one = dataclasses.replace(as_one, max_steps=planned)
                         bar.total = planned
                         if step == 5:
                             say(f"{cfg.max_minutes} min at {pace:.2f} s/step: planning {planned} steps")
                 out_of_time = cfg.max_minutes is not None and \
                     time.perf_counter() - start_time > 60 * cfg.max_minutes and step < cfg.max_steps
+                if world.size > 1:
+                    out_of_time = bool(world.broadcast_json(out_of_time if world.is_root else None, "the time budget"))
                 if step % cfg.eval_interval == 0 or step == cfg.max_steps or out_of_time:
-                    record["val_loss"] = round(evaluate(model, data, cfg, model_cfg.block_size), 5)
+                    record["val_loss"] = round(evaluate(model, data, cfg, model_cfg.block_size, world), 5)
                     record["val_ppl"] = round(math.exp(min(record["val_loss"], 50.0)), 3)
                 history.append(record)
                 log.write(json.dumps(record) + "\n")
@@ -295,21 +402,47 @@ def train(cfg: TrainConfig, say: Callable[[str], None] = print) -> TrainResult:
                                 **({"val": f"{record['val_loss']:.3f}"} if "val_loss" in record else {}))
                 bar.update(1)
                 if step % cfg.checkpoint_interval == 0:
-                    save_checkpoint(out, model, tokenizer, opt, step, rng, cfg)
-                    write_report(out)
+                    save()
             if out_of_time:
                 say(f"time budget of {cfg.max_minutes} min reached at step {step}")
     finally:
         bar.close()
         stop.restore()
-    interrupted = stop.requested
-    save_checkpoint(out, model, tokenizer, opt, step, rng, cfg)
-    model.save_pretrained(out, tokenizer=tokenizer)
-    write_report(out)
+    interrupted = stopping
+    save()
+    if world.is_root:
+        model.save_pretrained(out, tokenizer=tokenizer)
+    world.barrier("the final save")
     if interrupted:
-        raise TrainingInterrupted(f"interrupted at step {step}; saved {out / CHECKPOINT} "
-                                  f"(continue with --resume)")
-    return TrainResult(model, tokenizer, step, history)
+        raise _quiet(TrainingInterrupted(f"interrupted at step {step}; saved {out / CHECKPOINT} "
+                                         f"(continue with --resume)"), world)
+    return TrainResult(model, tokenizer, step, history, is_root=world.is_root)
+
+
+def _silent(message: str) -> None:
+    pass
+
+
+def _quiet(exc: BaseException, world: distributed.World) -> BaseException:
+    """exc marked for the CLI to print on rank 0 only (every rank raises it; one says it)."""
+    exc.quiet = not world.is_root
+    return exc
+
+
+class _NoLog:
+    """The log of a rank that writes none."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def write(self, text: str) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
 
 
 def write_report(out: Path) -> Path:

@@ -105,6 +105,13 @@ def read_tokenizer(path: Union[str, os.PathLike]) -> TokenizerData:
         raise
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path} is not a tokenizer file (not valid JSON: {exc})") from None
+    return tokenizer_from_document(doc, path)
+
+
+def tokenizer_from_document(doc, path) -> TokenizerData:
+    """What a tokenizer file's parsed JSON says (read_tokenizer's second half: also what travels
+    between the processes of a distributed run); errors name `path`."""
+    path = Path(path)
     if not isinstance(doc, dict):
         raise ValueError(f"{path} is not a tokenizer file (a JSON {type(doc).__name__})")
     try:
@@ -403,15 +410,19 @@ def gguf_vocabulary(data: TokenizerData, size: int = 0) -> GgufVocabulary:
 
 def write_tokenizer(path: Union[str, os.PathLike], data: TokenizerData, format: str = "pyllm") -> None:
     """pyllm's JSON, or with format="hf" a tokenizer.json the `tokenizers` package reads; atomic."""
-    if format == "pyllm":
-        doc = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "pattern": data.pattern,
-               "vocab": [_token_to_str(t) for t in data.vocab], "merges": [list(m) for m in data.merges],
-               "special_tokens": data.special_tokens, "unk_token_id": data.unk_token_id}
-    elif format == "hf":
-        doc = _hf_spm_document(data) if data.pattern == "spm" else _hf_document(data)
-    else:
-        raise ValueError(f"format must be 'pyllm' or 'hf', got {format!r}")
-    write_text(Path(path), json.dumps(doc, ensure_ascii=False))
+    write_text(Path(path), json.dumps(tokenizer_document(data, format), ensure_ascii=False))
+
+
+def tokenizer_document(data: TokenizerData, format: str = "pyllm") -> dict:
+    """The JSON document of a tokenizer file: pyllm's (SentencePiece vocabularies: always "hf"), or
+    with format="hf" a tokenizer.json; tokenizer_from_document reads either back."""
+    if format == "pyllm" and data.pattern != "spm":
+        return {"format": FORMAT_NAME, "version": FORMAT_VERSION, "pattern": data.pattern,
+                "vocab": [_token_to_str(t) for t in data.vocab], "merges": [list(m) for m in data.merges],
+                "special_tokens": data.special_tokens, "unk_token_id": data.unk_token_id}
+    if format in ("pyllm", "hf"):
+        return _hf_spm_document(data) if data.pattern == "spm" else _hf_document(data)
+    raise ValueError(f"format must be 'pyllm' or 'hf', got {format!r}")
 
 
 def _hf_spm_document(data: TokenizerData) -> dict:

@@ -15,7 +15,7 @@ N = B*T rows, V vocabulary.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -237,9 +237,12 @@ class Runner:
         return logits
 
     def backward(self, model: Weights, grads, ws: Workspace, ids: np.ndarray, dlogits: np.ndarray,
-                 ropes: Optional[tuple], rows: Optional[np.ndarray] = None) -> None:
+                 ropes: Optional[tuple], rows: Optional[np.ndarray] = None,
+                 layer_done: Optional[Callable[[int], None]] = None) -> None:
         """Gradients from dlogits (N, V), or (len(rows), V) after forward(ids, rows), back through the
-        activations the last forward kept (dlogits overwritten); grads None: frozen (adapters only)."""
+        activations the last forward kept (dlogits overwritten); grads None: frozen (adapters only).
+        layer_done(i), if given, is called once layer i's gradients are complete (last layer first):
+        data-parallel training starts summing them across processes while backward goes on."""
         cfg, arch, norm = self.cfg, self.arch, self.norm
         B, T = ids.shape
         N, C, NH, HS = B * T, cfg.n_embd, cfg.n_head, cfg.head_size
@@ -289,5 +292,7 @@ class Runner:
             linear_backward(model, layer.qkv, dln, dqkv, ws.get(f"ln1.{i}", (N, C)))
             norm.backward(model, grads, ws, f"ln1.{i}", dtmp, dln, ws.get(f"x{i}", (N, C)), layer.norm1)
             dx += dtmp     # now d x
+            if layer_done is not None:
+                layer_done(i)
         if grads is not None:
             arch.embed_backward(model, grads, dx, ids)

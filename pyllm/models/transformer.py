@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -371,8 +371,10 @@ class Transformer:
         logits = self._forward(ids, rows).reshape(-1, self.config.vocab_size)
         return float(kernels.cross_entropy(logits, targets[rows] if rows is not None else targets))
 
-    def forward_backward(self, ids, targets, loss_scale: float = 1.0) -> float:
-        """Mean loss; adds d(loss_scale * loss)/d(param) into the gradients (so micro-batches accumulate)."""
+    def forward_backward(self, ids, targets, loss_scale: float = 1.0,
+                         layer_done: Optional[Callable[[int], None]] = None) -> float:
+        """Mean loss; adds d(loss_scale * loss)/d(param) into the gradients (so micro-batches accumulate).
+        layer_done(i) is called as soon as layer i's gradients are complete (see Runner.backward)."""
         if self.quantized and self.lora is None:
             raise ValueError("this model keeps quantized weights, which cannot be trained: attach LoRA "
                              "adapters (pyllm.lora) or load it with dequantize=True")
@@ -391,7 +393,7 @@ class Transformer:
         scale = float(loss_scale) / count if count else 0.0
         fast.cross_entropy_backward(logits, logits, lse, flat_targets, scale, N, V, IGNORE)  # in place
         self.runner.backward(self, None if self.frozen else self.g, ws, ids, logits,
-                             self._rope_tables(ids.shape[1]), rows)
+                             self._rope_tables(ids.shape[1]), rows, layer_done)
         return loss
 
     def forward_step(self, ids, cache: KVCache, rows=None, counts=None,
