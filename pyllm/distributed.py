@@ -403,14 +403,19 @@ class ShardedAdamW(AdamW):
         self.full_model = model
         self.shard_grads = np.zeros(self.counts[world.rank], np.float32)
         self.model.grads = self.shard_grads
+        self.comm_s = 0.0   # the last step's time in the reduce-scatter, the norm and the all-gather
 
     def step(self, lr: float | None = None) -> None:
+        t0 = time.perf_counter()
         self.world.reduce_scatter(self.full_model.grads, self.shard_grads, self.counts, "the gradient reduce-scatter")
         squares = float(np.einsum("i,i->", self.shard_grads, self.shard_grads, dtype=np.float64))
         total = self.world.sum([squares], "the gradient norm")[0]
         self._norm = math.sqrt(total)
+        self.comm_s = time.perf_counter() - t0
         super().step(lr)
+        t0 = time.perf_counter()
         self.world.allgather(self.full_model.params, self.counts, "the parameter all-gather")
+        self.comm_s += time.perf_counter() - t0
 
     def _grad_norm(self) -> float:
         return self._norm

@@ -368,8 +368,8 @@ def train(cfg: TrainConfig, say: Callable[[str], None] = print) -> TrainResult:
                 dt = time.perf_counter() - t0
                 record = {"step": step, "loss": round(loss, 5), "lr": lr, "grad_norm": round(opt.last_grad_norm, 4),
                           "tokens_per_s": round(tokens_per_step / dt, 1), "time_s": round(time.perf_counter() - start_time, 2)}
-                if world.size > 1:
-                    record["allreduce_wait_s"] = round(comm_s, 4)
+                if world.size > 1:   # communication the step waited for (ZeRO-1: all of it, in the optimizer)
+                    record["comm_wait_s"] = round(comm_s + getattr(opt, "comm_s", 0.0), 4)
                 if plan_from_time and step == 2:
                     pace_start = time.perf_counter()
                 # The pace so far (from step 2: step 1 allocates buffers) plans how many steps fit the
