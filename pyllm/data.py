@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from pyllm.io.atomic import atomic_path, write_text
+from pyllm.progress import bar as progress_bar
 
 EOT = "<|endoftext|>"
 
@@ -135,7 +135,7 @@ class TokenData:
         docs = list(documents)
         chunks: list[np.ndarray] = []
         batch = 64
-        with tqdm(total=len(docs), desc="tokenizing", unit="doc", disable=not progress) as bar:
+        with progress_bar(total=len(docs), desc="tokenizing", unit="doc", enabled=progress) as bar:
             for start in range(0, len(docs), batch):
                 for ids in tokenizer.encode_batch(docs[start:start + batch], disallowed_special=()):
                     chunks.append(np.asarray(ids + ([eot] if eot is not None else []), dtype=dtype))

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from pyllm import distributed, kernels, report
 from pyllm.interrupt import StopRequest
@@ -33,6 +32,7 @@ from pyllm.io.checkpoint import (read_checkpoint, refuse_earlier_run, remove_che
 from pyllm.lora import LoRA, LoRAConfig
 from pyllm.models import IGNORE
 from pyllm.optim import AdamW, cosine_lr
+from pyllm.progress import bar as progress_bar
 
 CHECKPOINT = "checkpoint"
 LOG = "finetune_log.jsonl"
@@ -246,8 +246,8 @@ def _loop(llm, n_items: int, fingerprint: str, cfg: SFTConfig, step_fn, eval_fn,
     writes = world.is_root and checkpoint is not None
     start = time.perf_counter()
     try:
-        with exact_products(model), tqdm(total=total, initial=step, desc=desc, unit="step",
-                                          disable=not progress) as bar:
+        with exact_products(model), progress_bar(total=total, initial=step, desc=desc, unit="step",
+                                                  enabled=progress) as bar:
             while step < total and not stopping:
                 world.heartbeat(step)
                 if step and step % steps_per_epoch == 0:
@@ -516,7 +516,7 @@ def _dropout_for(model, part: int):
 def reference_logprobs(model, pairs: list[Pair], progress: bool = False) -> list[tuple[float, float]]:
     """The frozen reference: log-probabilities of every pair under the model before training."""
     return [(sequence_logprob(model, p.chosen), sequence_logprob(model, p.rejected))
-            for p in tqdm(pairs, desc="reference log-probabilities", unit="pair", disable=not progress)]
+            for p in progress_bar(pairs, desc="reference log-probabilities", unit="pair", enabled=progress)]
 
 
 def preference_accuracy(model, pairs: list[Pair]) -> float:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import codecs
 import datetime
+import warnings
 from pathlib import Path
 from typing import Iterator, Optional, Sequence, Union
 
@@ -19,6 +20,7 @@ import numpy as np
 from jinja2.exceptions import SecurityError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from pyllm.evaluate import Perplexity, perplexity
 from pyllm.explain import Explanation, explain, top_of
 from pyllm.generate import SamplingConfig, generate_stream
 from pyllm.hub import DEFAULT_MODEL, resolve_model
@@ -41,6 +43,10 @@ PLAIN_TEMPLATE = (
 PLAIN_STOPS = ("\nUser:",)
 
 Message = dict
+
+
+class ContextWindowFull(UserWarning):
+    """Generation met the end of the model's context window before max_new_tokens."""
 
 
 class LLM:
@@ -94,30 +100,38 @@ class LLM:
 
     # ------------------------------------------------------------------ generation
 
-    def generate(self, prompt: str, max_new_tokens: int = 128, temperature: float = 0.8,
+    def generate(self, prompt: Union[str, Sequence[str]], max_new_tokens: int = 128, temperature: float = 0.8,
                  top_k: Optional[int] = 50, top_p: Optional[float] = None, seed: Optional[int] = None, *,
                  min_p: Optional[float] = None, repetition_penalty: float = 1.0, presence_penalty: float = 0.0,
-                 frequency_penalty: float = 0.0, stop: Sequence[str] = (), stream: bool = False
-                 ) -> Union[str, Iterator[str]]:
-        """The continuation of prompt (without the prompt); with stream=True, an iterator of pieces.
-        stop: a string or strings that end the text (not shown)."""
+                 frequency_penalty: float = 0.0, stop: Sequence[str] = (), stream: bool = False,
+                 context_shift: bool = False) -> Union[str, list[str], Iterator[str]]:
+        """The continuation of prompt (without the prompt); with stream=True, an iterator of pieces; a
+        list of prompts gives a list of continuations (each as its own generation, same settings).
+        stop: a string or strings that end the text (not shown). At the context window generation
+        stops with a ContextWindowFull warning, or with context_shift=True drops the older half of
+        the text after the prompt's first tokens and goes on, as llama.cpp's context shift does."""
+        if isinstance(prompt, (list, tuple)) and not stream:
+            return [self.generate(p, max_new_tokens, temperature, top_k, top_p, seed, min_p=min_p,
+                                  repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+                                  frequency_penalty=frequency_penalty, stop=stop, context_shift=context_shift)
+                    for p in prompt]
         if not isinstance(prompt, str):
-            raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
+            raise TypeError(f"prompt must be a str (or, without stream, a list of them), got {type(prompt).__name__}")
         return self._generate_ids(self.encode_prompt(prompt), max_new_tokens, temperature, top_k, top_p, seed,
                                   min_p=min_p, repetition_penalty=repetition_penalty,
                                   presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, stop=stop,
-                                  stream=stream)
+                                  stream=stream, context_shift=context_shift)
 
     def _generate_ids(self, ids: list[int], max_new_tokens: int = 128, temperature: float = 0.8,
                       top_k: Optional[int] = 50, top_p: Optional[float] = None, seed: Optional[int] = None, *,
                       min_p: Optional[float] = None, repetition_penalty: float = 1.0, presence_penalty: float = 0.0,
-                      frequency_penalty: float = 0.0, stop: Union[str, Sequence[str]] = (), stream: bool = False
-                      ) -> Union[str, Iterator[str]]:
+                      frequency_penalty: float = 0.0, stop: Union[str, Sequence[str]] = (), stream: bool = False,
+                      context_shift: bool = False) -> Union[str, Iterator[str]]:
         if not ids:
             raise ValueError("the prompt is empty: give some text to continue")
         sampling = SamplingConfig(temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty,
                                   frequency_penalty)
-        pieces = self._stream(ids, max_new_tokens, sampling, seed, _stop_strings(stop))
+        pieces = self._stream(ids, max_new_tokens, sampling, seed, _stop_strings(stop), context_shift)
         return pieces if stream else "".join(pieces)
 
     def encode_prompt(self, text: str) -> list[int]:
@@ -164,17 +178,37 @@ class LLM:
         return self._with_bos(ids)
 
     def _stream(self, ids: list[int], max_new_tokens: int, sampling: SamplingConfig, seed: Optional[int],
-                stop: list[str]) -> Iterator[str]:
+                stop: list[str], context_shift: bool = False) -> Iterator[str]:
         text = TextStream(self.tokenizer, stop)
-        for tokens in generate_stream(self.model, ids, max_new_tokens, sampling, self.stop_token_ids, seed):
-            token = int(tokens[0])
-            if token in self.stop_token_ids:
+        window, made, shifts = self.context_window, 0, 0
+        context = list(ids)
+        while True:
+            ended = False
+            for tokens in generate_stream(self.model, context, max_new_tokens - made, sampling, self.stop_token_ids,
+                                          None if seed is None else seed + shifts):
+                token = int(tokens[0])
+                made += 1
+                if token in self.stop_token_ids:
+                    ended = True
+                    break
+                context.append(token)
+                piece = text.push(token)
+                if piece:
+                    yield piece
+                if text.stopped:
+                    return
+            if ended or made >= max_new_tokens or len(context) < window - 1:
                 break
-            piece = text.push(token)
-            if piece:
-                yield piece
-            if text.stopped:
-                return
+            if not context_shift:   # the window is full: say so rather than stop without a word
+                warnings.warn(ContextWindowFull(f"generation reached the {window}-token context window after "
+                                                f"{made} of {max_new_tokens} new tokens and stopped (pass "
+                                                f"context_shift=True, or --context-shift, to drop the oldest text "
+                                                f"and go on)"), stacklevel=3)
+                break
+            keep = min(len(ids), window // 4)                # the prompt's start (a system prompt, a BOS)
+            drop = (len(context) - keep) // 2
+            context = context[:keep] + context[keep + drop:]
+            shifts += 1
         piece = text.finish()
         if piece:
             yield piece
@@ -230,6 +264,14 @@ class LLM:
         name = self.source.name if self.source is not None else repr(self.model)
         return explain(self.model, self.tokenizer, self.encode_prompt(prompt), prompt, top_k, sampling, generate, seed,
                        self.stop_token_ids, lens_k, attention, name)
+
+    def perplexity(self, text: str, context: Optional[int] = None, progress: bool = False) -> Perplexity:
+        """The model's perplexity on a text (pyllm.evaluate: llama-perplexity's windows of `context`
+        tokens, default the model's window up to 1024); the begin token first when the files ask for it."""
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        ids = self._with_bos(self.tokenizer.encode(text, disallowed_special=()))   # a special token spelled: text
+        return perplexity(self.model, ids, context, progress=progress)
 
     def count_tokens(self, messages: Sequence[Message]) -> int:
         return len(self.encode_chat(messages))

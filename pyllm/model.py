@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from tqdm.auto import tqdm
 
 from pyllm.generate import generate
 from pyllm.hub import DEFAULT_MODEL, resolve_model
@@ -20,6 +19,7 @@ from pyllm.io.gguf import GGUFFile
 from pyllm.io.tensors import ModelWeights
 from pyllm.io.tokenizer_files import ChatFormat, end_of_text, write_hf_chat
 from pyllm.models import ARCHITECTURES, KVCache, ModelConfig, ParamSpec, QuantizedWeight, Transformer, parameter_specs
+from pyllm.progress import bar as progress_bar
 
 # Re-exported for the code that imported them from here before the model layer had its own package.
 __all__ = ["ARCHITECTURES", "DEFAULT_MODEL", "KVCache", "Model", "ModelConfig", "ParamSpec", "QuantizedWeight",
@@ -57,7 +57,7 @@ class Model(Transformer):
         """A GGUF file llama.cpp loads: matrices as `type` (f32, f16, q8_0, q4_0, q4_1, q4_k; quantized
         weights of a loaded GGUF are dequantized and quantized again), with the tokenizer (a
         pyllm.Tokenizer; llama.cpp needs one) and the chat template in the metadata."""
-        bar = tqdm(total=0, unit="tensor", desc=f"writing {Path(path).name}", disable=not progress, leave=False)
+        bar = progress_bar(total=0, unit="tensor", desc=f"writing {Path(path).name}", enabled=progress, leave=False)
 
         def step(done: int, total: int) -> None:
             bar.total = total

@@ -87,13 +87,23 @@ class AdamW:
         self.step_count = int(state["step"])
 
 
-def cosine_lr(step: int, max_lr: float, warmup_steps: int, total_steps: int, min_lr: float = 0.0) -> float:
+def cosine_lr(step: int, max_lr: float, warmup_steps: int, total_steps: int, min_lr: float = 0.0,
+              restart: tuple[int, float] | None = None) -> float:
     """Linear warm-up over warmup_steps, then cosine decay from max_lr to min_lr at total_steps.
+    restart (step s0, rate r0): from s0 on, a cosine from r0 down to min_lr at total_steps instead
+    (a run extended past its first horizon goes on from the rate it had, without a jump).
 
     step counts from 0.
     >>> round(cosine_lr(0, 1.0, 10, 100), 2), cosine_lr(100, 1.0, 10, 100, 0.1)
     (0.1, 0.1)
+    >>> cosine_lr(50, 1.0, 10, 200, 0.0, restart=(50, 0.3))
+    0.3
     """
+    if restart is not None and step >= restart[0]:
+        s0, r0 = restart
+        if step >= total_steps:
+            return min_lr
+        return min_lr + 0.5 * (r0 - min_lr) * (1.0 + math.cos(math.pi * (step - s0) / max(1, total_steps - s0)))
     if step < warmup_steps:
         return max_lr * (step + 1) / warmup_steps
     if step >= total_steps:

@@ -18,7 +18,6 @@ from typing import Callable, Collection, Iterable, Literal, Sequence, Union
 
 import numpy as np
 
-from tqdm.auto import tqdm
 
 from pyllm import kernels
 from pyllm.io.gguf import GGUFFile
@@ -32,6 +31,7 @@ MAX_VOCAB = ModelConfig.LIMITS["vocab_size"]   # the largest vocabulary a model 
 # Names that lived here before the file formats moved to pyllm.io (re-exported, not redefined).
 from pyllm.io.tokenizer_files import FORMAT_NAME, FORMAT_VERSION, GGUF_PRE, HF_PATTERNS, bytes_to_unicode  # noqa: F401,E402
 from pyllm.pretokenize import GPT2_PATTERN, GPT4_PATTERN, PATTERNS, PIPELINES  # noqa: F401,E402
+from pyllm.progress import bar as progress_bar
 
 TextSource = Union[str, os.PathLike, Iterable[Union[str, os.PathLike]]]
 
@@ -336,6 +336,35 @@ class Tokenizer:
         """bytes -> id for every ordinary token: what tiktoken.Encoding takes as mergeable_ranks."""
         return {token: i for i, token in enumerate(self.vocab) if i not in self._special_by_id}
 
+    @property
+    def pattern_regex(self) -> str:
+        """The split pattern as a regex (what tiktoken.Encoding takes as pat_str; `pattern` may be a
+        built-in's name). SmolLM2's "gpt2_digits" is two steps, not one regex, and "spm" none."""
+        if self.pattern in PATTERNS:
+            return PATTERNS[self.pattern]
+        if self.pattern in PIPELINES or self.pattern == "spm":
+            raise ValueError(f"the {self.pattern!r} split is not one regex: tiktoken cannot reproduce it")
+        return self.pattern
+
+    def to_tiktoken(self, name: str = "pyllm"):
+        """This tokenizer as a tiktoken.Encoding (the same ids for every text; tiktoken is optional and
+        imported here only)."""
+        try:
+            import tiktoken
+        except ImportError:
+            raise ImportError("to_tiktoken needs the tiktoken package: pip install tiktoken") from None
+        return tiktoken.Encoding(name, pat_str=self.pattern_regex, mergeable_ranks=self.mergeable_ranks(),
+                                 special_tokens=dict(self.special_tokens))
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def __repr__(self) -> str:
+        kind = "SentencePiece" if self._spm is not None else "byte-level BPE"
+        return (f"Tokenizer({kind}, {self.vocab_size} tokens, {len(self.merges)} merges, pattern "
+                f"{self.pattern if self.pattern in PATTERNS or self.pattern in PIPELINES else 'custom'!r}, "
+                f"{len(self.special_tokens)} special)")
+
     # --------------------------------------------------------------------- files
 
     @property
@@ -376,7 +405,7 @@ def _progress_reporter(progress, total: int):
         return lambda done: progress(done, total)
     if not progress or total < 1000:
         return None
-    bar = tqdm(total=total, desc="training BPE", unit="merge")
+    bar = progress_bar(total=total, desc="training BPE", unit="merge")
 
     def report(done: int) -> None:
         bar.update(done - bar.n)

@@ -12,12 +12,12 @@ import dataclasses
 import json
 import math
 import time
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from pyllm import distributed, kernels, report
 from pyllm.data import EOT, TokenData, default_documents, id_dtype, iter_documents
@@ -30,12 +30,14 @@ from pyllm.model import Model
 from pyllm.models import ModelConfig, parameter_specs
 from pyllm.optim import AdamW, cosine_lr
 from pyllm.tokenizer import Tokenizer
+from pyllm.progress import bar as progress_bar
 
 CHECKPOINT = "checkpoint"
 STATE = "trainer_state.json"          # in the checkpoint: step, RNG, settings
 MOMENTS = "optimizer.safetensors"     # in the checkpoint: AdamW's m and v (beside the model folder)
 LOG = "log.jsonl"
 REPORT = "report.html"     # the log drawn: loss, validation loss, learning rate, gradient norm, tokens/s
+RESOLVED = "train_config.json"   # every setting the run used (flags, --config file and defaults resolved)
 
 
 class TrainingError(RuntimeError):
@@ -79,6 +81,8 @@ class TrainConfig:
     distributed: str = "auto"                 # "auto" (MPI when mpirun started several), "mpi", "none"
     zero: int = 0                             # 1: ZeRO-1, AdamW's moments sharded over the ranks
     resume: bool = False
+    extend_schedule: bool = False             # resume with a new max_steps: the cosine goes on from the rate it had
+    schedule_restart: Optional[list] = None   # [step, lr] where an extended run's new cosine starts
     overwrite: bool = False                   # write over an earlier run in out_dir (else refused)
     progress: bool = True
 
@@ -106,6 +110,23 @@ class TrainConfig:
             raise ValueError(f"max_minutes must be positive, got {self.max_minutes}")
         id_dtype(self.vocab_size)
         self.model_config(self.vocab_size)   # sizes checked now, before a tokenizer is trained for them
+
+    @staticmethod
+    def read_toml(path) -> dict:
+        """The settings of a TOML file (`pyllm train --config FILE`): the same names as the flags
+        (dashes or underscores; `out` for out_dir), unknown ones refused with the file named."""
+        path = Path(path)
+        try:
+            with open(path, "rb") as f:
+                doc = tomllib.load(f)
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"{path}: not valid TOML ({exc})") from None
+        fields = {("out_dir" if key in ("out", "out-dir") else key.replace("-", "_")): value for key, value in doc.items()}
+        known = set(TrainConfig.__dataclass_fields__) - {"schedule_restart"}
+        unknown = sorted(set(fields) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return fields
 
     def model_config(self, vocab_size: int) -> ModelConfig:
         overrides = {k: getattr(self, k) for k in ("n_layer", "n_head", "n_embd", "block_size")
@@ -173,11 +194,12 @@ def evaluate(model: Model, data: TokenData, cfg: TrainConfig, block_size: int,
 # ----------------------------------------------------------------------------- checkpoints
 
 def save_checkpoint(out_dir: Path, model: Model, tokenizer, moments: tuple[np.ndarray, np.ndarray],
-                    optimizer_step: int, step: int, rng: np.random.Generator, cfg: TrainConfig) -> Path:
+                    optimizer_step: int, step: int, rng: np.random.Generator, cfg: TrainConfig,
+                    time_s: float = 0.0) -> Path:
     """Writes out_dir/checkpoint as a whole: the model folder, AdamW's moments (m, v of the whole
     model) and the trainer state. cfg is the run as one process would make it (grad_accum: the
     micro-batches of the whole step), so the checkpoint resumes with any number of ranks."""
-    state = {"step": step, "optimizer_step": optimizer_step, "rng": rng_state(rng),
+    state = {"step": step, "optimizer_step": optimizer_step, "rng": rng_state(rng), "time_s": round(time_s, 2),
              "train_config": dataclasses.asdict(cfg), "model_config": model.config.to_dict()}
     return write_checkpoint(out_dir / CHECKPOINT, {"m": moments[0], "v": moments[1]}, state, MOMENTS, STATE,
                             extra=lambda tmp: model.save_pretrained(tmp, tokenizer=tokenizer), indent=1)
@@ -200,12 +222,28 @@ def resumed_config(checkpoint: Checkpoint, cfg: TrainConfig, ranks: int = 1) -> 
     defaults = TrainConfig()
     run_length = {k for k in ("max_steps", "max_minutes", "stop_at_step") if getattr(cfg, k) != getattr(defaults, k)}
     keep = run_length | {"stop_at_step", "progress", "resume", "overwrite", "threads", "out_dir", "distributed",
-                         "zero"}
+                         "zero", "extend_schedule"}
     try:
         cfg = dataclasses.replace(cfg, **{k: v for k, v in saved.items()
                                           if k not in keep and k in TrainConfig.__dataclass_fields__})
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{where}: its train_config does not make a run ({exc})") from None
+    planned = saved.get("max_steps")
+    if "max_steps" in run_length and isinstance(planned, int) and cfg.max_steps != planned \
+            and saved.get("max_minutes") is None:
+        step = state["step"]
+        before = cosine_lr(step, cfg.lr, cfg.warmup_steps, planned, cfg.min_lr, _restart(cfg))
+        if not cfg.extend_schedule:
+            after = cosine_lr(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr, _restart(cfg))
+            raise ValueError(f"{where}: this run's learning-rate schedule ends at step {planned}; --max-steps "
+                             f"{cfg.max_steps} would redraw it, and the rate at step {step} would jump from "
+                             f"{before:.3g} to {after:.3g}. Pass --extend-schedule to go on from {before:.3g} along "
+                             f"a new cosine down to --min-lr {cfg.min_lr:g} at step {cfg.max_steps}, or use "
+                             f"--stop-at-step to stop earlier on the schedule as it is")
+        if cfg.max_steps <= step:
+            raise ValueError(f"{where}: the checkpoint is at step {step}; --max-steps {cfg.max_steps} leaves nothing "
+                             f"to train")
+        cfg = dataclasses.replace(cfg, schedule_restart=[step, before])
     if cfg.grad_accum % ranks:
         raise ValueError(f"{where}: a step of this run is {cfg.grad_accum} micro-batch(es) of {cfg.batch_size} "
                          f"sequences; {ranks} ranks cannot share that out evenly. Resume with a number of ranks "
@@ -230,7 +268,13 @@ def read_resume_state(checkpoint: Checkpoint, model_cfg: ModelConfig) -> dict:
         raise ValueError(f"{where}: the data RNG: {exc}") from None
     return {"params": saved.params, "m": np.asarray(tensors["m"], np.float32), "v": np.asarray(tensors["v"], np.float32),
             "step": int(checkpoint.state["step"]), "optimizer_step": int(checkpoint.state["optimizer_step"]),
-            "rng": checkpoint.state["rng"]}
+            "rng": checkpoint.state["rng"], "time_s": _seconds(checkpoint.state.get("time_s"))}
+
+
+def _seconds(value) -> float:
+    """A checkpoint's time so far (0 when it has none: checkpoints from before it was kept)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+    return float(value) if ok else 0.0
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -253,7 +297,7 @@ def _share_run(world: distributed.World, prepared) -> tuple:
         tokenizer = Tokenizer(**vars(tokenizer_from_document(doc, "rank 0's tokenizer")))
         data = TokenData(Path(cfg.out_dir) / "data", train_ids, val_ids, tokenizer.vocab_size)
     if has_state:
-        scalars = world.broadcast_json({k: state[k] for k in ("step", "optimizer_step", "rng")}
+        scalars = world.broadcast_json({k: state[k] for k in ("step", "optimizer_step", "rng", "time_s")}
                                        if world.is_root else None, "sharing the checkpoint")
         params = world.broadcast_array(state["params"] if world.is_root else None, "sharing the checkpoint")
         state = {**scalars, "params": params, "m": state["m"] if world.is_root else None,
@@ -279,6 +323,8 @@ def train(cfg: TrainConfig, say: Callable[[str], None] = print) -> TrainResult:
         if cfg.resume and checkpoint is None:
             raise FileNotFoundError(f"--resume: no checkpoint in {out}")
         run_cfg = resumed_config(checkpoint, cfg, world.size) if checkpoint is not None else cfg
+        out.mkdir(parents=True, exist_ok=True)
+        write_text(out / RESOLVED, json.dumps(dataclasses.asdict(run_cfg), indent=1) + "\n")
         tokenizer, data = prepare_data(run_cfg, say)
         model_cfg = run_cfg.model_config(tokenizer.vocab_size)
         for split, tokens in (("training", data.train), ("validation", data.val)):   # before any allocation
@@ -297,7 +343,7 @@ def train(cfg: TrainConfig, say: Callable[[str], None] = print) -> TrainResult:
     options = dict(lr=cfg.lr, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip)
     sharded = cfg.zero == 1 and world.size > 1
     opt = distributed.ShardedAdamW(model, world, **options) if sharded else AdamW(model, **options)
-    step, rng = 0, np.random.default_rng(cfg.seed)
+    step, rng, earlier_s = 0, np.random.default_rng(cfg.seed), 0.0   # earlier_s: the time before a resume
     if state is not None:
         model.params[...] = state["params"]
         if sharded:
@@ -307,6 +353,7 @@ def train(cfg: TrainConfig, say: Callable[[str], None] = print) -> TrainResult:
                 getattr(opt, name)[...] = world.broadcast_array(state[name], "sharing AdamW's moments")
             opt.step_count = state["optimizer_step"]
         step, rng = state["step"], rng_from(state["rng"])
+        earlier_s = state["time_s"]
     accum = cfg.grad_accum * world.size               # micro-batches of a whole step, over every rank
     as_one = dataclasses.replace(cfg, grad_accum=accum)   # the run as one process makes it (checkpoints)
     say(f"{model}; {cfg.batch_size}x{model_cfg.block_size} tokens per micro-batch, {accum} micro-batch(es) "
@@ -323,8 +370,8 @@ def train(cfg: TrainConfig, say: Callable[[str], None] = print) -> TrainResult:
     tokens_per_step = cfg.batch_size * model_cfg.block_size * accum
     history: list[dict] = []
     start_time = time.perf_counter()
-    bar = tqdm(total=cfg.max_steps, initial=step, desc="training", unit="step",
-               disable=not (cfg.progress and world.is_root), dynamic_ncols=True)
+    bar = progress_bar(total=cfg.max_steps, initial=step, desc="training", unit="step",
+                       enabled=cfg.progress and world.is_root, dynamic_ncols=True)
     plan_from_time = cfg.max_minutes is not None and state is None
     max_steps_asked = cfg.max_steps
     stop = StopRequest()
@@ -333,7 +380,8 @@ def train(cfg: TrainConfig, say: Callable[[str], None] = print) -> TrainResult:
     def save() -> None:
         moments = opt.full_moments() if sharded else (opt.m, opt.v)   # a collective under ZeRO
         if world.is_root:
-            save_checkpoint(out, model, tokenizer, moments, opt.step_count, step, rng, as_one)
+            save_checkpoint(out, model, tokenizer, moments, opt.step_count, step, rng, as_one,
+                            earlier_s + time.perf_counter() - start_time)
             write_report(out)
     try:
         with open(log_path, "a", encoding="utf-8") if world.is_root else _NoLog() as log:
@@ -342,7 +390,7 @@ def train(cfg: TrainConfig, say: Callable[[str], None] = print) -> TrainResult:
                     and not out_of_time:
                 t0 = time.perf_counter()
                 world.heartbeat(step)
-                lr = cosine_lr(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr)
+                lr = cosine_lr(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr, _restart(cfg))
                 model.zero_grad()
                 buckets = world.buckets(model.grads, groups) if groups is not None else None
                 loss = 0.0
@@ -367,7 +415,8 @@ def train(cfg: TrainConfig, say: Callable[[str], None] = print) -> TrainResult:
                 step += 1
                 dt = time.perf_counter() - t0
                 record = {"step": step, "loss": round(loss, 5), "lr": lr, "grad_norm": round(opt.last_grad_norm, 4),
-                          "tokens_per_s": round(tokens_per_step / dt, 1), "time_s": round(time.perf_counter() - start_time, 2)}
+                          "tokens_per_s": round(tokens_per_step / dt, 1),
+                          "time_s": round(earlier_s + time.perf_counter() - start_time, 2)}
                 if world.size > 1:   # communication the step waited for (ZeRO-1: all of it, in the optimizer)
                     record["comm_wait_s"] = round(comm_s + getattr(opt, "comm_s", 0.0), 4)
                 if plan_from_time and step == 2:
@@ -383,8 +432,10 @@ def train(cfg: TrainConfig, say: Callable[[str], None] = print) -> TrainResult:
                     planned = min(max_steps_asked, max(step + 1, step + int(left / per_step)))
                     planned = int(world.broadcast_json(planned if world.is_root else None, "planning the steps"))
                     if planned != cfg.max_steps:
-                        cfg = dataclasses.replace(cfg, max_steps=planned)
-                        as_one = dataclasses.replace(as_one, max_steps=planned)
+                        # At least 4 evaluations in the planned run, so a short one still shows a curve.
+                        interval = min(cfg.eval_interval, max(1, planned // 4))
+                        cfg = dataclasses.replace(cfg, max_steps=planned, eval_interval=interval)
+                        as_one = dataclasses.replace(as_one, max_steps=planned, eval_interval=interval)
                         bar.total = planned
                         if step == 5:
                             say(f"{cfg.max_minutes} min at {pace:.2f} s/step: planning {planned} steps")
@@ -417,6 +468,10 @@ def train(cfg: TrainConfig, say: Callable[[str], None] = print) -> TrainResult:
         raise _quiet(TrainingInterrupted(f"interrupted at step {step}; saved {out / CHECKPOINT} "
                                          f"(continue with --resume)"), world)
     return TrainResult(model, tokenizer, step, history, is_root=world.is_root)
+
+
+def _restart(cfg: TrainConfig) -> Optional[tuple[int, float]]:
+    return tuple(cfg.schedule_restart) if cfg.schedule_restart else None
 
 
 def _silent(message: str) -> None:

@@ -220,7 +220,7 @@ def test_a_checkpoint_of_two_ranks_resumes_in_one_process_and_the_reverse(tmp_pa
 def test_a_global_batch_the_ranks_cannot_share_is_refused(tmp_path, data):
     out = tmp_path / "c"
     train(0, out, data, "--grad-accum", "1", "--max-steps", "4")
-    proc = run(2, "train", "--data", data, "--out", out, *SMALL, "--resume", "--max-steps", "8")
+    proc = run(2, "train", "--data", data, "--out", out, *SMALL, "--resume", "--max-steps", "8", "--extend-schedule")
     assert proc.returncode != 0
     assert "2 ranks cannot share that out evenly" in proc.stderr and "divides 1" in proc.stderr
     assert proc.stderr.count("cannot share") == 1   # said once, by rank 0
@@ -292,7 +292,7 @@ def test_a_rank_that_dies_or_hangs_ends_the_job_naming_it(tmp_path, data, fault)
     # The last checkpoint is whole: it resumes in one process.
     state = json.loads((out / "checkpoint" / "trainer_state.json").read_text())
     assert state["step"] >= 20 and state["step"] % 20 == 0
-    log = train(0, out, data, "--resume", "--max-steps", str(state["step"] + 2))
+    log = train(0, out, data, "--resume", "--stop-at-step", str(state["step"] + 2))
     assert [r["step"] for r in log][-2:] == [state["step"] + 1, state["step"] + 2]
 
 

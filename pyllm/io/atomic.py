@@ -12,15 +12,31 @@ from pathlib import Path
 from typing import Iterator
 
 
+def _umask() -> int:
+    """The process's umask (read without changing it where /proc says it; else set and restored)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_path(path) -> Iterator[Path]:
-    """Yields a temporary path to write; on success it is flushed to disk and renamed to `path`."""
+    """Yields a temporary path to write; on success it is flushed to disk, given the mode a plain
+    open() would (0666 less the umask: some writers, safetensors' among them, create files 0600),
+    and renamed to `path`."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if tmp.exists():
