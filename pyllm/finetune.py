@@ -161,7 +161,7 @@ class SFTConfig:
     lr: float = 1e-4
     weight_decay: float = 0.0
     grad_clip: Optional[float] = 1.0
-    warmup_steps: int = 10
+    warmup_steps: Optional[int] = None   # None: a tenth of the run, 1 to 10 steps (10 of a 15-step run left it no time)
     val_fraction: float = 0.1
     seed: int = 0
     lora_rank: int = 0          # > 0: train LoRA adapters of this rank on a frozen base
@@ -274,7 +274,8 @@ def _loop(llm, n_items: int, fingerprint: str, cfg: SFTConfig, step_fn, eval_fn,
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"the loss is {loss} at step {step + 1}"
                                              + (f"; the last checkpoint is in {checkpoint}" if checkpoint else ""))
-                lr = cosine_lr(step, cfg.lr, cfg.warmup_steps, total, cfg.lr / 10)
+                warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, min(10, total // 10))
+                lr = cosine_lr(step, cfg.lr, warmup, total, cfg.lr / 10)
                 opt.step(lr)
                 step += 1
                 tokens_per_s = record.pop("tokens", 0) / max(time.perf_counter() - t0, 1e-9)

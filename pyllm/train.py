@@ -419,6 +419,7 @@ def train(cfg: TrainConfig, say: Callable[[str], None] = print) -> TrainResult:
                           "time_s": round(earlier_s + time.perf_counter() - start_time, 2)}
                 if world.size > 1:   # communication the step waited for (ZeRO-1: all of it, in the optimizer)
                     record["comm_wait_s"] = round(comm_s + getattr(opt, "comm_s", 0.0), 4)
+                due = step % cfg.eval_interval == 0   # before a re-plan below moves the interval
                 if plan_from_time and step == 2:
                     pace_start = time.perf_counter()
                 # The pace so far (from step 2: step 1 allocates buffers) plans how many steps fit the
@@ -431,9 +432,9 @@ def train(cfg: TrainConfig, say: Callable[[str], None] = print) -> TrainResult:
                     left = 60 * cfg.max_minutes - (time.perf_counter() - start_time)
                     planned = min(max_steps_asked, max(step + 1, step + int(left / per_step)))
                     planned = int(world.broadcast_json(planned if world.is_root else None, "planning the steps"))
-                    if planned != cfg.max_steps:
-                        # At least 4 evaluations in the planned run, so a short one still shows a curve.
-                        interval = min(cfg.eval_interval, max(1, planned // 4))
+                    # At least 4 evaluations in the planned run, so a short one still shows a curve.
+                    interval = min(cfg.eval_interval, max(1, planned // 4))
+                    if planned != cfg.max_steps or interval != cfg.eval_interval:
                         cfg = dataclasses.replace(cfg, max_steps=planned, eval_interval=interval)
                         as_one = dataclasses.replace(as_one, max_steps=planned, eval_interval=interval)
                         bar.total = planned
@@ -443,7 +444,7 @@ def train(cfg: TrainConfig, say: Callable[[str], None] = print) -> TrainResult:
                     time.perf_counter() - start_time > 60 * cfg.max_minutes and step < cfg.max_steps
                 if world.size > 1:
                     out_of_time = bool(world.broadcast_json(out_of_time if world.is_root else None, "the time budget"))
-                if step % cfg.eval_interval == 0 or step == cfg.max_steps or out_of_time:
+                if due or step == cfg.max_steps or out_of_time:
                     record["val_loss"] = round(evaluate(model, data, cfg, model_cfg.block_size, world), 5)
                     record["val_ppl"] = round(math.exp(min(record["val_loss"], 50.0)), 3)
                 history.append(record)
