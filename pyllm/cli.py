@@ -16,7 +16,7 @@ from pyllm.engine import EngineConfig
 from pyllm.explain import piece
 from pyllm.generate import SamplingConfig, generate_stream
 from pyllm.hub import DEFAULT_MODEL
-from pyllm.llm import LLM, top_probabilities
+from pyllm.llm import CHAT_REPETITION_PENALTY, LLM, top_probabilities
 from pyllm.lora import LoRA
 from pyllm.models import ARCHITECTURES, ModelConfig
 from pyllm.serve import serve
@@ -376,7 +376,9 @@ def _add_sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int) -> None
     p.add_argument("--top-k", type=int, default=50, help="keep the k likeliest tokens (default 50; 0: off)")
     p.add_argument("--top-p", type=float, help="keep the likeliest tokens up to this mass (nucleus)")
     p.add_argument("--min-p", type=float, help="drop tokens below this fraction of the likeliest")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (default 1)")
+    penalty = CHAT_REPETITION_PENALTY if p.prog.endswith("chat") else 1.0
+    p.add_argument("--repetition-penalty", type=float, default=penalty, help=f"> 1 discourages repeats "
+                                                                            f"(default {penalty:g})")
     p.add_argument("--seed", type=int, help="same seed, same text")
 
 

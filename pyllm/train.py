@@ -12,10 +12,14 @@ import dataclasses
 import json
 import math
 import time
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
+
+try:
+    import tomllib
+except ImportError:   # Python 3.10: --config needs 3.11's tomllib
+    tomllib = None
 
 import numpy as np
 
@@ -116,6 +120,8 @@ class TrainConfig:
         """The settings of a TOML file (`pyllm train --config FILE`): the same names as the flags
         (dashes or underscores; `out` for out_dir), unknown ones refused with the file named."""
         path = Path(path)
+        if tomllib is None:
+            raise ValueError(f"{path}: reading a TOML config needs Python 3.11 or later (tomllib)")
         try:
             with open(path, "rb") as f:
                 doc = tomllib.load(f)

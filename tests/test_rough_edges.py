@@ -228,3 +228,14 @@ def test_train_reads_a_toml_config_refuses_unknown_keys_and_saves_what_it_resolv
     config.write_text("n_layer = [", encoding="utf-8")
     broken = pyllm("train", "--config", config, "--out", tmp_path / "r3")
     assert broken.returncode == 1 and "not valid TOML" in broken.stderr
+
+
+def test_the_readme_s_first_chat_answers_in_a_sentence(smollm2_path):
+    """The README's example, with chat's defaults (a repetition penalty, the end-of-turn stop): before
+    them SmolLM2 repeated a French phrase for all 256 tokens."""
+    llm = LLM.load(smollm2_path)
+    reply = llm.chat([{"role": "user", "content": "What is the capital of France? Answer in one sentence."}],
+                     temperature=0)
+    assert reply == "The capital of France is Paris."
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    assert "# The capital of France is Paris." in readme

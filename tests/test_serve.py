@@ -136,7 +136,7 @@ def test_chat_streamed_equals_unstreamed_equals_llm_chat(client, tiny):
     whole = client.chat.completions.create(**kwargs)
     text = whole.choices[0].message.content
     assert whole.choices[0].message.role == "assistant" and whole.object == "chat.completion"
-    assert text == "".join(tiny.chat(CONVERSATION, 40, stream=True, temperature=0))
+    assert text == "".join(tiny.chat(CONVERSATION, 40, stream=True, temperature=0, repetition_penalty=1.0))
     chunks = list(client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
@@ -460,7 +460,7 @@ def test_the_chat_page_streams_replies_in_chromium_and_keeps_the_conversation(se
             reply = browser.find_elements(By.CSS_SELECTOR, ".turn.assistant")[-1]
             assert "error" not in reply.get_attribute("class"), reply.text
             history.append({"role": "user", "content": words})
-            expected = "".join(tiny.chat(history, 24, stream=True, temperature=0))
+            expected = "".join(tiny.chat(history, 24, stream=True, temperature=0, repetition_penalty=1.0))
             assert reply.get_attribute("textContent") == expected   # the second turn continues the first
             history.append({"role": "assistant", "content": expected})
             meta = browser.find_elements(By.CSS_SELECTOR, ".meta")[-1].text
@@ -485,11 +485,11 @@ def test_smollm2_served_answers_as_llm_chat_and_a_second_turn_reuses_the_first(s
         history = [{"role": "user", "content": "What is the capital of France? One word."}]
         first = client.chat.completions.create(model="smollm2", messages=history, max_tokens=24, temperature=0)
         text = first.choices[0].message.content
-        assert text == "".join(llm.chat(history, 24, stream=True, temperature=0))
+        assert text == "".join(llm.chat(history, 24, stream=True, temperature=0, repetition_penalty=1.0))
         assert "Paris" in text and "<|im_end|>" not in text and first.choices[0].finish_reason == "stop"
         history += [{"role": "assistant", "content": text}, {"role": "user", "content": "And of Italy?"}]
         second = client.chat.completions.create(model="smollm2", messages=history, max_tokens=24, temperature=0)
-        assert second.choices[0].message.content == "".join(llm.chat(history, 24, stream=True, temperature=0))
+        assert second.choices[0].message.content == "".join(llm.chat(history, 24, stream=True, temperature=0, repetition_penalty=1.0))
         assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens
         r = client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "A cat as JSON."}],
                                            max_tokens=40, temperature=0.8, seed=1,
