@@ -10,6 +10,11 @@ import os
 import sys
 from pathlib import Path
 
+try:
+    import tomllib
+except ImportError:   # Python 3.10: --config needs 3.11's tomllib
+    tomllib = None
+
 from pyllm import __version__, bench, distributed, finetune, kernels, report
 from pyllm.data import default_corpus_files, read_default_corpus
 from pyllm.engine import EngineConfig
@@ -106,16 +111,9 @@ def _cmd_tokenize_decode(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    # A --config file's settings, then the flags given (a switch counts when it is on).
-    fields = TrainConfig.read_toml(args.config) if args.config else {}
-    fields.update({k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__
-                   and v is not None and v is not False})
-    if args.no_progress:
-        fields["progress"] = False
-    try:
-        cfg = TrainConfig(**fields)
-    except TypeError as exc:   # a value of the wrong type in the file
-        raise ValueError(f"{args.config or 'the flags'}: {exc}") from None
+    fields = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__ and v is not None}
+    fields["progress"] = not args.no_progress
+    cfg = TrainConfig(**fields)
     try:
         result = train(cfg)
     except TrainingInterrupted as exc:
@@ -427,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     decode.add_argument("--tokenizer", required=True, help="a pyllm tokenizer JSON or a tokenizer.json")
     decode.add_argument("ids", nargs="+", help="token ids (spaces or commas)")
     decode.set_defaults(func=_cmd_tokenize_decode)
-    _add_train_parser(sub)
+    train_parser = _add_train_parser(sub)
     gen = sub.add_parser("generate", help="continue a prompt, streaming the text")
     gen.add_argument("prompt", nargs="?", help="the text to continue (default: standard input)")
     _add_sampling_flags(gen, 100)
@@ -538,6 +536,13 @@ def main(argv: list[str] | None = None) -> int:
                      help="first write N generated arithmetic preference pairs to --data")
     dpo.add_argument("--no-progress", action="store_true", help="no progress bar")
     dpo.set_defaults(func=_cmd_finetune_dpo)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        argv = _with_config(parser, {("train",): train_parser, ("finetune", "sft"): sft, ("finetune", "dpo"): dpo},
+                            argv)
+    except (ValueError, OSError) as exc:
+        print(f"pyllm: error: {exc}", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
@@ -556,8 +561,63 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _add_config_flag(parser) -> None:
+    parser.add_argument("--config", metavar="FILE.toml",
+                        help="settings from a TOML file, named as this command's flags (n_layer = 6, lr = 3e-4, "
+                             "lora-rank = 16, resume = true, ...); flags given as well win")
+
+
+def config_arguments(parser: argparse.ArgumentParser, path: str) -> list[str]:
+    """A TOML file's settings as the command-line flags they name (dashes or underscores; a list is
+    the flag's values; true switches a flag on, false leaves it off), checked against `parser`'s
+    flags, so the file takes exactly what the command line takes."""
+    if tomllib is None:
+        raise ValueError(f"{path}: reading a TOML config needs Python 3.11 or later (tomllib)")
+    try:
+        with open(path, "rb") as f:
+            doc = tomllib.load(f)
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{path}: not valid TOML ({exc})") from None
+    flags = parser._option_string_actions   # option string -> argparse action
+    unknown = sorted(key for key in doc if "--" + key.replace("_", "-") not in flags or key in ("config", "help"))
+    if unknown:
+        known = sorted(o[2:] for o, a in flags.items() if o.startswith("--") and o not in ("--help", "--config"))
+        raise ValueError(f"{path}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    out: list[str] = []
+    for key, value in doc.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            if value != (flags[flag].nargs == 0):   # a switch set false, or true/false for a valued flag
+                if flags[flag].nargs == 0:
+                    continue
+                raise ValueError(f"{path}: {key} takes a value, not {str(value).lower()}")
+            out.append(flag)
+        elif isinstance(value, list):
+            out += [flag, *map(str, value)]
+        elif isinstance(value, (str, int, float)):
+            out += [flag, str(value)]
+        else:
+            raise ValueError(f"{path}: {key} must be a string, a number, a boolean or a list, got {value!r}")
+    return out
+
+
+def _with_config(parser: argparse.ArgumentParser, commands: dict, argv: list[str]) -> list[str]:
+    """argv with a --config file's settings put in front of the command's own flags (which then win)."""
+    if "--config" not in argv:
+        return argv
+    at = argv.index("--config")
+    if at + 1 >= len(argv):
+        parser.error("--config needs a file")
+    path, rest = argv[at + 1], argv[:at] + argv[at + 2:]
+    for words, sub in commands.items():
+        if tuple(rest[:len(words)]) == words:
+            return list(words) + config_arguments(sub, path) + rest[len(words):]
+    parser.error("--config belongs to train, finetune sft and finetune dpo")
+
+
 def _add_finetune_flags(parser) -> None:
-    """What SFT and DPO share: adapters, checkpoints, resume and MPI."""
+    """What SFT and DPO share: adapters, checkpoints, resume, MPI and a --config file."""
+    _add_config_flag(parser)
     parser.add_argument("--distributed", choices=["auto", "mpi", "none"], default="auto",
                         help="auto (default): data-parallel over MPI when started by mpirun with several ranks "
                              "(each takes every N-th example of a batch); mpi: require it; none: one process")
@@ -572,14 +632,12 @@ def _add_finetune_flags(parser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out (else refused)")
 
 
-def _add_train_parser(sub) -> None:
+def _add_train_parser(sub) -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="pretrain a model by next-token prediction",
                            description="Pretrain a model (GPT-2, Llama, Qwen2 or Qwen3 shaped). With no --data, "
                                        "the corpus is the Python standard library's sources; with no "
                                        "--tokenizer, a BPE tokenizer is trained on the data first.")
-    train.add_argument("--config", metavar="FILE.toml",
-                       help="settings from a TOML file, named as the flags (n_layer = 6, lr = 3e-4, ...); flags "
-                            "given as well win; the resolved settings are written to OUT/train_config.json")
+    _add_config_flag(train)
     train.add_argument("--data", nargs="+", metavar="PATH", help="text files, folders or JSONL (\"text\" field)")
     train.add_argument("--tokenizer", help="a tokenizer file to use instead of training one")
     train.add_argument("--out", dest="out_dir", help="output folder (default: out)")
@@ -625,6 +683,7 @@ def _add_train_parser(sub) -> None:
     train.add_argument("--sample-tokens", type=int, default=100, help="tokens to sample at the end (0: none)")
     train.add_argument("--prompt", default="def ", help="prompt of that sample (default: 'def ')")
     train.set_defaults(func=_cmd_train)
+    return train
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ from pyllm.progress import bar as progress_bar
 CHECKPOINT = "checkpoint"
 LOG = "finetune_log.jsonl"
 REPORT = "finetune_report.html"   # loss, validation loss, learning rate, gradient norm, tokens/s
+RESOLVED = "finetune_config.json"  # the run's settings as resolved
 ADAPTER = "adapter"                    # LoRA runs: the adapters on their own, a peft folder
 STATE = "state.json"                  # in the checkpoint: step, RNG, data order, log, settings
 TRAINED = "trained.safetensors"       # in the checkpoint: the trained values and AdamW's m and v
@@ -235,6 +236,9 @@ def _loop(llm, n_items: int, fingerprint: str, cfg: SFTConfig, step_fn, eval_fn,
     if out_dir is not None:
         world.root_first(lambda: refuse_earlier_run(out_dir, (CHECKPOINT, LOG, "config.json", ADAPTER), cfg.resume,
                                                     cfg.overwrite), "checking the output folder")
+        if world.is_root:   # every setting the run uses, resolved (flags, a --config file, defaults)
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            write_text(Path(out_dir) / RESOLVED, json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
     if cfg.resume:
         if checkpoint is None:
             raise ValueError("resume needs the output folder that holds the checkpoint")

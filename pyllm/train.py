@@ -16,11 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-try:
-    import tomllib
-except ImportError:   # Python 3.10: --config needs 3.11's tomllib
-    tomllib = None
-
 import numpy as np
 
 from pyllm import distributed, kernels, report
@@ -114,25 +109,6 @@ class TrainConfig:
             raise ValueError(f"max_minutes must be positive, got {self.max_minutes}")
         id_dtype(self.vocab_size)
         self.model_config(self.vocab_size)   # sizes checked now, before a tokenizer is trained for them
-
-    @staticmethod
-    def read_toml(path) -> dict:
-        """The settings of a TOML file (`pyllm train --config FILE`): the same names as the flags
-        (dashes or underscores; `out` for out_dir), unknown ones refused with the file named."""
-        path = Path(path)
-        if tomllib is None:
-            raise ValueError(f"{path}: reading a TOML config needs Python 3.11 or later (tomllib)")
-        try:
-            with open(path, "rb") as f:
-                doc = tomllib.load(f)
-        except tomllib.TOMLDecodeError as exc:
-            raise ValueError(f"{path}: not valid TOML ({exc})") from None
-        fields = {("out_dir" if key in ("out", "out-dir") else key.replace("-", "_")): value for key, value in doc.items()}
-        known = set(TrainConfig.__dataclass_fields__) - {"schedule_restart"}
-        unknown = sorted(set(fields) - known)
-        if unknown:
-            raise ValueError(f"{path}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        return fields
 
     def model_config(self, vocab_size: int) -> ModelConfig:
         overrides = {k: getattr(self, k) for k in ("n_layer", "n_head", "n_embd", "block_size")

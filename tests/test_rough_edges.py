@@ -224,10 +224,30 @@ def test_train_reads_a_toml_config_refuses_unknown_keys_and_saves_what_it_resolv
     assert len((tmp_path / "r" / "log.jsonl").read_text().splitlines()) == 3
     config.write_text(config.read_text() + "learning_rate = 1\n", encoding="utf-8")
     bad = pyllm("train", "--config", config, "--out", tmp_path / "r2")
-    assert bad.returncode == 1 and "unknown setting(s) learning_rate" in bad.stderr and str(config) in bad.stderr
+    assert bad.returncode == 2 and "unknown setting(s) learning_rate" in bad.stderr and str(config) in bad.stderr
     config.write_text("n_layer = [", encoding="utf-8")
     broken = pyllm("train", "--config", config, "--out", tmp_path / "r3")
-    assert broken.returncode == 1 and "not valid TOML" in broken.stderr
+    assert broken.returncode == 2 and "not valid TOML" in broken.stderr
+    config.write_text('n_layer = "six"\n', encoding="utf-8")
+    typed = pyllm("train", "--config", config, "--out", tmp_path / "r4")
+    assert typed.returncode == 2 and "invalid int value: 'six'" in typed.stderr
+
+
+def test_finetune_reads_a_toml_config_too(tmp_path, tiny):
+    tiny.save(tmp_path / "base")
+    config = tmp_path / "sft.toml"
+    config.write_text(f'model = "{tmp_path / "base"}"\ndata = "{tmp_path / "sft.jsonl"}"\nexample = 16\n'
+                      f'lora-rank = 4\nepochs = 1\nbatch_size = 4\nno-progress = true\nresume = false\n',
+                      encoding="utf-8")
+    proc = pyllm("finetune", "sft", "--config", config, "--out", tmp_path / "out")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    log = (tmp_path / "out" / "finetune_log.jsonl").read_text().splitlines()
+    assert len(log) == 4 and (tmp_path / "out" / "adapter").is_dir()   # 16 examples less the held-out, 4 a step
+    resolved = json.loads((tmp_path / "out" / "finetune_config.json").read_text())
+    assert resolved["lora_rank"] == 4 and resolved["batch_size"] == 4 and resolved["epochs"] == 1
+    config.write_text(config.read_text() + "lora_rnk = 3\n", encoding="utf-8")
+    bad = pyllm("finetune", "sft", "--config", config, "--out", tmp_path / "out2")
+    assert bad.returncode == 2 and "unknown setting(s) lora_rnk" in bad.stderr and "lora-rank" in bad.stderr
 
 
 def test_the_readme_s_first_chat_answers_in_a_sentence(smollm2_path):
