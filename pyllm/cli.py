@@ -364,11 +364,15 @@ def _cmd_chat(args: argparse.Namespace) -> int:
         history.append({"role": "assistant", "content": "".join(pieces).strip()})
 
 
-def _add_sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="a model folder (e.g. what `pyllm train` writes), a .gguf file, or "
                                    "smollm2-135m-instruct (the default)")
     p.add_argument("--adapter", help="a LoRA adapter folder (adapter_config.json + adapter_model.safetensors, "
                                      "as pyllm finetune or peft saves it) to apply to the model")
+
+
+def _add_sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    _add_model_flags(p)
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=f"default {max_new_tokens}")
     p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default 0.8)")
     p.add_argument("--top-k", type=int, default=50, help="keep the k likeliest tokens (default 50; 0: off)")
@@ -444,8 +448,7 @@ def main(argv: list[str] | None = None) -> int:
                                          "a step-by-step trace of N sampled tokens; --html FILE writes all of it, "
                                          "with every layer's and head's attention map, as one offline HTML page.")
     explain.add_argument("prompt", nargs="?", help="the text (default: standard input)")
-    explain.add_argument("--model", help="a model folder, a .gguf file, or smollm2-135m-instruct (the default)")
-    explain.add_argument("--adapter", help="a LoRA adapter folder to apply to the model")
+    _add_model_flags(explain)
     explain.add_argument("--generate", type=int, default=0, metavar="N", help="also generate N tokens, traced")
     explain.add_argument("--temperature", type=float, default=1.0, help="0 is greedy (default 1: the model's own p)")
     explain.add_argument("--top-k", type=int, default=0, help="the sampler keeps the k likeliest (default 0: off)")
@@ -461,8 +464,7 @@ def main(argv: list[str] | None = None) -> int:
                                     "but each window's first from the ones before it in the window, and prints "
                                     "exp(mean negative log-likelihood).")
     ev.add_argument("file", help="a UTF-8 text file ('-': standard input)")
-    ev.add_argument("--model", help="a model folder, a .gguf file, or smollm2-135m-instruct (the default)")
-    ev.add_argument("--adapter", help="a LoRA adapter folder to apply to the model")
+    _add_model_flags(ev)
     ev.add_argument("--context", type=int, help="tokens per window (default: the model's window, at most 1024)")
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
     ev.set_defaults(func=_cmd_eval)
