@@ -384,7 +384,8 @@ def _add_sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int) -> None
     p.add_argument("--seed", type=int, help="same seed, same text")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> tuple[argparse.ArgumentParser, dict]:
+    """The `pyllm` parser, and the subcommands a --config file may fill ((words...) -> their parser)."""
     parser = argparse.ArgumentParser(prog="pyllm", description="A readable LLM stack with C++ kernels.")
     parser.add_argument("--version", action="version", version=f"pyllm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -538,10 +539,14 @@ def main(argv: list[str] | None = None) -> int:
                      help="first write N generated arithmetic preference pairs to --data")
     dpo.add_argument("--no-progress", action="store_true", help="no progress bar")
     dpo.set_defaults(func=_cmd_finetune_dpo)
+    return parser, {("train",): train_parser, ("finetune", "sft"): sft, ("finetune", "dpo"): dpo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser, configurable = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        argv = _with_config(parser, {("train",): train_parser, ("finetune", "sft"): sft, ("finetune", "dpo"): dpo},
-                            argv)
+        argv = _with_config(parser, configurable, argv)
     except (ValueError, OSError) as exc:
         print(f"pyllm: error: {exc}", file=sys.stderr)
         return 2
