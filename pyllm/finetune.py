@@ -399,6 +399,7 @@ def _save(llm, out_dir, records: list[dict]) -> None:
         base = str(llm.source) if llm.source is not None and llm.source.is_dir() else ""
         lora.save(Path(out_dir) / ADAPTER, base_model=base)
         model.lora = None
+        model.release_buffers()   # training's activations: not needed to merge and save
         if model.quantized:
             llm.model = model = model.dequantized()
         lora.merge_into(model)

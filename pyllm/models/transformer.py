@@ -229,19 +229,33 @@ class Transformer:
         """Name -> parameter array (views into the flat buffer), Hugging Face names and shapes;
         quantized weights are dequantized (copies)."""
         state = dict(self.p)
-        for name, q in self.quantized.items():
-            if name in self._fused:
-                continue
-            values = q.dequantize()
-            state[name] = np.ascontiguousarray(values.T) if name in self._in_out else values
+        for name in self._quantized_names():
+            state[name] = self._dequantized(name)
         return state
 
+    def _quantized_names(self) -> list[str]:
+        """The state_dict names kept quantized (a fused projection as its parts)."""
+        return [name for name in self.quantized if name not in self._fused]
+
+    def _dequantized(self, name: str) -> np.ndarray:
+        values = self.quantized[name].dequantize()
+        return np.ascontiguousarray(values.T) if name in self._in_out else values
+
+    def release_buffers(self) -> None:
+        """Drops this thread's activation buffers (kept between steps of one shape: a training batch's
+        are hundreds of MB); the next forward allocates them again."""
+        self._buffers = _Buffers()
+
     def dequantized(self) -> "Transformer":
-        """This model with every weight in float32 (itself when nothing is quantized)."""
+        """This model with every weight in float32 (itself when nothing is quantized), expanded one
+        tensor at a time into the new model's buffer: the peak is the new model, not a second copy."""
         if not self.quantized:
             return self
         model = type(self)(self.config, seed=None)
-        model.load_state_dict(self.state_dict())
+        for name, view in self.p.items():
+            model.p[name][...] = view
+        for name in self._quantized_names():
+            model.p[name][...] = self._dequantized(name)
         return model
 
     def bytes_per_token(self, context: int) -> int:
