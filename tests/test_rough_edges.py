@@ -259,3 +259,10 @@ def test_the_readme_s_first_chat_answers_in_a_sentence(smollm2_path):
     assert reply == "The capital of France is Paris."
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
     assert "# The capital of France is Paris." in readme
+
+
+def test_the_default_model_notice_says_fetching_only_when_it_fetches(smollm2_path):
+    proc = pyllm("generate", "Hello", "--max-new-tokens", "2", "--temperature", "0")
+    assert proc.returncode == 0, proc.stderr[-1000:]
+    assert "no --model: using smollm2-135m-instruct" in proc.stderr
+    assert "fetch" not in proc.stderr.lower()   # installed or cached: nothing is fetched, nothing said
