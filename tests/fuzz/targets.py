@@ -352,19 +352,23 @@ def t_sampler(world, data):
 def t_checkpoint_state(world, data):
     """A resumed run's state: read, checked and loaded as `pyllm train --resume` does (not trained on:
     a well-formed state may ask for any length of run)."""
-    from pyllm.io.checkpoint import read_checkpoint
+    from pyllm.io.checkpoint import read_checkpoint, rng_from
     from pyllm.model import Model
-    from pyllm.optim import AdamW
-    from pyllm.train import CHECKPOINT, MOMENTS, STATE, TrainConfig, load_checkpoint, resumed_config
+    from pyllm.train import CHECKPOINT, MOMENTS, STATE, TrainConfig, read_resume_state, resumed_config
     src = world.root / "run"
     out = _scratch(world, "ckpt") / "run"
     shutil.rmtree(out, ignore_errors=True)
     shutil.copytree(src, out)
     (out / CHECKPOINT / STATE).write_bytes(data)
     checkpoint = read_checkpoint(out / CHECKPOINT, MOMENTS, STATE)
-    cfg = resumed_config(checkpoint, TrainConfig(out_dir=str(out), resume=True, max_steps=3, progress=False))
-    model = Model(Model.from_pretrained(checkpoint.path).config, seed=None)
-    load_checkpoint(checkpoint, model, AdamW(model, lr=cfg.lr))
+    cfg = resumed_config(checkpoint, TrainConfig(out_dir=str(out), resume=True, progress=False))
+    state = read_resume_state(checkpoint, Model.from_pretrained(checkpoint.path).config)
+    rng_from(state["rng"])
+    cfg.model_config(cfg.vocab_size)
+    try:   # two MPI ranks sharing the global batch (this seed's, of 1 micro-batch, they cannot)
+        resumed_config(checkpoint, TrainConfig(out_dir=str(out), resume=True, progress=False), 2)
+    except ValueError:
+        pass
 
 
 _APP = {}
