@@ -15,20 +15,19 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import sys
 import time
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from pyllm.io.hf import LAYER_OF
 from pyllm.optim import AdamW
 
 MODES = ("auto", "mpi", "none")
 BUCKET_BYTES = 16 << 20          # gradients per all-reduce started during backward (PyTorch DDP: 25 MB)
 DEFAULT_TIMEOUT_S = 300.0        # a collective that waits longer ends the job ($PYLLM_MPI_TIMEOUT)
 _LAUNCHER_SIZE = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS", "SLURM_NTASKS")
-_LAYER = re.compile(r"\.(?:layers|h)\.(\d+)\.")   # Hugging Face names: model.layers.3., transformer.h.3.
 _HEARTBEAT = 77                  # message tag of "rank r has come to its k-th collective"
 
 
@@ -317,7 +316,7 @@ def layer_groups(model) -> tuple[list[list[tuple[int, int]]], list[tuple[int, in
     rest: list[tuple[int, int]] = []
     for spec in model.specs:
         size = math.prod(spec.shape)
-        match = _LAYER.search(spec.name)
+        match = LAYER_OF.search(spec.name)   # Hugging Face names: model.layers.3., transformer.h.3.
         (per_layer[int(match.group(1))] if match else rest).append((model.offsets[spec.name], size))
     return [_merged(ranges) for ranges in per_layer], _merged(rest)
 

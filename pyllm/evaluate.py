@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pyllm.models import IGNORE
 from pyllm.progress import bar as progress_bar
 
 
@@ -55,10 +56,10 @@ def perplexity(model, ids, context: int | None = None, batch: int = 4, progress:
             group = windows[start:start + batch]
             width = max(len(w) for w in group) - 1
             x = np.zeros((len(group), width), np.int64)
-            y = np.full((len(group), width), -100, np.int64)   # padding is not scored
+            y = np.full((len(group), width), IGNORE, np.int64)   # padding is not scored
             for row, w in enumerate(group):
                 x[row, :len(w) - 1], y[row, :len(w) - 1] = w[:-1], w[1:]
-            scored = int((y != -100).sum())
+            scored = int((y != IGNORE).sum())
             total += model.loss(x, y) * scored   # loss: the mean over scored tokens
             count += scored
             bar.update(len(group))

@@ -28,7 +28,7 @@ CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"   # sharded weights: {"weight_map": {tensor: shard file}}
 TOKENIZER = "tokenizer.json"
-_LAYER_OF = re.compile(r"(?:model\.layers|transformer\.h)\.(\d+)\.")   # a tensor's layer, in pyllm's names
+LAYER_OF = re.compile(r"(?:model\.layers|transformer\.h)\.(\d+)\.")   # a tensor's layer, in pyllm's names
 # Buffers and duplicates that GPT-2 checkpoints may carry besides the parameters.
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 
@@ -415,7 +415,7 @@ def read_folder(source) -> ModelWeights:
     cfg = read_config(directory)
     readers, file_bytes = _weight_readers(directory)   # tensor name -> read(name)
     by_name = {_normalise_name(n): n for n in readers if not n.endswith(_IGNORED_SUFFIXES)}
-    check_sizes_against_file(cfg, by_name, _LAYER_OF, file_bytes, 2, str(directory))
+    check_sizes_against_file(cfg, by_name, LAYER_OF, file_bytes, 2, str(directory))
     if cfg.tie_word_embeddings:
         by_name.pop("lm_head.weight", None)
     offsets = hf_norm_offsets(cfg)
