@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from pathlib import Path
 
 try:
@@ -355,7 +356,8 @@ def _cmd_chat(args: argparse.Namespace) -> int:
         print("assistant> ", end="", flush=True)
         pieces = []
         try:
-            for piece in llm.chat(history, args.max_new_tokens, stream=True, **options):
+            for piece in llm.chat(history, args.max_new_tokens, stream=True, context_shift=args.context_shift,
+                                  **options):
                 print(piece, end="", flush=True)
                 pieces.append(piece)
         except KeyboardInterrupt:
@@ -436,9 +438,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     _add_sampling_flags(gen, 100)
     gen.add_argument("--stop", action="append", metavar="TEXT", help="end the text where this appears (not "
                                                                       "shown); may be given several times")
-    gen.add_argument("--context-shift", action="store_true",
-                     help="at the context window, drop the oldest half of the text and go on (default: stop, "
-                          "and say so)")
+    _add_context_shift_flag(gen)
     gen.add_argument("--show-probs", type=int, nargs="?", const=5, default=0, metavar="K",
                      help="print each step's K likeliest next tokens and their probabilities (default K=5)")
     gen.set_defaults(func=_cmd_generate)
@@ -472,6 +472,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     chat = sub.add_parser("chat", help="talk with a model, turn after turn")
     _add_sampling_flags(chat, 256)
     chat.add_argument("--system", help="a system prompt")
+    _add_context_shift_flag(chat)
     chat.set_defaults(func=_cmd_chat)
     exp = sub.add_parser("export", help="write a model as a GGUF file (llama.cpp, Ollama)",
                          description="Writes a model folder or GGUF file (with --adapter, merged) as one GGUF "
@@ -557,7 +558,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in ("train", "finetune") and not distributed.connect(args.distributed or "auto").is_root:
             sys.stdout = open(os.devnull, "w")   # under mpirun rank 0 alone reports
-        return args.func(args)
+        with warnings.catch_warnings():   # a warning is a note to the user, not a source line
+            warnings.showwarning = lambda message, *_, **__: print(f"pyllm {args.command}: {message}",
+                                                                   file=sys.stderr)
+            return args.func(args)
     except (ValueError, TypeError, OSError, FloatingPointError, RuntimeError) as exc:  # bad input: a message, not a traceback
         if not getattr(exc, "quiet", False):   # under mpirun every rank raises it; rank 0 says it
             print(f"pyllm {args.command}: error: {exc}", file=sys.stderr)
@@ -566,6 +570,12 @@ def main(argv: list[str] | None = None) -> int:
         if not getattr(exc, "quiet", False):
             print(f"\npyllm {args.command}: {str(exc) or 'interrupted'}", file=sys.stderr)
         return 130
+
+
+def _add_context_shift_flag(parser) -> None:
+    parser.add_argument("--context-shift", action="store_true",
+                        help="when a reply reaches the context window, drop the oldest half of the text after "
+                             "the prompt's start and go on (default: stop, and say so)")
 
 
 def _add_config_flag(parser) -> None:

@@ -113,6 +113,24 @@ def test_the_context_window_is_announced_or_shifted(tiny):
     assert len(longer) > len(text) and longer.startswith(text)
 
 
+def test_chat_says_when_a_reply_fills_the_window_and_shifts_on_request(tiny, tmp_path):
+    tiny.save(tmp_path / "m")
+    turn = {"input": "def function_1(x):\n", "timeout": 300}
+    flags = ["chat", "--model", tmp_path / "m", "--max-new-tokens", "300", "--temperature", "0",
+             "--repetition-penalty", "1"]
+    stopped = subprocess.run([sys.executable, "-m", "pyllm", *map(str, flags)], capture_output=True, text=True,
+                             cwd=OUTSIDE, **turn)
+    shifted = subprocess.run([sys.executable, "-m", "pyllm", *map(str, flags), "--context-shift"],
+                             capture_output=True, text=True, cwd=OUTSIDE, **turn)
+    assert stopped.returncode == shifted.returncode == 0, stopped.stderr + shifted.stderr
+    assert "context window" in stopped.stderr and "--context-shift" in stopped.stderr
+    assert "context window" not in shifted.stderr
+    reply = stopped.stdout.split("assistant> ")[1].split("you> ")[0]
+    longer = shifted.stdout.split("assistant> ")[1].split("you> ")[0]
+    assert len(tiny.tokenizer.encode(longer)) > tiny.context_window > len(tiny.tokenizer.encode(reply))
+    assert longer.startswith(reply.rstrip())
+
+
 def test_generate_takes_a_list_of_prompts_and_the_cli_takes_stop(tiny, tmp_path):
     prompts = ["def function_3(x):", "def function_9(x):"]
     assert tiny.generate(prompts, 8, temperature=0) == [tiny.generate(p, 8, temperature=0) for p in prompts]
