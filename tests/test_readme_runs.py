@@ -66,6 +66,7 @@ def _strip_comment(line: str) -> str:
 
 _COMMANDS = [_strip_comment(text) for _, language, text in STEPS if language == "bash"]
 INTERRUPTED = {c for c, after in zip(_COMMANDS, _COMMANDS[1:]) if after == c + " --resume"}   # "after Ctrl-C"
+STOPPED = {m.group(1) for c in _COMMANDS for m in [re.fullmatch(r"pyllm train --out (\S+) --resume", c)] if m}
 SKIPPED = {   # a command's start -> why it does not run here
     "python3 -m venv .venv && .venv/bin/pip install \".[test]\"": "what .ci/run runs",
     "mpirun -n 16 -f hosts": "needs 16 hosts",
@@ -84,8 +85,9 @@ def shrink(command: str) -> str:
             steps = re.search(r"--max-steps (\d+)", command)
             if steps:
                 command = command.replace(steps.group(0), f"--max-steps {max(2, int(steps.group(1)) // 100)}")
-                if "--preset tiny" in command:    # what the next line's bare --resume goes on from
-                    extra += " --stop-at-step 3"
+                out = re.search(r"--out (\S+)", command)
+                if out and out.group(1) in STOPPED:   # a later bare --resume goes on from where it stopped
+                    extra += f" --stop-at-step {max(2, int(steps.group(1)) // 100) - 2}"
             else:
                 extra += " --max-steps 3"
             extra += " --batch-size 2 --eval-batches 1 --sample-tokens 8"
