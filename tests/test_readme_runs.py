@@ -5,13 +5,14 @@ as a new user would type them (so a later block uses what an earlier one wrote: 
 Deliberately not a copy with different commands: each line runs as written, with only these
 changes, all in `shrink` below and all about size: runs get a few steps instead of hundreds
 (`--max-steps` / 100, `--batch-size 2`, a short sample), fine-tuning a small fraction of an epoch,
-a released model's shape two layers deep, fuzzing 20 inputs per target; the placeholder paths
-(`path/to/model.gguf`) name real files; the chat commands read their turns from standard input; a TOML file the README shows is written
-where it says;
-a server runs until the client block that follows it has talked to it. Not run, each for its
-reason (SKIPPED): the two set-up commands (.ci/run is the second; the first's chat runs here),
-`pip install ".[extra]"` (checked instead: the extra exists and the test extra has its packages),
-a 16-host `mpirun`, and the sanitizer build (tools/sanitize.sh: ten minutes of its own build).
+a released model's shape two layers deep, fuzzing 20 inputs per target. Besides: the placeholder
+paths (`path/to/model.gguf`) name real files; the chat commands read their turns from standard
+input; a TOML file the README shows is written where it says; a server runs (on the README's
+port, or a free one where that is taken) until the client block that follows it has talked to
+it. Not run, each for its reason (SKIPPED): the two set-up commands (.ci/run is the second; the
+first's chat runs here), `pip install ".[extra]"` (checked instead: the extra exists and the test
+extra has its packages), a 16-host `mpirun`, and the sanitizer build (tools/sanitize.sh: ten
+minutes of its own build).
 
 tests/test_readme.py checks that every command parses; this file checks that it works.
 """
@@ -154,7 +155,8 @@ def environment(folder):
     return env
 
 
-SERVERS: dict[int, subprocess.Popen] = {}
+SERVERS: dict[int, subprocess.Popen] = {}   # port -> a running `pyllm serve`
+PORTS: dict[int, int] = {}                    # the README's port -> the one it runs on here
 
 
 def _wait_until_serving(port: int, process: subprocess.Popen, headers: dict | None = None) -> None:
@@ -173,9 +175,15 @@ def _wait_until_serving(port: int, process: subprocess.Popen, headers: dict | No
     pytest.fail(f"the server on port {port} did not answer /health in 180 s")
 
 
-def _port_free(port: int) -> bool:
+def _port_for(port: int) -> int:
+    """The README's port if nothing on this machine listens there, else a free one (the commands
+    and the client block then use that one instead)."""
     with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) != 0
+        if s.connect_ex(("127.0.0.1", port)) != 0:
+            return port
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _stop_servers(ports: list[int] | None = None) -> None:
@@ -226,13 +234,15 @@ def _run_bash(number: int, line: str, folder: Path, env: dict) -> None:
     if words[:2] == ["pyllm", "chat"]:
         stdin = TURNS
     if words[:2] == ["pyllm", "serve"]:
-        port = int(words[words.index("--port") + 1]) if "--port" in words else 8000
-        assert _port_free(port), f"README line {number}: port {port} is taken on this machine"
+        readme_port = int(words[words.index("--port") + 1]) if "--port" in words else 8000
+        port = _port_for(readme_port)
         log = folder / f"serve-{port}.log"
         with open(log, "w") as sink:   # no shell, so Ctrl-C reaches the server itself
-            process = subprocess.Popen(words, cwd=folder, env=env, stdout=sink, stderr=subprocess.STDOUT)
-        process.log = log
+            process = subprocess.Popen(words + ["--port", str(port)], cwd=folder, env=env, stdout=sink,
+                                       stderr=subprocess.STDOUT)
+        process.log, process.port = log, port
         SERVERS[port] = process
+        PORTS[readme_port] = port
         key = words[words.index("--api-key") + 1] if "--api-key" in words else None
         _wait_until_serving(port, process)
         if key:   # the key is asked for: without it 401, with it the model list
@@ -292,8 +302,10 @@ def _run_python(number: int, code: str, folder: Path, env: dict) -> None:
     for placeholder, real in PLACEHOLDERS.items():
         code = code.replace(placeholder, real)
     if "base_url=" in code:
-        port = int(re.search(r"127\.0\.0\.1:(\d+)", code).group(1))
-        assert port in SERVERS, f"README line {number}: no `pyllm serve` on port {port} before this block"
+        readme_port = int(re.search(r"127\.0\.0\.1:(\d+)", code).group(1))
+        assert PORTS.get(readme_port) in SERVERS, \
+            f"README line {number}: no `pyllm serve` on port {readme_port} before this block"
+        code = code.replace(f"127.0.0.1:{readme_port}", f"127.0.0.1:{PORTS[readme_port]}")
     proc = subprocess.run([sys.executable, "-c", _with_shown_values_checked(code)], cwd=folder, env=env,
                           text=True, capture_output=True, timeout=600)
     assert proc.returncode == 0, f"README line {number}: the block failed:\n{proc.stdout[-1500:]}\n{proc.stderr[-3000:]}"
