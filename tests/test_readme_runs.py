@@ -150,23 +150,21 @@ def folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def environment(folder):
-    env = dict(os.environ, PATH=f"{folder / '.bin'}{os.pathsep}{os.environ.get('PATH', '')}",
-               SKBUILD_EDITABLE_VERBOSE="0")   # a developer's editable install: no rebuild notes on stdout
-    return env
+    return dict(os.environ, PATH=f"{folder / '.bin'}{os.pathsep}{os.environ.get('PATH', '')}",
+                SKBUILD_EDITABLE_VERBOSE="0")   # a developer's editable install: no rebuild notes on stdout
 
 
 SERVERS: dict[int, subprocess.Popen] = {}   # port -> a running `pyllm serve`
 PORTS: dict[int, int] = {}                    # the README's port -> the one it runs on here
 
 
-def _wait_until_serving(port: int, process: subprocess.Popen, headers: dict | None = None) -> None:
+def _wait_until_serving(port: int, process: subprocess.Popen) -> None:
     deadline = time.time() + 180
     while time.time() < deadline:
         if process.poll() is not None:
             pytest.fail(f"the server exited with {process.returncode}: {process.log.read_text()[-2000:]}")
         try:
-            with urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/health",
-                                                               headers=headers or {}), timeout=2) as r:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
                 if r.status == 200:
                     return
         except (urllib.error.URLError, ConnectionError, TimeoutError):
@@ -240,7 +238,7 @@ def _run_bash(number: int, line: str, folder: Path, env: dict) -> None:
         with open(log, "w") as sink:   # no shell, so Ctrl-C reaches the server itself
             process = subprocess.Popen(words + ["--port", str(port)], cwd=folder, env=env, stdout=sink,
                                        stderr=subprocess.STDOUT)
-        process.log, process.port = log, port
+        process.log = log
         SERVERS[port] = process
         PORTS[readme_port] = port
         key = words[words.index("--api-key") + 1] if "--api-key" in words else None

@@ -26,9 +26,9 @@ OUTSIDE = tempfile.gettempdir()
 TEXT = "".join(f"def function_{i}(x):\n    return x * {i} + {i % 7}\n\n" for i in range(2000))
 
 
-def pyllm(*args, timeout=300, env=None):
+def pyllm(*args, timeout=300, env=None, input=None):
     return subprocess.run([sys.executable, "-m", "pyllm", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, cwd=OUTSIDE, env={**os.environ, "PYLLM_NUM_THREADS": "1", **(env or {})})
+                          timeout=timeout, cwd=OUTSIDE, input=input, env={**os.environ, "PYLLM_NUM_THREADS": "1", **(env or {})})
 
 
 @pytest.fixture(scope="module")
@@ -115,13 +115,10 @@ def test_the_context_window_is_announced_or_shifted(tiny):
 
 def test_chat_says_when_a_reply_fills_the_window_and_shifts_on_request(tiny, tmp_path):
     tiny.save(tmp_path / "m")
-    turn = {"input": "def function_1(x):\n", "timeout": 300}
     flags = ["chat", "--model", tmp_path / "m", "--max-new-tokens", "300", "--temperature", "0",
              "--repetition-penalty", "1"]
-    stopped = subprocess.run([sys.executable, "-m", "pyllm", *map(str, flags)], capture_output=True, text=True,
-                             cwd=OUTSIDE, **turn)
-    shifted = subprocess.run([sys.executable, "-m", "pyllm", *map(str, flags), "--context-shift"],
-                             capture_output=True, text=True, cwd=OUTSIDE, **turn)
+    stopped = pyllm(*flags, input="def function_1(x):\n")
+    shifted = pyllm(*flags, "--context-shift", input="def function_1(x):\n")
     assert stopped.returncode == shifted.returncode == 0, stopped.stderr + shifted.stderr
     assert "context window" in stopped.stderr and "--context-shift" in stopped.stderr
     assert "context window" not in shifted.stderr
